@@ -1,0 +1,111 @@
+"""Corpora as ordered lists of documents, with a content fingerprint and a deterministic split.
+
+Every source yields (name, text) pairs in a fixed order, so the fingerprint (sha256 over names and
+texts) identifies the exact corpus a run trained on, and the split depends on names alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from effitrain.errors import UsageError
+
+# Parts of the stdlib that are bulky, generated or not representative prose/code.
+_STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
+                "tkinter", "ensurepip", "__pycache__", "config-3"}
+_TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
+
+
+class DataError(UsageError):
+    """Bad data input: reported as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+def load_documents(*, source: str, paths: list[str], field: str) -> list[Document]:
+    """Documents of a corpus in a deterministic order."""
+    if source == "stdlib":
+        return _stdlib_documents()
+    files = resolve_paths(source=source, paths=paths)
+    if source == "text":
+        return [Document(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    if source == "jsonl":
+        return [doc for f in files for doc in _jsonl_documents(f, field)]
+    raise DataError(f"data.source={source!r} is not one of: stdlib, text, jsonl")
+
+
+def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
+    """The files named by data.paths (directories expanded), checked to exist and hold data."""
+    if not paths:
+        raise DataError(f"data={source} needs data.paths=[file_or_dir,...]; none given")
+    suffixes = {".jsonl", ".json"} if source == "jsonl" else _TEXT_SUFFIXES
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DataError(f"data.paths: {raw} does not exist")
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes) if path.is_dir() else [path]
+        if not found:
+            raise DataError(f"data.paths: {raw} holds no {'/'.join(sorted(suffixes))} files")
+        files.extend(found)
+    if sum(f.stat().st_size for f in files) == 0:
+        raise DataError(f"data.paths: {', '.join(paths)} {'is' if len(paths) == 1 else 'are'} empty")
+    return files
+
+
+def _stdlib_documents() -> list[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not set(p.relative_to(root).parts[:-1]) & _STDLIB_SKIP)
+    docs = [Document(str(p.relative_to(root)), p.read_text(encoding="utf-8", errors="replace")) for p in files]
+    from pydoc_data.topics import topics  # the prose half: the language reference's help topics
+
+    docs += [Document(f"pydoc_data.topics/{key}", topics[key]) for key in sorted(topics)]
+    return docs
+
+
+def _jsonl_documents(path: Path, field: str) -> list[Document]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{path}:{lineno}: no key {field!r} (set data.field to the key holding the text)")
+            docs.append(Document(f"{path}:{lineno}", str(record[field])))
+    return docs
+
+
+def fingerprint(docs: list[Document]) -> str:
+    """sha256 over every document's name and text, in order."""
+    h = hashlib.sha256()
+    for doc in docs:
+        h.update(doc.name.encode())
+        h.update(b"\0")
+        h.update(doc.text.encode("utf-8", errors="replace"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def is_validation(doc: Document, val_fraction: float) -> bool:
+    """Deterministic split by a hash of the document name, independent of order and machine."""
+    bucket = int.from_bytes(hashlib.sha256(doc.name.encode()).digest()[:4], "big") / 2**32
+    return bucket < val_fraction
+
+
+def split(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """(train, validation) documents; validation may be empty for corpora of very few documents."""
+    val = [d for d in docs if is_validation(d, val_fraction)]
+    train = [d for d in docs if not is_validation(d, val_fraction)]
+    return train, val

@@ -1,0 +1,42 @@
+"""Logging set-up shared by the CLI and the workers: rank 0 to the console, every rank to a file."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def console():
+    import shutil
+
+    from rich.console import Console
+
+    # logs and CI captures are not terminals: give metric lines room instead of wrapping at 80 columns
+    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
+    return Console(highlight=False, width=width)
+
+
+def setup_logging(run_dir: Path, *, rank: int) -> None:
+    """Rank 0: INFO to the console and train.log. Other ranks: rank_<k>.log, warnings to stderr too."""
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.INFO)
+    file = logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"rank_{rank}.log"))
+    file.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file)
+    if rank == 0:
+        root.addHandler(RichHandler(console=console(), show_path=False, show_time=False, markup=False))
+    else:
+        stderr = logging.StreamHandler()
+        stderr.setLevel(logging.WARNING)
+        stderr.setFormatter(logging.Formatter(f"[rank{rank}] %(levelname)s: %(message)s"))
+        root.addHandler(stderr)
+    for noisy in ("torch.distributed", "transformers", "torch._dynamo"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,78 @@
+"""One optimizer step: forward_backward_step per micro-batch, then clip and step. No logging here."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean micro-batch loss on this rank (detached, on device)
+    grad_norm: torch.Tensor  # global norm before clipping
+    stepped: bool  # False when the loss scaler skipped an overflowing step
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy of a [B, T+1] window batch (inputs [:, :-1], targets [:, 1:])."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+def forward_backward_step(model: nn.Module, batch: torch.Tensor, *, precision, accum_steps: int) -> torch.Tensor:
+    with precision.autocast():
+        loss = lm_loss(model, batch)
+    # micro-batches hold equal token counts, so dividing by their number gives the global-batch mean
+    precision.backward(loss / accum_steps)
+    return loss.detach()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[torch.Tensor], *,
+               precision, grad_clip: float, no_sync=None) -> StepResult:
+    """Accumulate gradients over the micro-batches, clip the global norm, step (unless overflowed).
+
+    Args:
+        no_sync: optional context factory that skips gradient all-reduce (DDP) on all but the last micro-step.
+    """
+    losses = []
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with nullcontext() if (last or no_sync is None) else no_sync():
+            losses.append(forward_backward_step(model, batch, precision=precision, accum_steps=len(micro_batches)))
+    precision.unscale(optimizer)
+    grad_norm = clip_grad_norm(model, grad_clip)
+    stepped = precision.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=torch.stack(losses).mean(), grad_norm=grad_norm, stepped=stepped)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip by the global norm (max_norm 0 = measure only); the norm spans all shards under FSDP/TP."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2/TP: materialise the reduced value
+        norm = norm.full_tensor()
+    return norm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[torch.Tensor], *, precision, device: torch.device) -> tuple[float, float]:
+    """(validation loss, perplexity) over fixed batches; torchmetrics syncs the mean across ranks."""
+    from torchmetrics.aggregation import MeanMetric
+
+    mean = MeanMetric().to(device)
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        with precision.autocast():
+            loss = lm_loss(model, batch)
+        mean.update(loss.float(), weight=batch.shape[0])
+    model.train(was_training)
+    val_loss = float(mean.compute())
+    return val_loss, math.exp(min(val_loss, 50.0))
