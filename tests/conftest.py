@@ -1,0 +1,75 @@
+"""Shared fixtures: the real config tree composed with CPU-sized overrides, a corpus the tests make,
+and a helper that runs the real `effitrain` command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One token cache for the whole session (built once per corpus, as in real use)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small text corpus the tests make: 40 stdlib modules copied as .txt files (~0.6 MB of real text)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("corpus")
+    for src in sorted(root.glob("*.py"))[:40]:
+        (out / f"{src.stem}.txt").write_text(src.read_text(encoding="utf-8", errors="replace"))
+    return out
+
+
+def tiny_overrides(corpus: Path, cache_dir: Path, *extra: str) -> list[str]:
+    """A tiny CPU run: 2-layer d=32 llama, vocab 512, 4 x 32-token sequences, 6 steps."""
+    return ["data=text", f"data.paths=[{corpus}]", f"data.cache_dir={cache_dir}", "data.vocab_size=512",
+            "data.seq_len=32", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+            "model.intermediate_size=64", "batch_size=4", "max_steps=6", "eval_every=3", "eval_batches=2",
+            "logging.every=1", "logging.progress=false", *extra]
+
+
+@pytest.fixture
+def tiny(corpus, cache_dir):
+    """tiny(*extra) -> the override list of a tiny CPU run."""
+    return lambda *extra: tiny_overrides(corpus, cache_dir, *extra)
+
+
+def compose(overrides: list[str]):
+    """The real config tree composed with overrides (what `effitrain train` would run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from effitrain.config import config_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `effitrain` command as a user would (a real subprocess)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def only_run_dir(outputs: Path) -> Path:
+    """The single run directory under outputs/<date>/."""
+    dirs = [d for d in outputs.glob("*/*") if d.is_dir() and d.parent.name != "multirun"]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
