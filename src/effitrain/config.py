@@ -121,13 +121,15 @@ class ScheduleConfig:
 
 @dataclass
 class LauncherConfig:
-    nproc_per_node: int = 1
+    nproc_per_node: int = 1  # worker processes on this node (one per GPU)
     nnodes: int = 1
-    node_rank: int = 0
+    node_rank: int = 0  # informational under c10d rendezvous (ranks are assigned there)
     rdzv_backend: str = "c10d"
-    rdzv_endpoint: str = "localhost:29500"
-    max_restarts: int = 0
-    monitor_interval: float = 0.5
+    rdzv_endpoint: Optional[str] = None  # host:port of the rendezvous; None = a free local port (one node only)
+    rdzv_id: str = "effitrain"  # job id shared by all nodes of one job
+    max_restarts: int = 0  # restarts of the whole worker group after a failure
+    monitor_interval: float = 0.5  # seconds between the agent's health checks of its workers
+    start_method: str = "auto"  # auto | spawn | fork: auto = fork on CPU (no 2nd torch import), spawn with CUDA
 
 
 @dataclass

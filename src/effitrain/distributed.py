@@ -36,17 +36,30 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if choice == "cuda" else torch.device("cpu")
 
 
-def init_world(device_choice: str) -> World:
-    """Join the process group when started as a worker (nccl on CUDA, gloo on CPU)."""
+def init_world(device_choice: str, *, group: bool = False) -> World:
+    """Join the process group when started as a worker (nccl on CUDA, gloo on CPU).
+
+    Args:
+        device_choice: the `device` key: auto, cpu or cuda (cuda:LOCAL_RANK).
+        group: also make a one-process group when there is no launcher (world size 1), so a
+            ddp/fsdp layout runs unchanged in one process.
+    """
     rank = int(os.environ.get("RANK", 0))
     size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_choice, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+    elif size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # CPU workers share the cores: without this each would start one thread per core and thrash
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    if (size > 1 or group) and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if size > 1:
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return World(rank=rank, local_rank=local_rank, size=size, device=device)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import zlib
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -36,13 +39,15 @@ def hf_config(cfg, *, vocab_size: int, max_seq_len: int):
     raise ModelError(f"model.family={cfg.family!r} is not one of: llama, gpt2")
 
 
-def build_model(cfg, *, vocab_size: int, max_seq_len: int) -> nn.Module:
-    """A freshly initialised causal LM on the CPU (call under the run's seed), or a local checkpoint.
+def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False) -> nn.Module:
+    """A causal LM from its config (on the CPU, or with its parameters on the meta device), or a local checkpoint.
 
     Args:
         cfg: the `model` config group.
         vocab_size: the tokenizer's vocabulary size.
         max_seq_len: the longest sequence the run feeds.
+        meta: put the parameters on the meta device (no memory); buffers such as rotary frequencies stay real.
+            Materialise them after sharding and fill them with `init_weights`. Ignored for a pretrained checkpoint.
     """
     from transformers import AutoModelForCausalLM
 
@@ -56,8 +61,73 @@ def build_model(cfg, *, vocab_size: int, max_seq_len: int) -> nn.Module:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings "
                              f"but the tokenizer has {vocab_size} tokens (set data.tokenizer to its tokenizer.json)")
         return model
-    return AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size=vocab_size, max_seq_len=max_seq_len),
-                                            attn_implementation="sdpa", dtype=torch.float32)
+    with _parameters_on_meta() if meta else nullcontext():
+        return AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size=vocab_size, max_seq_len=max_seq_len),
+                                                attn_implementation="sdpa", dtype=torch.float32)
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside goes to the meta device; buffers do not. Buffers are tiny and some
+    (rotary inv_freq) are computed at construction and never saved, so they must stay real."""
+    register = nn.Module.register_parameter
+
+    def to_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def init_weights(model: nn.Module, *, cfg, seed: int) -> None:
+    """Fill the (possibly sharded) parameters with a layout-independent deterministic init.
+
+    Each parameter's full value comes from its own generator, seeded by (seed, parameter name), and each
+    rank keeps only its own shard of it: single, DDP, FSDP and TP runs start from identical weights, and
+    no rank ever holds more than one full parameter at a time. The rule is the families' usual one:
+    matrices N(0, init_std) (GPT-2 output projections scaled by 1/sqrt(2 x layers)), biases 0, norm weights 1.
+
+    Args:
+        model: the model, its parameters materialised (plain tensors or DTensors).
+        cfg: the `model` config group (init_std, family, num_layers).
+        seed: the run's seed.
+    """
+    for name, param in model.named_parameters():
+        name = canonical_name(name)
+        with torch.no_grad():
+            _fill(param, _initial_value(name, tuple(param.shape), cfg=cfg, seed=seed).to(param.dtype))
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the wrappers' infixes (activation checkpointing, torch.compile)."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def _initial_value(name: str, shape: tuple, *, cfg, seed: int) -> torch.Tensor:
+    if len(shape) == 1:
+        return torch.zeros(shape) if name.endswith("bias") else torch.ones(shape)
+    std = cfg.init_std
+    if cfg.family == "gpt2" and name.endswith("c_proj.weight"):
+        std /= math.sqrt(2 * cfg.num_layers)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+def _fill(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full value into a parameter: the whole of it, or this rank's shard of a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        # src_data_rank=None: every rank holds the same full value, so each slices its own shard (no communication)
+        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full.to(param.device))
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:

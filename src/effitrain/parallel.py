@@ -1,25 +1,203 @@
-"""apply_parallel: place the model on its device and wrap it for the chosen parallel strategy."""
+"""apply_parallel: the `parallel` group's layout applied to a model built on the meta device.
+
+Order, and why: TP -> activation checkpointing -> compile -> FSDP/DDP.
+  1. TP first: it replaces each block's Linear weights with DTensors sharded over the TP mesh; everything
+     after must see those final parameters.
+  2. Activation checkpointing wraps whole blocks, so recomputation in backward covers the TP collectives too.
+  3. compile is regional (each block, not the whole model): identical blocks share one compiled graph, and
+     the FSDP hooks applied next stay outside the compiled regions, where they belong.
+  4. FSDP last: it shards whatever parameters it finds (TP DTensors become 2-D DTensors) and hooks each
+     block's forward/backward for all-gather and reduce-scatter. DDP too, as it needs real parameters.
+Parameters stay on the meta device until after sharding, so each rank allocates only its own shard; then
+they are materialised and filled by the layout-independent `init` (identical weights for every layout).
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import nn
 
+from effitrain.checks import Degrees, parallel_degrees
 from effitrain.errors import UsageError
+from effitrain.models import transformer_blocks
 
 
 class ParallelError(UsageError):
     """An impossible parallel layout: reported as one line, exit code 2."""
 
 
-def apply_parallel(model: nn.Module, *, cfg, world, precision) -> nn.Module:
-    """Wrap `model` for the `parallel` group's strategy.
+def degrees(cfg, *, world) -> Degrees:
+    """This run's degrees (checked against the real world size, which torchrun may set from outside)."""
+    return parallel_degrees(cfg, world_size=world.size)
+
+
+def data_parallel_shard(cfg, *, world):
+    """(rank, size) of this process among the data-parallel ranks; TP is the innermost mesh dimension,
+    so the ranks of one TP group (consecutive ranks) read the same batch."""
+    from effitrain.data.loader import Shard
+
+    d = degrees(cfg, world=world)
+    return Shard(rank=world.rank // d.tp, world=d.dp)
+
+
+def apply_parallel(model: nn.Module, *, cfg, world, precision, init: Callable[[nn.Module], None] | None = None
+                   ) -> nn.Module:
+    """Wrap `model` for the `parallel` group's layout, in the order the module docstring explains.
 
     Args:
-        model: the freshly built model (on CPU).
+        model: the built model: parameters on the meta device (then `init` fills them), or real (a checkpoint).
         cfg: the `parallel` config group.
         world: the process's World (rank, size, device).
-        precision: the run's Precision (parameter dtype, FSDP mixed-precision policy).
+        precision: the run's Precision (parameter dtype; FSDP mixed-precision policy when it offers one).
+        init: fills materialised parameters deterministically (models.init_weights bound to the run's seed).
     """
-    if cfg.strategy == "single":
-        return model.to(device=world.device, dtype=precision.param_dtype)
-    raise ParallelError(f"parallel.strategy={cfg.strategy!r} is not available")
+    d = degrees(cfg, world=world)
+    mesh = build_mesh(cfg.strategy, d, world=world)
+    model = model.to(dtype=precision.param_dtype)
+    if d.tp > 1 or cfg.strategy == "tp":
+        apply_tp(model, mesh=mesh["tp"])
+    if cfg.activation_checkpointing != "none":
+        apply_ac(model, mode=cfg.activation_checkpointing, every=cfg.ac_every)
+    if cfg.compile:
+        apply_compile(model)
+    if cfg.strategy in ("fsdp", "hsdp", "fsdp-tp"):
+        dp_mesh = mesh["dp_shard"] if cfg.strategy == "fsdp-tp" else mesh
+        apply_fsdp(model, mesh=dp_mesh, reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
+                   mp_policy=_fsdp_mixed_precision(precision))
+        return _materialise(model, device=torch.device("cpu") if cfg.offload else world.device, init=init)
+    model = _materialise(model, device=world.device, init=init)
+    if cfg.strategy == "ddp":
+        return apply_ddp(model, world=world)
+    return model
+
+
+def build_mesh(strategy: str, d: Degrees, *, world):
+    """The device mesh of the layout (None for single/ddp, which use the default process group).
+    Dimension order is (dp_replicate, dp_shard, tp): TP innermost, so a TP group is one node's fast link."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dims = {"fsdp": ("dp_shard",), "hsdp": ("dp_replicate", "dp_shard"), "tp": ("tp",),
+            "fsdp-tp": ("dp_shard", "tp")}.get(strategy)
+    if dims is None:
+        return None
+    sizes = {"dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "tp": d.tp}
+    return init_device_mesh(world.device.type, tuple(sizes[n] for n in dims), mesh_dim_names=dims)
+
+
+def apply_tp(model: nn.Module, *, mesh) -> None:
+    """Megatron-style tensor parallelism over DTensor for the llama family.
+
+    Attention q/k/v and MLP gate/up are column-wise (each rank owns whole heads / a slice of the MLP width),
+    o_proj and down_proj row-wise (their partial outputs are summed by one all-reduce per sub-layer).
+    The embedding is sharded over the vocabulary and the LM head over its outputs (gathered for the loss);
+    norm weights are replicated DTensors, so every parameter is a DTensor and grad clipping sees one mesh.
+
+    Args:
+        model: a llama causal LM (parameters may be on the meta device).
+        mesh: the 1-D tensor-parallel device mesh.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if not hasattr(model.base_model, "layers"):
+        raise ParallelError(f"no tensor-parallel plan for {type(model).__name__}; use parallel=fsdp or ddp")
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    plan = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
+    plan |= {"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+             "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    for block in transformer_blocks(model):
+        parallelize_module(block, mesh, plan)
+    parallelize_module(model, mesh, {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+                                     "lm_head": ColwiseParallel(output_layouts=Replicate())})
+    if tied:  # both plans shard the shared [vocab, d] weight along dim 0: point the head at the embedding's
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            _replicate(module, mesh)
+
+
+def _replicate(module: nn.Module, mesh) -> None:
+    """Replicated DTensor parameters for a module that computes on plain tensors (a norm)."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    def to_dtensor(_module, inputs, mesh):
+        return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs)
+
+    def to_local(_module, output, mesh):
+        return output.to_local()
+
+    distribute_module(module, mesh, input_fn=to_dtensor, output_fn=to_local)
+
+
+def apply_ac(model: nn.Module, *, mode: str, every: int) -> None:
+    """Activation checkpointing of whole transformer blocks: their activations are recomputed in backward.
+
+    Args:
+        model: the causal LM.
+        mode: full (every block) or selective (every `every`-th block: less memory saved, less recompute).
+        every: the selective stride.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    blocks = transformer_blocks(model)
+    for i, block in enumerate(blocks):
+        if mode == "full" or i % every == 0:
+            # non-reentrant: works with kwargs, DTensors and compile, and needs no input requiring grad
+            blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each transformer block in place (regional: one graph serves every identical block,
+    so compile time stays that of one block, and parameter names do not change)."""
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, mp_policy) -> None:
+    """FSDP2 (`fully_shard`) on each transformer block, then on the root (embeddings, final norm, head).
+
+    Args:
+        model: the causal LM (parameters may be on the meta device).
+        mesh: 1-D mesh = FSDP; 2-D (replicate, shard) mesh = HSDP.
+        reshard_after_forward: True frees gathered parameters after forward (ZeRO-3, less memory, one more
+            all-gather in backward); False keeps them until backward (ZeRO-2-like, less communication).
+        offload: "cpu" keeps sharded parameters, gradients and optimizer state in host memory.
+        mp_policy: a MixedPrecisionPolicy (param / reduce dtypes), or None for full precision.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
+              "offload_policy": CPUOffloadPolicy() if offload == "cpu" else OffloadPolicy()}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def apply_ddp(model: nn.Module, *, world) -> nn.Module:
+    """DistributedDataParallel: full replicas, gradients all-reduced in buckets overlapping backward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+
+
+def _fsdp_mixed_precision(precision):
+    policy = getattr(precision, "fsdp_mixed_precision", None)  # offered by the precision group when it has one
+    return policy() if callable(policy) else None
+
+
+def _materialise(model: nn.Module, *, device: torch.device, init) -> nn.Module:
+    """Allocate meta parameters (only this rank's shards) on `device` and fill them with `init`."""
+    if not any(p.is_meta for p in model.parameters()):
+        return model.to(device)  # a loaded checkpoint: already real
+    # to_empty also re-allocates the buffers; they were computed at build (rotary frequencies), so keep them
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    init(model)
+    return model

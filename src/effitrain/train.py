@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from effitrain import runs
-from effitrain.data.loader import Prefetcher, Shard, TrainBatches, WindowSampler, validation_batches
+from effitrain.data.loader import Prefetcher, TrainBatches, WindowSampler, validation_batches
 from effitrain.data.prepare import prepare_data
 from effitrain.distributed import all_reduce, barrier, close_world, init_world
 from effitrain.flops import model_flops_per_token, peak_flops
 from effitrain.logs import setup_logging
 from effitrain.loop import evaluate, train_step
 from effitrain.metrics import ConsoleSink, JsonlSink, MemoryMeter, Recorder, StepTimes, TensorBoardSink, throughput
-from effitrain.models import build_model, count_params
+from effitrain.models import build_model, count_params, init_weights
 from effitrain.optim import build_optimizer, build_scheduler
-from effitrain.parallel import apply_parallel
+from effitrain.parallel import apply_parallel, data_parallel_shard
 from effitrain.precision import build_precision
 
 log = logging.getLogger("effitrain")
@@ -32,7 +33,7 @@ log = logging.getLogger("effitrain")
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
-        self.world = init_world(cfg.device)
+        self.world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
         setup_logging(run_dir, rank=self.world.rank)
         torch.manual_seed(cfg.seed)
         if cfg.deterministic:
@@ -49,7 +50,7 @@ class Trainer:
         barrier(self.world)
         if self.world.local_rank != 0:
             self.data = prepare_data(cfg.data)
-        self.shard = Shard(rank=self.world.rank, world=self.world.size)
+        self.shard = data_parallel_shard(cfg.parallel, world=self.world)  # TP ranks of one group share a batch
         sampler = WindowSampler(self.data.tokens.train, seq_len=cfg.data.seq_len, seed=cfg.seed)
         self.batches = TrainBatches(sampler, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
                                     shard=self.shard)
@@ -59,14 +60,19 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        model = build_model(cfg.model, vocab_size=self.data.tokens.vocab_size, max_seq_len=cfg.data.seq_len)
+        # parameters on the meta device: each rank allocates only its shard when apply_parallel materialises
+        model = build_model(cfg.model, vocab_size=self.data.tokens.vocab_size, max_seq_len=cfg.data.seq_len,
+                            meta=True)
         self.num_params = count_params(model)
         self.flops_per_token = model_flops_per_token(model, seq_len=cfg.data.seq_len)
         self.precision = build_precision(cfg.precision, device=self.world.device)
-        self.model = apply_parallel(model, cfg=cfg.parallel, world=self.world, precision=self.precision)
+        self.model = apply_parallel(model, cfg=cfg.parallel, world=self.world, precision=self.precision,
+                                    init=partial(init_weights, cfg=cfg.model, seed=cfg.seed))
 
     def _build_optimizer(self) -> None:
-        self.optimizer = build_optimizer(self.model, cfg=self.cfg.optimizer, device=self.world.device)
+        # offloaded FSDP steps the optimizer on the host copies of the shards
+        device = torch.device("cpu") if self.cfg.parallel.offload else self.world.device
+        self.optimizer = build_optimizer(self.model, cfg=self.cfg.optimizer, device=device)
         self.scheduler = build_scheduler(self.optimizer, cfg=self.cfg.schedule, max_steps=self.cfg.max_steps)
 
     def _build_meters(self) -> None:
@@ -89,7 +95,8 @@ class Trainer:
                  f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | data {cfg.data.name}: "
                  f"{len(self.data.tokens.train):,} train tokens, vocab {self.data.tokens.vocab_size}")
         log.info(f"global batch {self.batches.global_batch} sequences = {self.tokens_per_step:,} tokens per optimizer "
-                 f"step ({cfg.batch_size} x {world.size} ranks x {cfg.grad_accum_steps} accum x {cfg.data.seq_len}) | "
+                 f"step ({cfg.batch_size} x {self.shard.world} data-parallel ranks x {cfg.grad_accum_steps} accum x "
+                 f"{cfg.data.seq_len}) | "
                  f"device {world.device} | peak {_fmt_flops(self.peak)} ({self.peak_source})")
 
     def train(self) -> dict:
@@ -156,10 +163,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 def main() -> None:
     """`python -m effitrain.train [overrides]`: the worker entry for torchrun/srun started from outside."""
-    from effitrain.cli import compose_for_worker
+    from effitrain.launch import worker_main
 
-    cfg, run_dir = compose_for_worker()
-    run(cfg, run_dir)
+    worker_main()
 
 
 if __name__ == "__main__":
