@@ -31,6 +31,14 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def jsonl_corpus(corpus, tmp_path_factory) -> Path:
+    """The same corpus as JSON lines, one {"text": ...} record per document."""
+    path = tmp_path_factory.mktemp("jsonl") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in sorted(corpus.iterdir())))
+    return path
+
+
 def tiny_overrides(corpus: Path, cache_dir: Path, *extra: str) -> list[str]:
     """A tiny CPU run: 2-layer d=32 llama, vocab 512, 4 x 32-token sequences, 6 steps."""
     return ["data=text", f"data.paths=[{corpus}]", f"data.cache_dir={cache_dir}", "data.vocab_size=512",

@@ -13,9 +13,11 @@ from pathlib import Path
 from effitrain.config import GROUPS, config_dir, group_options
 from effitrain.errors import UsageError
 
-# Hydra flags that only print or inspect: nothing is trained, so nothing needs validating first.
-_INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--package", "-p", "--version",
-                  "--shell-completion", "-sc"}
+# Hydra flags that print help: nothing is composed, so nothing needs validating first.
+_HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
+# Hydra flags that print the composed config: it must compose, but nothing trains (paths need not exist yet).
+_PRINT_FLAGS = {"--cfg", "-c", "--package", "-p", "--resolve"}
+PRESETS = "experiment"  # the group of named presets (`# @package _global_`): not in the defaults list
 _VERBS = {"train": "compose the config groups, launch the workers, train, write the run directory",
           "reproduce": "rerun RUN_DIR from its saved config and compare its per-step loss (exit 0 match, 1 not)"}
 
@@ -45,6 +47,7 @@ def usage() -> str:
     lines += [f"  {verb:<10} {text}" for verb, text in _VERBS.items()]
     lines += ["", "config groups (select with group=option or +group=option):"]
     lines += [f"  {group:<12} {', '.join(group_options(group))}" for group in GROUPS]
+    lines += [f"  {PRESETS:<12} {', '.join(group_options(PRESETS))}   (named presets: +experiment=NAME)"]
     lines += ["", "examples:", "  effitrain train", "  effitrain train precision=bf16 max_steps=50",
               "  effitrain train -m optimizer.lr=1e-3,3e-3 precision=fp32,bf16",
               "  effitrain reproduce outputs/<date>/<time>_run", "",
@@ -53,16 +56,26 @@ def usage() -> str:
 
 
 def normalize(args: list[str]) -> list[str]:
-    """`+group=option` selects an option like `group=option` (the group is already in the defaults list)."""
-    return [a[1:] if a.startswith("+") and "=" in a and a[1:].split("=", 1)[0] in GROUPS else a for a in args]
+    """`+group=option` selects an option like `group=option` (the group is already in the defaults list);
+    `experiment=name` becomes `+experiment=name`, since presets are not in the defaults list until chosen."""
+    def one(a: str) -> str:
+        key = a.lstrip("+").split("=", 1)[0] if "=" in a else None
+        if key == PRESETS:
+            return "+" + a.lstrip("+")
+        return a[1:] if a.startswith("+") and key in GROUPS else a
+    return [one(a) for a in args]
 
 
 def train(args: list[str]) -> int:
     args = normalize(args)
-    if not _INSPECT_FLAGS & set(args):
-        overrides = [a for a in args if not a.startswith("-")]
-        for cfg in compose_all(overrides):
-            check_config(cfg)
+    flags = {a for a in args if a.startswith("-")}
+    if flags & {"-m", "--multirun"} and flags & _PRINT_FLAGS:
+        raise UsageError("--cfg/--package print one composed config: drop -m/--multirun to use them")
+    if not flags & _HELP_FLAGS:
+        overrides = [a for a in args if not a.startswith("-") and a not in ("job", "hydra", "all")]
+        for cfg in compose_all(overrides, multirun=bool(flags & {"-m", "--multirun"})):
+            if not flags & _PRINT_FLAGS:
+                check_config(cfg)
     return _run_hydra(args)
 
 
@@ -94,7 +107,7 @@ def _hydra_task(cfg) -> dict:
         sys.exit(2)
 
 
-def compose_all(overrides: list[str]):
+def compose_all(overrides: list[str], *, multirun: bool = False):
     """Compose the config of every job the overrides describe (each point of a sweep), typed and checked."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -112,8 +125,10 @@ def compose_all(overrides: list[str]):
     for o in parsed:
         if o.get_key_element().startswith("hydra"):
             continue  # Hydra's own settings: Hydra checks them
+        if o.is_sweep_override() and not multirun:
+            raise UsageError(f"{o.input_line} is a sweep: add -m to run each value, or quote a string value")
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        if o.key_or_group in GROUPS and o.is_add() is False and not o.is_delete():
+        if (o.key_or_group in GROUPS and o.is_add() is False or o.key_or_group == PRESETS) and not o.is_delete():
             for v in values:
                 _check_option(o.key_or_group, v)
         axes.append([f"{o.get_key_element()}={v}" for v in values])
@@ -144,12 +159,16 @@ def _first_line(e: Exception) -> str:
 
 def _explain(e: Exception) -> str:
     """Hydra/OmegaConf errors span lines; keep what is wrong and add what would be right."""
-    cause = e.__cause__ or e
-    text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip() and not line.startswith(
-        ("full_key:", "object_type=", "reference_type=", "Set the environment")))
-    if "not in struct" in text or "Key '" in text and "is not in" in text:
-        text += " (effitrain train --cfg job shows every key)"
-    return text
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        return f"unknown key {key!r} (effitrain train --cfg job lists every key)"
+    if key:
+        return f"{key}: {_first_line(Exception(getattr(cause, 'msg', None) or cause))}"
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return " ".join(line for line in lines[:2] if not line.startswith(("Set the environment", "See https")))
 
 
 def reproduce(args: list[str]) -> int:

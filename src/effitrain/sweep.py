@@ -15,12 +15,16 @@ from hydra.experimental.callback import Callback
 COLUMNS = ("job", "overrides", "status", "final_val_loss", "median_tokens_per_s", "mem_reserved_peak_gib", "run_dir")
 
 
-def job_row(job_dir: Path) -> dict:
-    """One table row from a job directory's saved overrides and summary."""
+def job_overrides(job_dir: Path) -> list[str]:
     from omegaconf import OmegaConf
 
-    overrides_file = job_dir / ".hydra" / "overrides.yaml"
-    overrides = " ".join(OmegaConf.load(overrides_file)) if overrides_file.exists() else ""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(path)) if path.exists() else []
+
+
+def job_row(job_dir: Path, *, shared: set[str]) -> dict:
+    """One table row from a job directory's saved overrides (those every job shares left out) and summary."""
+    overrides = " ".join(o for o in job_overrides(job_dir) if o not in shared)
     summary_file = job_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     return {"job": job_dir.name, "overrides": overrides, "status": "ok" if summary else "failed",
@@ -29,7 +33,9 @@ def job_row(job_dir: Path) -> dict:
 
 
 def write_sweep_summary(sweep_dir: Path, job_dirs: list[Path]) -> list[dict]:
-    rows = [job_row(d) for d in job_dirs]
+    per_job = [set(job_overrides(d)) for d in job_dirs]
+    shared = set.intersection(*per_job) if len(per_job) > 1 else set()
+    rows = [job_row(d, shared=shared) for d in job_dirs]
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -64,7 +70,9 @@ class SweepSummary(Callback):
         self.job_dirs: list[Path] = []
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
-        self.job_dirs.append(Path(job_return.working_dir))
+        from hydra.core.hydra_config import HydraConfig
+
+        self.job_dirs.append(Path(HydraConfig.get().runtime.output_dir))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if not self.job_dirs:

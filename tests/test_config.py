@@ -1,0 +1,60 @@
+"""Every option of every group composes against its schema and passes the pre-start checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose, tiny_overrides
+from effitrain.checks import check_all
+from effitrain.config import GROUPS, group_options
+
+OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
+# Options that only make sense beside others: the companions a user would set with them.
+MULTI_RANK = ["launcher.nproc_per_node=4", "model.num_heads=4"]
+COMPANIONS = {
+    "parallel": MULTI_RANK,
+    ("optimizer", "zero1"): ["parallel=ddp", *MULTI_RANK],
+    ("parallel", "single"): [],
+    ("launcher", "multinode"): ["launcher.rdzv_endpoint=head-node:29500", "parallel=fsdp"],
+}
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_checks(group, option, corpus, jsonl_corpus, cache_dir):
+    overrides = tiny_overrides(corpus, cache_dir)
+    if group in ("data", "model"):  # keep the option's own values, not the tiny run's
+        overrides = [o for o in overrides if not o.startswith(f"{group}.") and not o.startswith(f"{group}=")]
+        if group == "data" and option != "stdlib":
+            overrides.append(f"data.paths=[{jsonl_corpus if option == 'jsonl' else corpus}]")
+    companions = COMPANIONS.get((group, option), COMPANIONS.get(group, []))
+    cfg = compose([*overrides, f"{group}={option}", *companions])
+    if group in cfg and "name" in cfg[group]:
+        assert cfg[group].name == option
+    check_all(cfg)
+
+
+@pytest.mark.parametrize("option", group_options("model"))
+def test_every_model_option_builds(option):
+    """Each model builds from its transformers config (on the meta device: no memory, no download)."""
+    from effitrain.flops import model_flops_per_token
+    from effitrain.models import build_model, count_params
+
+    cfg = compose([f"model={option}"])
+    with torch.device("meta"):
+        model = build_model(cfg.model, vocab_size=4096, max_seq_len=cfg.data.seq_len)
+    assert count_params(model) > 0
+    assert model_flops_per_token(model, seq_len=128) > 6 * 0.5 * count_params(model)
+
+
+def test_every_yaml_opens_with_a_comment():
+    from effitrain.config import config_dir
+
+    for path in config_dir().rglob("*.yaml"):
+        assert path.read_text().startswith("# "), f"{path} must open with a one-line comment: what it does, its cost"
+
+
+def test_defaults():
+    cfg = compose([])
+    assert (cfg.model.name, cfg.data.name, cfg.precision.name, cfg.parallel.name, cfg.optimizer.name,
+            cfg.schedule.name) == ("tiny", "stdlib", "fp32", "single", "adamw", "cosine")

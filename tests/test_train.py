@@ -1,0 +1,82 @@
+"""End to end: the real command trains, writes the run directory, and every metric is present and sane."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import compose, only_run_dir, read_metrics, run_cli
+from effitrain.train import run
+
+STEP_KEYS = ("step", "loss", "lr", "grad_norm", "step_time_s", "data_time_s", "data_wait_pct", "tokens_per_s",
+             "tokens_per_s_per_device", "samples_per_s", "tflops_per_device", "mfu_pct", "mem_active_peak_gib",
+             "mem_reserved_peak_gib", "mem_pct")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, corpus, cache_dir):
+    """A tiny in-process run with grad accumulation: its run directory."""
+    from conftest import tiny_overrides
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    cfg = compose(tiny_overrides(corpus, cache_dir, "grad_accum_steps=2", "max_steps=8", "eval_every=4"))
+    run(cfg, run_dir)
+    return run_dir
+
+
+def test_every_metric_on_every_step_is_sane(tiny_run):
+    records = read_metrics(tiny_run)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    tokens_per_step = 4 * 2 * 32  # batch x accum x seq_len
+    for r in records:
+        assert set(STEP_KEYS) <= set(r), set(STEP_KEYS) - set(r)
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["lr"] >= 0
+        assert r["tokens_per_s"] == pytest.approx(tokens_per_step / r["step_time_s"])
+        assert r["samples_per_s"] == pytest.approx(8 / r["step_time_s"])
+        assert r["tokens_per_s_per_device"] == r["tokens_per_s"]  # one process
+        assert 0 < r["data_time_s"] < r["step_time_s"] and 0 < r["data_wait_pct"] < 100
+        assert 0 < r["mfu_pct"] < 100 and r["tflops_per_device"] > 0
+        assert 0 < r["mem_active_peak_gib"] <= r["mem_reserved_peak_gib"] and 0 < r["mem_pct"] < 100
+        assert "loss_scale" not in r  # fp32: no loss scaling
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    last = records[-1]
+    assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
+
+
+def test_run_directory_has_env_and_summary(tiny_run):
+    env = json.loads((tiny_run / "env.json").read_text())
+    for key in ("torch", "python", "device", "world_size", "data_fingerprint", "peak_flops", "peak_flops_source",
+                "git_commit", "git_dirty"):
+        assert key in env
+    assert env["peak_flops_source"] == "measured" and env["peak_flops"] > 1e9 and len(env["data_fingerprint"]) == 64
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    records = read_metrics(tiny_run)
+    assert summary["final_loss"] == records[-1]["loss"] and summary["final_val_loss"] == records[-1]["val_loss"]
+    assert summary["median_tokens_per_s"] > 0 and summary["mem_reserved_peak_gib"] > 0
+    assert summary["startup_s"] > 0 and summary["wall_time_s"] > 0
+    assert 0 <= summary["metrics_overhead_pct"] < 2
+    assert (tiny_run / "train.log").read_text().count("step 8/8") == 1
+
+
+def test_default_corpus_through_the_real_command(tmp_path, cache_dir):
+    """`effitrain train` on the embedded stdlib corpus (tiny model, few steps): loss falls, run dir complete."""
+    out = run_cli("train", f"data.cache_dir={cache_dir}", "model.num_layers=2", "batch_size=8", "data.seq_len=64",
+                  "max_steps=16", "eval_every=8", "optimizer.lr=1e-2", "schedule.warmup_steps=2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "outputs")
+    assert {".hydra", "env.json", "metrics.jsonl", "summary.json", "train.log"} <= {p.name for p in run_dir.iterdir()}
+    records = read_metrics(run_dir)
+    assert len(records) == 16
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert vals[-1] < vals[0] < records[0]["loss"]
+    assert "parameters" in out.stdout and "tokens per optimizer step" in out.stdout
+    assert "step 16/16" in out.stdout
+
+
+def test_tensorboard_sink_writes_events(tmp_path, corpus, cache_dir):
+    from conftest import tiny_overrides
+
+    run(compose(tiny_overrides(corpus, cache_dir, "max_steps=2", "logging.tensorboard=true")), tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
