@@ -17,7 +17,9 @@ def check_all(cfg) -> None:
     check_run(cfg)
     check_data(cfg.data)
     check_model(cfg.model)
-    check_precision(cfg.precision)
+    check_precision(cfg.precision, device=cfg.device)
+    check_optimizer(cfg.optimizer, precision=cfg.precision, parallel=cfg.parallel)
+    check_schedule(cfg.schedule)
     check_parallel(cfg.parallel, launcher=cfg.launcher, model=cfg.model)
 
 
@@ -61,11 +63,56 @@ def check_model(cfg) -> None:
               f"model.pretrained={cfg.pretrained}: no config.json there (give a local Hugging Face checkpoint dir)")
 
 
-def check_precision(cfg) -> None:
+def check_precision(cfg, *, device: str) -> None:
     _need(cfg.autocast_dtype in (None, "bfloat16", "float16"),
           f"precision.autocast_dtype={cfg.autocast_dtype!r} is not one of: null, bfloat16, float16")
     for key in ("param_dtype", "reduce_dtype"):
         _need(cfg[key] in _DTYPES, f"precision.{key}={cfg[key]!r} is not one of: {', '.join(_DTYPES)}")
+    _need(not cfg.loss_scaling or cfg.autocast_dtype == "float16",
+          "precision.loss_scaling=true needs precision.autocast_dtype=float16 (bf16 and fp32 need no loss scaling)")
+    _need(cfg.param_dtype != "float16",
+          "precision.param_dtype=float16 (pure fp16) is not supported: use precision=fp16 (autocast + loss scaling)")
+    _need(0 < cfg.backoff_factor < 1 < cfg.growth_factor and cfg.growth_interval > 0 and cfg.init_scale > 0,
+          "precision: loss scaling needs 0 < backoff_factor < 1 < growth_factor, growth_interval > 0, init_scale > 0")
+    if cfg.fp8_recipe is not None:
+        _need(cfg.fp8_recipe in ("tensorwise", "rowwise"),
+              f"precision.fp8_recipe={cfg.fp8_recipe!r} is not one of: null, tensorwise, rowwise")
+        # without an NVIDIA driver there is no fp8 device; the capability check needs torch, so the worker makes
+        # it at start (precision.check_fp8_device)
+        no_gpu = device == "cpu" or (device == "auto" and not Path("/proc/driver/nvidia/version").exists())
+        _need(not no_gpu, f"precision=fp8 needs a CUDA GPU with compute capability >= 8.9; device={device} "
+                          f"{'is the CPU' if device == 'cpu' else 'finds no NVIDIA GPU'} (use precision=bf16)")
+
+
+OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "adafactor", "muon", "zero1")
+SCHEDULES = ("constant", "cosine", "linear", "wsd", "inverse-sqrt")
+
+
+def check_optimizer(cfg, *, precision, parallel) -> None:
+    _need(cfg.kind in OPTIMIZERS, f"optimizer.kind={cfg.kind!r} is not one of: {', '.join(OPTIMIZERS)}")
+    _need(cfg.lr > 0, f"optimizer.lr={cfg.lr} must be > 0")
+    _need(cfg.weight_decay >= 0, f"optimizer.weight_decay={cfg.weight_decay} must be >= 0")
+    _need(cfg.implementation in ("auto", "fused", "foreach", "loop"),
+          f"optimizer.implementation={cfg.implementation!r} is not one of: auto, fused, foreach, loop")
+    unknown = set(cfg.no_decay) - {"bias", "norm", "embedding"}
+    _need(not unknown, f"optimizer.no_decay has {sorted(unknown)}; allowed entries: bias, norm, embedding")
+    _need(cfg.kind != "zero1" or parallel.strategy == "ddp",
+          f"optimizer=zero1 shards AdamW state over DDP ranks: it needs parallel=ddp, not parallel={parallel.strategy}"
+          " (FSDP already shards optimizer state; use optimizer=adamw there)")
+    _need(precision.param_dtype != "bfloat16" or cfg.kind in ("adamw", "adamw-8bit"),
+          f"precision=bf16-pure updates bf16 weights with stochastic rounding, which optimizer=adamw and adamw-8bit "
+          f"have; optimizer={cfg.kind} has not (use precision=bf16 with it)")
+
+
+def check_schedule(cfg) -> None:
+    _need(cfg.kind in SCHEDULES, f"schedule.kind={cfg.kind!r} is not one of: {', '.join(SCHEDULES)}")
+    _need(cfg.warmup_steps >= 0, f"schedule.warmup_steps={cfg.warmup_steps} must be >= 0")
+    _need(cfg.warmup_ratio is None or 0 <= cfg.warmup_ratio < 1,
+          f"schedule.warmup_ratio={cfg.warmup_ratio} must lie in [0, 1) (or be null to use warmup_steps)")
+    _need(0 <= cfg.min_lr_ratio <= 1, f"schedule.min_lr_ratio={cfg.min_lr_ratio} must lie in [0, 1]")
+    _need(0 < cfg.decay_ratio <= 1, f"schedule.decay_ratio={cfg.decay_ratio} must lie in (0, 1]")
+    _need(cfg.decay_shape in ("linear", "cosine", "1-sqrt"),
+          f"schedule.decay_shape={cfg.decay_shape!r} is not one of: linear, cosine, 1-sqrt")
 
 
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "tp", "fsdp-tp")

@@ -98,14 +98,14 @@ class CompressionConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"
-    kind: str = "adamw"
+    kind: str = "adamw"  # adamw | adamw-8bit | sgd | adafactor | muon | zero1
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    momentum: float = 0.9
-    nesterov: bool = False
-    implementation: str = "auto"  # auto | fused | foreach | loop
+    momentum: float = 0.9  # sgd, muon
+    nesterov: bool = False  # sgd, muon
+    implementation: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach | loop
     no_decay: List[str] = field(default_factory=lambda: ["bias", "norm", "embedding"])
 
 
@@ -116,7 +116,8 @@ class ScheduleConfig:
     warmup_steps: int = 10
     warmup_ratio: Optional[float] = None  # overrides warmup_steps when set
     min_lr_ratio: float = 0.1
-    decay_ratio: float = 0.2  # wsd: share of steps spent decaying
+    decay_ratio: float = 0.2  # wsd: share of the post-warmup steps spent decaying
+    decay_shape: str = "1-sqrt"  # wsd: linear | cosine | 1-sqrt (transformers' WSD decay types)
 
 
 @dataclass

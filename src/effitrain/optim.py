@@ -1,13 +1,24 @@
-"""Optimizer and learning-rate schedule from their config groups."""
+"""Optimizer and learning-rate schedule from their config groups: build_optimizer, build_scheduler."""
 
 from __future__ import annotations
+
+import logging
+import math
 
 import torch
 from torch import nn
 
+from effitrain.errors import UsageError
+
+log = logging.getLogger("effitrain")
+
+
+class OptimizerError(UsageError):
+    """An impossible optimizer setting: reported as one line, exit code 2."""
+
 
 def param_groups(model: nn.Module, *, weight_decay: float, no_decay: list[str]) -> list[dict]:
-    """Two groups: decayed weights, and the parameters no_decay names (bias, norm, embedding)."""
+    """Two groups: decayed weights, and the parameters no_decay names (bias, norm, embedding); empty ones dropped."""
     skip_ids = set()
     for module_name, module in model.named_modules():
         kind = ("embedding" if isinstance(module, nn.Embedding) else
@@ -16,12 +27,44 @@ def param_groups(model: nn.Module, *, weight_decay: float, no_decay: list[str]) 
             if kind in no_decay or ("bias" in no_decay and name == "bias"):
                 skip_ids.add(id(p))
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) not in skip_ids], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in skip_ids], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if id(p) not in skip_ids], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) in skip_ids], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class OptimizerChain(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters, seen as one by the loop, the loss scaler and the scheduler.
+
+    The children's param_groups are the chain's own dicts (Optimizer.__init__ keeps the dicts it is given), so a
+    scheduler writing `lr` into the chain's groups drives every child.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        super().__init__([g for o in optimizers for g in o.param_groups], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for optimizer, sd in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            optimizer.load_state_dict(sd)
 
 
 def build_optimizer(model: nn.Module, *, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer of the `optimizer` group.
+    """The optimizer of the `optimizer` group; logs its state size per rank after the first step.
+
+    bf16 parameters (precision=bf16-pure) get torchao's AdamW with bf16 stochastic rounding, so updates smaller
+    than a bf16 ulp still move the weights on average.
 
     Args:
         model: the (possibly wrapped) model whose parameters train.
@@ -29,10 +72,69 @@ def build_optimizer(model: nn.Module, *, cfg, device: torch.device) -> torch.opt
         device: where the parameters live (picks the fused/foreach implementation under `auto`).
     """
     groups = param_groups(model, weight_decay=cfg.weight_decay, no_decay=list(cfg.no_decay))
-    if cfg.kind == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 **_implementation(cfg.implementation, device))
-    raise ValueError(f"optimizer.kind={cfg.kind!r} is not supported")
+    bf16 = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
+    if bf16 and cfg.kind not in ("adamw", "adamw-8bit"):
+        raise OptimizerError(f"bf16 parameters (precision=bf16-pure) need stochastic-rounding updates, which "
+                             f"optimizer=adamw and adamw-8bit have; optimizer={cfg.name} has not (use precision=bf16)")
+    optimizer = _BUILDERS[cfg.kind](groups, model=model, cfg=cfg, device=device, bf16=bf16)
+    optimizer.register_step_post_hook(_log_state_once(cfg.name))
+    return optimizer
+
+
+def _adamw(groups, *, cfg, device, bf16, **_):
+    if bf16:
+        from torchao.optim import _AdamW
+
+        return _AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, bf16_stochastic_round=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             **_implementation(cfg.implementation, device))
+
+
+def _adamw_8bit(groups, *, cfg, bf16, **_):
+    from torchao.optim import AdamW8bit
+
+    # torchao quantises state blockwise (256 values per fp32 scale); tensors under 4096 values stay fp32
+    return AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, bf16_stochastic_round=bf16)
+
+
+def _sgd(groups, *, cfg, device, **_):
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           **_implementation(cfg.implementation, device))
+
+
+def _adafactor(groups, *, cfg, device, **_):
+    foreach = _implementation(cfg.implementation, device).get("foreach", False)  # Adafactor has no fused kernel
+    return torch.optim.Adafactor(groups, lr=cfg.lr, foreach=foreach)
+
+
+def _muon(groups, *, model, cfg, device, **_):
+    """Muon (orthogonalised momentum) for hidden 2-D weights; AdamW for embeddings, LM head, norms and biases."""
+    head_ids = {id(p) for name, m in model.named_modules() if isinstance(m, nn.Embedding) or name.endswith("lm_head")
+                for p in m.parameters(recurse=False)}
+    is_matrix = lambda p: p.ndim == 2 and id(p) not in head_ids  # noqa: E731
+    split = lambda keep: [g | {"params": [p for p in g["params"] if keep(p)]} for g in groups]  # noqa: E731
+    matrices = [g for g in split(is_matrix) if g["params"]]
+    rest = [g for g in split(lambda p: not is_matrix(p)) if g["params"]]
+    # match_rms_adamw scales Muon's update to AdamW's RMS, so one lr (and one schedule) serves both halves
+    muon = torch.optim.Muon(matrices, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                            adjust_lr_fn="match_rms_adamw")
+    return OptimizerChain([muon, _adamw(rest, cfg=cfg, device=device, bf16=False)])
+
+
+def _zero1(groups, *, cfg, device, **_):
+    """AdamW with its state sharded over the data-parallel ranks (ZeRO stage 1); needs parallel=ddp."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if not dist.is_initialized():
+        raise OptimizerError("optimizer=zero1 shards AdamW state over data-parallel ranks: it needs parallel=ddp "
+                             "(a process group), not a single process")
+    return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=cfg.lr, betas=tuple(cfg.betas),
+                                   eps=cfg.eps, **_implementation(cfg.implementation, device))
+
+
+_BUILDERS = {"adamw": _adamw, "adamw-8bit": _adamw_8bit, "sgd": _sgd, "adafactor": _adafactor, "muon": _muon,
+             "zero1": _zero1}
 
 
 def _implementation(choice: str, device: torch.device) -> dict:
@@ -42,24 +144,77 @@ def _implementation(choice: str, device: torch.device) -> dict:
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[choice]
 
 
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state held by this rank (the local shard under zero1 / FSDP; packed 8-bit codes)."""
+    if isinstance(optimizer, OptimizerChain):
+        return sum(state_bytes(o) for o in optimizer.optimizers)
+    local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps this rank's shard in .optim
+    return sum(_tensor_bytes(v) for s in local.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    # tensor subclasses (DTensor shards, torchao's quantised states) hold their data in inner tensors
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def _log_state_once(name: str):
+    # optimizers create their state lazily in the first step, so the size is known only after it
+    def hook(optimizer, args, kwargs):
+        if not getattr(optimizer, "_effitrain_state_logged", False):
+            optimizer._effitrain_state_logged = True
+            log.info("optimizer %s: %.2f MiB of state on this rank", name, state_bytes(optimizer) / 2**20)
+    return hook
+
+
 def warmup_steps(cfg, max_steps: int) -> int:
     return int(cfg.warmup_ratio * max_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, cfg, max_steps: int):
-    """The lr schedule of the `schedule` group, stepped once per optimizer step.
+def build_scheduler(optimizer: torch.optim.Optimizer, *, cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr schedule of the `schedule` group (transformers' schedulers), stepped once per optimizer step.
 
     Args:
         optimizer: the optimizer whose lr it drives.
         cfg: the `schedule` config group.
-        max_steps: optimizer steps in the run.
+        max_steps: optimizer steps in the run (gradient accumulation does not multiply them).
     """
     from transformers import get_scheduler
 
-    warmup = warmup_steps(cfg, max_steps)
+    warmup = min(warmup_steps(cfg, max_steps), max_steps)
+    decay = max_steps - warmup
+    if cfg.kind == "constant":
+        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
     if cfg.kind == "cosine":
         return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
                              scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
-    if cfg.kind == "constant":
-        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
-    raise ValueError(f"schedule.kind={cfg.kind!r} is not supported")
+    if cfg.kind in ("linear", "wsd"):
+        # linear is WSD without the stable phase; transformers' WSD warms up from min_lr_ratio x lr, not from 0
+        if cfg.kind == "wsd":
+            decay = math.ceil(cfg.decay_ratio * decay)
+        return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup,
+                             scheduler_specific_kwargs={
+                                 "num_stable_steps": max_steps - warmup - decay, "num_decay_steps": decay,
+                                 "decay_type": "linear" if cfg.kind == "linear" else cfg.decay_shape,
+                                 "min_lr_ratio": cfg.min_lr_ratio})
+    if cfg.kind == "inverse-sqrt":
+        scheduler = get_scheduler("inverse_sqrt", optimizer, num_warmup_steps=warmup)
+        # the floor only acts after warmup, where the lr the scheduler already set (step 0) is unaffected
+        scheduler.lr_lambdas = [_FloorAfter(f, warmup=warmup, floor=cfg.min_lr_ratio) for f in scheduler.lr_lambdas]
+        return scheduler
+    raise OptimizerError(f"schedule.kind={cfg.kind!r} is not one of: constant, cosine, linear, wsd, inverse-sqrt")
+
+
+class _FloorAfter:
+    """lr factor f(step), floored at `floor` once warmup ends (transformers' inverse_sqrt decays without a floor).
+
+    A class, not a closure, so LambdaLR.state_dict() can save it."""
+
+    def __init__(self, f, *, warmup: int, floor: float):
+        self.f, self.warmup, self.floor = f, warmup, floor
+
+    def __call__(self, step: int) -> float:
+        value = self.f(step)
+        return value if step < self.warmup else max(self.floor, value)

@@ -1,14 +1,19 @@
-"""Numeric precision: autocast, dynamic loss scaling, parameter dtype -- one entry point, build_precision."""
+"""Numeric precision: autocast, dynamic loss scaling, parameter dtype, fp8 -- one entry point, build_precision."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 from effitrain.errors import UsageError
 
+log = logging.getLogger("effitrain")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer have fp8 tensor cores
 
 
 class PrecisionError(UsageError):
@@ -23,6 +28,8 @@ class Precision:
         self.device = device
         self.autocast_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast_dtype else None
         self.param_dtype = DTYPES[cfg.param_dtype]
+        self.reduce_dtype = DTYPES[cfg.reduce_dtype]
+        # FSDP2 shards are DTensors, whose unscale op agrees on found_inf across ranks: the plain scaler suffices
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg.init_scale, growth_factor=cfg.growth_factor,
                                            backoff_factor=cfg.backoff_factor, growth_interval=cfg.growth_interval,
                                            enabled=cfg.loss_scaling)
@@ -38,6 +45,22 @@ class Precision:
         if self.param_dtype != torch.float32:
             return self.cfg.param_dtype
         return "tf32" if self.cfg.tf32 and self.device.type == "cuda" else "float32"
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Cast parameters (bf16-pure) or swap linears for float8 ones (fp8); runs before parallel wrapping,
+        so FSDP shards the converted weights and TP sees the float8 modules."""
+        if self.cfg.fp8_recipe:
+            model = _convert_float8(model, recipe=self.cfg.fp8_recipe, min_features=self.cfg.fp8_min_features)
+        return model.to(dtype=self.param_dtype)
+
+    def fsdp_mixed_precision(self):
+        """FSDP2's MixedPrecisionPolicy for autocast options (low-precision all-gathers and compute, reduce in
+        reduce_dtype); None without autocast (fp32, tf32): parameters then are the compute dtype."""
+        if self.autocast_dtype is None:
+            return None
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=self.reduce_dtype)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -68,13 +91,54 @@ class Precision:
 
 
 def build_precision(cfg, *, device: torch.device) -> Precision:
-    """The precision policy for this run.
+    """The precision policy for this run; raises PrecisionError where the device lacks the dtype (fp8).
 
     Args:
         cfg: the `precision` config group.
         device: the device the model trains on.
     """
-    if cfg.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if cfg.fp8_recipe:
+        check_fp8_device(device)
+    if cfg.tf32:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            log.info("precision tf32: TF32 exists only on CUDA; on %s this run is plain fp32", device.type)
     return Precision(cfg, device)
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """fp8 matmuls (torch._scaled_mm) need CUDA compute capability >= 8.9 and torchao."""
+    if device.type != "cuda":
+        raise PrecisionError(f"precision=fp8 needs a CUDA GPU with compute capability >= 8.9 (H100, L4, RTX 4090); "
+                             f"this run's device is {device.type} (use precision=bf16 there)")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise PrecisionError(f"precision=fp8 needs CUDA compute capability >= 8.9; {torch.cuda.get_device_name(device)}"
+                             f" has {capability[0]}.{capability[1]} (use precision=bf16)")
+    _need_torchao("precision=fp8")
+
+
+def _convert_float8(model: nn.Module, *, recipe: str, min_features: int) -> nn.Module:
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def keep_fp8(module: nn.Module, fqn: str) -> bool:
+        # small matmuls lose more to the scaling/casting overhead than fp8 gains; fp8 kernels need dims % 16 == 0;
+        # the LM head stays in high precision (its logits feed the softmax directly)
+        return (isinstance(module, nn.Linear) and not fqn.endswith("lm_head")
+                and min(module.in_features, module.out_features) >= min_features
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    model = convert_to_float8_training(model, module_filter_fn=keep_fp8,
+                                       config=Float8LinearConfig.from_recipe_name(recipe))
+    converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+    log.info("precision fp8 (%s): %d linear layers converted to float8, the rest stay bf16", recipe, converted)
+    return model
+
+
+def _need_torchao(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise PrecisionError(f"{what} needs torchao: pip install 'effitrain[ao]'")

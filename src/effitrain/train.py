@@ -66,6 +66,7 @@ class Trainer:
         self.num_params = count_params(model)
         self.flops_per_token = model_flops_per_token(model, seq_len=cfg.data.seq_len)
         self.precision = build_precision(cfg.precision, device=self.world.device)
+        model = self.precision.prepare_model(model)  # bf16-pure cast / fp8 linears: before parallel wrapping
         self.model = apply_parallel(model, cfg=cfg.parallel, world=self.world, precision=self.precision,
                                     init=partial(init_weights, cfg=cfg.model, seed=cfg.seed))
 
@@ -111,7 +112,7 @@ class Trainer:
             t0 = time.perf_counter()
             micro = [prefetch.next().to(world.device, non_blocking=True) for _ in range(cfg.grad_accum_steps)]
             data_time = time.perf_counter() - t0
-            lr = self.scheduler.get_last_lr()[0]
+            lr = float(self.scheduler.get_last_lr()[0])  # a tensor under torchao optimizers
             result = train_step(self.model, self.optimizer, micro, precision=self.precision,
                                 grad_clip=cfg.grad_clip, no_sync=getattr(self.model, "no_sync", None))
             self.scheduler.step()

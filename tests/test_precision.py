@@ -1,0 +1,144 @@
+"""Precision group: every option composes and trains on CPU (fp8 errors there), loss scaling skips overflows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import compose, read_metrics, run_cli
+from effitrain.checks import check_all
+from effitrain.config import group_options
+from effitrain.errors import UsageError
+from effitrain.loop import train_step
+from effitrain.precision import PrecisionError, build_precision
+from effitrain.train import Trainer, run
+
+CPU_OPTIONS = ["fp32", "tf32", "fp16", "bf16"]
+HAS_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+needs_torchao = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torchao") is None, reason="torchao not installed (pip install '.[ao]')")
+
+
+def test_every_option_is_covered_here():
+    assert set(group_options("precision")) == {*CPU_OPTIONS, "bf16-pure", "fp8"}
+
+
+@pytest.mark.parametrize("option", CPU_OPTIONS)
+def test_option_trains_five_steps(option, tiny, tmp_path):
+    cfg = compose(tiny(f"precision={option}", "max_steps=5"))
+    check_all(cfg)
+    summary = run(cfg, tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert len(metrics) == 5 and math.isfinite(summary["final_val_loss"])
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert ("loss_scale" in metrics[0]) == (option == "fp16")
+
+
+@needs_torchao
+def test_bf16_pure_moves_weights_by_sub_ulp_updates(tiny, tmp_path):
+    from torchao.optim import _AdamW
+
+    cfg = compose(tiny("precision=bf16-pure", "max_steps=3", "eval_every=3"))
+    check_all(cfg)
+    trainer = Trainer(cfg, tmp_path)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
+    assert isinstance(trainer.optimizer, _AdamW) and trainer.optimizer.bf16_stochastic_round
+    trainer.close(trainer.train())
+    # norm weights start at 1.0, where a bf16 ulp (2^-8 below, 2^-7 above) dwarfs the warmup updates (~lr = 3e-4..6e-4):
+    # round-to-nearest would leave every one at 1.0 (see the control below); stochastic rounding moves some
+    norms = torch.cat([p.detach().flatten() for n, p in trainer.model.named_parameters() if "norm" in n])
+    assert (norms != 1).sum() > 0
+    control = torch.ones(norms.numel(), dtype=torch.bfloat16, requires_grad=True)
+    nearest = torch.optim.AdamW([control], lr=6e-4, weight_decay=0.0)
+    control.grad = torch.randn_like(control)
+    nearest.step()
+    assert (control != 1).sum() == 0
+    assert math.isfinite(read_metrics(tmp_path)[-1]["val_loss"])
+
+
+class _LM(torch.nn.Module):
+    """A two-layer LM with the `.logits` output the loop reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+
+    def forward(self, input_ids):
+        return type("Out", (), {"logits": self.net(input_ids)})
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale():
+    torch.manual_seed(0)
+    model = _LM()
+    precision = build_precision(compose(["precision=fp16"]).precision, device=torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = torch.randint(0, 16, (2, 9))
+    assert train_step(model, optimizer, [batch], precision=precision, grad_clip=1.0).stepped  # a clean step
+    scale, weights = precision.loss_scale(), [p.detach().clone() for p in model.parameters()]
+    hook = model.net[1].weight.register_hook(lambda g: torch.full_like(g, math.inf))  # force an overflow
+    result = train_step(model, optimizer, [batch], precision=precision, grad_clip=1.0)
+    hook.remove()
+    assert not result.stepped and precision.skipped_steps == 1
+    assert precision.loss_scale() == scale / 2
+    assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters(), strict=True))  # nothing moved
+    assert train_step(model, optimizer, [batch], precision=precision, grad_clip=1.0).stepped  # training goes on
+
+
+def test_fp16_metrics_count_skipped_steps(tiny, tmp_path):
+    # an initial scale of 2^126 (near fp32's max) overflows the scaled loss: the scaler halves it until steps fit
+    cfg = compose(tiny("precision=fp16", f"precision.init_scale={2.0**126!r}", "max_steps=5", "eval_every=5"))
+    run(cfg, tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["skipped_steps"] == 1 and metrics[0]["loss_scale"] == 2.0**125
+    for a, b in zip(metrics, metrics[1:], strict=False):
+        skipped = b["skipped_steps"] - a["skipped_steps"]
+        assert b["loss_scale"] == a["loss_scale"] * (0.5 if skipped else 1.0)
+
+
+def test_fp8_is_refused_on_cpu_before_start(tiny):
+    with pytest.raises(UsageError, match="fp8 needs a CUDA GPU"):
+        check_all(compose(tiny("precision=fp8", "device=cpu")))
+    with pytest.raises(PrecisionError, match="compute capability >= 8.9"):
+        build_precision(compose(["precision=fp8"]).precision, device=torch.device("cpu"))
+
+
+def test_fp8_cli_error_is_one_line_exit_2(tiny, tmp_path):
+    proc = run_cli("train", *tiny("precision=fp8"), cwd=tmp_path)
+    if HAS_FP8:
+        pytest.skip("this machine has fp8: the error path needs a device without it")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "fp8" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("outputs/*/*"))  # no run directory left behind
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.skipif(not HAS_FP8, reason="fp8 training needs a CUDA GPU with compute capability >= 8.9")
+def test_fp8_trains_on_cuda(recipe, tiny, tmp_path):
+    # linears of 256+ features are converted; the tiny model's are smaller, so lower the filter
+    cfg = compose(tiny("precision=fp8", f"precision.fp8_recipe={recipe}", "precision.fp8_min_features=16",
+                       "model.hidden_size=64", "model.intermediate_size=128", "max_steps=5"))
+    summary = run(cfg, tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert math.isfinite(summary["final_val_loss"]) and metrics[-1]["mfu_pct"] is None
+
+
+def test_fsdp_policy_matches_the_option():
+    policy = lambda option: build_precision(compose([f"precision={option}"]).precision,  # noqa: E731
+                                            device=torch.device("cpu")).fsdp_mixed_precision()
+    assert policy("fp32") is None and policy("tf32") is None
+    assert (policy("fp16").param_dtype, policy("fp16").reduce_dtype) == (torch.float16, torch.float32)
+    assert (policy("bf16").param_dtype, policy("bf16").reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert policy("bf16-pure").param_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["precision=bf16", "precision.loss_scaling=true"], "loss_scaling=true needs"),
+    (["precision=fp32", "precision.param_dtype=float16"], "pure fp16"),
+    (["precision=fp8", "precision.fp8_recipe=blockwise"], "fp8_recipe='blockwise'"),
+    (["precision=bf16-pure", "optimizer=sgd"], "stochastic rounding"),
+])
+def test_impossible_settings_are_one_line_errors(bad, message, tiny):
+    with pytest.raises(UsageError, match=message):
+        check_all(compose(tiny(*bad)))
