@@ -26,6 +26,7 @@ from effitrain.models import build_model, count_params, init_weights
 from effitrain.optim import build_optimizer, build_scheduler
 from effitrain.parallel import apply_parallel, data_parallel_shard
 from effitrain.precision import build_precision
+from effitrain.profiling import StepProfiler
 
 log = logging.getLogger("effitrain")
 
@@ -107,6 +108,8 @@ class Trainer:
         self.model.train()
         start = time.perf_counter()
         startup_s = runs.seconds_since_launch()
+        log.info(f"startup: {startup_s:.1f} s from the command to the first step")
+        profiler = StepProfiler(cfg.logging, run_dir=self.run_dir, rank=world.rank, device=world.device)
         for step in range(1, cfg.max_steps + 1):
             self.memory.reset()
             t0 = time.perf_counter()
@@ -123,6 +126,8 @@ class Trainer:
                 record["val_loss"], record["val_ppl"] = evaluate(self.model, self.val_batches,
                                                                  precision=self.precision, device=world.device)
             self.recorder.write(record)
+            profiler.step()
+        profiler.close()
         return {"wall_time_s": time.perf_counter() - start, "startup_s": startup_s,
                 "metrics_overhead_pct": 100.0 * self.recorder.overhead_s / (time.perf_counter() - start)}
 
