@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,11 @@ def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
 
 def _stdlib_documents() -> list[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not set(p.relative_to(root).parts[:-1]) & _STDLIB_SKIP)
+    files = []
+    for parent, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP]  # prune: site-packages alone can hold 10k+ files
+        files += [Path(parent, n) for n in names if n.endswith(".py")]
+    files.sort()
     docs = [Document(str(p.relative_to(root)), p.read_text(encoding="utf-8", errors="replace")) for p in files]
     from pydoc_data.topics import topics  # the prose half: the language reference's help topics
 
