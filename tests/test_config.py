@@ -16,6 +16,7 @@ COMPANIONS = {
     "parallel": MULTI_RANK,
     ("optimizer", "zero1"): ["parallel=ddp", *MULTI_RANK],
     ("parallel", "single"): [],
+    ("precision", "fp8"): ["device=cuda"],  # on the CPU fp8 is refused before start (tested in test_precision)
     ("launcher", "multinode"): ["launcher.rdzv_endpoint=head-node:29500", "parallel=fsdp"],
 }
 
