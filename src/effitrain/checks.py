@@ -165,7 +165,7 @@ def check_parallel(cfg, *, launcher, model) -> None:
           f"launcher.nproc_per_node={launcher.nproc_per_node} and launcher.nnodes={launcher.nnodes} must be >= 1")
     _need(launcher.start_method in ("auto", "spawn", "fork", "forkserver"),
           f"launcher.start_method={launcher.start_method!r} is not one of: auto, spawn, fork, forkserver")
-    _need(launcher.nnodes == 1 or launcher.rdzv_endpoint not in (None, "???"),
+    _need(launcher.nnodes == 1 or launcher.rdzv_endpoint is not None,
           f"launcher.nnodes={launcher.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (a node every node can reach)")
     degrees = parallel_degrees(cfg, world_size=launcher.nproc_per_node * launcher.nnodes)
     _need(cfg.activation_checkpointing in ("none", "full", "selective"),

@@ -130,7 +130,7 @@ class LauncherConfig:
     rdzv_id: str = "effitrain"  # job id shared by all nodes of one job
     max_restarts: int = 0  # restarts of the whole worker group after a failure
     monitor_interval: float = 0.5  # seconds between the agent's health checks of its workers
-    start_method: str = "auto"  # auto | spawn | fork: auto = fork on CPU (no 2nd torch import), spawn with CUDA
+    start_method: str = "auto"  # auto | spawn | fork | forkserver: auto = forkserver on CPU, spawn with CUDA
 
 
 @dataclass

@@ -103,7 +103,7 @@ def apply_tp(model: nn.Module, *, mesh) -> None:
 
     if not hasattr(model.base_model, "layers"):
         raise ParallelError(f"no tensor-parallel plan for {type(model).__name__}; use parallel=fsdp or ddp")
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    tied = _tied(model)
     plan = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
     plan |= {"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
              "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
@@ -195,9 +195,17 @@ def _materialise(model: nn.Module, *, device: torch.device, init) -> nn.Module:
         return model.to(device)  # a loaded checkpoint: already real
     # to_empty also re-allocates the buffers; they were computed at build (rotary frequencies), so keep them
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    tied = _tied(model)
     model.to_empty(device=device)
+    if tied and not _tied(model):  # plain meta parameters are replaced one by one, which unties shared ones
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     init(model)
     return model
+
+
+def _tied(model: nn.Module) -> bool:
+    """True when the LM head shares the input embedding's weight (tie_embeddings)."""
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight

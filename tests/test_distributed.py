@@ -1,0 +1,184 @@
+"""Multi-process tests: 2 CPU ranks over gloo, started by the real `effitrain train` through the elastic agent.
+
+Equivalence in fp32, 10 steps, same seed and same global batch; per-step loss within 1e-5 relative:
+ddp(2) = single, fsdp(2) = ddp(2), fsdp-zero2(2) = fsdp(2), hsdp(2) = fsdp(2), tp(2) = fsdp-tp(2) = single,
+AC full = none, grad accumulation 2 x b = 1 x 2b, compile = eager (1e-4: inductor fuses and reorders float ops).
+Several layouts share one `-m` sweep: one parent process, each job launching its own workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import read_metrics, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.slow
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def base(corpus, cache_dir):
+    """10 fp32 steps of the tiny model; warmup 2 so the lr moves from step 2 on."""
+    return tiny_overrides(corpus, cache_dir, "max_steps=10", "eval_every=10", "schedule.warmup_steps=2")
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def _assert_close(a: list[float], b: list[float], rtol: float = RTOL, what: str = "") -> None:
+    assert len(a) == len(b) == 10, (len(a), len(b))
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+    assert worst <= rtol, f"{what}: max relative loss difference {worst:.2e} > {rtol:g}\n{a}\n{b}"
+
+
+def _train(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    result = run_cli("train", *args, cwd=tmp)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    return result
+
+
+def _sweep_jobs(tmp: Path) -> dict[str, Path]:
+    """job directories of the one sweep under tmp, keyed by their overrides' parallel choices."""
+    from omegaconf import OmegaConf
+
+    jobs = {}
+    for job in sorted((tmp / "outputs" / "multirun").glob("*/*/[0-9]*")):
+        overrides = [o for o in OmegaConf.load(job / ".hydra" / "overrides.yaml") if o.startswith("parallel")]
+        jobs[" ".join(overrides)] = job
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory) -> dict[str, Path]:
+    """Every run the equivalence tests compare: name -> run directory."""
+    out = {}
+    single = tmp_path_factory.mktemp("single")
+    _train(single, *base, "batch_size=4")
+    out["single"] = next((single / "outputs").glob("*/*"))
+
+    two = tmp_path_factory.mktemp("dp")  # global batch 4 = 2 per rank x 2 ranks
+    _train(two, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp,fsdp-zero2,hsdp",
+           "parallel.activation_checkpointing=none,full")
+    jobs = _sweep_jobs(two)
+    for layout in ("ddp", "fsdp", "fsdp-zero2", "hsdp"):
+        out[layout] = jobs[f"parallel={layout} parallel.activation_checkpointing=none"]
+        out[f"{layout}+ac"] = jobs[f"parallel={layout} parallel.activation_checkpointing=full"]
+
+    tp = tmp_path_factory.mktemp("tp")  # one TP group of 2 ranks reads the whole batch of 4
+    _train(tp, "-m", *base, "batch_size=4", "launcher.nproc_per_node=2", "parallel=tp,fsdp-tp")
+    jobs = _sweep_jobs(tp)
+    out["tp"], out["fsdp-tp"] = jobs["parallel=tp"], jobs["parallel=fsdp-tp"]
+
+    accum = tmp_path_factory.mktemp("accum")  # 2 micro-steps of 1 per rank (DDP no_sync on the first)
+    _train(accum, *base, "batch_size=1", "grad_accum_steps=2", "launcher.nproc_per_node=2", "parallel=ddp")
+    out["ddp-accum"] = next((accum / "outputs").glob("*/*"))
+    return out
+
+
+def test_ddp_matches_single(runs):
+    _assert_close(_losses(runs["single"]), _losses(runs["ddp"]), what="ddp(2) vs single")
+
+
+def test_fsdp_matches_ddp(runs):
+    _assert_close(_losses(runs["ddp"]), _losses(runs["fsdp"]), what="fsdp(2) vs ddp(2)")
+
+
+def test_fsdp_zero2_and_hsdp_match_fsdp(runs):
+    _assert_close(_losses(runs["fsdp"]), _losses(runs["fsdp-zero2"]), what="fsdp-zero2(2) vs fsdp(2)")
+    _assert_close(_losses(runs["fsdp"]), _losses(runs["hsdp"]), what="hsdp(2x1) vs fsdp(2)")
+
+
+def test_tensor_parallel_matches_single(runs):
+    _assert_close(_losses(runs["single"]), _losses(runs["tp"]), what="tp(2) vs single")
+    _assert_close(_losses(runs["single"]), _losses(runs["fsdp-tp"]), what="fsdp-tp(1x2) vs single")
+
+
+def test_activation_checkpointing_matches_none(runs):
+    for layout in ("ddp", "fsdp", "fsdp-zero2", "hsdp"):
+        _assert_close(_losses(runs[layout]), _losses(runs[f"{layout}+ac"]), what=f"{layout} AC full vs none")
+
+
+def test_grad_accumulation_matches_bigger_batch(runs):
+    _assert_close(_losses(runs["ddp"]), _losses(runs["ddp-accum"]), what="ddp 2 x b=1 vs 1 x b=2")
+
+
+def test_metrics_reduced_across_ranks(runs):
+    """rank 0 writes; the global batch counts every data-parallel rank; each rank logged to its own file."""
+    ddp, single = read_metrics(runs["ddp"]), read_metrics(runs["single"])
+    assert len(ddp) == 10
+    for r in ddp:
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2)
+    assert "global batch 4 sequences" in (runs["ddp"] / "train.log").read_text()
+    assert (runs["ddp"] / "rank_1.log").exists() and not (runs["single"] / "rank_1.log").exists()
+    assert single[0]["loss"] == pytest.approx(ddp[0]["loss"], rel=RTOL)
+
+
+def test_compile_matches_eager(base, runs, tmp_path):
+    """Regional compile (inductor on CPU) vs eager; looser tolerance: fused kernels reorder float ops."""
+    _train(tmp_path, *base, "batch_size=4", "parallel.compile=true")
+    compiled = next((tmp_path / "outputs").glob("*/*"))
+    _assert_close(_losses(runs["single"]), _losses(compiled), rtol=1e-4, what="compile vs eager")
+
+
+def test_design_card_fp16_fsdp_command(base, tmp_path):
+    """The exact command of the design card, on CPU with the tiny model."""
+    result = _train(tmp_path, *base, "+precision=fp16", "+parallel=fsdp", "launcher.nproc_per_node=2")
+    run_dir = next((tmp_path / "outputs").glob("*/*"))
+    records = read_metrics(run_dir)
+    assert len(records) == 10 and all(r["loss_scale"] > 0 for r in records)
+    assert "step 10/10" in result.stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def test_killed_worker_ends_the_job(base, tmp_path):
+    """SIGKILL rank 1 mid-run: the agent stops rank 0 and the command fails promptly, naming the rank."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "effitrain.cli", "train", *base, "max_steps=100000",
+                             "launcher.nproc_per_node=2", "parallel=ddp"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not list(tmp_path.glob("outputs/*/*/metrics.jsonl")) and time.time() < deadline:
+            time.sleep(0.5)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers  # the elastic agent runs in the CLI process; its children are the ranks
+        killed = time.time()
+        os.kill(workers[1], signal.SIGKILL)  # started second: local rank 1
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode not in (0, None)
+    assert time.time() - killed < 30
+    assert "worker rank 1" in stderr and "SIGKILL" in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["parallel=fsdp-tp", "launcher.nproc_per_node=3"], "parallel.tp=2 does not divide the world size 3"),
+    (["parallel=hsdp", "parallel.dp_shard=2", "launcher.nproc_per_node=2"], "dp_replicate=2 x parallel.dp_shard=2"),
+    (["parallel=tp", "model=gpt2-124m", "launcher.nproc_per_node=2"], "not 'gpt2'"),
+    (["parallel=ddp", "parallel.offload=cpu", "launcher.nproc_per_node=2"], "needs an FSDP strategy"),
+    (["parallel=single", "launcher.nproc_per_node=2"], "parallel=single runs one process"),
+    (["device=cuda", "parallel=ddp", "launcher.nproc_per_node=2"], "GPU(s) are visible"),
+])
+def test_bad_layout_is_one_line_exit_2(tiny, tmp_path, args, message):
+    if "device=cuda" in args:
+        torch = pytest.importorskip("torch")
+        if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+            pytest.skip("needs fewer than 2 visible GPUs")
+    result = run_cli("train", *tiny(*args), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("effitrain: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-3000:]
+    assert not list(tmp_path.glob("outputs/*/*"))
