@@ -110,7 +110,12 @@ def _worker(container: dict, run_dir: str):
 
 def _failure_message(e) -> str:
     """The first failing rank's error (its exception and traceback, or the signal that killed it)."""
-    rank, failure = e.get_first_failure()
+    # a rank killed by a signal (not the agent's own SIGTERM) is the cause; its peers then fail on a dead connection
+    def cause_first(item):
+        failure = item[1]
+        return (not (failure.exitcode < 0 and failure.signal_name() != "SIGTERM"), failure.timestamp)
+
+    rank, failure = min(e.failures.items(), key=cause_first)
     if isinstance(failure.message, dict):  # written by the worker's error handler: exception + traceback
         text = failure.message.get("message", "")
         trace = failure.message.get("extraInfo", {}).get("py_callstack", "")
