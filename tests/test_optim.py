@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -114,14 +116,17 @@ def test_zero1_over_ddp_shards_the_state(tiny, tmp_path):
     proc = run_cli("train", *tiny("optimizer=zero1", "parallel=ddp", "launcher.nproc_per_node=2", "max_steps=3"),
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    log = next(tmp_path.glob("outputs/*/*/train.log")).read_text()
-    assert "optimizer zero1:" in log
+    run_dir = next(tmp_path.glob("outputs/*/*/train.log")).parent
+    held = int(re.search(r"optimizer zero1: .* \((\d+) bytes\)", (run_dir / "train.log").read_text()).group(1))
+    num_params = json.loads((run_dir / "env.json").read_text())["num_params"]
+    assert 0 < held < 8 * num_params  # unsharded AdamW holds 8 bytes per parameter on every rank
 
 
 @pytest.mark.parametrize("bad, message", [
     (["optimizer.kind=lion"], "optimizer.kind='lion' is not one of"),
     (["optimizer.no_decay=[bias,gain]"], "allowed entries: bias, norm, embedding"),
     (["optimizer.implementation=magic"], "optimizer.implementation='magic'"),
+    (["optimizer=muon", "parallel=fsdp", "launcher.nproc_per_node=2"], "muon needs whole weight matrices"),
 ])
 def test_bad_settings_are_one_line_errors(bad, message, tiny):
     with pytest.raises(UsageError, match=message):

@@ -99,6 +99,9 @@ def check_optimizer(cfg, *, precision, parallel) -> None:
     _need(cfg.kind != "zero1" or parallel.strategy == "ddp",
           f"optimizer=zero1 shards AdamW state over DDP ranks: it needs parallel=ddp, not parallel={parallel.strategy}"
           " (FSDP already shards optimizer state; use optimizer=adamw there)")
+    # Newton-Schulz orthogonalises whole matrices: sharded (FSDP/TP) weights would be orthogonalised per shard
+    _need(cfg.kind != "muon" or parallel.strategy in ("single", "ddp"),
+          f"optimizer=muon needs whole weight matrices on each rank: parallel=single or ddp, not {parallel.strategy}")
     _need(precision.param_dtype != "bfloat16" or cfg.kind in ("adamw", "adamw-8bit"),
           f"precision=bf16-pure updates bf16 weights with stochastic rounding, which optimizer=adamw and adamw-8bit "
           f"have; optimizer={cfg.kind} has not (use precision=bf16 with it)")

@@ -156,7 +156,8 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     # tensor subclasses (DTensor shards, torchao's quantised states) hold their data in inner tensors
     if hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+        inner = (getattr(t, n) for n in names)  # may name non-tensors too (a DTensor's mesh, in some versions)
+        return sum(_tensor_bytes(x) for x in inner if isinstance(x, torch.Tensor))
     return t.numel() * t.element_size()
 
 
@@ -165,7 +166,8 @@ def _log_state_once(name: str):
     def hook(optimizer, args, kwargs):
         if not getattr(optimizer, "_effitrain_state_logged", False):
             optimizer._effitrain_state_logged = True
-            log.info("optimizer %s: %.2f MiB of state on this rank", name, state_bytes(optimizer) / 2**20)
+            n = state_bytes(optimizer)
+            log.info("optimizer %s: %.2f MiB of state on this rank (%d bytes)", name, n / 2**20, n)
     return hook
 
 
