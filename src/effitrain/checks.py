@@ -14,6 +14,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_all(cfg) -> None:
+    check_schema(cfg)
     check_run(cfg)
     check_data(cfg.data)
     check_model(cfg.model)
@@ -21,6 +22,21 @@ def check_all(cfg) -> None:
     check_optimizer(cfg.optimizer, precision=cfg.precision, parallel=cfg.parallel)
     check_schedule(cfg.schedule)
     check_parallel(cfg.parallel, launcher=cfg.launcher, model=cfg.model)
+
+
+def check_schema(cfg) -> None:
+    """Keys Hydra let in with `+key=value` must still be keys of the schema: nothing is silently ignored."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    from effitrain.config import TrainConfig
+
+    try:
+        # merge a plain copy: merging one typed node into another lets keys added with `+` through
+        plain = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"}
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    except ConfigKeyError as e:
+        raise UsageError(f"unknown key {e.full_key!r} (effitrain train --cfg job lists every key)") from None
 
 
 def _need(ok: bool, message: str) -> None:
