@@ -56,6 +56,10 @@ def test_run_directory_has_env_and_summary(tiny_run):
     assert summary["final_loss"] == records[-1]["loss"] and summary["final_val_loss"] == records[-1]["val_loss"]
     assert summary["median_tokens_per_s"] > 0 and summary["mem_reserved_peak_gib"] > 0
     assert summary["startup_s"] > 0 and summary["wall_time_s"] > 0
+    assert summary["first_step_time_s"] == records[0]["step_time_s"] and summary["warmup_steps"] == 3
+    assert summary["warmup_time_s"] == pytest.approx(sum(r["step_time_s"] for r in records[:3]))
+    steady = sorted(r["tokens_per_s"] for r in records[3:])
+    assert summary["median_tokens_per_s"] == pytest.approx(steady[2])  # median of steps 4-8: warm-up left out
     # measured, not assumed: ~0.1% on the default run; this run's 20 ms steps log a console line every step
     assert 0 < summary["metrics_overhead_pct"] < 10
     assert (tiny_run / "train.log").read_text().count("step 8/8") == 1

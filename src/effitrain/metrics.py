@@ -189,8 +189,13 @@ def summarize(records: list[dict], *, warmup_steps: int) -> dict:
         return statistics.median(values) if values else None
 
     vals = [r for r in records if "val_loss" in r]
+    warmup = [r["step_time_s"] for r in records if r["step"] <= warmup_steps]
     return {
         "steps": len(records),
+        # compile and warm-up show here, kept out of the medians below
+        "first_step_time_s": records[0]["step_time_s"] if records else None,
+        "warmup_steps": len(warmup),
+        "warmup_time_s": sum(warmup),
         "median_tokens_per_s": median("tokens_per_s"),
         "median_tokens_per_s_per_device": median("tokens_per_s_per_device"),
         "median_tflops_per_device": median("tflops_per_device"),
