@@ -1,7 +1,7 @@
 """effitrain side by side with what users would otherwise pick: the same work, run interleaved, medians.
 
     pip install -e ".[bench]"
-    python scripts/bench_peers.py                      # default model, 3 rounds; ~6-9 min on 2 CPU cores
+    python scripts/bench_peers.py                      # default model, 3 rounds x 5 runs (wall time: BENCHMARKS.md)
     python scripts/bench_peers.py --rounds 5 --steps 30 --model llama-20m --batch-size 16
 
 Variants, each a fresh subprocess, run interleaved (a b c d e, a b c d e, ...):
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="effitrain model option (default: the default model)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=6, help="first steps left out of the medians (compile, warm-up)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every variant")
     p.add_argument("--variants", default="abcde")
