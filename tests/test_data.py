@@ -46,8 +46,11 @@ def test_text_pipeline_builds_cache_once(corpus, cache_dir):
     mtimes = [f.stat().st_mtime_ns for f in files]
     second = prepare_data(cfg)
     assert second.tokens.directory == first.tokens.directory
-    assert [f.stat().st_mtime_ns for f in sorted(second.tokens.directory.iterdir())] == mtimes  # reused, not rebuilt
-    assert second.tokens.vocab_size == 512 and len(second.tokens.train) > 10 * len(second.tokens.val) > 0
+    again = sorted(second.tokens.directory.iterdir())
+    assert [f.stat().st_mtime_ns for f in again] == mtimes, (files, again)  # reused, not rebuilt
+    assert second.tokens.vocab_size == 512, second.tokens.vocab_size
+    train, val = len(second.tokens.train), len(second.tokens.val)
+    assert train > 10 * val > 0, (train, val)
     assert int(np.max(second.tokens.train)) < 512
     assert not [f for f in files if f.name.endswith(".tmp")]
 
@@ -100,6 +103,14 @@ def test_validation_batches_are_fixed_and_split_across_ranks():
     parts = [validation_batches(tokens, seq_len=8, batch_size=4, num_batches=2, shard=Shard(r, 2)) for r in range(2)]
     assert sum(b.shape[0] for b in whole) == 8 and sum(b.shape[0] for p in parts for b in p) == 16
     assert torch.equal(whole[0], validation_batches(tokens, seq_len=8, batch_size=4, num_batches=2, shard=Shard())[0])
+
+
+def test_small_validation_split_gives_every_rank_the_same_number_of_batches():
+    tokens = np.arange(5 * 8 + 1, dtype=np.uint16)  # 5 windows for 2 ranks
+    parts = [validation_batches(tokens, seq_len=8, batch_size=2, num_batches=4, shard=Shard(r, 2)) for r in range(2)]
+    assert [len(p) for p in parts] == [1, 1] and [p[0].shape[0] for p in parts] == [2, 2]
+    with pytest.raises(DataError, match="fewer than one per rank"):
+        validation_batches(np.arange(9, dtype=np.uint16), seq_len=8, batch_size=2, num_batches=1, shard=Shard(0, 2))
 
 
 @pytest.mark.parametrize("depth", [0, 2])

@@ -77,9 +77,10 @@ def runs(base, tmp_path_factory) -> dict[str, Path]:
     jobs = _sweep_jobs(tp)
     out["tp"], out["fsdp-tp"] = jobs["parallel=tp"], jobs["parallel=fsdp-tp"]
 
-    accum = tmp_path_factory.mktemp("accum")  # 2 micro-steps of 1 per rank (DDP no_sync on the first)
-    _train(accum, *base, "batch_size=1", "grad_accum_steps=2", "launcher.nproc_per_node=2", "parallel=ddp")
-    out["ddp-accum"] = next((accum / "outputs").glob("*/*"))
+    accum = tmp_path_factory.mktemp("accum")  # 2 micro-steps of 1 per rank, gradient sync skipped on the first
+    _train(accum, "-m", *base, "batch_size=1", "grad_accum_steps=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp")
+    jobs = _sweep_jobs(accum)
+    out["ddp-accum"], out["fsdp-accum"] = jobs["parallel=ddp"], jobs["parallel=fsdp"]
     return out
 
 
@@ -108,6 +109,22 @@ def test_activation_checkpointing_matches_none(runs):
 
 def test_grad_accumulation_matches_bigger_batch(runs):
     _assert_close(_losses(runs["ddp"]), _losses(runs["ddp-accum"]), what="ddp 2 x b=1 vs 1 x b=2")
+    _assert_close(_losses(runs["fsdp"]), _losses(runs["fsdp-accum"]), what="fsdp 2 x b=1 vs 1 x b=2")
+
+
+def test_torchrun_from_outside_runs_the_same_worker(base, runs, tmp_path):
+    """`torchrun -m effitrain.train`: same losses as the launcher's fsdp run; the real launch shape is saved."""
+    from omegaconf import OmegaConf
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "effitrain.train", *base, "batch_size=2", "parallel=fsdp"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [run_dir] = list((tmp_path / "outputs").glob("*/*"))
+    _assert_close(_losses(runs["fsdp"]), _losses(run_dir), what="torchrun fsdp(2) vs effitrain fsdp(2)")
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert (saved.launcher.nproc_per_node, saved.launcher.nnodes, saved.parallel.name) == (2, 1, "fsdp")
+    assert (run_dir / "rank_1.log").exists()
 
 
 def test_metrics_reduced_across_ranks(runs):

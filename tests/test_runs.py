@@ -63,3 +63,5 @@ def test_compare_losses_verdicts():
     verdict, ok = compare_losses([1.0, 2.0, 3.0], [1.0, 2.5, 3.0], rtol=1e-3)
     assert not ok and verdict.startswith("diverged at step 2")
     assert compare_losses([1.0, 2.0], [1.0], rtol=1e-3)[1] is False
+    verdict, ok = compare_losses([2.0, 1.5], [2.0, float("nan")], rtol=1e-3)
+    assert not ok and verdict.startswith("diverged at step 2")

@@ -55,7 +55,8 @@ def init_world(device_choice: str, *, group: bool = False) -> World:
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if (size > 1 or group) and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # CUDA: nccl for GPU tensors, plus gloo for the CPU ones FSDP's cpu offload reduces (grad-norm of host shards)
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
         if size > 1:
             dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
         else:

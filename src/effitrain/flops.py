@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import nullcontext
 
@@ -35,7 +36,7 @@ def model_flops_per_token(model: nn.Module, *, seq_len: int) -> float:
 
 def table_peak(device_name: str, dtype: str) -> float | None:
     for key, peaks in PEAK_FLOPS:
-        if key in device_name:
+        if re.search(rf"\b{re.escape(key)}\b", device_name):  # whole words: "L4" must not match "L40S"
             return peaks.get(dtype)
     return None
 

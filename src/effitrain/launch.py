@@ -8,6 +8,7 @@ exactly the config the CLI checked.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import uuid
@@ -137,6 +138,9 @@ def compose_for_worker(args: list[str]) -> tuple[DictConfig, Path]:
 
     overrides = normalize(args)
     cfg = next(compose_all(overrides))
+    # the launch shape is torchrun's, not the launcher group's: record it, so checks and reproduce see the truth
+    cfg.launcher.nproc_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cfg.launcher.nnodes = int(os.environ.get("WORLD_SIZE", 1)) // cfg.launcher.nproc_per_node
     check_config(cfg)
     world = init_world(cfg.device)
     box = [None]

@@ -100,7 +100,7 @@ def throughput(*, tokens: int, samples: int, times: StepTimes, world_size: int, 
 
 class JsonlSink:
     def __init__(self, path: Path):
-        self._f = path.open("a", buffering=1)
+        self._f = path.open("w", buffering=1)  # a rerun into the same directory replaces, never splices
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
@@ -161,7 +161,10 @@ def format_line(r: dict, total: int) -> str:
 
 
 class Recorder:
-    """Fans each step's record out to the sinks and keeps what the summary needs."""
+    """Fans each step's record out to the sinks and keeps what the summary needs.
+
+    overhead_s collects the time the trainer spends on metrics (memory stats, cross-rank reductions,
+    rates, sinks), so that summary.json can show they do not slow the loop."""
 
     def __init__(self, sinks: list):
         self.sinks = sinks
@@ -170,7 +173,8 @@ class Recorder:
 
     def write(self, record: dict) -> None:
         t0 = time.perf_counter()
-        self.records.append(record)
+        if self.sinks:  # only rank 0 writes, so only rank 0 keeps the history the summary needs
+            self.records.append(record)
         for sink in self.sinks:
             sink.write(record)
         self.overhead_s += time.perf_counter() - t0

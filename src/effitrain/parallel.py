@@ -14,6 +14,7 @@ they are materialised and filled by the layout-independent `init` (identical wei
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -65,7 +66,7 @@ def apply_parallel(model: nn.Module, *, cfg, world, precision, init: Callable[[n
     if cfg.strategy in ("fsdp", "hsdp", "fsdp-tp"):
         dp_mesh = mesh["dp_shard"] if cfg.strategy == "fsdp-tp" else mesh
         apply_fsdp(model, mesh=dp_mesh, reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
-                   mp_policy=_fsdp_mixed_precision(precision))
+                   mp_policy=precision.fsdp_mixed_precision())
         return _materialise(model, device=torch.device("cpu") if cfg.offload else world.device, init=init)
     model = _materialise(model, device=world.device, init=init)
     if cfg.strategy == "ddp":
@@ -181,12 +182,9 @@ def apply_ddp(model: nn.Module, *, world) -> nn.Module:
     """DistributedDataParallel: full replicas, gradients all-reduced in buckets overlapping backward."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-
-
-def _fsdp_mixed_precision(precision):
-    policy = getattr(precision, "fsdp_mixed_precision", None)  # offered by the precision group when it has one
-    return policy() if callable(policy) else None
+    # no buffer broadcast before each forward: the only buffers (rotary frequencies) are constants
+    return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def _materialise(model: nn.Module, *, device: torch.device, init) -> nn.Module:
@@ -209,3 +207,25 @@ def _materialise(model: nn.Module, *, device: torch.device, init) -> nn.Module:
 def _tied(model: nn.Module) -> bool:
     """True when the LM head shares the input embedding's weight (tie_embeddings)."""
     return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def gradient_sync_skipper(model: nn.Module):
+    """A context factory that skips gradient reduction for accumulation micro-steps, or None.
+
+    DDP has `no_sync`; FSDP2 modules switch reduce-scatter off with `set_requires_gradient_sync` (their
+    unsharded gradients then accumulate locally until the last micro-step reduces them once).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if hasattr(model, "no_sync"):
+        return model.no_sync
+    if isinstance(model, FSDPModule):
+        @contextmanager
+        def skip_reduce_scatter():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return skip_reduce_scatter
+    return None

@@ -99,12 +99,10 @@ def build_precision(cfg, *, device: torch.device) -> Precision:
     """
     if cfg.fp8_recipe:
         check_fp8_device(device)
-    if cfg.tf32:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        else:
-            log.info("precision tf32: TF32 exists only on CUDA; on %s this run is plain fp32", device.type)
+    # set both ways: sweep jobs and reproduce share one process, and a tf32 job must not leak into the next
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32 and device.type == "cuda")
+    if cfg.tf32 and device.type != "cuda":
+        log.info("precision tf32: TF32 exists only on CUDA; on %s this run is plain fp32", device.type)
     return Precision(cfg, device)
 
 

@@ -86,7 +86,7 @@ def compare_losses(reference: list[float], candidate: list[float], *, rtol: floa
     if not reference:
         return "the original run has no metrics.jsonl steps to compare", False
     for step, (a, b) in enumerate(zip(reference, candidate, strict=False), 1):
-        if abs(a - b) > rtol * max(abs(a), 1e-12):
+        if not abs(a - b) <= rtol * max(abs(a), 1e-12):  # written so that a NaN on either side diverges
             return f"diverged at step {step}: original loss {a!r}, reproduced {b!r} (rtol {rtol:g})", False
     if len(candidate) != len(reference):
         return f"diverged: original has {len(reference)} steps, reproduction {len(candidate)}", False

@@ -7,6 +7,7 @@ under torchrun composes the config itself, like `effitrain train`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,7 @@ from effitrain.loop import evaluate, train_step
 from effitrain.metrics import ConsoleSink, JsonlSink, MemoryMeter, Recorder, StepTimes, TensorBoardSink, throughput
 from effitrain.models import build_model, count_params, init_weights
 from effitrain.optim import build_optimizer, build_scheduler
-from effitrain.parallel import apply_parallel, data_parallel_shard
+from effitrain.parallel import apply_parallel, data_parallel_shard, gradient_sync_skipper
 from effitrain.precision import build_precision
 from effitrain.profiling import StepProfiler
 
@@ -37,8 +38,9 @@ class Trainer:
         self.world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
         setup_logging(run_dir, rank=self.world.rank)
         torch.manual_seed(cfg.seed)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
+        if cfg.deterministic and self.world.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
+        torch.use_deterministic_algorithms(cfg.deterministic)  # set both ways: sweep jobs share the process
         self._build_data()
         self._build_model()
         self._build_optimizer()
@@ -70,6 +72,7 @@ class Trainer:
         model = self.precision.prepare_model(model)  # bf16-pure cast / fp8 linears: before parallel wrapping
         self.model = apply_parallel(model, cfg=cfg.parallel, world=self.world, precision=self.precision,
                                     init=partial(init_weights, cfg=cfg.model, seed=cfg.seed))
+        self.no_sync = gradient_sync_skipper(self.model)  # skips gradient reduction on accumulation micro-steps
 
     def _build_optimizer(self) -> None:
         # offloaded FSDP steps the optimizer on the host copies of the shards
@@ -111,17 +114,21 @@ class Trainer:
         log.info(f"startup: {startup_s:.1f} s from the command to the first step")
         profiler = StepProfiler(cfg.logging, run_dir=self.run_dir, rank=world.rank, device=world.device)
         for step in range(1, cfg.max_steps + 1):
+            meter_start = time.perf_counter()
             self.memory.reset()
             t0 = time.perf_counter()
+            self.recorder.overhead_s += t0 - meter_start
             micro = [prefetch.next().to(world.device, non_blocking=True) for _ in range(cfg.grad_accum_steps)]
             data_time = time.perf_counter() - t0
             lr = float(self.scheduler.get_last_lr()[0])  # a tensor under torchao optimizers
             result = train_step(self.model, self.optimizer, micro, precision=self.precision,
-                                grad_clip=cfg.grad_clip, no_sync=getattr(self.model, "no_sync", None))
+                                grad_clip=cfg.grad_clip, no_sync=self.no_sync)
             self.scheduler.step()
             loss, grad_norm = result.loss.item(), result.grad_norm.item()  # .item() waits for the device
-            times = StepTimes(step_time_s=time.perf_counter() - t0, data_time_s=data_time)
+            step_end = time.perf_counter()
+            times = StepTimes(step_time_s=step_end - t0, data_time_s=data_time)
             record = self._record(step, loss=loss, grad_norm=grad_norm, lr=lr, times=times)
+            self.recorder.overhead_s += time.perf_counter() - step_end  # memory stats, reductions, rates
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 record["val_loss"], record["val_ppl"] = evaluate(self.model, self.val_batches,
                                                                  precision=self.precision, device=world.device)
@@ -147,9 +154,10 @@ class Trainer:
                    "mem_pct": self.memory.percent(mem_reserved)}
         return record
 
-    def close(self, extra: dict) -> None:
+    def close(self, extra: dict | None) -> None:
+        """Release sinks and the process group; write the summary only for a run that finished."""
         self.recorder.close()
-        if self.world.is_main:
+        if self.world.is_main and extra is not None:
             runs.write_summary(self.run_dir, self.recorder, warmup_steps=self.cfg.logging.warmup_steps, extra=extra)
         close_world()
 
@@ -162,8 +170,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train one run into run_dir; returns its summary (rank 0) or {} (other ranks)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir)
-    extra = trainer.train()
-    trainer.close(extra)
+    extra = None
+    try:
+        extra = trainer.train()
+    finally:  # a failed in-process run (sweep job, test, reproduce) must not leave a process group behind
+        trainer.close(extra)
     return runs.read_summary(run_dir) if trainer.world.is_main else {}
 
 

@@ -69,10 +69,17 @@ class TrainBatches:
 
 
 def validation_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int, shard: Shard):
-    """A fixed validation set: the first windows of the held-out stream, split across ranks."""
+    """A fixed validation set: the first windows of the held-out stream, split evenly across ranks.
+
+    Every rank gets the same number of windows (and so of batches): under FSDP/TP each eval forward is a
+    collective, and a rank with one batch more would wait forever for the others.
+    """
     sampler = WindowSampler(tokens, seq_len=seq_len, seed=0)
-    n = min(num_batches * batch_size * shard.world, sampler.num_windows)
-    mine = [i for i in range(n) if i % shard.world == shard.rank]
+    per_rank = min(num_batches * batch_size, sampler.num_windows // shard.world)
+    if per_rank == 0:
+        raise DataError(f"the validation split has {sampler.num_windows} windows of data.seq_len={seq_len}: fewer than "
+                        f"one per rank ({shard.world}); raise data.val_fraction or lower data.seq_len")
+    mine = [i for i in range(per_rank * shard.world) if i % shard.world == shard.rank]
     return [torch.from_numpy(np.stack([sampler._window(i) for i in mine[k:k + batch_size]]).astype(np.int64))
             for k in range(0, len(mine), batch_size)]
 
