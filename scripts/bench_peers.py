@@ -165,13 +165,15 @@ def summarize(runs: dict, *, args, spec: dict, preset: str, wall_s: float) -> di
     # a, b and c do the same work in fp32: their final losses must agree (a and b bit for bit)
     same = [loss for v in "abc" if v in runs for r in runs[v] for loss in [r["final_loss"]]]
     spread = (max(same) - min(same)) / abs(min(same)) if same else 0.0
+    a_and_b = {r["final_loss"] for v in "ab" if v in runs for r in runs[v]}
     import torch
 
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
             "machine": machine(), "torch": torch.__version__, "transformers": _version("transformers"),
             "accelerate": _version("accelerate"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "spec": spec, "variants": variants, "ratios": ratios, "final_loss_rel_spread_abc": spread,
-            "losses_agree": spread <= args.loss_rtol, "rounds": args.rounds, "wall_s": wall_s}
+            "a_b_bit_identical": len(a_and_b) <= 1, "losses_agree": spread <= args.loss_rtol and len(a_and_b) <= 1,
+            "rounds": args.rounds, "wall_s": wall_s}
 
 
 def print_table(report: dict) -> None:

@@ -104,14 +104,7 @@ def test_zero1_without_ddp_is_a_one_line_error(tiny):
         check_all(compose(tiny("optimizer=zero1")))
 
 
-def _ddp_available() -> bool:
-    from effitrain.config import group_options as options
-
-    return "ddp" in options("parallel")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _ddp_available(), reason="zero1 needs parallel=ddp, which is not in this tree yet")
 def test_zero1_over_ddp_shards_the_state(tiny, tmp_path):
     proc = run_cli("train", *tiny("optimizer=zero1", "parallel=ddp", "launcher.nproc_per_node=2", "max_steps=3"),
                    cwd=tmp_path)

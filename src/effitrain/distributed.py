@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -81,5 +82,14 @@ def barrier(world: World) -> None:
 
 
 def close_world() -> None:
+    """Leave the process group without the gloo teardown deadlock.
+
+    gloo's worker threads free each finished collective's tensors, and freeing a tensor made in Python
+    takes the GIL; destroying the group joins those threads while holding the GIL. So first drain them:
+    a barrier queues behind the last collective, and a short sleep gives up the GIL while they finish.
+    """
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+            time.sleep(0.1)
         dist.destroy_process_group()
