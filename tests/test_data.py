@@ -32,6 +32,16 @@ def test_fingerprint_changes_with_content():
     assert fingerprint(a) != fingerprint(a[::-1])
 
 
+def test_corpus_identity_does_not_depend_on_where_it_lies(corpus, tmp_path):
+    import shutil
+
+    moved = shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus")
+    here = load_documents(source="text", paths=[str(corpus)], field="text")
+    there = load_documents(source="text", paths=[str(moved)], field="text")
+    assert [d.name for d in here] == [d.name for d in there] and fingerprint(here) == fingerprint(there)
+    assert split(here, 0.05) == split(there, 0.05)
+
+
 def test_split_is_by_name_and_stable():
     docs = [Document(f"doc{i}", "x") for i in range(400)]
     train, val = split(docs, 0.1)

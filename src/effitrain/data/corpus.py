@@ -36,10 +36,11 @@ def load_documents(*, source: str, paths: list[str], field: str) -> list[Documen
     if source == "stdlib":
         return _stdlib_documents()
     files = resolve_paths(source=source, paths=paths)
+    named = [(_relative_name(f, paths), f) for f in files]
     if source == "text":
-        return [Document(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+        return [Document(name, f.read_text(encoding="utf-8", errors="replace")) for name, f in named]
     if source == "jsonl":
-        return [doc for f in files for doc in _jsonl_documents(f, field)]
+        return [doc for name, f in named for doc in _jsonl_documents(f, field, name=name)]
     raise DataError(f"data.source={source!r} is not one of: stdlib, text, jsonl")
 
 
@@ -62,6 +63,16 @@ def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
     return files
 
 
+def _relative_name(file: Path, paths: list[str]) -> str:
+    """A document's name relative to the data.paths entry that found it: the split and the fingerprint
+    then depend on the corpus, not on where it lies on disk."""
+    for raw in paths:
+        root = Path(raw).expanduser()
+        if root.is_dir() and file.is_relative_to(root):
+            return str(file.relative_to(root))
+    return file.name
+
+
 def _stdlib_documents() -> list[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
@@ -76,7 +87,7 @@ def _stdlib_documents() -> list[Document]:
     return docs
 
 
-def _jsonl_documents(path: Path, field: str) -> list[Document]:
+def _jsonl_documents(path: Path, field: str, *, name: str) -> list[Document]:
     docs = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -88,7 +99,7 @@ def _jsonl_documents(path: Path, field: str) -> list[Document]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or field not in record:
                 raise DataError(f"{path}:{lineno}: no key {field!r} (set data.field to the key holding the text)")
-            docs.append(Document(f"{path}:{lineno}", str(record[field])))
+            docs.append(Document(f"{name}:{lineno}", str(record[field])))
     return docs
 
 
