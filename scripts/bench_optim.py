@@ -15,10 +15,11 @@ import argparse
 import importlib.util
 import json
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _effitrain_run import run_effitrain
 
 DDP2 = ["parallel=ddp", "launcher.nproc_per_node=2"]
 
@@ -32,13 +33,9 @@ def runs() -> list[tuple[str, list[str]]]:
 
 def train(overrides: list[str], run_dir: Path) -> tuple[dict, int]:
     """One `effitrain train` run in its own process: its summary and the optimizer-state bytes it logged."""
-    cmd = [sys.executable, "-m", "effitrain.cli", "train", *overrides, f"hydra.run.dir={run_dir}",
-           "logging.progress=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(overrides)}\n{proc.stderr[-2000:]}")
+    summary = run_effitrain(overrides, run_dir)
     state = re.search(r"of state on this rank \((\d+) bytes\)", (run_dir / "train.log").read_text())
-    return json.loads((run_dir / "summary.json").read_text()), int(state.group(1))
+    return summary, int(state.group(1))
 
 
 def main() -> None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _effitrain_run import run_effitrain
 
 
 def options() -> list[str]:
@@ -32,16 +33,6 @@ def options() -> list[str]:
     return out
 
 
-def train(overrides: list[str], run_dir: Path) -> dict:
-    """One `effitrain train` run in its own process; its summary.json."""
-    cmd = [sys.executable, "-m", "effitrain.cli", "train", *overrides, f"hydra.run.dir={run_dir}",
-           "logging.progress=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(overrides)}\n{proc.stderr[-2000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120)
@@ -53,7 +44,7 @@ def main() -> None:
         for option in options():
             overrides = [f"precision={option}", f"max_steps={args.steps}", f"eval_every={args.steps}",
                          *args.overrides]
-            s = train(overrides, Path(tmp) / option)
+            s = run_effitrain(overrides, Path(tmp) / option)
             rows.append({"precision": option, "tokens_per_s": s["median_tokens_per_s"],
                          "mem_peak_gib": s["mem_reserved_peak_gib"], "mfu_pct": s["median_mfu_pct"],
                          "final_val_loss": s["final_val_loss"], "final_loss": s["final_loss"]})

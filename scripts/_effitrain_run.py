@@ -1,0 +1,18 @@
+"""Shared by the bench scripts: one `effitrain train` run in its own process (fresh memory peaks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_effitrain(overrides: list[str], run_dir: Path) -> dict:
+    """Train with the real CLI into run_dir; its summary.json (exits with the error tail on failure)."""
+    cmd = [sys.executable, "-m", "effitrain.cli", "train", *overrides, f"hydra.run.dir={run_dir}",
+           "logging.progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(overrides)}\n{proc.stderr[-2000:]}")
+    return json.loads((run_dir / "summary.json").read_text())
