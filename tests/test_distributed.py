@@ -112,6 +112,15 @@ def test_grad_accumulation_matches_bigger_batch(runs):
     _assert_close(_losses(runs["fsdp"]), _losses(runs["fsdp-accum"]), what="fsdp 2 x b=1 vs 1 x b=2")
 
 
+def test_reproduce_relaunches_the_same_world(runs, tmp_path):
+    """reproduce of a 2-rank fsdp sweep job: same launch shape, fp32 on CPU, so bit-for-bit."""
+    result = run_cli("reproduce", str(runs["fsdp"]), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "identical: all 10 step losses match bit-for-bit" in result.stdout
+    [new_dir] = list((tmp_path / "outputs").glob("*/*_reproduce-*"))
+    assert (new_dir / "rank_1.log").exists()  # it ran on two ranks again
+
+
 def test_torchrun_from_outside_runs_the_same_worker(base, runs, tmp_path):
     """`torchrun -m effitrain.train`: same losses as the launcher's fsdp run; the real launch shape is saved."""
     from omegaconf import OmegaConf

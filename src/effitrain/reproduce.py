@@ -59,5 +59,5 @@ def reproduce_run(original: Path, *, rtol: float) -> int:
     verdict, matched = compare_losses(reference, read_losses(run_dir), rtol=rtol)
     (run_dir / "reproduce.json").write_text(json.dumps(
         {"original": str(original), "verdict": verdict, "matched": matched, "rtol": rtol}, indent=2))
-    console().print(f"reproduce {original} -> {run_dir}: {verdict}")
+    console().print(f"reproduce {original} -> {run_dir}: {verdict}", soft_wrap=True)  # one line, for grep
     return 0 if matched else 1
