@@ -142,3 +142,18 @@ def test_fsdp_policy_matches_the_option():
 def test_impossible_settings_are_one_line_errors(bad, message, tiny):
     with pytest.raises(UsageError, match=message):
         check_all(compose(tiny(*bad)))
+
+
+@pytest.mark.slow
+@needs_torchao
+def test_cpu_precisions_train_under_ddp_and_fsdp(tiny, tmp_path):
+    """bf16 and bf16-pure with 2 ranks of ddp and of fsdp, through the real launcher (fp16+fsdp: test_distributed)."""
+    result = run_cli("train", "-m", *tiny("max_steps=3", "eval_every=3"), "precision=bf16,bf16-pure",
+                     "parallel=ddp,fsdp", "launcher.nproc_per_node=2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert len(jobs) == 4
+    for job in jobs:
+        records = read_metrics(job)
+        assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records), job
+        assert (job / "rank_1.log").exists()
