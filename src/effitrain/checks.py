@@ -39,6 +39,11 @@ def check_schema(cfg) -> None:
         raise UsageError(f"unknown key {e.full_key!r} (effitrain train --cfg job lists every key)") from None
 
 
+def world_size(launcher) -> int:
+    """Processes the launcher group asks for (every node's workers)."""
+    return launcher.nproc_per_node * launcher.nnodes
+
+
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
@@ -186,7 +191,7 @@ def check_parallel(cfg, *, launcher, model) -> None:
           f"launcher.start_method={launcher.start_method!r} is not one of: auto, spawn, fork, forkserver")
     _need(launcher.nnodes == 1 or launcher.rdzv_endpoint is not None,
           f"launcher.nnodes={launcher.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (a node every node can reach)")
-    degrees = parallel_degrees(cfg, world_size=launcher.nproc_per_node * launcher.nnodes)
+    degrees = parallel_degrees(cfg, world_size=world_size(launcher))
     _need(cfg.activation_checkpointing in ("none", "full", "selective"),
           f"parallel.activation_checkpointing={cfg.activation_checkpointing!r} is not one of: none, full, selective")
     _need(cfg.ac_every >= 1, f"parallel.ac_every={cfg.ac_every} must be >= 1")

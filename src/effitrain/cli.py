@@ -10,6 +10,7 @@ import itertools
 import sys
 from pathlib import Path
 
+from effitrain.checks import check_all
 from effitrain.config import GROUPS, config_dir, group_options
 from effitrain.errors import UsageError
 
@@ -75,7 +76,7 @@ def train(args: list[str]) -> int:
         overrides = [a for a in args if not a.startswith("-") and a not in ("job", "hydra", "all")]
         for cfg in compose_all(overrides, multirun=bool(flags & {"-m", "--multirun"})):
             if not flags & _PRINT_FLAGS:
-                check_config(cfg)
+                check_all(cfg)
     return _run_hydra(args)
 
 
@@ -144,13 +145,6 @@ def _check_option(group: str, option: str) -> None:
     options = group_options(group)
     if option not in options:
         raise UsageError(f"unknown {group} option {option!r}; choose one of: {', '.join(options)}")
-
-
-def check_config(cfg) -> None:
-    """Semantic checks that need no worker: data paths, model family, precision and parallel layouts."""
-    from effitrain.checks import check_all
-
-    check_all(cfg)
 
 
 def _first_line(e: Exception) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from effitrain.checks import world_size
 from effitrain.distributed import in_torchrun_worker
 from effitrain.errors import UsageError
 
@@ -24,10 +25,6 @@ log = logging.getLogger("effitrain")
 
 class WorkerFailed(RuntimeError):
     """A worker process died or raised: the job was stopped; the message names the failing rank."""
-
-
-def world_size(launcher) -> int:
-    return launcher.nproc_per_node * launcher.nnodes
 
 
 def launch(cfg: DictConfig, run_dir: Path) -> dict:
@@ -133,7 +130,8 @@ def compose_for_worker(args: list[str]) -> tuple[DictConfig, Path]:
     run directory (saving the config as Hydra would) and broadcasts its path, so all ranks agree on it."""
     import torch.distributed as dist
 
-    from effitrain.cli import check_config, compose_all, normalize
+    from effitrain.checks import check_all
+    from effitrain.cli import compose_all, normalize
     from effitrain.distributed import init_world
 
     overrides = normalize(args)
@@ -141,7 +139,7 @@ def compose_for_worker(args: list[str]) -> tuple[DictConfig, Path]:
     # the launch shape is torchrun's, not the launcher group's: record it, so checks and reproduce see the truth
     cfg.launcher.nproc_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     cfg.launcher.nnodes = int(os.environ.get("WORLD_SIZE", 1)) // cfg.launcher.nproc_per_node
-    check_config(cfg)
+    check_all(cfg)
     world = init_world(cfg.device)
     box = [None]
     if world.is_main:
