@@ -10,6 +10,7 @@ Variants, each a fresh subprocess, run interleaved (a b c d e, a b c d e, ...):
   c  transformers' Trainer with the identical config
   d  `effitrain train +experiment=<preset>`: effitrain's fastest settings for the device (fast-cpu / fast-gpu)
   e  Trainer's fastest settings: torch_compile=True, optim=adamw_torch_fused, loss logged every 10 steps
+     (on CUDA also bf16=True and tf32=True, as the fast-gpu preset d)
 
 The same work: one initial checkpoint (saved once, loaded by every variant: effitrain via model.pretrained),
 the same token windows in the same order (effitrain's sampler; a and c get the identical batches as tensors),
@@ -219,11 +220,18 @@ def run_child(name: str, spec: dict) -> int:
     import torch
 
     stamps: list[float] = []
-    # the one probe every variant shares: the end of each optimizer step (the device is synchronised by .item()
-    # calls in every loop; on CPU there is nothing to wait for)
+    # the one probe every variant shares: the end of each optimizer step. On CUDA it waits for the device first:
+    # variants that sync at different points (a .item() per step or one per 10) would otherwise stamp host time.
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    cuda = spec["device"] == "cuda"
+
+    def stamp(*_):
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    register_optimizer_step_post_hook(stamp)
     out = Path(spec["batches"]).parent
     variant = name[0]
     losses, extra = {"a": hand_loop, "b": effitrain_run, "c": trainer_run, "d": effitrain_run,
@@ -325,7 +333,8 @@ def trainer_run(variant: str, spec: dict, workdir: Path) -> tuple[list[float], d
         use_cpu=cpu, report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0,
         logging_steps=10 if fast else 1,  # c logs every step, as effitrain does; e logs less
-        optim="adamw_torch_fused" if fast else "adamw_torch", torch_compile=fast)
+        optim="adamw_torch_fused" if fast else "adamw_torch", torch_compile=fast,
+        bf16=fast and not cpu, tf32=True if fast and not cpu else None)  # on a GPU e also gets bf16 + TF32, as d
     # c: the identical optimizer implementation (foreach on CPU, fused on CUDA); Trainer's own param groups
     # (decay all but biases and norm weights) match the others'
     impl = {"fused": True} if not cpu else {"foreach": True}

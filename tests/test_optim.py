@@ -41,7 +41,9 @@ def test_option_trains_five_steps(option, tiny, tmp_path):
     summary = run(cfg, tmp_path)
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 5 and math.isfinite(summary["final_val_loss"])
-    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    # the same validation batches at step 3 and 5 (training losses are on different batches: too noisy to compare
+    # after 5 steps, seen on CUDA with adafactor)
+    assert summary["final_val_loss"] < summary["first_val_loss"]
 
 
 def test_no_decay_groups_hold_biases_norms_and_embeddings():
