@@ -174,13 +174,24 @@ def _rowwise(sp: bool):
 
 
 def _vocab_embedding(sp: bool):
-    """Token embedding sharded over the vocabulary: partial lookups summed (all-reduce; SP: reduce-scatter)."""
+    """Token embedding sharded over the vocabulary: partial lookups summed (all-reduce; SP: reduce-scatter).
+
+    The sum completes before the embedding returns (torch's RowwiseParallel leaves it asynchronous): llama feeds
+    the embedding output straight into block 0, and a compiled block traced on a pending collective's result is
+    reused for the later blocks, which get plain tensors (compile then fails in backward or in evaluation).
+    """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import RowwiseParallel
 
+    class SyncRowwiseParallel(RowwiseParallel):
+        @staticmethod
+        def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+            outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+            return outputs.to_local() if use_local_output else outputs
+
     if sp:
-        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False)
-    return RowwiseParallel(input_layouts=Replicate())
+        return SyncRowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False)
+    return SyncRowwiseParallel(input_layouts=Replicate())
 
 
 def _lm_head(sp: bool):
