@@ -1,7 +1,7 @@
 """Memory per rank by parallel layout, and activation checkpointing's effect on peak memory.
 
 1. Exact bytes this rank holds of parameters, gradients and optimizer state (from the local shards, after
-   one AdamW step) for single, ddp, fsdp and fsdp-zero2, each multi-rank layout at world size 2 through
+   one AdamW step) for single, ddp, fsdp, fsdp-zero2 and tp, each multi-rank layout at world size 2 through
    torch's elastic agent (gloo on CPU, nccl on CUDA).
 2. Peak memory of one forward+backward of a 12-layer model with activation checkpointing none vs full:
    CUDA allocator peak on a GPU, else the process's peak RSS (each mode in a fresh process).
@@ -59,8 +59,10 @@ def _step(model, optimizer, cfg, world, *, zero_grad: bool = False) -> None:
     import torch
 
     from effitrain.loop import lm_loss
+    from effitrain.parallel import data_parallel_shard
 
-    gen = torch.Generator().manual_seed(world.rank)
+    # the ranks of one tensor-parallel group must see the same batch
+    gen = torch.Generator().manual_seed(data_parallel_shard(cfg.parallel, world=world).rank)
     batch = torch.randint(0, cfg.data.vocab_size, (cfg.batch_size, cfg.data.seq_len + 1), generator=gen)
     lm_loss(model, batch.to(world.device)).backward()
     optimizer.step()
@@ -145,7 +147,7 @@ def main() -> None:
 
     base = [f"model={args.model}", "batch_size=2", "data.seq_len=64", "data.vocab_size=4096"]
     rows = []
-    for layout, nproc in (("single", 1), ("ddp", 2), ("fsdp", 2), ("fsdp-zero2", 2)):
+    for layout, nproc in (("single", 1), ("ddp", 2), ("fsdp", 2), ("fsdp-zero2", 2), ("tp", 2)):
         rows.append({"layout": layout, "world": nproc, **run_layout(layout, base, nproc)})
     ddp = next(r for r in rows if r["layout"] == "ddp")["total_mib"]
     for r in rows:

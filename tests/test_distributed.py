@@ -1,8 +1,9 @@
 """Multi-process tests: 2 CPU ranks over gloo, started by the real `effitrain train` through the elastic agent.
 
 Equivalence in fp32, 10 steps, same seed and same global batch; per-step loss within 1e-5 relative:
-ddp(2) = single, fsdp(2) = ddp(2), fsdp-zero2(2) = fsdp(2), hsdp(2) = fsdp(2), tp(2) = fsdp-tp(2) = single,
-AC full = none, grad accumulation 2 x b = 1 x 2b, compile = eager (1e-4: inductor fuses and reorders float ops).
+ddp(2) = single, fsdp(2) = ddp(2), fsdp-zero2(2) = fsdp(2), hsdp(2) = fsdp(2), tp(2) = fsdp-tp(2) = single, with and
+without sequence parallel, for llama and gpt2; AC full = none, grad accumulation 2 x b = 1 x 2b, compile = eager (1e-4:
+inductor fuses and reorders float ops). Dropout is 0 (the model group's default), so runs are deterministic.
 Several layouts share one `-m` sweep: one parent process, each job launching its own workers.
 """
 
@@ -46,12 +47,13 @@ def _train(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _sweep_jobs(tmp: Path) -> dict[str, Path]:
-    """job directories of the one sweep under tmp, keyed by their overrides' parallel choices."""
+    """job directories of the one sweep under tmp, keyed by their overrides' model and parallel choices."""
     from omegaconf import OmegaConf
 
     jobs = {}
     for job in sorted((tmp / "outputs" / "multirun").glob("*/*/[0-9]*")):
-        overrides = [o for o in OmegaConf.load(job / ".hydra" / "overrides.yaml") if o.startswith("parallel")]
+        overrides = [o for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")
+                     if o.startswith(("parallel", "model="))]
         jobs[" ".join(overrides)] = job
     return jobs
 
@@ -59,10 +61,12 @@ def _sweep_jobs(tmp: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def runs(base, tmp_path_factory) -> dict[str, Path]:
     """Every run the equivalence tests compare: name -> run directory."""
+    assert "model.dropout=" not in " ".join(base)  # 0 by default: the layouts must compute the same function
     out = {}
-    single = tmp_path_factory.mktemp("single")
-    _train(single, *base, "batch_size=4")
-    out["single"] = next((single / "outputs").glob("*/*"))
+    single = tmp_path_factory.mktemp("single")  # the tiny llama and a gpt2 of the same size
+    _train(single, "-m", *base, "batch_size=4", "model=tiny,gpt2-124m")
+    jobs = _sweep_jobs(single)
+    out["single"], out["gpt2"] = jobs["model=tiny"], jobs["model=gpt2-124m"]
 
     two = tmp_path_factory.mktemp("dp")  # global batch 4 = 2 per rank x 2 ranks
     _train(two, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp,fsdp-zero2,hsdp",
@@ -73,9 +77,13 @@ def runs(base, tmp_path_factory) -> dict[str, Path]:
         out[f"{layout}+ac"] = jobs[f"parallel={layout} parallel.activation_checkpointing=full"]
 
     tp = tmp_path_factory.mktemp("tp")  # one TP group of 2 ranks reads the whole batch of 4
-    _train(tp, "-m", *base, "batch_size=4", "launcher.nproc_per_node=2", "parallel=tp,fsdp-tp")
+    _train(tp, "-m", *base, "batch_size=4", "launcher.nproc_per_node=2", "model=tiny,gpt2-124m", "parallel=tp,fsdp-tp",
+           "parallel.sequence_parallel=false,true")
     jobs = _sweep_jobs(tp)
-    out["tp"], out["fsdp-tp"] = jobs["parallel=tp"], jobs["parallel=fsdp-tp"]
+    for model, name in (("tiny", ""), ("gpt2-124m", "gpt2 ")):
+        for layout in ("tp", "fsdp-tp"):
+            out[f"{name}{layout}"] = jobs[f"model={model} parallel={layout} parallel.sequence_parallel=False"]
+            out[f"{name}{layout}+sp"] = jobs[f"model={model} parallel={layout} parallel.sequence_parallel=True"]
 
     accum = tmp_path_factory.mktemp("accum")  # 2 micro-steps of 1 per rank, gradient sync skipped on the first
     _train(accum, "-m", *base, "batch_size=1", "grad_accum_steps=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp")
@@ -97,9 +105,12 @@ def test_fsdp_zero2_and_hsdp_match_fsdp(runs):
     _assert_close(_losses(runs["fsdp"]), _losses(runs["hsdp"]), what="hsdp(2x1) vs fsdp(2)")
 
 
-def test_tensor_parallel_matches_single(runs):
-    _assert_close(_losses(runs["single"]), _losses(runs["tp"]), what="tp(2) vs single")
-    _assert_close(_losses(runs["single"]), _losses(runs["fsdp-tp"]), what="fsdp-tp(1x2) vs single")
+@pytest.mark.parametrize("family, single", [("", "single"), ("gpt2 ", "gpt2")], ids=["llama", "gpt2"])
+def test_tensor_parallel_matches_single(runs, family, single):
+    """TP plans: llama (q/k/v, gate/up column-wise) and gpt2 (Linear form: q/k/v, c_fc column-wise), each with and
+    without sequence parallel (norms and residual stream on sequence shards)."""
+    for layout in ("tp", "fsdp-tp", "tp+sp", "fsdp-tp+sp"):
+        _assert_close(_losses(runs[single]), _losses(runs[family + layout]), what=f"{family}{layout}(2) vs single")
 
 
 def test_activation_checkpointing_matches_none(runs):
@@ -195,7 +206,11 @@ def test_killed_worker_ends_the_job(base, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["parallel=fsdp-tp", "launcher.nproc_per_node=3"], "parallel.tp=2 does not divide the world size 3"),
     (["parallel=hsdp", "parallel.dp_shard=2", "launcher.nproc_per_node=2"], "dp_replicate=2 x parallel.dp_shard=2"),
-    (["parallel=tp", "model=gpt2-124m", "launcher.nproc_per_node=2"], "not 'gpt2'"),
+    (["parallel=ddp", "parallel.sequence_parallel=true", "launcher.nproc_per_node=2"],
+     "parallel.sequence_parallel=true needs tensor parallelism"),
+    (["parallel=fsdp", "parallel.sequence_parallel=true", "launcher.nproc_per_node=2"], "not parallel.strategy=fsdp"),
+    (["parallel=tp", "parallel.sequence_parallel=true", "data.seq_len=33", "launcher.nproc_per_node=2"],
+     "splits data.seq_len=33 over parallel.tp=2 ranks"),
     (["parallel=ddp", "parallel.offload=cpu", "launcher.nproc_per_node=2"], "needs an FSDP strategy"),
     (["parallel=single", "launcher.nproc_per_node=2"], "parallel=single runs one process"),
     (["device=cuda", "parallel=ddp", "launcher.nproc_per_node=2"], "GPU(s) are visible"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import compose, read_metrics
-from effitrain.models import ModelError, build_model
+from effitrain.models import ModelError, build_model, init_weights
 from effitrain.train import run
 
 
@@ -41,3 +41,35 @@ def test_training_starts_from_the_checkpoint(checkpoint, tiny, tmp_path):
     run(compose(tiny("max_steps=2")), tmp_path / "b")
     pretrained, fresh = read_metrics(tmp_path / "a")[0]["loss"], read_metrics(tmp_path / "b")[0]["loss"]
     assert pretrained != fresh  # different starting weights, same data
+
+
+def test_gpt2_runs_as_linears_and_a_gpt2_checkpoint_keeps_its_logits(tmp_path):
+    """GPT-2's Conv1D layers (fused q|k|v) become Linears (separate q, k, v) for tensor parallelism: same parameter
+    and FLOP counts, and a transformers GPT-2 checkpoint, transposed on load, gives transformers' own logits."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from effitrain.flops import model_flops_per_token
+    from effitrain.models import QKV, count_params, hf_config
+
+    cfg = compose(["model=gpt2-124m", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+                   "model.intermediate_size=64"])
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(hf_config(cfg.model, vocab_size=512, max_seq_len=32),
+                                                 attn_implementation="sdpa").eval()
+    reference.save_pretrained(tmp_path)
+    loaded = build_model(compose([f"model.pretrained={tmp_path}"]).model, vocab_size=512, max_seq_len=32).eval()
+    built = build_model(cfg.model, vocab_size=512, max_seq_len=32, meta=True)
+    for model in (loaded, built):
+        assert not any(isinstance(m, Conv1D) for m in model.modules())
+        assert isinstance(model.transformer.h[0].attn.c_attn, QKV)
+        assert count_params(model) == count_params(reference)
+        assert model_flops_per_token(model, seq_len=32) == model_flops_per_token(reference, seq_len=32)
+    with torch.no_grad():  # GPT-2's init rule under the new names: output projections' std / sqrt(2 x layers)
+        init_weights(built.to_empty(device="cpu"), cfg=cfg.model, seed=0)
+        attn = built.transformer.h[0].attn
+        assert float(attn.c_proj.weight.std() / attn.c_attn.q_proj.weight.std()) == pytest.approx(0.5, rel=0.15)
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, reference(input_ids=tokens).logits,
+                                   rtol=1e-5, atol=1e-5)

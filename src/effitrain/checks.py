@@ -21,7 +21,7 @@ def check_all(cfg) -> None:
     check_precision(cfg.precision, device=cfg.device)
     check_optimizer(cfg.optimizer, precision=cfg.precision, parallel=cfg.parallel)
     check_schedule(cfg.schedule)
-    check_parallel(cfg.parallel, launcher=cfg.launcher, model=cfg.model)
+    check_parallel(cfg.parallel, launcher=cfg.launcher, model=cfg.model, seq_len=cfg.data.seq_len)
 
 
 def check_schema(cfg) -> None:
@@ -140,7 +140,7 @@ def check_schedule(cfg) -> None:
 
 
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "tp", "fsdp-tp")
-TP_FAMILIES = ("llama",)  # families with a tensor-parallel plan (parallel.py)
+TP_FAMILIES = ("llama", "gpt2")  # families with a tensor-parallel plan (parallel.py)
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def parallel_degrees(cfg, *, world_size: int) -> Degrees:
     return Degrees(dp_replicate=replicate, dp_shard=shard, tp=tp)
 
 
-def check_parallel(cfg, *, launcher, model) -> None:
+def check_parallel(cfg, *, launcher, model, seq_len: int) -> None:
     _need(launcher.nproc_per_node >= 1 and launcher.nnodes >= 1,
           f"launcher.nproc_per_node={launcher.nproc_per_node} and launcher.nnodes={launcher.nnodes} must be >= 1")
     _need(launcher.start_method in ("auto", "spawn", "fork", "forkserver"),
@@ -199,8 +199,13 @@ def check_parallel(cfg, *, launcher, model) -> None:
     _need(cfg.offload is None or cfg.strategy in ("fsdp", "hsdp", "fsdp-tp"),
           f"parallel.offload=cpu needs an FSDP strategy (fsdp, fsdp-zero2, hsdp, fsdp-tp), "
           f"not parallel.strategy={cfg.strategy}")
-    _need(not cfg.sequence_parallel,
-          "parallel.sequence_parallel=true is not implemented yet; use parallel.sequence_parallel=false")
+    # sequence parallel splits the TP group's activations along the sequence: no TP group, nothing to split
+    _need(not cfg.sequence_parallel or degrees.tp > 1,
+          f"parallel.sequence_parallel=true needs tensor parallelism (parallel=tp or fsdp-tp with a degree > 1), "
+          f"not parallel.strategy={cfg.strategy} with tp={degrees.tp}")
+    _need(not cfg.sequence_parallel or seq_len % degrees.tp == 0,
+          f"parallel.sequence_parallel=true splits data.seq_len={seq_len} over parallel.tp={degrees.tp} ranks; "
+          "make data.seq_len a multiple of it")
     if degrees.tp > 1:
         _need(model.family in TP_FAMILIES,
               f"parallel.strategy={cfg.strategy} has a tensor-parallel plan for model.family in "

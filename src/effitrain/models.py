@@ -60,10 +60,57 @@ def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False) -
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings "
                              f"but the tokenizer has {vocab_size} tokens (set data.tokenizer to its tokenizer.json)")
-        return model
-    with _parameters_on_meta() if meta else nullcontext():
-        return AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size=vocab_size, max_seq_len=max_seq_len),
-                                                attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        with _parameters_on_meta() if meta else nullcontext():
+            model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size=vocab_size, max_seq_len=max_seq_len),
+                                                     attn_implementation="sdpa", dtype=torch.float32)
+    if model.config.model_type == "gpt2":
+        linearise_gpt2(model)
+    return model
+
+
+class QKV(nn.Module):
+    """GPT-2's fused `c_attn` as three Linears whose outputs are concatenated: [q | k | v], as the fused one.
+
+    Separate weights let tensor parallelism shard each projection column-wise on its own (whole heads of q, k
+    and v per rank); a column shard of the fused weight would give rank 0 all of q and part of k.
+    """
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = q_proj, k_proj, v_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+
+def linearise_gpt2(model: nn.Module) -> None:
+    """Replace every transformers `Conv1D` of a GPT-2 by an equivalent `nn.Linear`, and each fused `c_attn` by `QKV`.
+
+    Conv1D computes x @ W + b with W stored [in, out]; a Linear stores W^T, so the values are transposed
+    (a checkpoint's weights keep their function). Done for every layout, so parameter names and shapes, hence the
+    seeded init, are the same in single and TP runs. Meta parameters stay on the meta device.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    for block in transformer_blocks(model):
+        attn, d = block.attn, block.attn.embed_dim
+        weight, bias = attn.c_attn.weight, attn.c_attn.bias  # [d, 3d] and [3d]: q, k, v along the output dim
+        attn.c_attn = QKV(*(_linear(weight[:, i * d:(i + 1) * d], bias[i * d:(i + 1) * d]) for i in range(3)))
+        for parent in (attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv1D):
+                    setattr(parent, name, _linear(child.weight, child.bias))
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """The Linear computing x @ weight + bias (weight [in, out], as in Conv1D), on weight's device and dtype."""
+    linear = nn.Linear(*weight.shape, device=weight.device, dtype=weight.dtype)
+    if not weight.is_meta:
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            linear.bias.copy_(bias)
+    return linear
 
 
 @contextmanager

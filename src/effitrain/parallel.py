@@ -58,7 +58,7 @@ def apply_parallel(model: nn.Module, *, cfg, world, precision, init: Callable[[n
     mesh = build_mesh(cfg.strategy, d, world=world)
     model = model.to(dtype=precision.param_dtype)
     if d.tp > 1 or cfg.strategy == "tp":
-        apply_tp(model, mesh=mesh["tp"])
+        apply_tp(model, mesh=mesh["tp"], sequence_parallel=cfg.sequence_parallel)
     if cfg.activation_checkpointing != "none":
         apply_ac(model, mode=cfg.activation_checkpointing, every=cfg.ac_every)
     if cfg.compile:
@@ -87,49 +87,146 @@ def build_mesh(strategy: str, d: Degrees, *, world):
     return init_device_mesh(world.device.type, tuple(sizes[n] for n in dims), mesh_dim_names=dims)
 
 
-def apply_tp(model: nn.Module, *, mesh) -> None:
-    """Megatron-style tensor parallelism over DTensor for the llama family.
+def apply_tp(model: nn.Module, *, mesh, sequence_parallel: bool = False) -> None:
+    """Megatron-style tensor parallelism over DTensor for the llama and gpt2 families.
 
-    Attention q/k/v and MLP gate/up are column-wise (each rank owns whole heads / a slice of the MLP width),
-    o_proj and down_proj row-wise (their partial outputs are summed by one all-reduce per sub-layer).
-    The embedding is sharded over the vocabulary and the LM head over its outputs (gathered for the loss);
-    norm weights are replicated DTensors, so every parameter is a DTensor and grad clipping sees one mesh.
+    Attention q/k/v and the MLP's input projections are column-wise (each rank owns whole heads / a slice of the
+    MLP width), the attention output and MLP output projections row-wise (their partial outputs are summed by one
+    all-reduce per sub-layer). The token embedding is sharded over the vocabulary and the LM head over its outputs
+    (gathered for the loss); norm weights (and GPT-2's position embedding) are replicated DTensors, so every
+    parameter is a DTensor and grad clipping sees one mesh.
+
+    Sequence parallel replaces each all-reduce by a reduce-scatter to sequence shards (Shard(1)) and an all-gather
+    (Shard(1) -> Replicate) before the next sub-layer: same bytes moved, but norms, dropout and the residual
+    stream run on T/tp tokens per rank. The residual stream then stays a DTensor of the global shape, because
+    transformers derives positions, the causal mask and rotary tables from the embedding output's shape.
 
     Args:
-        model: a llama causal LM (parameters may be on the meta device).
+        model: a llama or gpt2 causal LM (gpt2 linearised by models.build_model; parameters may be on meta).
         mesh: the 1-D tensor-parallel device mesh.
+        sequence_parallel: shard activations outside attention/MLP along the sequence (Megatron SP).
     """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import parallelize_module
 
-    if not hasattr(model.base_model, "layers"):
+    family = "gpt2" if model.config.model_type == "gpt2" else "llama" if hasattr(model.base_model, "layers") else None
+    if family is None:
         raise ParallelError(f"no tensor-parallel plan for {type(model).__name__}; use parallel=fsdp or ddp")
+    block_plan, root_plan = (_gpt2_plans if family == "gpt2" else _llama_plans)(sequence_parallel)
     tied = _tied(model)
-    plan = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
-    plan |= {"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
-             "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
     for block in transformer_blocks(model):
-        parallelize_module(block, mesh, plan)
-    parallelize_module(model, mesh, {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
-                                     "lm_head": ColwiseParallel(output_layouts=Replicate())})
+        parallelize_module(block, mesh, block_plan)
+        if family == "gpt2":  # GPT2Attention splits c_attn's output into q, k, v by split_size: now the local width
+            block.attn.split_size = block.attn.embed_dim // mesh.size()
+    parallelize_module(model, mesh, root_plan)
     if tied:  # both plans shard the shared [vocab, d] weight along dim 0: point the head at the embedding's
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    for module in model.modules():
-        if "norm" in type(module).__name__.lower():
-            _replicate(module, mesh)
+    if family == "gpt2":  # positions are few: replicate, and hand the residual stream the layout it has
+        _replicate(model.base_model.wpe, mesh, output_layout=Shard(1) if sequence_parallel else None)
+    if not sequence_parallel:  # under SP the plans made the norms SequenceParallel
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower():
+                _replicate(module, mesh)
 
 
-def _replicate(module: nn.Module, mesh) -> None:
-    """Replicated DTensor parameters for a module that computes on plain tensors (a norm)."""
+def _llama_plans(sp: bool) -> tuple[dict, dict]:
+    """(per-block plan, root plan) for llama: q/k/v, gate/up column-wise; o/down row-wise."""
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    block = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
+    block |= {"self_attn.o_proj": _rowwise(sp), "mlp.gate_proj": ColwiseParallel(),
+              "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": _rowwise(sp)}
+    root = {"model.embed_tokens": _vocab_embedding(sp), "lm_head": _lm_head(sp)}
+    if sp:
+        from torch.distributed.tensor.parallel import SequenceParallel
+
+        # the decoder layer calls self_attn with hidden_states as a keyword, the MLP positionally
+        block |= {"input_layernorm": SequenceParallel(), "self_attn": _gather_sequence(kwarg="hidden_states"),
+                  "post_attention_layernorm": SequenceParallel(), "mlp": _gather_sequence()}
+        root |= {"model.norm": SequenceParallel()}
+    return block, root
+
+
+def _gpt2_plans(sp: bool) -> tuple[dict, dict]:
+    """(per-block plan, root plan) for gpt2 (Linear form, models.linearise_gpt2): q/k/v and c_fc column-wise;
+    both c_proj row-wise."""
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    block = {f"attn.c_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
+    block |= {"attn.c_proj": _rowwise(sp), "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": _rowwise(sp)}
+    root = {"transformer.wte": _vocab_embedding(sp), "lm_head": _lm_head(sp)}
+    if sp:
+        from torch.distributed.tensor.parallel import SequenceParallel
+
+        block |= {"ln_1": SequenceParallel(), "attn": _gather_sequence(), "ln_2": SequenceParallel(),
+                  "mlp": _gather_sequence()}
+        root |= {"transformer.ln_f": SequenceParallel()}
+    return block, root
+
+
+def _rowwise(sp: bool):
+    """Output projection: partial sums all-reduced to a replicated local tensor, or (SP) reduce-scattered to
+    sequence shards kept as a DTensor (the residual stream's layout)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    return RowwiseParallel(output_layouts=Shard(1), use_local_output=False) if sp else RowwiseParallel()
+
+
+def _vocab_embedding(sp: bool):
+    """Token embedding sharded over the vocabulary: partial lookups summed (all-reduce; SP: reduce-scatter).
+
+    The sum completes before the embedding returns (torch's RowwiseParallel leaves it asynchronous): llama feeds
+    the embedding output straight into block 0, and a compiled block traced on a pending collective's result is
+    reused for the later blocks, which get plain tensors (compile then fails in backward or in evaluation).
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    class SyncRowwiseParallel(RowwiseParallel):
+        @staticmethod
+        def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+            outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+            return outputs.to_local() if use_local_output else outputs
+
+    if sp:
+        return SyncRowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False)
+    return SyncRowwiseParallel(input_layouts=Replicate())
+
+
+def _lm_head(sp: bool):
+    """LM head sharded over its outputs (the vocabulary), logits gathered for the loss; under SP its input is the
+    sequence-sharded final norm output (all-gathered first)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    return ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
+
+
+def _gather_sequence(kwarg: str | None = None):
+    """SP: all-gather a sub-layer's sequence-sharded input into the whole sequence, as a local tensor (the
+    column-wise projections inside take it as replicated)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput
+
+    if kwarg:
+        return PrepareModuleInput(input_kwarg_layouts={kwarg: Shard(1)},
+                                  desired_input_kwarg_layouts={kwarg: Replicate()}, use_local_output=True)
+    return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+
+
+def _replicate(module: nn.Module, mesh, *, output_layout=None) -> None:
+    """Replicated DTensor parameters for a module that computes on plain tensors (a norm, a position embedding).
+    Its output goes back to a plain tensor, or is redistributed to `output_layout` (kept a DTensor)."""
     from torch.distributed.tensor import DTensor, Replicate, distribute_module
 
     def to_dtensor(_module, inputs, mesh):
         return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs)
 
-    def to_local(_module, output, mesh):
-        return output.to_local()
+    def to_output(_module, output, mesh):
+        return output.to_local() if output_layout is None else output.redistribute(mesh, [output_layout])
 
-    distribute_module(module, mesh, input_fn=to_dtensor, output_fn=to_local)
+    distribute_module(module, mesh, input_fn=to_dtensor, output_fn=to_output)
 
 
 def apply_ac(model: nn.Module, *, mode: str, every: int) -> None:
@@ -153,7 +250,10 @@ def apply_compile(model: nn.Module) -> None:
     """torch.compile each transformer block in place (regional: one graph serves every identical block,
     so compile time stays that of one block, and parameter names do not change)."""
     for block in transformer_blocks(model):
-        block.compile()
+        # under activation checkpointing, compile the block inside the wrapper (checkpoint stays eager, recompute
+        # reruns the compiled forward): dynamo tracing the checkpoint of a TP block fails in torch 2.13 (it saves
+        # the DTensors' DeviceMesh among the tensors kept for backward)
+        getattr(block, "_checkpoint_wrapped_module", block).compile()
 
 
 def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, mp_policy) -> None:
