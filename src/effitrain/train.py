@@ -20,6 +20,7 @@ from effitrain.data.loader import Prefetcher, TrainBatches, WindowSampler, valid
 from effitrain.data.prepare import prepare_data
 from effitrain.distributed import all_reduce, barrier, close_world, init_world
 from effitrain.flops import model_flops_per_token, peak_flops
+from effitrain.hostmem import keep_freed_memory
 from effitrain.logs import setup_logging
 from effitrain.loop import evaluate, train_step
 from effitrain.metrics import ConsoleSink, JsonlSink, MemoryMeter, Recorder, StepTimes, TensorBoardSink, throughput
@@ -41,6 +42,8 @@ class Trainer:
         if cfg.deterministic and self.world.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
         torch.use_deterministic_algorithms(cfg.deterministic)  # set both ways: sweep jobs share the process
+        if self.world.device.type == "cpu":
+            keep_freed_memory(cfg.cpu_keep_freed_memory)  # likewise both ways
         self._build_data()
         self._build_model()
         self._build_optimizer()
