@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -16,3 +17,12 @@ def run_effitrain(overrides: list[str], run_dir: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(overrides)}\n{proc.stderr[-2000:]}")
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def bench_parser(description: str, *, steps: int, json_default: str) -> argparse.ArgumentParser:
+    """The arguments every table-of-runs bench takes: steps per run, the JSON path, extra effitrain overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--json", default=json_default)
+    parser.add_argument("overrides", nargs="*", help="extra effitrain overrides for every run, e.g. model=llama-20m")
+    return parser

@@ -11,14 +11,13 @@ no single honest peak). A case that fails (out of memory, fp8 on an old GPU) is 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _effitrain_run import run_effitrain
+from _effitrain_run import bench_parser, run_effitrain
 
 # name -> overrides. seq_len 2048 and 8 sequences (16k tokens per step) for the ~1B model: enough work per step
 # to fill an H100 while activations, AdamW state and fp32 master weights stay well inside 80 GB.
@@ -33,11 +32,8 @@ CASES: dict[str, list[str]] = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__.splitlines()[0], steps=30, json_default="bench_mfu.json")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--json", default="bench_mfu.json")
-    parser.add_argument("overrides", nargs="*", help="extra effitrain overrides for every case")
     args = parser.parse_args()
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:

@@ -11,7 +11,6 @@ torchao's packed 8-bit codes and scales counted as stored). Prints a table and w
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import re
@@ -19,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _effitrain_run import run_effitrain
+from _effitrain_run import bench_parser, run_effitrain
 
 DDP2 = ["parallel=ddp", "launcher.nproc_per_node=2"]
 
@@ -39,11 +38,7 @@ def train(overrides: list[str], run_dir: Path) -> tuple[dict, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--json", default="bench_optim.json")
-    parser.add_argument("overrides", nargs="*", help="extra effitrain overrides, e.g. model=llama-20m")
-    args = parser.parse_args()
+    args = bench_parser(__doc__.splitlines()[0], steps=60, json_default="bench_optim.json").parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (option, layout) in enumerate(runs()):

@@ -10,14 +10,13 @@ its gap to fp32) and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-from _effitrain_run import run_effitrain
+from _effitrain_run import bench_parser, run_effitrain
 
 
 def options() -> list[str]:
@@ -34,11 +33,7 @@ def options() -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--json", default="bench_precision.json")
-    parser.add_argument("overrides", nargs="*", help="extra effitrain overrides, e.g. model=llama-20m")
-    args = parser.parse_args()
+    args = bench_parser(__doc__.splitlines()[0], steps=120, json_default="bench_precision.json").parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for option in options():
