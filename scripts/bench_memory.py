@@ -18,20 +18,15 @@ import json
 import os
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 MiB = 2**20
 
 
 def _cfg(*overrides: str):
-    from hydra import compose, initialize_config_dir
+    from effitrain.compose import compose_one
 
-    from effitrain.config import config_dir, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose_one(list(overrides))
 
 
 def _local_bytes(t) -> int:
@@ -40,26 +35,20 @@ def _local_bytes(t) -> int:
 
 
 def _build(cfg, world):
-    import torch
+    """The model and optimizer exactly as `effitrain train` builds them (converters, layout, init, optimizer)."""
+    from effitrain.runtime import seed_everything
+    from effitrain.train import build_parts
 
-    from effitrain.models import build_model, init_weights
-    from effitrain.optim import build_optimizer
-    from effitrain.parallel import apply_parallel
-    from effitrain.precision import build_precision
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, max_seq_len=cfg.data.seq_len, meta=True)
-    precision = build_precision(cfg.precision, device=world.device)
-    model = apply_parallel(model, cfg=cfg.parallel, world=world, precision=precision,
-                           init=partial(init_weights, cfg=cfg.model, seed=cfg.seed))
-    return model, build_optimizer(model, cfg=cfg.optimizer, device=world.device)
+    seed_everything(cfg.seed)
+    state = build_parts(cfg, world=world, vocab_size=cfg.data.vocab_size).state
+    return state.model, state.optimizer
 
 
 def _step(model, optimizer, cfg, world, *, zero_grad: bool = False) -> None:
     import torch
 
     from effitrain.loop import lm_loss
-    from effitrain.parallel import data_parallel_shard
+    from effitrain.parallel.build import data_parallel_shard
 
     # the ranks of one tensor-parallel group must see the same batch
     gen = torch.Generator().manual_seed(data_parallel_shard(cfg.parallel, world=world).rank)

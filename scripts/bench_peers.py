@@ -103,10 +103,10 @@ def prepare(args, out: Path, *, device: str, preset: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from effitrain.cli import compose_all
+    from effitrain.compose import compose_all
     from effitrain.data.loader import Shard, TrainBatches, WindowSampler
     from effitrain.data.prepare import prepare_data
-    from effitrain.models import hf_config
+    from effitrain.models.build import hf_config
 
     base = [f"model={args.model}", f"seed={args.seed}", f"max_steps={args.steps}", f"batch_size={args.batch_size}",
             f"data.seq_len={args.seq_len}", "precision=fp32", "optimizer=adamw", "schedule=cosine",

@@ -54,15 +54,10 @@ def tiny(corpus, cache_dir):
 
 
 def compose(overrides: list[str]):
-    """The real config tree composed with overrides (what `effitrain train` would run)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The real config tree composed with overrides (what `effitrain train` would run), typed per option."""
+    from effitrain.compose import compose_one
 
-    from effitrain.config import config_dir, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+    return compose_one(overrides)
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -7,14 +7,13 @@ import json
 import pytest
 
 from conftest import compose, run_cli
-from effitrain.cli import normalize
-from effitrain.config import GROUPS, group_options
+from effitrain.compose import GROUP_NAMES, group_options, normalize
 
 
 def test_help_lists_verbs_groups_and_options(tmp_path):
     out = run_cli("--help", cwd=tmp_path)
     assert out.returncode == 0
-    for word in ("train", "reproduce", *GROUPS, *group_options("model")):
+    for word in ("train", "reproduce", *GROUP_NAMES, *group_options("model")):
         assert word in out.stdout
 
 
@@ -22,13 +21,13 @@ def test_plus_group_selects_like_plain_group():
     assert normalize(["+precision=bf16", "+optimizer.foo=1", "-m", "+parallel=single,single"]) == \
         ["precision=bf16", "+optimizer.foo=1", "-m", "parallel=single,single"]
     assert compose(normalize(["+precision=bf16"])) == compose(["precision=bf16"])
-    assert compose(["precision=bf16"]).precision.autocast_dtype == "bfloat16"
+    assert compose(["precision=bf16"]).precision.kind == "bf16"
 
 
 def test_cfg_job_prints_composed_config(tmp_path):
     out = run_cli("train", "+precision=bf16", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "autocast_dtype: bfloat16" in out.stdout
+    assert "kind: bf16" in out.stdout
     assert not (tmp_path / "outputs").exists()
 
 
@@ -45,6 +44,16 @@ BAD_TRAIN = {
     "unknown option in sweep": (["-m", "precision=fp32,fp99"], "unknown precision option 'fp99'"),
     "unknown key": (["optimizer.lrr=1e-3"], "unknown key 'optimizer.lrr'"),
     "unknown key added with +": (["+optimizer.foo=1"], "unknown key 'optimizer.foo'"),
+    # keys another option of the group owns: read by nothing under this one, so unknown here
+    "tp degree under fsdp": (["parallel=fsdp", "parallel.tp=2"], "unknown key 'parallel.tp'"),
+    "replicas under fsdp": (["parallel=fsdp", "parallel.dp_replicate=2"], "unknown key 'parallel.dp_replicate'"),
+    "kv heads for gpt2": (["model=gpt2-124m", "model.num_kv_heads=4"], "unknown key 'model.num_kv_heads'"),
+    "rope for gpt2": (["model=gpt2-124m", "model.rope_theta=1e4"], "unknown key 'model.rope_theta'"),
+    "betas for sgd": (["optimizer=sgd", "optimizer.betas=[0.9,0.9]"], "unknown key 'optimizer.betas'"),
+    "node rank": (["launcher.node_rank=1"], "unknown key 'launcher.node_rank'"),
+    "compression method": (["compression.method=powersgd"], "unknown key 'compression.method'"),
+    "reduce dtype outside fsdp": (["precision=bf16", "precision.reduce_dtype=bfloat16"],
+                                  "precision.reduce_dtype=bfloat16 is the FSDP reduce-scatter dtype"),
     "unknown top-level key": (["maxsteps=5"], "unknown key 'maxsteps'"),
     "wrong type": (["optimizer.lr=fast"], "optimizer.lr: Value 'fast' of type 'str' could not be converted to Float"),
     "wrong type int": (["max_steps=1.5"], "max_steps: Value '1.5'"),

@@ -7,9 +7,9 @@ import torch
 
 from conftest import compose, tiny_overrides
 from effitrain.checks import check_all
-from effitrain.config import GROUPS, group_options
+from effitrain.compose import GROUP_NAMES, group_options
 
-OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
+OPTIONS = [(group, option) for group in GROUP_NAMES for option in group_options(group)]
 # Options that only make sense beside others: the companions a user would set with them.
 MULTI_RANK = ["launcher.nproc_per_node=4", "model.num_heads=4"]
 COMPANIONS = {
@@ -39,7 +39,7 @@ def test_every_option_composes_and_checks(group, option, corpus, jsonl_corpus, c
 def test_every_model_option_builds(option):
     """Each model builds from its transformers config (on the meta device: no memory, no download)."""
     from effitrain.flops import model_flops_per_token
-    from effitrain.models import build_model, count_params
+    from effitrain.models.build import build_model, count_params
 
     cfg = compose([f"model={option}"])
     with torch.device("meta"):
@@ -49,7 +49,7 @@ def test_every_model_option_builds(option):
 
 
 def test_every_yaml_opens_with_a_comment():
-    from effitrain.config import config_dir
+    from effitrain.compose import config_dir
 
     for path in config_dir().rglob("*.yaml"):
         assert path.read_text().startswith("# "), f"{path} must open with a one-line comment: what it does, its cost"

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from conftest import compose
+from effitrain.data import JsonlData, StdlibData, TextData
 from effitrain.data.corpus import DataError, Document, fingerprint, load_documents, split
 from effitrain.data.loader import Prefetcher, Shard, TrainBatches, WindowSampler, validation_batches
 from effitrain.data.prepare import prepare_data
 
 
 def test_stdlib_corpus_is_real_deterministic_code_and_prose():
-    docs = load_documents(source="stdlib", paths=[], field="text")
-    again = load_documents(source="stdlib", paths=[], field="text")
+    docs = load_documents(StdlibData())
+    again = load_documents(StdlibData())
     files = [d.name for d in docs if not d.name.startswith("pydoc_data.topics/")]
     assert [d.name for d in docs] == [d.name for d in again]
     assert files == sorted(files) and docs[len(files)].name.startswith("pydoc_data.topics/")
@@ -36,8 +37,8 @@ def test_corpus_identity_does_not_depend_on_where_it_lies(corpus, tmp_path):
     import shutil
 
     moved = shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus")
-    here = load_documents(source="text", paths=[str(corpus)], field="text")
-    there = load_documents(source="text", paths=[str(moved)], field="text")
+    here = load_documents(TextData(paths=[str(corpus)]))
+    there = load_documents(TextData(paths=[str(moved)]))
     assert [d.name for d in here] == [d.name for d in there] and fingerprint(here) == fingerprint(there)
     assert split(here, 0.05) == split(there, 0.05)
 
@@ -68,10 +69,10 @@ def test_text_pipeline_builds_cache_once(corpus, cache_dir):
 def test_jsonl_reads_the_named_field(tmp_path, cache_dir):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"body": f"document number {i} " * 20}) for i in range(50)))
-    docs = load_documents(source="jsonl", paths=[str(path)], field="body")
+    docs = load_documents(JsonlData(paths=[str(path)], field="body"))
     assert len(docs) == 50 and docs[3].text.startswith("document number 3")
     with pytest.raises(DataError, match="no key 'text'"):
-        load_documents(source="jsonl", paths=[str(path)], field="text")
+        load_documents(JsonlData(paths=[str(path)]))
 
 
 def test_single_document_corpus_still_gets_a_validation_tail(tmp_path, cache_dir):

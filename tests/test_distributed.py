@@ -133,14 +133,19 @@ def test_reproduce_relaunches_the_same_world(runs, tmp_path):
 
 
 def test_torchrun_from_outside_runs_the_same_worker(base, runs, tmp_path):
-    """`torchrun -m effitrain.train`: same losses as the launcher's fsdp run; the real launch shape is saved."""
+    """`torchrun -m effitrain.train`: same losses as the launcher's fsdp run, in the directory hydra.run.dir names;
+    the real launch shape is saved."""
     from omegaconf import OmegaConf
 
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "effitrain.train", *base, "batch_size=2", "parallel=fsdp"],
+                             "-m", "effitrain.train", *base, "batch_size=2", "parallel=fsdp",
+                             "hydra.run.dir=runs/${name}-fsdp"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    [run_dir] = list((tmp_path / "outputs").glob("*/*"))
+    run_dir = tmp_path / "runs" / "run-fsdp"
+    assert (run_dir / "metrics.jsonl").is_file() and not (tmp_path / "outputs").exists()
+    saved_hydra = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml"))  # as given, unresolved
+    assert saved_hydra["hydra"]["run"]["dir"] == "runs/${name}-fsdp"
     _assert_close(_losses(runs["fsdp"]), _losses(run_dir), what="torchrun fsdp(2) vs effitrain fsdp(2)")
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert (saved.launcher.nproc_per_node, saved.launcher.nnodes, saved.parallel.name) == (2, 1, "fsdp")
@@ -209,11 +214,14 @@ def test_killed_worker_ends_the_job(base, tmp_path):
     (["parallel=fsdp-tp", "launcher.nproc_per_node=3"], "parallel.tp=2 does not divide the world size 3"),
     (["parallel=hsdp", "parallel.dp_shard=2", "launcher.nproc_per_node=2"], "dp_replicate=2 x parallel.dp_shard=2"),
     (["parallel=ddp", "parallel.sequence_parallel=true", "launcher.nproc_per_node=2"],
-     "parallel.sequence_parallel=true needs tensor parallelism"),
-    (["parallel=fsdp", "parallel.sequence_parallel=true", "launcher.nproc_per_node=2"], "not parallel.strategy=fsdp"),
+     "unknown key 'parallel.sequence_parallel'"),
+    (["parallel=fsdp", "parallel.sequence_parallel=true", "launcher.nproc_per_node=2"],
+     "unknown key 'parallel.sequence_parallel'"),
+    (["parallel=fsdp-tp", "parallel.tp=1", "parallel.sequence_parallel=true", "launcher.nproc_per_node=2"],
+     "parallel.sequence_parallel=true needs a tensor-parallel degree > 1"),
     (["parallel=tp", "parallel.sequence_parallel=true", "data.seq_len=33", "launcher.nproc_per_node=2"],
      "splits data.seq_len=33 over parallel.tp=2 ranks"),
-    (["parallel=ddp", "parallel.offload=cpu", "launcher.nproc_per_node=2"], "needs an FSDP strategy"),
+    (["parallel=ddp", "parallel.offload=cpu", "launcher.nproc_per_node=2"], "unknown key 'parallel.offload'"),
     (["parallel=single", "launcher.nproc_per_node=2"], "parallel=single runs one process"),
     (["device=cuda", "parallel=ddp", "launcher.nproc_per_node=2"], "GPU(s) are visible"),
 ])

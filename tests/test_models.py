@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import compose, read_metrics
-from effitrain.models import ModelError, build_model, init_weights
+from effitrain.models.build import ModelError, build_model, init_weights
 from effitrain.train import run
 
 
@@ -50,7 +50,7 @@ def test_gpt2_runs_as_linears_and_a_gpt2_checkpoint_keeps_its_logits(tmp_path):
     from transformers.pytorch_utils import Conv1D
 
     from effitrain.flops import model_flops_per_token
-    from effitrain.models import QKV, count_params, hf_config
+    from effitrain.models.build import QKV, count_params, hf_config
 
     cfg = compose(["model=gpt2-124m", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
                    "model.intermediate_size=64"])

@@ -12,11 +12,11 @@ import torch
 
 from conftest import compose, read_metrics, run_cli
 from effitrain.checks import check_all
-from effitrain.config import group_options
+from effitrain.compose import group_options
 from effitrain.errors import UsageError
-from effitrain.models import build_model
-from effitrain.optim import OptimizerChain, build_optimizer, param_groups, state_bytes
-from effitrain.optim import _tensor_bytes as state_bytes_of
+from effitrain.models.build import build_model
+from effitrain.optim.build import OptimizerChain, build_optimizer, param_groups, state_bytes
+from effitrain.optim.build import _tensor_bytes as state_bytes_of
 from effitrain.train import Trainer, run
 
 SINGLE_PROCESS = ["adamw", "sgd", "adafactor", "muon"]
@@ -91,8 +91,8 @@ def test_adamw_8bit_trains_with_a_quarter_of_the_state(tiny, tmp_path):
     check_all(cfg)
     trainer = Trainer(cfg, tmp_path)
     trainer.close(trainer.train())
-    embedding = trainer.model.get_input_embeddings().weight
-    state = trainer.optimizer.state[embedding]
+    embedding = trainer.state.model.get_input_embeddings().weight
+    state = trainer.state.optimizer.state[embedding]
     assert type(state["exp_avg"]).__name__ == "OptimState8bit"
     quantised = sum(state_bytes_of(state[k]) for k in ("exp_avg", "exp_avg_sq"))
     # 1 byte per value and state, one fp32 scale per 256 values and a 256-entry code map, vs AdamW's 8 bytes

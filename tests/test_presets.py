@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from effitrain.checks import check_all
-from effitrain.cli import compose_all, main, normalize
-from effitrain.config import group_options
+from effitrain.cli import main
+from effitrain.compose import compose_all, group_options, normalize
 
 
 @pytest.mark.parametrize("name", group_options("experiment"))

@@ -9,9 +9,9 @@ import torch
 
 from conftest import compose
 from effitrain.checks import check_all
-from effitrain.config import group_options
+from effitrain.compose import group_options
 from effitrain.errors import UsageError
-from effitrain.optim import build_scheduler
+from effitrain.schedule.build import build_scheduler
 
 LR, STEPS, WARMUP, MIN = 1e-3, 100, 10, 0.1
 
@@ -34,7 +34,8 @@ def closed_form(kind: str, s: int) -> float:
 
 
 def _scheduler(kind: str, *extra: str, max_steps: int = STEPS):
-    cfg = compose([f"schedule={kind}", f"schedule.warmup_steps={WARMUP}", f"schedule.min_lr_ratio={MIN}", *extra])
+    floor = [] if kind == "constant" else [f"schedule.min_lr_ratio={MIN}"]  # constant has no floor to set
+    cfg = compose([f"schedule={kind}", f"schedule.warmup_steps={WARMUP}", *floor, *extra])
     check_all(cfg)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
     return build_scheduler(optimizer, cfg=cfg.schedule, max_steps=max_steps), optimizer
@@ -55,10 +56,17 @@ def test_every_option_is_covered_here():
 
 @pytest.mark.parametrize("kind", ["constant", "cosine", "linear", "wsd", "inverse-sqrt"])
 def test_lr_matches_the_closed_form(kind):
-    lrs = _lrs(*_scheduler(kind, "schedule.decay_shape=1-sqrt"), STEPS)
+    lrs = _lrs(*_scheduler(kind, *(["schedule.decay_shape=1-sqrt"] if kind == "wsd" else [])), STEPS)
     for s in (0, 1, 5, 9, 10, 11, 40, 81, 82, 90, 99):
         assert lrs[s] == pytest.approx(LR * closed_form(kind, s), rel=1e-9, abs=1e-15), s
     assert min(lrs[WARMUP:]) >= LR * MIN * (1 - 1e-9)  # the floor holds after warmup
+
+
+def test_a_key_the_schedule_does_not_read_is_unknown():
+    with pytest.raises(UsageError, match="unknown key 'schedule.decay_ratio'"):
+        compose(["schedule=cosine", "schedule.decay_ratio=0.3"])
+    with pytest.raises(UsageError, match="unknown key 'schedule.min_lr_ratio'"):
+        compose(["schedule=constant", "schedule.min_lr_ratio=0.1"])
 
 
 def test_warmup_ratio_overrides_warmup_steps():

@@ -6,19 +6,16 @@ and input errors answer at once.
 
 from __future__ import annotations
 
-import itertools
 import sys
 from pathlib import Path
 
-from effitrain.checks import check_all
-from effitrain.config import GROUPS, config_dir, group_options
+from effitrain.compose import GROUP_NAMES, PRESETS, compose_all, config_dir, group_options, normalize
 from effitrain.errors import UsageError
 
 # Hydra flags that print help: nothing is composed, so nothing needs validating first.
 _HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
 # Hydra flags that print the composed config: it must compose, but nothing trains (paths need not exist yet).
 _PRINT_FLAGS = {"--cfg", "-c", "--package", "-p", "--resolve"}
-PRESETS = "experiment"  # the group of named presets (`# @package _global_`): not in the defaults list
 _VERBS = {"train": "compose the config groups, launch the workers, train, write the run directory",
           "reproduce": "rerun RUN_DIR from its saved config and compare its per-step loss (exit 0 match, 1 not)"}
 
@@ -47,7 +44,7 @@ def usage() -> str:
     lines = ["usage: effitrain <verb> [overrides...]", "", "verbs:"]
     lines += [f"  {verb:<10} {text}" for verb, text in _VERBS.items()]
     lines += ["", "config groups (select with group=option or +group=option):"]
-    lines += [f"  {group:<12} {', '.join(group_options(group))}" for group in GROUPS]
+    lines += [f"  {group:<12} {', '.join(group_options(group))}" for group in GROUP_NAMES]
     lines += [f"  {PRESETS:<12} {', '.join(group_options(PRESETS))}   (named presets: +experiment=NAME)"]
     lines += ["", "examples:", "  effitrain train", "  effitrain train precision=bf16 max_steps=50",
               "  effitrain train -m optimizer.lr=1e-3,3e-3 precision=fp32,bf16",
@@ -56,23 +53,14 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def normalize(args: list[str]) -> list[str]:
-    """`+group=option` selects an option like `group=option` (the group is already in the defaults list);
-    `experiment=name` becomes `+experiment=name`, since presets are not in the defaults list until chosen."""
-    def one(a: str) -> str:
-        key = a.lstrip("+").split("=", 1)[0] if "=" in a else None
-        if key == PRESETS:
-            return "+" + a.lstrip("+")
-        return a[1:] if a.startswith("+") and key in GROUPS else a
-    return [one(a) for a in args]
-
-
 def train(args: list[str]) -> int:
     args = normalize(args)
     flags = {a for a in args if a.startswith("-")}
     if flags & {"-m", "--multirun"} and flags & _PRINT_FLAGS:
         raise UsageError("--cfg/--package print one composed config: drop -m/--multirun to use them")
     if not flags & _HELP_FLAGS:
+        from effitrain.checks import check_all
+
         overrides = [a for a in args if not a.startswith("-") and a not in ("job", "hydra", "all")]
         for cfg in compose_all(overrides, multirun=bool(flags & {"-m", "--multirun"})):
             if not flags & _PRINT_FLAGS:
@@ -83,7 +71,7 @@ def train(args: list[str]) -> int:
 def _run_hydra(args: list[str]) -> int:
     import hydra
 
-    from effitrain.config import register_configs
+    from effitrain.compose import register_configs
 
     register_configs()
     sys.argv = ["effitrain train", *args]
@@ -106,63 +94,6 @@ def _hydra_task(cfg) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"effitrain: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def compose_all(overrides: list[str], *, multirun: bool = False):
-    """Compose the config of every job the overrides describe (each point of a sweep), typed and checked."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from effitrain.config import register_configs
-
-    register_configs()
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise UsageError(_first_line(e)) from None
-    axes = []
-    for o in parsed:
-        if o.get_key_element().startswith("hydra"):
-            continue  # Hydra's own settings: Hydra checks them
-        if o.is_sweep_override() and not multirun:
-            raise UsageError(f"{o.input_line} is a sweep: add -m to run each value, or quote a string value")
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        if (o.key_or_group in GROUPS and o.is_add() is False or o.key_or_group == PRESETS) and not o.is_delete():
-            for v in values:
-                _check_option(o.key_or_group, v)
-        axes.append([f"{o.get_key_element()}={v}" for v in values])
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        for combo in itertools.product(*axes):
-            try:
-                yield compose(config_name="train", overrides=list(combo))
-            except (HydraException, OmegaConfBaseException) as e:
-                raise UsageError(_explain(e)) from None
-
-
-def _check_option(group: str, option: str) -> None:
-    options = group_options(group)
-    if option not in options:
-        raise UsageError(f"unknown {group} option {option!r}; choose one of: {', '.join(options)}")
-
-
-def _first_line(e: Exception) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-
-
-def _explain(e: Exception) -> str:
-    """Hydra/OmegaConf errors span lines; keep what is wrong and add what would be right."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
-    key = getattr(cause, "full_key", None)
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
-        return f"unknown key {key!r} (effitrain train --cfg job lists every key)"
-    if key:
-        return f"{key}: {_first_line(Exception(getattr(cause, 'msg', None) or cause))}"
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return " ".join(line for line in lines[:2] if not line.startswith(("Set the environment", "See https")))
 
 
 def reproduce(args: list[str]) -> int:

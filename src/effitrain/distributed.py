@@ -26,11 +26,6 @@ class World:
         return self.size > 1
 
 
-def in_torchrun_worker() -> bool:
-    """True inside a process started by torchrun, the elastic agent or srun+torchrun (RANK is set)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,24 +1,19 @@
-"""Composed config -> the current process (world size 1, or already a torchrun worker) or torchrun workers.
+"""Launching, the `launcher` group's builder: a composed config -> this process (world size 1, or already a torchrun
+worker) or torchrun workers.
 
 Workers are started by torch's elastic agent (`elastic_launch`, the engine behind torchrun) with the
 composed config handed to a Python function: nothing is re-parsed from argv, so every rank trains
-exactly the config the CLI checked.
+exactly the config the CLI checked. No torch at import: the CLI reads the group's schema from here.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import time
 import uuid
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
-from effitrain.checks import world_size
-from effitrain.distributed import in_torchrun_worker
 from effitrain.errors import UsageError
+from effitrain.launcher import GROUP, in_torchrun_worker, world_size
 
 log = logging.getLogger("effitrain")
 
@@ -27,33 +22,28 @@ class WorkerFailed(RuntimeError):
     """A worker process died or raised: the job was stopped; the message names the failing rank."""
 
 
-def launch(cfg: DictConfig, run_dir: Path) -> dict:
+def launch(cfg, run_dir: Path) -> dict:
     """Train `cfg` into run_dir with the launch shape its `launcher` group asks for; returns the summary."""
     from effitrain.train import run
 
     if world_size(cfg.launcher) == 1 or in_torchrun_worker():
         return run(cfg, run_dir)
-    return _launch_workers(cfg, run_dir)
+    return GROUP.builder_of("launcher")(cfg, run_dir)
 
 
-def _launch_workers(cfg: DictConfig, run_dir: Path) -> dict:
+@GROUP.builder("launcher")
+def launch_workers(cfg, run_dir: Path) -> dict:
+    """Start the workers under torch's elastic agent and wait for them; rank 0's summary."""
+    from omegaconf import OmegaConf
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
     from effitrain.runs import read_summary
 
-    lc = cfg.launcher
-    start_method = _start_method(lc.start_method, device=cfg.device, nproc_per_node=lc.nproc_per_node)
-    single_node = lc.nnodes == 1 and lc.rdzv_endpoint is None
-    config = LaunchConfig(
-        min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=lc.nproc_per_node,
-        # one node: a private id and a free port, so concurrent jobs (a sweep, tests) never meet
-        run_id=uuid.uuid4().hex if single_node else lc.rdzv_id,
-        rdzv_backend=lc.rdzv_backend, rdzv_endpoint="localhost:0" if single_node else lc.rdzv_endpoint,
-        max_restarts=lc.max_restarts, monitor_interval=lc.monitor_interval, start_method=start_method)
+    config = launch_config(cfg.launcher, device=cfg.device)
     # the agent logs each failure as a wall of text; _failure_message says it once, with the rank
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    if start_method == "forkserver":
+    if config.start_method == "forkserver":
         _preload_forkserver()
     run_dir.mkdir(parents=True, exist_ok=True)
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -65,6 +55,20 @@ def _launch_workers(cfg: DictConfig, run_dir: Path) -> dict:
     if errors:  # bad input found only once the data was read: still a usage error (exit 2)
         raise UsageError(errors[0])
     return read_summary(run_dir)
+
+
+def launch_config(lc, *, device: str):
+    """The elastic agent's LaunchConfig from the `launcher` group (every key of it)."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    single_node = lc.nnodes == 1 and lc.rdzv_endpoint is None
+    return LaunchConfig(
+        min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=lc.nproc_per_node,
+        # one node: a private id and a free port, so concurrent jobs (a sweep, tests) never meet
+        run_id=uuid.uuid4().hex if single_node else lc.rdzv_id,
+        rdzv_backend=lc.rdzv_backend, rdzv_endpoint="localhost:0" if single_node else lc.rdzv_endpoint,
+        max_restarts=lc.max_restarts, monitor_interval=lc.monitor_interval,
+        start_method=_start_method(lc.start_method, device=device, nproc_per_node=lc.nproc_per_node))
 
 
 def _start_method(choice: str, *, device: str, nproc_per_node: int) -> str:
@@ -96,10 +100,10 @@ def _preload_forkserver() -> None:
 def _worker(container: dict, run_dir: str):
     """One elastic worker (RANK, WORLD_SIZE, MASTER_ADDR set by the agent): train, return the summary or
     the usage error's text."""
-    from effitrain.config import TrainConfig
+    from effitrain.compose import typed
     from effitrain.train import run
 
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
+    cfg = typed(container)
     try:
         return run(cfg, Path(run_dir))
     except UsageError as e:
@@ -123,49 +127,3 @@ def _failure_message(e) -> str:
     if failure.exitcode < 0:
         detail = f"killed by {failure.signal_name()}; {detail}"
     return f"worker rank {rank} (pid {failure.pid}) failed, job stopped: {detail}"
-
-
-def compose_for_worker(args: list[str]) -> tuple[DictConfig, Path]:
-    """`torchrun ... -m effitrain.train [overrides]`: every rank composes the same config; rank 0 makes the
-    run directory (saving the config as Hydra would) and broadcasts its path, so all ranks agree on it."""
-    import torch.distributed as dist
-
-    from effitrain.checks import check_all
-    from effitrain.cli import compose_all, normalize
-    from effitrain.distributed import init_world
-
-    overrides = normalize(args)
-    cfg = next(compose_all(overrides))
-    # the launch shape is torchrun's, not the launcher group's: record it, so checks and reproduce see the truth
-    cfg.launcher.nproc_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    cfg.launcher.nnodes = int(os.environ.get("WORLD_SIZE", 1)) // cfg.launcher.nproc_per_node
-    check_all(cfg)
-    world = init_world(cfg.device)
-    box = [None]
-    if world.is_main:
-        box[0] = str(_new_run_dir(cfg, overrides))
-    if world.distributed:
-        dist.broadcast_object_list(box, src=0)
-    return cfg, Path(box[0])
-
-
-def _new_run_dir(cfg: DictConfig, overrides: list[str]) -> Path:
-    run_dir = Path("outputs") / time.strftime("%Y-%m-%d") / f"{time.strftime('%H-%M-%S')}_{cfg.name}"
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
-    return run_dir
-
-
-def worker_main(args: list[str] | None = None) -> None:
-    """Entry of `python -m effitrain.train` (torchrun/srun from outside): compose, train; bad input exits 2."""
-    from effitrain.runs import mark_launch
-    from effitrain.train import run
-
-    mark_launch()
-    try:
-        cfg, run_dir = compose_for_worker(sys.argv[1:] if args is None else args)
-        run(cfg, run_dir)
-    except UsageError as e:
-        print(f"effitrain: error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -1,11 +1,39 @@
-"""Logging set-up shared by the CLI and the workers: rank 0 to the console, every rank to a file."""
+"""The `logging` group (metrics sinks, console cadence, profiler) and the log set-up shared by the CLI and the
+workers: rank 0 to the console, every rank to a file. The group's builder (its sinks) is in metrics.py."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from effitrain.errors import UsageError
+from effitrain.registry import Group
+
+GROUP = Group("logging", key=None, builders="effitrain.metrics")
+
+
+@GROUP.option("logging")
+@dataclass
+class LoggingConfig:
+    every: int = 10  # metrics flushed (one host sync, one collective) and a console line every N steps
+    progress: bool = True  # rich progress bar with ETA
+    tensorboard: bool = False
+    warmup_steps: int = 3  # first steps reported but left out of summary medians
+    profile: bool = False
+    profile_start_step: int = 5
+    profile_steps: int = 3
+
+
+@GROUP.checks
+def check(cfg) -> None:
+    if cfg.every < 1:
+        raise UsageError(f"logging.every={cfg.every} must be a positive integer")
+    if cfg.profile_start_step < 1 or cfg.profile_steps < 1:
+        raise UsageError(f"logging.profile_start_step={cfg.profile_start_step} and logging.profile_steps="
+                         f"{cfg.profile_steps} must be >= 1")
 
 
 @lru_cache(maxsize=1)

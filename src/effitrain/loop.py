@@ -10,45 +10,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effitrain.converters import ModelConverter
+
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean micro-batch loss on this rank (detached, on device)
+    """What a step leaves for the metrics, as device tensors: reading them back (a host sync) waits for the flush."""
+
+    loss: torch.Tensor  # mean micro-batch loss on this rank (detached)
     grad_norm: torch.Tensor  # global norm before clipping
-    stepped: bool  # False when the loss scaler skipped an overflowing step
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy of a [B, T+1] window batch (inputs [:, :-1], targets [:, 1:])."""
+def lm_loss(model: nn.Module, batch: torch.Tensor, converters: ModelConverter | None = None) -> torch.Tensor:
+    """Next-token cross entropy of a [B, T+1] window batch (inputs [:, :-1], targets [:, 1:]), plus the loss terms
+    the converters add (distillation, regularisers)."""
     logits = model(input_ids=batch[:, :-1]).logits
-    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    extra = converters.loss_term(logits=logits, batch=batch) if converters is not None else None
+    return loss if extra is None else loss + extra
 
 
-def forward_backward_step(model: nn.Module, batch: torch.Tensor, *, precision, accum_steps: int) -> torch.Tensor:
+def forward_backward_step(model: nn.Module, batch: torch.Tensor, *, precision, accum_steps: int,
+                          converters: ModelConverter | None = None) -> torch.Tensor:
     with precision.autocast():
-        loss = lm_loss(model, batch)
+        loss = lm_loss(model, batch, converters)
     # micro-batches hold equal token counts, so dividing by their number gives the global-batch mean
     precision.backward(loss / accum_steps)
     return loss.detach()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[torch.Tensor], *,
-               precision, grad_clip: float, no_sync=None) -> StepResult:
-    """Accumulate gradients over the micro-batches, clip the global norm, step (unless overflowed).
+               precision, grad_clip: float, no_sync=None, converters: ModelConverter | None = None) -> StepResult:
+    """Accumulate gradients over the micro-batches, clip the global norm, step (unless the scaler skips an overflow).
 
     Args:
-        no_sync: optional context factory that skips gradient all-reduce (DDP) on all but the last micro-step.
+        no_sync: optional context factory that skips gradient reduction on all but the last micro-step.
+        converters: the run's model transforms (loss terms, post-optimizer hooks), or None.
     """
     losses = []
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if (last or no_sync is None) else no_sync():
-            losses.append(forward_backward_step(model, batch, precision=precision, accum_steps=len(micro_batches)))
+            losses.append(forward_backward_step(model, batch, precision=precision, accum_steps=len(micro_batches),
+                                                converters=converters))
     precision.unscale(optimizer)
     grad_norm = clip_grad_norm(model, grad_clip)
-    stepped = precision.step(optimizer)
+    precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=torch.stack(losses).mean(), grad_norm=grad_norm, stepped=stepped)
+    if converters is not None:
+        converters.post_optimizer_hook(model)
+    return StepResult(loss=torch.stack(losses).mean(), grad_norm=grad_norm)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

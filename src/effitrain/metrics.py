@@ -1,7 +1,10 @@
-"""Meters (throughput, FLOPs/MFU, memory, timing) and sinks (console, JSONL, TensorBoard).
+"""Meters (throughput, FLOPs/MFU, memory, timing), the per-step buffer, and sinks (console, JSONL, TensorBoard):
+the `logging` group's builder.
 
 Names and units follow DESIGN.md section 4. Every number is measured; where one is undefined
-(no peak for fp8) it is null, never invented.
+(no peak for fp8) it is null, never invented. Per-step values stay where they were made (device tensors on the
+device) until a flush every `logging.every` steps reads them back with one host sync and reduces them across ranks
+with one collective; each step still gets its own record.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from effitrain.logs import GROUP
 
 log = logging.getLogger("effitrain")
 GIB = 2**30
@@ -48,9 +53,6 @@ class MemoryMeter:
         rss = _peak_rss_bytes() / GIB
         return rss, rss
 
-    def percent(self, reserved_gib: float) -> float:
-        return 100.0 * reserved_gib * GIB / self.total
-
     @staticmethod
     def _can_reset_rss() -> bool:
         try:
@@ -74,28 +76,149 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-@dataclass
-class StepTimes:
-    step_time_s: float
-    data_time_s: float
-
-
-def throughput(*, tokens: int, samples: int, times: StepTimes, world_size: int, flops_per_token: float,
-               peak_flops: float | None) -> dict:
+def throughput(*, tokens: int, samples: int, step_time_s: float, data_time_s: float, world_size: int,
+               flops_per_token: float, peak_flops: float | None) -> dict:
     """Global and per-device rates for one optimizer step."""
-    tps = tokens / times.step_time_s
+    tps = tokens / step_time_s
     per_device = tps / world_size
     tflops = flops_per_token * per_device / 1e12
     return {
-        "step_time_s": times.step_time_s,
-        "data_time_s": times.data_time_s,
-        "data_wait_pct": 100.0 * times.data_time_s / times.step_time_s,
+        "step_time_s": step_time_s,
+        "data_time_s": data_time_s,
+        "data_wait_pct": 100.0 * data_time_s / step_time_s,
         "tokens_per_s": tps,
         "tokens_per_s_per_device": per_device,
-        "samples_per_s": samples / times.step_time_s,
+        "samples_per_s": samples / step_time_s,
         "tflops_per_device": tflops,
         "mfu_pct": None if peak_flops is None else 100.0 * tflops * 1e12 / peak_flops,
     }
+
+
+class StepClock:
+    """Wall time of each step without a host sync per step: CUDA events on a GPU (read at the flush), the host
+    clock on CPU (whose ops complete before they return). Evaluation and metrics between steps are left out."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._spans: list[tuple] = []
+
+    def start(self) -> None:
+        self._spans.append((self._now(),))
+
+    def stop(self) -> None:
+        self._spans[-1] += (self._now(),)
+
+    def durations(self) -> list[float]:
+        """Seconds of each step timed since the last call; on a GPU, waits for the last step's end (the flush's
+        one sync)."""
+        spans, self._spans = self._spans, []
+        if not self.cuda:
+            return [b - a for a, b in spans]
+        spans[-1][1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in spans]
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+
+@dataclass
+class PendingStep:
+    """One step's values as the loop made them: device tensors (not read back yet) and host numbers."""
+
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    loss_scale: torch.Tensor | None
+    lr: float
+    data_time_s: float
+    mem_active_gib: float
+    mem_reserved_gib: float
+    extra: dict  # values that were read back anyway (validation loss at evaluation steps)
+
+
+class StepBuffer:
+    """Steps waiting for the next flush, and the flush itself: one host sync (reading every buffered device value
+    at once) and one collective (an all-gather of every rank's buffered values), then a record per step.
+
+    Args:
+        world: the process's World (rank, size, device).
+        clock: the StepClock that timed the buffered steps.
+        rates: step -> record fields from (step_time_s, data_time_s) (throughput, FLOPs, MFU).
+        memory_total: bytes of device (or host) memory, for mem_pct.
+        init_scale: the loss scaler's initial scale (fp16), to tell which steps it skipped; None without scaling.
+    """
+
+    # reduced across ranks: mean of the first three, max of the last two
+    _MEAN, _MAX = ("loss", "step_time_s", "data_time_s"), ("mem_active_peak_gib", "mem_reserved_peak_gib")
+
+    def __init__(self, *, world, clock: StepClock, rates, memory_total: int, init_scale: float | None):
+        self.world, self.clock, self.rates, self.memory_total = world, clock, rates, memory_total
+        self.pending: list[PendingStep] = []
+        self._last_scale, self.skipped_steps = init_scale, 0
+
+    def add(self, step: PendingStep) -> None:
+        self.pending.append(step)
+
+    def flush(self) -> list[dict]:
+        """The buffered steps' records (empty when nothing is buffered)."""
+        if not self.pending:
+            return []
+        steps, self.pending = self.pending, []
+        times = self.clock.durations()
+        rows = self._reduced(steps, times)
+        records = []
+        for p, (loss, step_time, data_time, mem_active, mem_reserved, grad_norm, scale) in zip(steps, rows,
+                                                                                             strict=True):
+            record = {"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm}
+            if p.loss_scale is not None:
+                # the scaler backs off exactly on the steps it skips
+                self.skipped_steps += scale < self._last_scale
+                self._last_scale = scale
+                record |= {"loss_scale": scale, "skipped_steps": self.skipped_steps}
+            record |= self.rates(step_time_s=step_time, data_time_s=data_time)
+            record |= {"mem_active_peak_gib": mem_active, "mem_reserved_peak_gib": mem_reserved,
+                       "mem_pct": 100.0 * mem_reserved * GIB / self.memory_total}
+            records.append(record | p.extra)
+        return records
+
+    def _reduced(self, steps: list[PendingStep], times: list[float]) -> list[tuple]:
+        """Per step: (loss, step_time, data_time) averaged over ranks, memory peaks maxed, grad norm and scale
+        (the same on every rank) -- from one [steps, 7] float64 tensor per rank."""
+        device = self.world.device
+        host = torch.tensor([[t, p.data_time_s, p.mem_active_gib, p.mem_reserved_gib]
+                             for p, t in zip(steps, times, strict=True)], dtype=torch.float64)
+        scales = [p.loss_scale if p.loss_scale is not None else torch.zeros((), device=device) for p in steps]
+        on_device = torch.stack([torch.stack([p.loss.double(), p.grad_norm.double().to(device), s.double()])
+                                 for p, s in zip(steps, scales, strict=True)])
+        local = torch.cat([on_device[:, :1], host.to(device), on_device[:, 1:]], dim=1)
+        if self.world.distributed:
+            import torch.distributed as dist
+
+            gathered = [torch.empty_like(local) for _ in range(self.world.size)]
+            dist.all_gather(gathered, local)
+            every = torch.stack(gathered)  # [ranks, steps, 7]
+            local = torch.cat([every[:, :, :3].mean(0), every[:, :, 3:5].amax(0), local[:, 5:]], dim=1)
+        return [tuple(row) for row in local.tolist()]  # .tolist(): the flush's one host sync
+
+
+@GROUP.builder("logging")
+def build_sinks(cfg, *, run_dir: Path, total_steps: int) -> list:
+    """The sinks rank 0 writes to: metrics.jsonl, the console (a line every `every` steps), TensorBoard if asked.
+
+    Args:
+        cfg: the `logging` config group.
+        run_dir: the run directory.
+        total_steps: the run's last step (for the progress bar).
+    """
+    sinks = [JsonlSink(run_dir / "metrics.jsonl"),
+             ConsoleSink(total_steps=total_steps, every=cfg.every, progress=cfg.progress)]
+    if cfg.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+    return sinks
 
 
 class JsonlSink:
@@ -163,21 +286,19 @@ def format_line(r: dict, total: int) -> str:
 class Recorder:
     """Fans each step's record out to the sinks and keeps what the summary needs.
 
-    overhead_s collects the time the trainer spends on metrics (memory stats, cross-rank reductions,
-    rates, sinks), so that summary.json can show they do not slow the loop."""
+    overhead_s collects the host time the trainer spends on metrics (memory stats, buffering, the flush's
+    collective, rates, sinks), so that summary.json can show they do not slow the loop."""
 
     def __init__(self, sinks: list):
         self.sinks = sinks
         self.records: list[dict] = []
-        self.overhead_s = 0.0  # time spent here, to show that metrics do not slow the loop
+        self.overhead_s = 0.0
 
     def write(self, record: dict) -> None:
-        t0 = time.perf_counter()
         if self.sinks:  # only rank 0 writes, so only rank 0 keeps the history the summary needs
             self.records.append(record)
         for sink in self.sinks:
             sink.write(record)
-        self.overhead_s += time.perf_counter() - t0
 
     def close(self) -> None:
         for sink in self.sinks:

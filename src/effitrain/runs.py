@@ -1,4 +1,9 @@
-"""The run directory: environment capture, summary, and the reproduce comparison."""
+"""Run directories -- every one effitrain makes is made here -- and what goes in them: environment capture,
+summary, and the reproduce comparison.
+
+`effitrain train` runs in the directory Hydra made from `hydra.run.dir` / `hydra.sweep.dir`; a worker started by
+torchrun/srun from outside makes the same directory from the same setting (`new_run_dir`); `reproduce` writes next
+to the original's parent (`reproduce_dir`)."""
 
 from __future__ import annotations
 
@@ -25,6 +30,31 @@ def seconds_since_launch() -> float:
     boot = float(Path("/proc/uptime").read_text().split()[0])
     start_ticks = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
     return boot - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def new_run_dir(cfg, overrides: list[str]) -> Path:
+    """Make the directory `hydra.run.dir` names (cfg composed with its hydra node) and save the config, the
+    overrides and the hydra node in `.hydra/` as Hydra does, so reproduce and sweeps read it the same way."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(OmegaConf.select(cfg, "hydra.run.dir"))
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.save(job, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra)}), run_dir / ".hydra" / "hydra.yaml")
+    return run_dir
+
+
+def reproduce_dir(original: Path, outputs: Path = Path("outputs")) -> Path:
+    """outputs/<date>/<time>_reproduce-<original name>, never an existing directory (made, with .hydra/)."""
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
+    base = outputs / f"{stamp}_reproduce-{original.resolve().name}"
+    candidate, k = base, 1
+    while candidate.exists():
+        candidate, k = base.with_name(f"{base.name}-{k}"), k + 1
+    (candidate / ".hydra").mkdir(parents=True)
+    return candidate
 
 
 def git_state() -> dict:

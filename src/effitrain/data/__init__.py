@@ -1,5 +1,93 @@
-"""Data: corpus -> tokenizer -> token cache (memmap) -> resumable sharded sampler -> batches.
+"""The `data` group: corpus -> tokenizer -> token cache (memmap) -> resumable sharded sampler -> batches.
 
-Modules: corpus (documents, fingerprint, split), tokens (BPE + cache), prepare (the entry point),
-loader (sampler, batches, prefetch). Kept import-free so the CLI can check paths without torch.
+Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: documents of
+each source, fingerprint, split), tokens (BPE + cache), prepare (the entry point), loader (sampler, batches,
+prefetch).
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from effitrain.errors import UsageError
+from effitrain.registry import Group
+
+GROUP = Group("data", key="source", builders="effitrain.data.corpus")
+
+
+@dataclass
+class DataBase:
+    name: str = "stdlib"
+    source: str = "stdlib"
+    tokenizer: Optional[str] = None  # path to a tokenizer.json; None = train a BPE of vocab_size on the corpus
+    vocab_size: int = 4096  # size of the BPE trained on the corpus
+    seq_len: int = 128
+    val_fraction: float = 0.05  # share of documents held out for validation
+    cache_dir: str = "~/.cache/effitrain"
+    prefetch: int = 2  # batches prepared ahead by a background thread; 0 = synchronous
+
+
+@GROUP.option("stdlib")
+@dataclass
+class StdlibData(DataBase):
+    source: str = "stdlib"  # this interpreter's standard-library sources + pydoc topics
+
+
+@GROUP.option("text")
+@dataclass
+class TextData(DataBase):
+    name: str = "text"
+    source: str = "text"
+    paths: List[str] = field(default_factory=list)  # files or directories (their *.txt, *.md, *.rst, *.py)
+
+
+@GROUP.option("jsonl")
+@dataclass
+class JsonlData(DataBase):
+    name: str = "jsonl"
+    source: str = "jsonl"
+    paths: List[str] = field(default_factory=list)  # .jsonl/.json files or directories of them
+    field: str = "text"  # which key of each record holds the document
+
+
+@GROUP.checks
+def check(cfg) -> None:
+    if cfg.seq_len <= 0:
+        raise UsageError(f"data.seq_len={cfg.seq_len} must be a positive integer")
+    if not 0 < cfg.val_fraction < 1:
+        raise UsageError(f"data.val_fraction={cfg.val_fraction} must lie strictly between 0 and 1")
+    if cfg.vocab_size < 260:
+        raise UsageError(f"data.vocab_size={cfg.vocab_size} is too small: a byte-level BPE needs at least 260 "
+                         "(256 bytes + merges)")
+    if cfg.source != "stdlib":
+        resolve_paths(source=cfg.source, paths=list(cfg.paths))
+    if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_file():
+        raise UsageError(f"data.tokenizer={cfg.tokenizer}: no such tokenizer.json file")
+
+
+class DataError(UsageError):
+    """Bad data input: reported as one line, exit code 2."""
+
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
+
+
+def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
+    """The files named by data.paths (directories expanded), checked to exist and hold data."""
+    if not paths:
+        raise DataError(f"data={source} needs data.paths=[file_or_dir,...]; none given")
+    suffixes = {".jsonl", ".json"} if source == "jsonl" else TEXT_SUFFIXES
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DataError(f"data.paths: {raw} does not exist")
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes) if path.is_dir() else [path]
+        if not found:
+            raise DataError(f"data.paths: {raw} holds no {'/'.join(sorted(suffixes))} files")
+        files.extend(found)
+    if sum(f.stat().st_size for f in files) == 0:
+        raise DataError(f"data.paths: {', '.join(paths)} {'is' if len(paths) == 1 else 'are'} empty")
+    return files

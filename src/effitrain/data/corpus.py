@@ -13,16 +13,11 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from effitrain.errors import UsageError
+from effitrain.data import GROUP, DataError, resolve_paths
 
 # Parts of the stdlib that are bulky, generated or not representative prose/code.
 _STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
                 "tkinter", "ensurepip", "__pycache__", "config-3"}
-_TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
-
-
-class DataError(UsageError):
-    """Bad data input: reported as one line, exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -31,36 +26,25 @@ class Document:
     text: str
 
 
-def load_documents(*, source: str, paths: list[str], field: str) -> list[Document]:
-    """Documents of a corpus in a deterministic order."""
-    if source == "stdlib":
-        return _stdlib_documents()
-    files = resolve_paths(source=source, paths=paths)
-    named = [(_relative_name(f, paths), f) for f in files]
-    if source == "text":
-        return [Document(name, f.read_text(encoding="utf-8", errors="replace")) for name, f in named]
-    if source == "jsonl":
-        return [doc for name, f in named for doc in _jsonl_documents(f, field, name=name)]
-    raise DataError(f"data.source={source!r} is not one of: stdlib, text, jsonl")
+def load_documents(cfg) -> list[Document]:
+    """Documents of the `data` group's corpus, in a deterministic order (its source's builder)."""
+    return GROUP.builder_of(cfg.source)(cfg)
 
 
-def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
-    """The files named by data.paths (directories expanded), checked to exist and hold data."""
-    if not paths:
-        raise DataError(f"data={source} needs data.paths=[file_or_dir,...]; none given")
-    suffixes = {".jsonl", ".json"} if source == "jsonl" else _TEXT_SUFFIXES
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise DataError(f"data.paths: {raw} does not exist")
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes) if path.is_dir() else [path]
-        if not found:
-            raise DataError(f"data.paths: {raw} holds no {'/'.join(sorted(suffixes))} files")
-        files.extend(found)
-    if sum(f.stat().st_size for f in files) == 0:
-        raise DataError(f"data.paths: {', '.join(paths)} {'is' if len(paths) == 1 else 'are'} empty")
-    return files
+@GROUP.builder("text")
+def text_documents(cfg) -> list[Document]:
+    return [Document(name, f.read_text(encoding="utf-8", errors="replace"))
+            for name, f in _named_files(cfg.source, list(cfg.paths))]
+
+
+@GROUP.builder("jsonl")
+def jsonl_documents(cfg) -> list[Document]:
+    return [doc for name, f in _named_files(cfg.source, list(cfg.paths))
+            for doc in _jsonl_documents(f, cfg.field, name=name)]
+
+
+def _named_files(source: str, paths: list[str]) -> list[tuple[str, Path]]:
+    return [(_relative_name(f, paths), f) for f in resolve_paths(source=source, paths=paths)]
 
 
 def _relative_name(file: Path, paths: list[str]) -> str:
@@ -73,7 +57,8 @@ def _relative_name(file: Path, paths: list[str]) -> str:
     return file.name
 
 
-def _stdlib_documents() -> list[Document]:
+@GROUP.builder("stdlib")
+def stdlib_documents(cfg) -> list[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for parent, dirs, names in os.walk(root):

@@ -22,7 +22,7 @@ def prepare_data(cfg) -> PreparedData:
     Args:
         cfg: the `data` config group.
     """
-    docs = load_documents(source=cfg.source, paths=list(cfg.paths), field=cfg.field)
+    docs = load_documents(cfg)
     if not docs or not any(d.text for d in docs):
         raise DataError(f"data={cfg.name}: the corpus is empty")
     fp = fingerprint(docs)

@@ -1,4 +1,4 @@
-"""Causal LMs from transformers configs, built locally: no hub download, ever."""
+"""Builders of the `model` group: causal LMs from transformers configs, built locally (no hub download, ever)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from effitrain.errors import UsageError
+from effitrain.models import GROUP
 
 
 class ModelError(UsageError):
@@ -18,25 +19,31 @@ class ModelError(UsageError):
 
 
 def hf_config(cfg, *, vocab_size: int, max_seq_len: int):
-    """The transformers config for the `model` group (llama or gpt2 family)."""
-    if cfg.family == "llama":
-        from transformers import LlamaConfig
+    """The transformers config of the `model` group's family."""
+    return GROUP.builder_of(cfg.family)(cfg, vocab_size=vocab_size, max_seq_len=max_seq_len)
 
-        return LlamaConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                           num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
-                           intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size, vocab_size=vocab_size,
-                           max_position_embeddings=max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
-                           rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, attention_dropout=cfg.dropout,
-                           initializer_range=cfg.init_std, use_cache=False)
-    if cfg.family == "gpt2":
-        from transformers import GPT2Config
 
-        return GPT2Config(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-                          n_inner=cfg.intermediate_size, vocab_size=vocab_size, n_positions=max_seq_len,
-                          tie_word_embeddings=cfg.tie_embeddings, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                          attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
-                          use_cache=False)
-    raise ModelError(f"model.family={cfg.family!r} is not one of: llama, gpt2")
+@GROUP.builder("llama")
+def llama_config(cfg, *, vocab_size: int, max_seq_len: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+                       intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size, vocab_size=vocab_size,
+                       max_position_embeddings=max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
+                       rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, attention_dropout=cfg.dropout,
+                       initializer_range=cfg.init_std, use_cache=False)
+
+
+@GROUP.builder("gpt2")
+def gpt2_config(cfg, *, vocab_size: int, max_seq_len: int):
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                      n_inner=cfg.intermediate_size, vocab_size=vocab_size, n_positions=max_seq_len,
+                      tie_word_embeddings=cfg.tie_embeddings, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                      attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
+                      use_cache=False)
 
 
 def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False) -> nn.Module:

@@ -1,14 +1,14 @@
-"""Optimizer and learning-rate schedule from their config groups: build_optimizer, build_scheduler."""
+"""Builders of the `optimizer` group: build_optimizer, and the OptimizerChain and state_bytes it relies on."""
 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
 
 from effitrain.errors import UsageError
+from effitrain.optim import GROUP
 
 log = logging.getLogger("effitrain")
 
@@ -76,11 +76,12 @@ def build_optimizer(model: nn.Module, *, cfg, device: torch.device) -> torch.opt
     if bf16 and cfg.kind not in ("adamw", "adamw-8bit"):
         raise OptimizerError(f"bf16 parameters (precision=bf16-pure) need stochastic-rounding updates, which "
                              f"optimizer=adamw and adamw-8bit have; optimizer={cfg.name} has not (use precision=bf16)")
-    optimizer = _BUILDERS[cfg.kind](groups, model=model, cfg=cfg, device=device, bf16=bf16)
+    optimizer = GROUP.builder_of(cfg.kind)(groups, model=model, cfg=cfg, device=device, bf16=bf16)
     optimizer.register_step_post_hook(_log_state_once(cfg.name))
     return optimizer
 
 
+@GROUP.builder("adamw")
 def _adamw(groups, *, cfg, device, bf16, **_):
     if bf16:
         from torchao.optim import _AdamW
@@ -90,6 +91,7 @@ def _adamw(groups, *, cfg, device, bf16, **_):
                              **_implementation(cfg.implementation, device))
 
 
+@GROUP.builder("adamw-8bit")
 def _adamw_8bit(groups, *, cfg, bf16, **_):
     from torchao.optim import AdamW8bit
 
@@ -97,16 +99,19 @@ def _adamw_8bit(groups, *, cfg, bf16, **_):
     return AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, bf16_stochastic_round=bf16)
 
 
+@GROUP.builder("sgd")
 def _sgd(groups, *, cfg, device, **_):
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            **_implementation(cfg.implementation, device))
 
 
+@GROUP.builder("adafactor")
 def _adafactor(groups, *, cfg, device, **_):
     foreach = _implementation(cfg.implementation, device).get("foreach", False)  # Adafactor has no fused kernel
     return torch.optim.Adafactor(groups, lr=cfg.lr, foreach=foreach)
 
 
+@GROUP.builder("muon")
 def _muon(groups, *, model, cfg, device, **_):
     """Muon (orthogonalised momentum) for hidden 2-D weights; AdamW for embeddings, LM head, norms and biases."""
     head_ids = {id(p) for name, m in model.named_modules() if isinstance(m, nn.Embedding) or name.endswith("lm_head")
@@ -121,6 +126,7 @@ def _muon(groups, *, model, cfg, device, **_):
     return OptimizerChain([muon, _adamw(rest, cfg=cfg, device=device, bf16=False)])
 
 
+@GROUP.builder("zero1")
 def _zero1(groups, *, cfg, device, **_):
     """AdamW with its state sharded over the data-parallel ranks (ZeRO stage 1); needs parallel=ddp."""
     import torch.distributed as dist
@@ -131,10 +137,6 @@ def _zero1(groups, *, cfg, device, **_):
                              "(a process group), not a single process")
     return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=cfg.lr, betas=tuple(cfg.betas),
                                    eps=cfg.eps, **_implementation(cfg.implementation, device))
-
-
-_BUILDERS = {"adamw": _adamw, "adamw-8bit": _adamw_8bit, "sgd": _sgd, "adafactor": _adafactor, "muon": _muon,
-             "zero1": _zero1}
 
 
 def _implementation(choice: str, device: torch.device) -> dict:
@@ -169,54 +171,3 @@ def _log_state_once(name: str):
             n = state_bytes(optimizer)
             log.info("optimizer %s: %.2f MiB of state on this rank (%d bytes)", name, n / 2**20, n)
     return hook
-
-
-def warmup_steps(cfg, max_steps: int) -> int:
-    return int(cfg.warmup_ratio * max_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, *, cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The lr schedule of the `schedule` group (transformers' schedulers), stepped once per optimizer step.
-
-    Args:
-        optimizer: the optimizer whose lr it drives.
-        cfg: the `schedule` config group.
-        max_steps: optimizer steps in the run (gradient accumulation does not multiply them).
-    """
-    from transformers import get_scheduler
-
-    warmup = min(warmup_steps(cfg, max_steps), max_steps)
-    decay = max_steps - warmup
-    if cfg.kind == "constant":
-        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
-    if cfg.kind == "cosine":
-        return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
-                             scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
-    if cfg.kind in ("linear", "wsd"):
-        # linear is WSD without the stable phase; transformers' WSD warms up from min_lr_ratio x lr, not from 0
-        if cfg.kind == "wsd":
-            decay = math.ceil(cfg.decay_ratio * decay)
-        return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup,
-                             scheduler_specific_kwargs={
-                                 "num_stable_steps": max_steps - warmup - decay, "num_decay_steps": decay,
-                                 "decay_type": "linear" if cfg.kind == "linear" else cfg.decay_shape,
-                                 "min_lr_ratio": cfg.min_lr_ratio})
-    if cfg.kind == "inverse-sqrt":
-        scheduler = get_scheduler("inverse_sqrt", optimizer, num_warmup_steps=warmup)
-        # the floor only acts after warmup, where the lr the scheduler already set (step 0) is unaffected
-        scheduler.lr_lambdas = [_FloorAfter(f, warmup=warmup, floor=cfg.min_lr_ratio) for f in scheduler.lr_lambdas]
-        return scheduler
-    raise OptimizerError(f"schedule.kind={cfg.kind!r} is not one of: constant, cosine, linear, wsd, inverse-sqrt")
-
-
-class _FloorAfter:
-    """lr factor f(step), floored at `floor` once warmup ends (transformers' inverse_sqrt decays without a floor).
-
-    A class, not a closure, so LambdaLR.state_dict() can save it."""
-
-    def __init__(self, f, *, warmup: int, floor: float):
-        self.f, self.warmup, self.floor = f, warmup, floor
-
-    def __call__(self, step: int) -> float:
-        value = self.f(step)
-        return value if step < self.warmup else max(self.floor, value)

@@ -1,4 +1,4 @@
-"""apply_parallel: the `parallel` group's layout applied to a model built on the meta device.
+"""Builders of the `parallel` group: apply_parallel applies a layout to a model built on the meta device.
 
 Order, and why: TP -> activation checkpointing -> compile -> FSDP/DDP.
   1. TP first: it replaces each block's Linear weights with DTensors sharded over the TP mesh; everything
@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from effitrain.checks import Degrees, parallel_degrees
 from effitrain.errors import UsageError
-from effitrain.models import transformer_blocks
+from effitrain.models.build import transformer_blocks
+from effitrain.parallel import GROUP, Degrees, parallel_degrees
 
 
 class ParallelError(UsageError):
@@ -45,33 +45,61 @@ def data_parallel_shard(cfg, *, world):
 
 def apply_parallel(model: nn.Module, *, cfg, world, precision, init: Callable[[nn.Module], None] | None = None
                    ) -> nn.Module:
-    """Wrap `model` for the `parallel` group's layout, in the order the module docstring explains.
+    """Wrap `model` for the `parallel` group's layout (its strategy's builder), in the order the module docstring
+    explains.
 
     Args:
         model: the built model: parameters on the meta device (then `init` fills them), or real (a checkpoint).
         cfg: the `parallel` config group.
         world: the process's World (rank, size, device).
-        precision: the run's Precision (parameter dtype; FSDP mixed-precision policy when it offers one).
-        init: fills materialised parameters deterministically (models.init_weights bound to the run's seed).
+        precision: the run's Precision (FSDP mixed-precision policy when it offers one).
+        init: fills materialised parameters deterministically (models.build.init_weights bound to the run's seed).
     """
-    d = degrees(cfg, world=world)
-    mesh = build_mesh(cfg.strategy, d, world=world)
-    model = model.to(dtype=precision.param_dtype)
-    if d.tp > 1 or cfg.strategy == "tp":
-        apply_tp(model, mesh=mesh["tp"], sequence_parallel=cfg.sequence_parallel)
-    if cfg.activation_checkpointing != "none":
-        apply_ac(model, mode=cfg.activation_checkpointing, every=cfg.ac_every)
+    mesh = build_mesh(cfg.strategy, degrees(cfg, world=world), world=world)
+    return GROUP.builder_of(cfg.strategy)(model, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
+
+
+def _blocks(model: nn.Module, cfg) -> None:
+    """Steps 2 and 3 of every layout: activation checkpointing, then regional compile."""
+    apply_ac(model, mode=cfg.activation_checkpointing, every=cfg.ac_every)
     if cfg.compile:
         apply_compile(model)
-    if cfg.strategy in ("fsdp", "hsdp", "fsdp-tp"):
-        dp_mesh = mesh["dp_shard"] if cfg.strategy == "fsdp-tp" else mesh
-        apply_fsdp(model, mesh=dp_mesh, reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
-                   mp_policy=precision.fsdp_mixed_precision())
-        return _materialise(model, device=torch.device("cpu") if cfg.offload else world.device, init=init)
-    model = _materialise(model, device=world.device, init=init)
-    if cfg.strategy == "ddp":
-        return apply_ddp(model, world=world)
-    return model
+
+
+@GROUP.builder("single")
+def single(model, *, cfg, world, mesh, precision, init):
+    _blocks(model, cfg)
+    return _materialise(model, device=world.device, init=init)
+
+
+@GROUP.builder("ddp")
+def ddp(model, *, cfg, world, mesh, precision, init):
+    _blocks(model, cfg)
+    return apply_ddp(_materialise(model, device=world.device, init=init), world=world)
+
+
+def _sharded(model, *, cfg, world, mesh, precision, init):
+    _blocks(model, cfg)
+    apply_fsdp(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
+               mp_policy=precision.fsdp_mixed_precision())
+    return _materialise(model, device=torch.device("cpu") if cfg.offload else world.device, init=init)
+
+
+GROUP.builder("fsdp")(_sharded)
+GROUP.builder("hsdp")(_sharded)
+
+
+@GROUP.builder("tp")
+def tp(model, *, cfg, world, mesh, precision, init):
+    apply_tp(model, mesh=mesh["tp"], sequence_parallel=cfg.sequence_parallel)
+    _blocks(model, cfg)
+    return _materialise(model, device=world.device, init=init)
+
+
+@GROUP.builder("fsdp-tp")
+def fsdp_tp(model, *, cfg, world, mesh, precision, init):
+    apply_tp(model, mesh=mesh["tp"], sequence_parallel=cfg.sequence_parallel)
+    return _sharded(model, cfg=cfg, world=world, mesh=mesh["dp_shard"], precision=precision, init=init)
 
 
 def build_mesh(strategy: str, d: Degrees, *, world):
@@ -234,10 +262,13 @@ def apply_ac(model: nn.Module, *, mode: str, every: int) -> None:
 
     Args:
         model: the causal LM.
-        mode: full (every block) or selective (every `every`-th block: less memory saved, less recompute).
+        mode: none, full (every block) or selective (every `every`-th block: less memory saved, less recompute).
         every: the selective stride.
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    if mode == "none":
+        return
 
     blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
@@ -269,8 +300,9 @@ def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, 
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
-              "offload_policy": CPUOffloadPolicy() if offload == "cpu" else OffloadPolicy()}
+    # pinned host memory speeds host<->GPU copies, but pinning needs an accelerator: a CPU mesh keeps plain memory
+    offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if offload == "cpu" else OffloadPolicy()
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "offload_policy": offload_policy}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for block in transformer_blocks(model):

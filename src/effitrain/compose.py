@@ -1,0 +1,203 @@
+"""The one place that turns overrides into typed, checked configs: the CLI, the torchrun/srun entry, `reproduce`,
+the tests and the scripts all compose through here.
+
+A composed config is the top-level schema (`TrainConfig`: seed, steps, batch...) plus one node per config group,
+each typed by the schema of its option's kind (registry.py). No torch here, and Hydra only once composing starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from effitrain import compression, data, launcher, logs, models, optim, parallel, precision, schedule
+from effitrain.errors import UsageError
+from effitrain.registry import Group
+
+# the defaults list of configs/train.yaml, in its order
+GROUPS: tuple[Group, ...] = (models.GROUP, data.GROUP, precision.GROUP, parallel.GROUP, compression.GROUP,
+                             optim.GROUP, schedule.GROUP, launcher.GROUP, logs.GROUP)
+GROUP_NAMES = tuple(g.name for g in GROUPS)
+PRESETS = "experiment"  # the group of named presets (`# @package _global_`): not in the defaults list
+
+
+@dataclass
+class TrainConfig:
+    """The top-level keys; each group's node is typed by its option's schema (Any here, so any kind fits)."""
+
+    model: Any = None
+    data: Any = None
+    precision: Any = None
+    parallel: Any = None
+    compression: Any = None
+    optimizer: Any = None
+    schedule: Any = None
+    launcher: Any = None
+    logging: Any = None
+    name: str = "run"
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    max_steps: int = 120
+    batch_size: int = 16  # sequences per device per micro-step
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0  # max global grad norm; 0 = measure only
+    eval_every: int = 40
+    eval_batches: int = 8
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    cpu_keep_freed_memory: bool = True  # CPU: freed step memory stays in the heap (glibc), no page faults next step
+
+
+def config_dir() -> Path:
+    """The config tree: inside the package for a wheel, ./configs for a source checkout."""
+    packaged = Path(__file__).parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the YAML options of one config group, sorted."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def register_configs() -> None:
+    """Put the top-level schema and every kind's schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for group in GROUPS:
+        for kind, schema in group.schemas.items():
+            store.store(group=group.name, name=group.schema_name(kind), node=schema)
+
+
+def normalize(args: list[str]) -> list[str]:
+    """`+group=option` selects an option like `group=option` (the group is already in the defaults list);
+    `experiment=name` becomes `+experiment=name`, since presets are not in the defaults list until chosen."""
+    def one(a: str) -> str:
+        key = a.lstrip("+").split("=", 1)[0] if "=" in a else None
+        if key == PRESETS:
+            return "+" + a.lstrip("+")
+        return a[1:] if a.startswith("+") and key in GROUP_NAMES else a
+    return [one(a) for a in args]
+
+
+def compose_all(overrides: list[str], *, multirun: bool = False, hydra: bool = False):
+    """Yield the config of every job the overrides describe (each point of a sweep), typed and schema-checked.
+
+    Args:
+        overrides: Hydra overrides, already normalized.
+        multirun: sweep overrides (`a=1,2`) expand into one config per job; without it they are an error.
+        hydra: keep the `hydra` node (run/sweep directories) in each config.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise UsageError(_first_line(e)) from None
+    axes = []
+    for o in parsed:
+        if o.get_key_element().startswith("hydra"):
+            if hydra:  # Hydra's own settings (run and sweep directories...): Hydra checks them
+                axes.append([o.input_line])
+            continue
+        if o.is_sweep_override() and not multirun:
+            raise UsageError(f"{o.input_line} is a sweep: add -m to run each value, or quote a string value")
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if (o.key_or_group in GROUP_NAMES and o.is_add() is False or o.key_or_group == PRESETS) and not o.is_delete():
+            for v in values:
+                _check_option(o.key_or_group, v)
+        axes.append([f"{o.get_key_element()}={v}" for v in values])
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for combo in itertools.product(*axes):
+            try:
+                cfg = compose(config_name="train", overrides=list(combo), return_hydra_config=hydra)
+            except (HydraException, OmegaConfBaseException) as e:
+                raise UsageError(_explain(e)) from None
+            check_schema(cfg)
+            yield cfg
+
+
+def compose_one(overrides: list[str], **kwargs):
+    """The config of a single job (no sweep)."""
+    return next(compose_all(overrides, **kwargs))
+
+
+def check_schema(cfg) -> None:
+    """Keys Hydra let in with `+key=value` must still be keys of their option's schema: nothing silently ignored."""
+    from omegaconf import OmegaConf
+
+    typed(OmegaConf.to_container(cfg))
+
+
+def typed(container: dict):
+    """A plain config (saved by a run, handed to a worker, or a composed one) typed by the top-level schema and each
+    group's schema for its kind. An unknown key, a missing group or a wrong type is a UsageError."""
+    from omegaconf import OmegaConf
+
+    plain = {k: v for k, v in container.items() if k != "hydra"}
+    cfg = _merged(TrainConfig, {k: v for k, v in plain.items() if k not in GROUP_NAMES}, prefix="")
+    for group in GROUPS:
+        if not isinstance(plain.get(group.name), dict):
+            raise UsageError(f"the config has no {group.name} group (effitrain train --cfg job lists them)")
+        cfg[group.name] = _merged(group.schema_of(plain[group.name]), plain[group.name], prefix=f"{group.name}.")
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _merged(schema: type, values: dict, *, prefix: str):
+    """`values` over `schema`'s defaults, typed; errors name the key from the config's root."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), values)
+    except ConfigKeyError as e:
+        raise UsageError(f"unknown key {prefix + e.full_key!r} (effitrain train --cfg job lists every key)") from None
+    except OmegaConfBaseException as e:
+        e.full_key = prefix + (e.full_key or "")
+        raise UsageError(_explain(e)) from None
+
+
+def load_run_config(run_dir: Path):
+    """RUN_DIR's saved config (.hydra/config.yaml), typed against today's schemas (nothing is composed anew)."""
+    from omegaconf import OmegaConf
+
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a directory (give a run directory such as outputs/<date>/<time>_run)")
+    if not saved.is_file():
+        raise UsageError(f"{run_dir} has no saved config (.hydra/config.yaml); give a directory effitrain train wrote")
+    try:
+        return typed(OmegaConf.to_container(OmegaConf.load(saved)))
+    except UsageError as e:
+        raise UsageError(f"{saved} does not match effitrain's config schema: {e}") from None
+
+
+def _check_option(group: str, option: str) -> None:
+    options = group_options(group)
+    if option not in options:
+        raise UsageError(f"unknown {group} option {option!r}; choose one of: {', '.join(options)}")
+
+
+def _first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _explain(e: Exception) -> str:
+    """Hydra/OmegaConf errors span lines; keep what is wrong and add what would be right."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        return f"unknown key {key!r} (effitrain train --cfg job lists every key)"
+    if key:
+        return f"{key}: {_first_line(Exception(getattr(cause, 'msg', None) or cause))}"
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return " ".join(line for line in lines[:2] if not line.startswith(("Set the environment", "See https")))

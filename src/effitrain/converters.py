@@ -1,0 +1,67 @@
+"""Model transforms behind one small protocol (after torchtitan's ModelConverter), applied in order by a chain.
+
+Precision conversions (fp8 linears, pure bf16) and compression methods implement `ModelConverter`; the trainer
+calls the chain at fixed points and never learns their names:
+
+    convert(model)              before parallel wrapping, in place (FSDP then shards what the transform made)
+    comm_hook(model)            after DDP wrapping: register a gradient communication hook
+    loss_term(logits, batch)    an extra loss added to the LM loss (distillation, regularisers), or None
+    post_optimizer_hook(model)  after each optimizer step (re-apply masks, refresh scales)
+    state_dict_transform(sd)    on the model state dict before save/export (drop or rename what the transform added)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ModelConverter:
+    """A model transform; every hook is a no-op unless a subclass overrides it."""
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def comm_hook(self, model: nn.Module) -> None:
+        pass
+
+    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def post_optimizer_hook(self, model: nn.Module) -> None:
+        pass
+
+    def state_dict_transform(self, state_dict: dict) -> dict:
+        return state_dict
+
+
+class ConverterChain(ModelConverter):
+    """Several converters applied in order (precision's first, then compression's, as the run lists them)."""
+
+    def __init__(self, converters: list[ModelConverter]):
+        self.converters = list(converters)
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        for c in self.converters:
+            model = c.convert(model)
+        return model
+
+    def comm_hook(self, model: nn.Module) -> None:
+        for c in self.converters:
+            c.comm_hook(model)
+
+    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor | None:
+        terms = [t for c in self.converters if (t := c.loss_term(logits=logits, batch=batch)) is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def post_optimizer_hook(self, model: nn.Module) -> None:
+        for c in self.converters:
+            c.post_optimizer_hook(model)
+
+    def state_dict_transform(self, state_dict: dict) -> dict:
+        for c in self.converters:
+            state_dict = c.state_dict_transform(state_dict)
+        return state_dict
+
+    def __repr__(self) -> str:
+        return f"ConverterChain({', '.join(type(c).__name__ for c in self.converters) or 'empty'})"

@@ -1,0 +1,92 @@
+"""The `optimizer` group: AdamW (fused/foreach), 8-bit AdamW, SGD, Adafactor, Muon, ZeRO-1 AdamW.
+
+Schemas and checks here (no torch); builders in `effitrain.optim.build`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from effitrain.errors import UsageError
+from effitrain.registry import Group
+
+GROUP = Group("optimizer", key="kind", builders="effitrain.optim.build")
+NO_DECAY = ("bias", "norm", "embedding")
+IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
+
+
+@dataclass
+class OptimizerBase:
+    name: str = "adamw"
+    kind: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    no_decay: List[str] = field(default_factory=lambda: list(NO_DECAY))  # parameters kept out of weight decay
+
+
+@dataclass
+class AdamBase(OptimizerBase):
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@GROUP.option("adamw")
+@dataclass
+class AdamWOptimizer(AdamBase):
+    kind: str = "adamw"
+    implementation: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach | loop
+
+
+@GROUP.option("adamw-8bit")
+@dataclass
+class AdamW8bitOptimizer(AdamBase):
+    kind: str = "adamw-8bit"  # torchao's blockwise 8-bit state; its own kernels (no implementation choice)
+
+
+@GROUP.option("zero1")
+@dataclass
+class Zero1Optimizer(AdamBase):
+    kind: str = "zero1"  # AdamW with its state sharded over the DDP ranks
+    implementation: str = "auto"
+
+
+@GROUP.option("sgd")
+@dataclass
+class SGDOptimizer(OptimizerBase):
+    kind: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    implementation: str = "auto"
+
+
+@GROUP.option("adafactor")
+@dataclass
+class AdafactorOptimizer(OptimizerBase):
+    kind: str = "adafactor"
+    implementation: str = "auto"  # foreach or loop (Adafactor has no fused kernel)
+
+
+@GROUP.option("muon")
+@dataclass
+class MuonOptimizer(AdamBase):
+    kind: str = "muon"  # Muon for hidden matrices; AdamW (betas, eps) for the rest
+    momentum: float = 0.95
+    nesterov: bool = True
+    implementation: str = "auto"  # the AdamW half's
+
+
+@GROUP.checks
+def check(cfg) -> None:
+    if cfg.lr <= 0:
+        raise UsageError(f"optimizer.lr={cfg.lr} must be > 0")
+    if cfg.weight_decay < 0:
+        raise UsageError(f"optimizer.weight_decay={cfg.weight_decay} must be >= 0")
+    if "implementation" in cfg and cfg.implementation not in IMPLEMENTATIONS:
+        raise UsageError(f"optimizer.implementation={cfg.implementation!r} is not one of: "
+                         f"{', '.join(IMPLEMENTATIONS)}")
+    if cfg.kind == "adafactor" and cfg.implementation == "fused":
+        raise UsageError("optimizer=adafactor has no fused kernel: optimizer.implementation=auto, foreach or loop")
+    unknown = set(cfg.no_decay) - set(NO_DECAY)
+    if unknown:
+        raise UsageError(f"optimizer.no_decay has {sorted(unknown)}; allowed entries: {', '.join(NO_DECAY)}")

@@ -1,0 +1,85 @@
+"""Everything process-wide a job sets -- seeds, determinism, TF32, MKL's reproducible mode, the CPU heap policy,
+cuBLAS's workspace -- set at job start and restored at job end, in one place.
+
+Sweep jobs, `reproduce` and the tests run several jobs in one process: a setting one job leaves behind (TF32 on,
+deterministic algorithms, glibc thresholds) must not leak into the next.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from effitrain.hostmem import keep_freed_memory
+
+# Bitwise-reproducible CPU matmuls. MKL may pick a different kernel (so a different summation order) for a buffer's
+# memory alignment, and where the data-prefetch thread's allocations land moves with thread timing. MKL reads this
+# once, at its first call: it is set at the first job's start (before it computes anything; a value the user set
+# wins) and, since MKL keeps it for the process's life, not restored.
+MKL_CBWR = "AUTO,STRICT"
+CUBLAS_WORKSPACE = ":4096:8"  # cuBLAS refuses deterministic algorithms without a fixed workspace
+
+
+@contextmanager
+def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.device, keep_freed: bool):
+    """Set the process-wide state of one job; restore what was there before when it ends (even on error).
+
+    Args:
+        seed: seeds torch (CPU and CUDA), Python's random and NumPy.
+        deterministic: torch.use_deterministic_algorithms (and cuBLAS's workspace on CUDA).
+        tf32: allow TF32 matmuls and convolutions (CUDA only; off elsewhere).
+        device: the job's device.
+        keep_freed: CPU: keep freed step memory in the glibc heap (hostmem.py).
+    """
+    saved_env = {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32, torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+    os.environ.setdefault("MKL_CBWR", MKL_CBWR)
+    if deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32 and device.type == "cuda")
+    seed_everything(seed)
+    kept = device.type == "cpu" and keep_freed_memory(keep_freed)
+    try:
+        yield
+    finally:
+        if kept:
+            keep_freed_memory(False)
+        deterministic_before, matmul_tf32, cudnn_tf32, torch_rng, python_rng, numpy_rng = saved
+        torch.use_deterministic_algorithms(deterministic_before)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+        torch.random.set_rng_state(torch_rng)
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def rng_state() -> dict:
+    """This process's generator states (torch CPU and CUDA, Python, NumPy), for TrainState."""
+    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.random.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

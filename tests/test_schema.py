@@ -1,0 +1,105 @@
+"""The schema is the truth: YAML options, schemas and builders agree, and every key of every option's schema is read
+by its builders -- a key nothing reads would be silently ignored, so it must not exist (it is an unknown key)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from conftest import compose, tiny_overrides
+from effitrain.compose import GROUPS, TrainConfig, config_dir, group_options
+
+
+def test_yamls_schemas_and_builders_agree():
+    for group in GROUPS:
+        kinds = set()
+        for option in group_options(group.name):
+            node = OmegaConf.load(config_dir() / group.name / f"{option}.yaml")
+            kind = group.name if group.key is None else node[group.key]
+            assert list(node.defaults) == [group.schema_name(kind), "_self_"], f"{group.name}/{option}.yaml"
+            kinds.add(kind)
+        assert kinds == set(group.schemas), f"{group.name}: YAML option kinds vs schemas"
+        assert set(group.all_builders()) == set(group.schemas), f"{group.name}: builders vs schemas"
+
+
+@pytest.fixture
+def reads(monkeypatch) -> set[str]:
+    """Full keys ('optimizer.lr') of every config value read by attribute or item while the fixture is active."""
+    seen: set[str] = set()
+    get_attr, get_item = DictConfig.__getattr__, DictConfig.__getitem__
+
+    def record(getter):
+        def read(self, key):
+            value = getter(self, key)
+            if isinstance(key, str) and not key.startswith("_"):
+                seen.add(self._get_full_key(key))
+            return value
+        return read
+
+    monkeypatch.setattr(DictConfig, "__getattr__", record(get_attr))
+    monkeypatch.setattr(DictConfig, "__getitem__", record(get_item))
+    return seen
+
+
+# Few runs that together select every option kind once (combined where they compose), with the settings under which
+# the keys read only sometimes are read: the profiler's, TensorBoard, selective AC, warmup_ratio. One process each.
+RUNS = [
+    ["logging.profile=true", "logging.profile_start_step=1", "logging.profile_steps=1", "logging.tensorboard=true",
+     "parallel.activation_checkpointing=selective", "schedule.warmup_ratio=0.5"],
+    ["model=gpt2-124m", "data=jsonl", "precision=bf16", "parallel=ddp", "optimizer=adafactor", "schedule=constant"],
+    ["data=stdlib", "precision=fp16", "parallel=fsdp", "optimizer=sgd", "schedule=linear"],
+    ["parallel=hsdp", "parallel.dp_replicate=1", "schedule=wsd"],
+    ["parallel=tp", "schedule=inverse-sqrt"],
+    ["parallel=fsdp-tp", "parallel.tp=1"],
+    ["optimizer=muon"],
+    ["optimizer=zero1", "parallel=ddp"],
+    ["precision=bf16-pure", "optimizer=adamw-8bit"],
+    ["precision=fp8", "device=cpu"],  # refused on the CPU: its keys are read before the device check
+]
+
+
+def _kind_key(group, cfg) -> str:
+    return f"{group.name}:{group.kind_of(cfg[group.name])}"
+
+
+def test_every_schema_key_is_read(reads, corpus, jsonl_corpus, cache_dir, tmp_path):
+    pytest.importorskip("torchao")
+    from effitrain.errors import UsageError
+    from effitrain.launch import launch_config
+    from effitrain.train import run
+
+    read_by_kind: dict[str, set[str]] = {}
+    for i, extra in enumerate(RUNS):
+        base = tiny_overrides(corpus, cache_dir, "max_steps=2", "eval_every=2")
+        if "data=stdlib" in extra:  # the embedded corpus has no paths
+            base = [o for o in base if not o.startswith("data.paths")]
+        data = [f"data.paths=[{jsonl_corpus}]"] if "data=jsonl" in extra else []
+        cfg = compose([*base, *data, *extra])
+        kinds = {group.name: _kind_key(group, cfg) for group in GROUPS}
+        reads.clear()
+        try:
+            run(cfg, tmp_path / str(i))
+        except UsageError:
+            assert "precision=fp8" in extra
+        for key in reads:
+            group, _, field = key.partition(".")
+            read_by_kind.setdefault(kinds.get(group, "top"), set()).add(field if group in kinds else key)
+    for launcher in ([], ["launcher=multinode", "launcher.rdzv_endpoint=head:29500"]):
+        reads.clear()
+        launch_config(compose(launcher).launcher, device="cpu")
+        read_by_kind.setdefault("launcher:launcher", set()).update(k.partition(".")[2] for k in reads)
+
+    unread = {}
+    for group in GROUPS:
+        for kind, schema in group.schemas.items():
+            label = f"{group.name}:{kind}"
+            assert label in read_by_kind, f"no run above selects {label}"
+            missing = {f.name for f in dataclasses.fields(schema)} - read_by_kind[label]
+            if missing:
+                unread[label] = sorted(missing)
+    top = {f.name for f in dataclasses.fields(TrainConfig)} - {g.name for g in GROUPS} - read_by_kind["top"]
+    if top:
+        unread["top level"] = sorted(top)
+    assert not unread, f"schema keys no builder reads: {unread}"
