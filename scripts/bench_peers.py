@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from _effitrain_run import machine
+
 VARIANTS = {
     "a": "hand-written PyTorch loop (heap kept, as effitrain)",
     "g": "hand-written PyTorch loop (glibc default heap)",
@@ -202,16 +204,6 @@ def print_table(report: dict) -> None:
         print(f"| {name} | {r['median']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_round'])} | {target} |")
     verdict = "agree" if report["losses_agree"] else "DO NOT agree"
     print(f"\nfinal losses of a, g, b, c {verdict}: relative spread {report['final_loss_rel_spread_abc']:.2e}")
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor())
-    return f"{name}, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
 
 
 def _version(package: str) -> str | None:
