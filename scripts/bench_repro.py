@@ -1,4 +1,4 @@
-"""Repeat a short `effitrain train` N times: distinct loss trajectories, and page faults / system time per step.
+"""Repeat a short `effitrain train` N times: distinct loss trajectories, MFU, page faults / system time per step.
 
     python scripts/bench_repro.py                                   # 4 runs of the default model, 30 steps
     python scripts/bench_repro.py --runs 6 --unset-env MKL_CBWR     # without effitrain's MKL_CBWR=AUTO,STRICT
@@ -12,10 +12,11 @@ environment after `import effitrain` and before torch starts, to measure one of 
 (MKL_CBWR: effitrain sets it unless the user did; MKL reads it at its first call).
 
 Per run: the loss trajectory (every step's training loss and the final validation loss, compared exactly; runs
-with the same trajectory share a letter), the first step where it differs from run 1, median tokens/s
-(summary.json), and per optimizer step the minor page faults and system CPU time of the process (all threads,
-`getrusage` read by an optimizer step post-hook: the difference between consecutive steps, median over the
-steps after `--warmup`), plus the same counters for the whole process. Prints a table and writes JSON; exits 1
+with the same trajectory share a letter), the first step where it differs from run 1, median tokens/s and MFU
+(summary.json, with the peak's source from env.json: repeats show whether MFU holds still), and per optimizer
+step the minor page faults and system CPU time of the process (all threads, `getrusage` read by an optimizer
+step post-hook: the difference between consecutive steps, median over the steps after `--warmup`), plus the
+same counters for the whole process. Prints a table and writes JSON; exits 1
 when the runs do not all share one trajectory.
 """
 
@@ -33,6 +34,8 @@ from pathlib import Path
 from _effitrain_run import bench_parser, machine, run_effitrain
 
 BASE = ["batch_size=8", "eval_batches=1"]
+SUMMARIZED = ("tokens_per_s", "mfu_pct", "minor_faults_per_step", "sys_ms_per_step", "minor_faults_total",
+              "sys_s_total")
 CHILD = "--child"  # internal: this script run as the CLI with the probe (argv: --child STAMPS UNSET train ...)
 
 
@@ -81,7 +84,10 @@ def measure(overrides: list[str], run_dir: Path, *, setting: str, warmup: int, u
     deltas = [{k: b[k] - a[k] for k in a} for a, b in zip(steps, steps[1:], strict=False)][warmup:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trajectory = [r["loss"] for r in records] + [records[-1].get("val_loss")]
+    env = json.loads((run_dir / "env.json").read_text())
     return {"setting": setting, "overrides": overrides, "tokens_per_s": summary["median_tokens_per_s"],
+            "mfu_pct": summary["median_mfu_pct"], "peak_flops": env["peak_flops"],
+            "peak_flops_source": env["peak_flops_source"],
             "minor_faults_per_step": statistics.median(d["minflt"] for d in deltas),
             "sys_ms_per_step": 1000 * statistics.median(d["stime"] for d in deltas),
             "minor_faults_total": probe["end"]["minflt"], "sys_s_total": probe["end"]["stime"],
@@ -104,30 +110,39 @@ def summarize(runs: list[dict]) -> list[dict]:
     for setting in dict.fromkeys(r["setting"] for r in runs):
         rs = [r for r in runs if r["setting"] == setting]
         out.append({"setting": setting, "runs": len(rs), "trajectories": "".join(r["trajectory_id"] for r in rs),
-                    **{f"median_{k}": statistics.median(r[k] for r in rs)
-                       for k in ("tokens_per_s", "minor_faults_per_step", "sys_ms_per_step", "minor_faults_total",
-                                 "sys_s_total")}})
+                    **{f"median_{k}": _median([r[k] for r in rs]) for k in SUMMARIZED}})
     return out
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]  # MFU is null for fp8
+    return statistics.median(values) if values else None
 
 
 def print_table(report: dict) -> None:
     print(f"\n{report['machine']} | {report['steps']} steps per run ({report['warmup']} warm-up) | overrides "
           f"{' '.join(report['overrides'])} | unset env: {', '.join(report['unset_env']) or 'none'}\n")
-    print("| run | setting | tokens/s | minor faults/step | sys ms/step | minor faults (process) | sys s (process) | "
-          "trajectory | first step differing |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    print("| run | setting | tokens/s | MFU % | peak source | minor faults/step | sys ms/step | "
+          "minor faults (process) | sys s (process) | trajectory | first step differing |")
+    print("| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |")
     for i, r in enumerate(report["runs"], 1):
-        print(f"| {i} | {r['setting']} | {r['tokens_per_s']:,.0f} | {r['minor_faults_per_step']:,.0f} | "
-              f"{r['sys_ms_per_step']:.1f} | {r['minor_faults_total']:,} | {r['sys_s_total']:.2f} | "
+        print(f"| {i} | {r['setting']} | {r['tokens_per_s']:,.0f} | {_pct(r['mfu_pct'])} | {r['peak_flops_source']} | "
+              f"{r['minor_faults_per_step']:,.0f} | {r['sys_ms_per_step']:.1f} | {r['minor_faults_total']:,} | "
+              f"{r['sys_s_total']:.2f} | "
               f"{r['trajectory_id']} | {r['first_step_differing'] or '-'} |")
-    print("\n| setting | runs | trajectories | median tokens/s | minor faults/step | sys ms/step | "
+    print("\n| setting | runs | trajectories | median tokens/s | median MFU % | minor faults/step | sys ms/step | "
           "minor faults (process) |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for s in report["settings"]:
         print(f"| {s['setting']} | {s['runs']} | {s['trajectories']} | {s['median_tokens_per_s']:,.0f} | "
+              f"{_pct(s['median_mfu_pct'])} | "
               f"{s['median_minor_faults_per_step']:,.0f} | {s['median_sys_ms_per_step']:.1f} | "
               f"{s['median_minor_faults_total']:,.0f} |")
     print(f"\n{report['distinct_trajectories']} distinct loss trajectories in {len(report['runs'])} runs")
+
+
+def _pct(value: float | None) -> str:
+    return "null" if value is None else f"{value:.1f}"
 
 
 def child(stamps_path: str, unset: str, cli_argv: list[str]) -> int:
