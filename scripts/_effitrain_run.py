@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+CLI = ["-m", "effitrain.cli"]  # what `effitrain` runs
 
-def run_effitrain(overrides: list[str], run_dir: Path) -> dict:
-    """Train with the real CLI into run_dir; its summary.json (exits with the error tail on failure)."""
-    cmd = [sys.executable, "-m", "effitrain.cli", "train", *overrides, f"hydra.run.dir={run_dir}",
-           "logging.progress=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+
+def run_effitrain(overrides: list[str], run_dir: Path, *, entry: list[str] = CLI, env: dict | None = None) -> dict:
+    """Train with the real CLI into run_dir; its summary.json (exits with the error tail on failure).
+
+    entry: the interpreter arguments before `train` (a script of its own that wraps the CLI, e.g. with a probe).
+    """
+    cmd = [sys.executable, *entry, "train", *overrides, f"hydra.run.dir={run_dir}", "logging.progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(overrides)}\n{proc.stderr[-2000:]}")
     return json.loads((run_dir / "summary.json").read_text())
@@ -26,3 +32,14 @@ def bench_parser(description: str, *, steps: int, json_default: str) -> argparse
     parser.add_argument("--json", default=json_default)
     parser.add_argument("overrides", nargs="*", help="extra effitrain overrides for every run, e.g. model=llama-20m")
     return parser
+
+
+def machine() -> str:
+    """The GPU's name, or the CPU's model, cores and torch threads: the line each table names its machine by."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor())
+    return f"{name}, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"

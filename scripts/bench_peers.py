@@ -1,11 +1,15 @@
 """effitrain side by side with what users would otherwise pick: the same work, run interleaved, medians.
 
     pip install -e ".[bench]"
-    python scripts/bench_peers.py                      # default model, 3 rounds x 5 runs (wall time: BENCHMARKS.md)
+    python scripts/bench_peers.py                      # default model, 3 rounds x 6 runs
     python scripts/bench_peers.py --rounds 5 --steps 30 --model llama-20m --batch-size 16
 
-Variants, each a fresh subprocess, run interleaved (a b c d e, a b c d e, ...):
-  a  a minimal hand-written PyTorch loop (forward, loss, backward, clip, AdamW step, lr schedule): the floor
+Variants, each a fresh subprocess, run interleaved (a g b c d e, a g b c d e, ...):
+  a  a minimal hand-written PyTorch loop (forward, loss, backward, clip, AdamW step, lr schedule): the floor.
+     On CPU it keeps freed memory in the heap as effitrain's CPU runs do (`effitrain.hostmem.keep_freed_memory`,
+     the top-level key cpu_keep_freed_memory), so b/a measures the loop, not the allocator
+  g  the same hand loop with glibc's default allocator settings (CPU only; on CUDA g would repeat a): a/g is what
+     the heap setting gives a plain loop, b/g what a user gets from effitrain over a loop written without it
   b  `effitrain train` with the identical config
   c  transformers' Trainer with the identical config
   d  `effitrain train +experiment=<preset>`: effitrain's fastest settings for the device (fast-cpu / fast-gpu)
@@ -13,10 +17,10 @@ Variants, each a fresh subprocess, run interleaved (a b c d e, a b c d e, ...):
      (on CUDA also bf16=True and tf32=True, as the fast-gpu preset d)
 
 The same work: one initial checkpoint (saved once, loaded by every variant: effitrain via model.pretrained),
-the same token windows in the same order (effitrain's sampler; a and c get the identical batches as tensors),
+the same token windows in the same order (effitrain's sampler; a, g and c get the identical batches as tensors),
 batch x seq_len, fp32, AdamW (lr, betas, eps, weight decay on all but biases and norm weights, foreach on CPU),
 warmup + cosine to min_lr via transformers' get_scheduler, grad-norm clipping, number of steps. Final losses of
-a, b and c must agree (a and b to the bit); the script exits 1 when they do not.
+a, g, b and c must agree (a, g and b to the bit); the script exits 1 when they do not.
 
 One probe times every variant: a global optimizer step post-hook stamps the end of each optimizer step, and a
 step's time is the interval between consecutive stamps, so it holds all a framework does per step (data, forward,
@@ -38,14 +42,18 @@ import sys
 import time
 from pathlib import Path
 
+from _effitrain_run import machine
+
 VARIANTS = {
-    "a": "hand-written PyTorch loop",
+    "a": "hand-written PyTorch loop (heap kept, as effitrain)",
+    "g": "hand-written PyTorch loop (glibc default heap)",
     "b": "effitrain train",
     "c": "transformers Trainer",
     "d": "effitrain train +experiment={preset}",
     "e": "Trainer torch_compile + fused AdamW",
 }
-RATIOS = (("b", "a", 0.97), ("b", "c", None), ("d", "e", 1.2))  # (numerator, denominator, target)
+# (numerator, denominator, target)
+RATIOS = (("b", "a", 0.97), ("b", "g", None), ("a", "g", None), ("b", "c", None), ("d", "e", 1.2))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=6, help="first steps left out of the medians (compile, warm-up)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every variant")
-    p.add_argument("--variants", default="abcde")
+    p.add_argument("--variants", default="agbcde", help="which variants, in run order (g is dropped on CUDA)")
     p.add_argument("--preset", default=None, help="effitrain preset for d (default: fast-cpu, or fast-gpu on CUDA)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--loss-rtol", type=float, default=1e-4, help="tolerance on final losses of a, b, c")
@@ -77,6 +85,8 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = args.preset or ("fast-gpu" if device == "cuda" else "fast-cpu")
+    if device == "cuda" and "g" in args.variants:  # effitrain sets no host allocator on CUDA: g would be a again
+        args.variants = args.variants.replace("g", "")
     out = (args.out or Path("outputs/bench") / f"peers-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec = prepare(args, out, device=device, preset=preset)
@@ -136,6 +146,8 @@ def prepare(args, out: Path, *, device: str, preset: str) -> dict:
         "init": str(out / "init"), "batches": str(out / "batches.pt"),
         "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
         "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio, "grad_clip": cfg.grad_clip,
+        # what effitrain's b and d do to the host allocator (train.py: CPU runs only); a copies it, g does not
+        "keep_freed_memory": bool(cfg.cpu_keep_freed_memory) and device == "cpu",
         "effitrain_overrides": {"b": effitrain, "d": effitrain + [f"+experiment={preset}"]},
     }
 
@@ -163,10 +175,10 @@ def summarize(runs: dict, *, args, spec: dict, preset: str, wall_s: float) -> di
             per_round = [n["tokens_per_s"] / d["tokens_per_s"] for n, d in zip(runs[num], runs[den], strict=True)]
             ratios[f"{num}/{den}"] = {"median": statistics.median(per_round), "per_round": per_round,
                                       "target": target}
-    # a, b and c do the same work in fp32: their final losses must agree (a and b bit for bit)
-    same = [loss for v in "abc" if v in runs for r in runs[v] for loss in [r["final_loss"]]]
+    # a, g, b and c do the same work in fp32: their final losses must agree (a, g and b bit for bit)
+    same = [loss for v in "agbc" if v in runs for r in runs[v] for loss in [r["final_loss"]]]
     spread = (max(same) - min(same)) / abs(min(same)) if same else 0.0
-    a_and_b = {r["final_loss"] for v in "ab" if v in runs for r in runs[v]}
+    a_and_b = {r["final_loss"] for v in "agb" if v in runs for r in runs[v]}
     import torch
 
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
@@ -191,17 +203,7 @@ def print_table(report: dict) -> None:
         target = f">= {r['target']}" + (" met" if r["median"] >= r["target"] else " NOT met") if r["target"] else ""
         print(f"| {name} | {r['median']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_round'])} | {target} |")
     verdict = "agree" if report["losses_agree"] else "DO NOT agree"
-    print(f"\nfinal losses of a, b, c {verdict}: relative spread {report['final_loss_rel_spread_abc']:.2e}")
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor())
-    return f"{name}, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
+    print(f"\nfinal losses of a, g, b, c {verdict}: relative spread {report['final_loss_rel_spread_abc']:.2e}")
 
 
 def _version(package: str) -> str | None:
@@ -234,7 +236,7 @@ def run_child(name: str, spec: dict) -> int:
     register_optimizer_step_post_hook(stamp)
     out = Path(spec["batches"]).parent
     variant = name[0]
-    losses, extra = {"a": hand_loop, "b": effitrain_run, "c": trainer_run, "d": effitrain_run,
+    losses, extra = {"a": hand_loop, "g": hand_loop, "b": effitrain_run, "c": trainer_run, "d": effitrain_run,
                      "e": trainer_run}[variant](variant, spec, out / name)
     if len(stamps) != spec["steps"] or len(losses) != spec["steps"]:
         raise RuntimeError(f"{name}: {len(stamps)} optimizer steps and {len(losses)} losses, not {spec['steps']}")
@@ -252,11 +254,17 @@ def _batches(spec: dict):
 
 
 def hand_loop(variant: str, spec: dict, workdir: Path) -> tuple[list[float], dict]:
-    """The floor: nothing but forward, loss, backward, clip, step, schedule."""
+    """The floor: nothing but forward, loss, backward, clip, step, schedule (a: with effitrain's heap setting)."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, get_scheduler
 
+    # MKL_CBWR reaches every child alike: the parent imported effitrain, which sets it, before starting them
+    keep = variant == "a" and spec["keep_freed_memory"]
+    if keep:
+        from effitrain.hostmem import keep_freed_memory
+
+        keep = keep_freed_memory(True)  # False off glibc: said in the result
     device = torch.device(spec["device"])
     model = AutoModelForCausalLM.from_pretrained(spec["init"], dtype=torch.float32, attn_implementation="sdpa")
     model.to(device).train()
@@ -279,7 +287,7 @@ def hand_loop(variant: str, spec: dict, workdir: Path) -> tuple[list[float], dic
         opt.zero_grad(set_to_none=True)
         sched.step()
         losses.append(loss.item())
-    return losses, {}
+    return losses, {"keep_freed_memory": keep}
 
 
 def effitrain_run(variant: str, spec: dict, workdir: Path) -> tuple[list[float], dict]:

@@ -15,6 +15,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def peak_cache(tmp_path_factory):
+    """Measured peak FLOP/s cache in a tmp file, not ~/.cache (subprocess runs inherit the variable)."""
+    from effitrain.flops import PEAK_CACHE_ENV
+
+    path = tmp_path_factory.mktemp("peak") / "peak_flops.json"
+    before = os.environ.get(PEAK_CACHE_ENV)
+    os.environ[PEAK_CACHE_ENV] = str(path)
+    yield path
+    if before is None:
+        del os.environ[PEAK_CACHE_ENV]
+    else:
+        os.environ[PEAK_CACHE_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One token cache for the whole session (built once per corpus, as in real use)."""
