@@ -259,7 +259,11 @@ def hand_loop(variant: str, spec: dict, workdir: Path) -> tuple[list[float], dic
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, get_scheduler
 
-    # MKL_CBWR reaches every child alike: the parent imported effitrain, which sets it, before starting them
+    # effitrain sets MKL's reproducible mode at job start (runtime.py); the hand loops do as it does, before torch
+    # computes anything, so a, g and b run the same kernels
+    from effitrain.runtime import MKL_CBWR
+
+    os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     keep = variant == "a" and spec["keep_freed_memory"]
     if keep:
         from effitrain.hostmem import keep_freed_memory

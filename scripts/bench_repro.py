@@ -8,8 +8,8 @@
 Every run is a fresh process on the default config with `batch_size=8` (8 x 128 tokens per step) and one
 validation batch, plus the overrides given. `--compare KEY=V1,V2,...` runs each value as a setting, interleaved
 (V1 V2 V1 V2 ...), so neighbouring runs share the machine's load. `--unset-env NAME` removes NAME from the
-environment after `import effitrain` and before torch starts, to measure one of effitrain's own defaults
-(MKL_CBWR: effitrain sets it unless the user did; MKL reads it at its first call).
+environment before torch starts, to measure one of effitrain's own defaults (MKL_CBWR: effitrain's
+runtime.job_runtime sets it at job start unless the user did; MKL reads it at its first call).
 
 Per run: the loss trajectory (every step's training loss and the final validation loss, compared exactly; runs
 with the same trajectory share a letter), the first step where it differs from run 1, median tokens/s and MFU
@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the per-step medians")
     parser.add_argument("--compare", help="KEY=V1,V2,...: one setting per value, run interleaved")
     parser.add_argument("--unset-env", action="append", default=[], metavar="NAME",
-                        help="remove NAME from the environment after `import effitrain` (repeatable)")
+                        help="remove NAME from the environment before torch starts (repeatable)")
     args = parser.parse_args()
     if args.steps <= args.warmup + 1:
         parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}")
@@ -147,10 +147,12 @@ def _pct(value: float | None) -> str:
 
 def child(stamps_path: str, unset: str, cli_argv: list[str]) -> int:
     """`effitrain` in this process, with a probe of the process's page faults and CPU time at each optimizer step."""
-    import effitrain  # noqa: F401  (sets its environment defaults, MKL_CBWR among them)
+    import effitrain.runtime
 
     for name in filter(None, unset.split(",")):
         os.environ.pop(name, None)
+        if name == "MKL_CBWR":  # effitrain's own default, set at job start: measure the run without it
+            effitrain.runtime.MKL_CBWR = None
     import resource
 
     from torch.optim.optimizer import register_optimizer_step_post_hook

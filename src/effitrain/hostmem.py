@@ -2,8 +2,9 @@
 
 glibc serves large allocations with mmap and returns them with munmap, and trims the top of its heap when a lot
 is free. A CPU training step frees and re-allocates the same activation buffers every step, so each step faults
-its activations in again as fresh zeroed pages: ~8,000 minor faults (32 MB) per step of the default model, about
-a third of a second of system time per 10 steps (measured, BENCHMARKS.md). Raising glibc's mmap and trim thresholds
+its activations in again as fresh zeroed pages: thousands of minor faults and milliseconds of system time per step
+of the default model (`python scripts/bench_repro.py --runs 2 --compare cpu_keep_freed_memory=false,true`; numbers
+in BENCHMARKS.md). Raising glibc's mmap and trim thresholds
 keeps that memory in the heap for the next step. The price: the process's RSS stays at its peak between steps.
 """
 

@@ -38,7 +38,8 @@ def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.dev
     saved_env = {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cudnn.allow_tf32, torch.random.get_rng_state(), random.getstate(), np.random.get_state())
-    os.environ.setdefault("MKL_CBWR", MKL_CBWR)
+    if MKL_CBWR is not None:  # None: scripts/bench_repro.py measuring runs without it
+        os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     if deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(deterministic)
