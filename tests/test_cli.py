@@ -52,6 +52,8 @@ BAD_TRAIN = {
     "betas for sgd": (["optimizer=sgd", "optimizer.betas=[0.9,0.9]"], "unknown key 'optimizer.betas'"),
     "node rank": (["launcher.node_rank=1"], "unknown key 'launcher.node_rank'"),
     "compression method": (["compression.method=powersgd"], "unknown key 'compression.method'"),
+    "kind key overridden": (["schedule.kind=wsd"], "schedule.kind=wsd would run the schedule option 'cosine'"),
+    "strategy key overridden": (["parallel.strategy=ddp"], "choose the option instead"),
     "reduce dtype outside fsdp": (["precision=bf16", "precision.reduce_dtype=bfloat16"],
                                   "precision.reduce_dtype=bfloat16 is the FSDP reduce-scatter dtype"),
     "unknown top-level key": (["maxsteps=5"], "unknown key 'maxsteps'"),

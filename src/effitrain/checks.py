@@ -12,11 +12,11 @@ from effitrain.compose import GROUPS
 from effitrain.errors import UsageError
 from effitrain.launcher import world_size
 from effitrain.models import kv_heads
+from effitrain.optim import STOCHASTIC_ROUNDING
 from effitrain.parallel import FSDP_STRATEGIES, parallel_degrees
 from effitrain.precision import param_dtype
 
 TP_FAMILIES = ("llama", "gpt2")  # families with a tensor-parallel plan (parallel/build.py)
-STOCHASTIC_ROUNDING = ("adamw", "adamw-8bit")  # optimizers with bf16 stochastic-rounding updates (torchao)
 
 
 def check_all(cfg) -> None:

@@ -1,4 +1,5 @@
-"""argv -> verb (train, reproduce). Validates before anything starts; bad input is one line, exit 2.
+"""argv -> verb (train, reproduce). Validates before anything starts; bad input is one line, exit 2 (here, and in
+the torchrun entry train.main, which has no CLI above it).
 
 Kept light: torch and transformers are imported only once a run really starts, so `effitrain --help`
 and input errors answer at once.

@@ -129,10 +129,17 @@ def compose_one(overrides: list[str], **kwargs):
 
 
 def check_schema(cfg) -> None:
-    """Keys Hydra let in with `+key=value` must still be keys of their option's schema: nothing silently ignored."""
+    """Keys Hydra let in with `+key=value` must still be keys of their option's schema (nothing silently ignored),
+    and an option's kind is chosen with the option, not by overriding its kind key."""
     from omegaconf import OmegaConf
 
     typed(OmegaConf.to_container(cfg))
+    for group in GROUPS:
+        node = cfg[group.name]
+        if group.key is not None and OmegaConf.get_type(node) is not group.schema_of(node):
+            raise UsageError(f"{group.name}.{group.key}={group.kind_of(node)} would run the {group.name} option "
+                             f"{node.name!r} with another kind's builder; choose the option instead "
+                             f"({group.name}=<option>, effitrain --help lists them)")
 
 
 def typed(container: dict):

@@ -60,17 +60,6 @@ def init_world(device_choice: str, *, group: bool = False) -> World:
     return World(rank=rank, local_rank=local_rank, size=size, device=device)
 
 
-def all_reduce(values: list[float], *, op: str, world: World) -> list[float]:
-    """Reduce a few floats across ranks in one collective ('sum', 'max' or 'mean')."""
-    if not world.distributed:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    if op == "mean":
-        t /= world.size
-    return t.tolist()
-
-
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -3,7 +3,7 @@ worker) or torchrun workers.
 
 Workers are started by torch's elastic agent (`elastic_launch`, the engine behind torchrun) with the
 composed config handed to a Python function: nothing is re-parsed from argv, so every rank trains
-exactly the config the CLI checked. No torch at import: the CLI reads the group's schema from here.
+exactly the config the CLI checked.
 """
 
 from __future__ import annotations

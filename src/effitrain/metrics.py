@@ -132,7 +132,8 @@ class PendingStep:
     step: int
     loss: torch.Tensor
     grad_norm: torch.Tensor
-    loss_scale: torch.Tensor | None
+    loss_scale: torch.Tensor | None  # fp16: the scale after the step
+    skipped: torch.Tensor | None  # fp16: the scaler skipped this step (it backs off exactly then)
     lr: float
     data_time_s: float
     mem_active_gib: float
@@ -149,16 +150,14 @@ class StepBuffer:
         clock: the StepClock that timed the buffered steps.
         rates: step -> record fields from (step_time_s, data_time_s) (throughput, FLOPs, MFU).
         memory_total: bytes of device (or host) memory, for mem_pct.
-        init_scale: the loss scaler's initial scale (fp16), to tell which steps it skipped; None without scaling.
+        skipped_steps: fp16 steps skipped before this buffer's first step (a resumed run's count).
     """
 
-    # reduced across ranks: mean of the first three, max of the last two
-    _MEAN, _MAX = ("loss", "step_time_s", "data_time_s"), ("mem_active_peak_gib", "mem_reserved_peak_gib")
-
-    def __init__(self, *, world, clock: StepClock, rates, memory_total: int, init_scale: float | None):
+    def __init__(self, *, world, clock: StepClock, rates, memory_total: int, skipped_steps: int = 0):
         self.world, self.clock, self.rates, self.memory_total = world, clock, rates, memory_total
         self.pending: list[PendingStep] = []
-        self._last_scale, self.skipped_steps = init_scale, 0
+        self.skipped_steps = skipped_steps
+        self.wait_s = 0.0  # time the flushes spent waiting for the device to finish the buffered steps
 
     def add(self, step: PendingStep) -> None:
         self.pending.append(step)
@@ -168,16 +167,15 @@ class StepBuffer:
         if not self.pending:
             return []
         steps, self.pending = self.pending, []
+        t0 = time.perf_counter()
         times = self.clock.durations()
-        rows = self._reduced(steps, times)
+        self.wait_s += time.perf_counter() - t0
         records = []
-        for p, (loss, step_time, data_time, mem_active, mem_reserved, grad_norm, scale) in zip(steps, rows,
-                                                                                             strict=True):
+        for p, (loss, step_time, data_time, mem_active, mem_reserved, grad_norm, scale, skipped) in zip(
+                steps, self._reduced(steps, times), strict=True):
             record = {"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm}
             if p.loss_scale is not None:
-                # the scaler backs off exactly on the steps it skips
-                self.skipped_steps += scale < self._last_scale
-                self._last_scale = scale
+                self.skipped_steps += int(skipped)
                 record |= {"loss_scale": scale, "skipped_steps": self.skipped_steps}
             record |= self.rates(step_time_s=step_time, data_time_s=data_time)
             record |= {"mem_active_peak_gib": mem_active, "mem_reserved_peak_gib": mem_reserved,
@@ -186,21 +184,23 @@ class StepBuffer:
         return records
 
     def _reduced(self, steps: list[PendingStep], times: list[float]) -> list[tuple]:
-        """Per step: (loss, step_time, data_time) averaged over ranks, memory peaks maxed, grad norm and scale
-        (the same on every rank) -- from one [steps, 7] float64 tensor per rank."""
+        """Per step: (loss, step_time, data_time) averaged over ranks, the two memory peaks maxed, and grad norm,
+        loss scale, skipped (the same on every rank) -- from one [steps, 8] float64 tensor per rank."""
         device = self.world.device
         host = torch.tensor([[t, p.data_time_s, p.mem_active_gib, p.mem_reserved_gib]
                              for p, t in zip(steps, times, strict=True)], dtype=torch.float64)
-        scales = [p.loss_scale if p.loss_scale is not None else torch.zeros((), device=device) for p in steps]
-        on_device = torch.stack([torch.stack([p.loss.double(), p.grad_norm.double().to(device), s.double()])
-                                 for p, s in zip(steps, scales, strict=True)])
+        zero = torch.zeros((), device=device)
+        on_device = torch.stack([torch.stack([p.loss.double(), p.grad_norm.double().to(device),
+                                              (zero if p.loss_scale is None else p.loss_scale).double(),
+                                              (zero if p.skipped is None else p.skipped).double()])
+                                 for p in steps])
         local = torch.cat([on_device[:, :1], host.to(device), on_device[:, 1:]], dim=1)
         if self.world.distributed:
             import torch.distributed as dist
 
             gathered = [torch.empty_like(local) for _ in range(self.world.size)]
             dist.all_gather(gathered, local)
-            every = torch.stack(gathered)  # [ranks, steps, 7]
+            every = torch.stack(gathered)  # [ranks, steps, 8]
             local = torch.cat([every[:, :, :3].mean(0), every[:, :, 3:5].amax(0), local[:, 5:]], dim=1)
         return [tuple(row) for row in local.tolist()]  # .tolist(): the flush's one host sync
 

@@ -25,6 +25,7 @@ class TrainState:
     converters: ModelConverter
     step: int = 0  # optimizer steps taken
     tokens_seen: int = 0  # training tokens consumed (all ranks)
+    skipped_steps: int = 0  # fp16: optimizer steps the loss scaler skipped (as of the last metrics flush)
 
     def state_dict(self) -> dict:
         """The full state: model and optimizer (this rank's shards), scheduler, loss scaler, counters, this rank's
@@ -34,7 +35,7 @@ class TrainState:
         model, optimizer = get_state_dict(self.model, self.optimizer)
         return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
-                "rng": rng_state()}
+                "skipped_steps": self.skipped_steps, "rng": rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -44,7 +45,7 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.step, self.tokens_seen, self.skipped_steps = state["step"], state["tokens_seen"], state["skipped_steps"]
         set_rng_state(state["rng"])
 
     def export_state_dict(self) -> dict:

@@ -116,9 +116,7 @@ class Trainer:
         rates = partial(throughput, tokens=self.tokens_per_step, samples=self.batches.global_batch,
                         world_size=world.size, flops_per_token=self.parts.flops_per_token, peak_flops=self.peak)
         self.clock = StepClock(world.device)
-        scaler = self.precision.scaler
-        self.buffer = StepBuffer(world=world, clock=self.clock, rates=rates, memory_total=self.memory.total,
-                                 init_scale=scaler.get_scale() if scaler.is_enabled() else None)
+        self.rates = rates
         sinks = []
         if world.is_main:
             sinks = build_sinks(cfg.logging, run_dir=self.run_dir, total_steps=cfg.max_steps)
@@ -144,14 +142,21 @@ class Trainer:
         profiler = StepProfiler(cfg.logging, run_dir=self.run_dir, rank=self.world.rank, device=self.world.device)
         startup_s = runs.seconds_since_launch()
         log.info(f"startup: {startup_s:.1f} s from the command to the first step")
+        # built here, not with the meters: a loaded TrainState brings the count of fp16 steps skipped so far
+        self.buffer = StepBuffer(world=self.world, clock=self.clock, rates=self.rates, memory_total=self.memory.total,
+                                 skipped_steps=state.skipped_steps)
         start = time.perf_counter()
         for step in range(state.step + 1, (until or cfg.max_steps) + 1):
             self._step(step, prefetch)
             profiler.step()
+        t0 = time.perf_counter()
+        self._flush()  # a loop that stops between flushes (until=) still writes every step
+        self.recorder.overhead_s += time.perf_counter() - t0
         profiler.close()
         wall = time.perf_counter() - start
-        return {"wall_time_s": wall, "startup_s": startup_s,
-                "metrics_overhead_pct": 100.0 * self.recorder.overhead_s / wall}
+        # metrics' own host time: not the flushes' wait for the device to finish the steps they read
+        overhead = self.recorder.overhead_s - self.buffer.wait_s
+        return {"wall_time_s": wall, "startup_s": startup_s, "metrics_overhead_pct": 100.0 * overhead / wall}
 
     def _step(self, step: int, prefetch: Prefetcher) -> None:
         cfg, state, world = self.cfg, self.state, self.world
@@ -162,6 +167,7 @@ class Trainer:
         micro = [prefetch.next().to(world.device, non_blocking=True) for _ in range(cfg.grad_accum_steps)]
         data_time = time.perf_counter() - t1
         lr = float(state.scheduler.get_last_lr()[0])  # a host float (a CPU tensor under torchao optimizers)
+        scale_before = self.precision.loss_scale()
         result = train_step(state.model, state.optimizer, micro, precision=self.precision, grad_clip=cfg.grad_clip,
                             no_sync=self.parts.no_sync, converters=state.converters)
         state.scheduler.step()
@@ -175,14 +181,21 @@ class Trainer:
             extra["val_loss"], extra["val_ppl"] = evaluate(state.model, self.val_batches, precision=self.precision,
                                                            device=world.device)
         t4 = time.perf_counter()
-        self.buffer.add(PendingStep(step=step, loss=result.loss, grad_norm=result.grad_norm,
-                                    loss_scale=self.precision.loss_scale(), lr=lr, data_time_s=data_time,
-                                    mem_active_gib=active, mem_reserved_gib=reserved, extra=extra))
+        scale = self.precision.loss_scale()
+        # the scaler backs off exactly on the steps it skips; compared on the device: no sync
+        skipped = None if scale is None else scale < scale_before
+        self.buffer.add(PendingStep(step=step, loss=result.loss, grad_norm=result.grad_norm, loss_scale=scale,
+                                    skipped=skipped, lr=lr, data_time_s=data_time, mem_active_gib=active,
+                                    mem_reserved_gib=reserved, extra=extra))
         if step % cfg.logging.every == 0 or step == cfg.max_steps or extra:
-            for record in self.buffer.flush():
-                self.recorder.write(record)
+            self._flush()
         # metrics' own host time: memory stats, buffering, the flush's collective and the sinks (not the evaluation)
         self.recorder.overhead_s += (t1 - t0) + (t3 - t2) + (time.perf_counter() - t4)
+
+    def _flush(self) -> None:
+        for record in self.buffer.flush():
+            self.recorder.write(record)
+        self.state.skipped_steps = self.buffer.skipped_steps
 
     def close(self, extra: dict | None) -> None:
         """Release sinks and the process group; write the summary only for a run that finished."""

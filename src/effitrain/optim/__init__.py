@@ -14,6 +14,7 @@ from effitrain.registry import Group
 GROUP = Group("optimizer", key="kind", builders="effitrain.optim.build")
 NO_DECAY = ("bias", "norm", "embedding")
 IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
+STOCHASTIC_ROUNDING = ("adamw", "adamw-8bit")  # kinds with bf16 stochastic-rounding updates (torchao)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from effitrain.errors import UsageError
-from effitrain.optim import GROUP
+from effitrain.optim import GROUP, STOCHASTIC_ROUNDING
 
 log = logging.getLogger("effitrain")
 
@@ -73,7 +73,7 @@ def build_optimizer(model: nn.Module, *, cfg, device: torch.device) -> torch.opt
     """
     groups = param_groups(model, weight_decay=cfg.weight_decay, no_decay=list(cfg.no_decay))
     bf16 = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
-    if bf16 and cfg.kind not in ("adamw", "adamw-8bit"):
+    if bf16 and cfg.kind not in STOCHASTIC_ROUNDING:
         raise OptimizerError(f"bf16 parameters (precision=bf16-pure) need stochastic-rounding updates, which "
                              f"optimizer=adamw and adamw-8bit have; optimizer={cfg.name} has not (use precision=bf16)")
     optimizer = GROUP.builder_of(cfg.kind)(groups, model=model, cfg=cfg, device=device, bf16=bf16)

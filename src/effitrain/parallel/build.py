@@ -130,7 +130,7 @@ def apply_tp(model: nn.Module, *, mesh, sequence_parallel: bool = False) -> None
     transformers derives positions, the causal mask and rotary tables from the embedding output's shape.
 
     Args:
-        model: a llama or gpt2 causal LM (gpt2 linearised by models.build_model; parameters may be on meta).
+        model: a llama or gpt2 causal LM (gpt2 linearised by models.build.build_model; parameters may be on meta).
         mesh: the 1-D tensor-parallel device mesh.
         sequence_parallel: shard activations outside attention/MLP along the sequence (Megatron SP).
     """
@@ -176,7 +176,7 @@ def _llama_plans(sp: bool) -> tuple[dict, dict]:
 
 
 def _gpt2_plans(sp: bool) -> tuple[dict, dict]:
-    """(per-block plan, root plan) for gpt2 (Linear form, models.linearise_gpt2): q/k/v and c_fc column-wise;
+    """(per-block plan, root plan) for gpt2 (Linear form, models.build.linearise_gpt2): q/k/v and c_fc column-wise;
     both c_proj row-wise."""
     from torch.distributed.tensor.parallel import ColwiseParallel
 

@@ -80,7 +80,10 @@ class Precision:
         The scaler backs off exactly on the steps it skips, so a drop from one step to the next marks a skip."""
         if not self.scaler.is_enabled():
             return None
-        return self.scaler._get_scale_async().detach().clone()  # get_scale() would .item() (a sync) every step
+        scale = self.scaler._get_scale_async()  # get_scale() would .item() (a sync) every step
+        if scale is None:  # made lazily at the first scale(): before it, the initial scale (a host float)
+            return torch.tensor(self.scaler.get_scale(), dtype=torch.float32, device=self.device)
+        return scale.detach().clone()
 
 
 def build_precision(cfg, *, device: torch.device) -> Precision:
