@@ -1,24 +1,21 @@
 """Start-up stays light: `effitrain --help` imports no torch, and a run reports its command-to-first-step time.
 
-Loose bounds only: timings belong in scripts/ benchmarks (BENCHMARKS.md), not in tests.
+No timings asserted: they belong in scripts/ benchmarks (BENCHMARKS.md), not in tests.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 from conftest import compose
 from effitrain.train import run
 
 
-def test_help_is_fast_and_imports_no_torch():
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "effitrain.cli", "--help"], capture_output=True, text=True, timeout=30)
-    elapsed = time.perf_counter() - t0
+def test_help_imports_no_torch():
+    """What keeps `effitrain --help` fast: it never loads torch (its time is a benchmark's business, not a test's)."""
+    out = subprocess.run([sys.executable, "-m", "effitrain.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "experiment" in out.stdout
-    assert elapsed < 3.0, f"effitrain --help took {elapsed:.2f} s"  # ~0.4 s on an idle laptop core
     probe = "import sys, effitrain.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
 
