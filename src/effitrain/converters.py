@@ -6,7 +6,7 @@ calls the chain at fixed points and never learns their names:
     convert(model)              before parallel wrapping, in place (FSDP then shards what the transform made)
     comm_hook(model)            after DDP wrapping: register a gradient communication hook
     loss_term(logits, batch)    an extra loss added to the LM loss (distillation, regularisers), or None
-    post_optimizer_hook(model)  after each optimizer step (re-apply masks, refresh scales)
+    post_optimizer_hook(model)  after each optimizer step (re-apply masks, refresh scales), fp16-skipped ones too
     state_dict_transform(sd)    on the model state dict before save/export (drop or rename what the transform added)
 """
 

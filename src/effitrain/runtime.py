@@ -37,7 +37,7 @@ def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.dev
     """
     saved_env = {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.allow_tf32, torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+             torch.backends.cudnn.allow_tf32, rng_state())
     if MKL_CBWR is not None:  # None: scripts/bench_repro.py measuring runs without it
         os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     if deterministic and device.type == "cuda":
@@ -51,12 +51,10 @@ def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.dev
     finally:
         if kept:
             keep_freed_memory(False)
-        deterministic_before, matmul_tf32, cudnn_tf32, torch_rng, python_rng, numpy_rng = saved
+        deterministic_before, matmul_tf32, cudnn_tf32, rngs = saved
         torch.use_deterministic_algorithms(deterministic_before)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
-        torch.random.set_rng_state(torch_rng)
-        random.setstate(python_rng)
-        np.random.set_state(numpy_rng)
+        set_rng_state(rngs)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
