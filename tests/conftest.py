@@ -91,3 +91,22 @@ def only_run_dir(outputs: Path) -> Path:
     dirs = [d for d in outputs.glob("*/*") if d.is_dir() and d.parent.name != "multirun"]
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The per-step training losses of a run directory."""
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def assert_losses_close(a: list[float], b: list[float], *, steps: int, rtol: float, what: str = "") -> None:
+    """Two runs' per-step losses: both `steps` long, every step within `rtol` relative."""
+    assert len(a) == len(b) == steps, (len(a), len(b))
+    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+    assert worst <= rtol, f"{what}: max relative loss difference {worst:.2e} > {rtol:g}\n{a}\n{b}"
+
+
+def train_ok(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`effitrain train ARGS` in cwd, which must succeed."""
+    result = run_cli("train", *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    return result

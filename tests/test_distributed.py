@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import assert_losses_close, losses, read_metrics, run_cli, tiny_overrides, train_ok
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-5
@@ -30,20 +30,8 @@ def base(corpus, cache_dir):
     return tiny_overrides(corpus, cache_dir, "max_steps=10", "eval_every=10", "schedule.warmup_steps=2")
 
 
-def _losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir)]
-
-
 def _assert_close(a: list[float], b: list[float], rtol: float = RTOL, what: str = "") -> None:
-    assert len(a) == len(b) == 10, (len(a), len(b))
-    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
-    assert worst <= rtol, f"{what}: max relative loss difference {worst:.2e} > {rtol:g}\n{a}\n{b}"
-
-
-def _train(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    result = run_cli("train", *args, cwd=tmp)
-    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
-    return result
+    assert_losses_close(a, b, steps=10, rtol=rtol, what=what)
 
 
 def _sweep_jobs(tmp: Path) -> dict[str, Path]:
@@ -64,21 +52,21 @@ def runs(base, tmp_path_factory) -> dict[str, Path]:
     assert "model.dropout=" not in " ".join(base)  # 0 by default: the layouts must compute the same function
     out = {}
     single = tmp_path_factory.mktemp("single")  # the tiny llama and a gpt2 of the same size
-    _train(single, "-m", *base, "batch_size=4", "model=tiny,gpt2-124m")
+    train_ok(single, "-m", *base, "batch_size=4", "model=tiny,gpt2-124m")
     jobs = _sweep_jobs(single)
     out["single"], out["gpt2"] = jobs["model=tiny"], jobs["model=gpt2-124m"]
 
     two = tmp_path_factory.mktemp("dp")  # global batch 4 = 2 per rank x 2 ranks
-    _train(two, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp,fsdp-zero2,hsdp",
-           "parallel.activation_checkpointing=none,full")
+    train_ok(two, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp,fsdp-zero2,hsdp",
+             "parallel.activation_checkpointing=none,full")
     jobs = _sweep_jobs(two)
     for layout in ("ddp", "fsdp", "fsdp-zero2", "hsdp"):
         out[layout] = jobs[f"parallel={layout} parallel.activation_checkpointing=none"]
         out[f"{layout}+ac"] = jobs[f"parallel={layout} parallel.activation_checkpointing=full"]
 
     tp = tmp_path_factory.mktemp("tp")  # one TP group of 2 ranks reads the whole batch of 4
-    _train(tp, "-m", *base, "batch_size=4", "launcher.nproc_per_node=2", "model=tiny,gpt2-124m", "parallel=tp,fsdp-tp",
-           "parallel.sequence_parallel=false,true")
+    train_ok(tp, "-m", *base, "batch_size=4", "launcher.nproc_per_node=2", "model=tiny,gpt2-124m",
+             "parallel=tp,fsdp-tp", "parallel.sequence_parallel=false,true")
     jobs = _sweep_jobs(tp)
     for model, name in (("tiny", ""), ("gpt2-124m", "gpt2 ")):
         for layout in ("tp", "fsdp-tp"):
@@ -86,23 +74,23 @@ def runs(base, tmp_path_factory) -> dict[str, Path]:
             out[f"{name}{layout}+sp"] = jobs[f"model={model} parallel={layout} parallel.sequence_parallel=True"]
 
     accum = tmp_path_factory.mktemp("accum")  # 2 micro-steps of 1 per rank, gradient sync skipped on the first
-    _train(accum, "-m", *base, "batch_size=1", "grad_accum_steps=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp")
+    train_ok(accum, "-m", *base, "batch_size=1", "grad_accum_steps=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp")
     jobs = _sweep_jobs(accum)
     out["ddp-accum"], out["fsdp-accum"] = jobs["parallel=ddp"], jobs["parallel=fsdp"]
     return out
 
 
 def test_ddp_matches_single(runs):
-    _assert_close(_losses(runs["single"]), _losses(runs["ddp"]), what="ddp(2) vs single")
+    _assert_close(losses(runs["single"]), losses(runs["ddp"]), what="ddp(2) vs single")
 
 
 def test_fsdp_matches_ddp(runs):
-    _assert_close(_losses(runs["ddp"]), _losses(runs["fsdp"]), what="fsdp(2) vs ddp(2)")
+    _assert_close(losses(runs["ddp"]), losses(runs["fsdp"]), what="fsdp(2) vs ddp(2)")
 
 
 def test_fsdp_zero2_and_hsdp_match_fsdp(runs):
-    _assert_close(_losses(runs["fsdp"]), _losses(runs["fsdp-zero2"]), what="fsdp-zero2(2) vs fsdp(2)")
-    _assert_close(_losses(runs["fsdp"]), _losses(runs["hsdp"]), what="hsdp(2x1) vs fsdp(2)")
+    _assert_close(losses(runs["fsdp"]), losses(runs["fsdp-zero2"]), what="fsdp-zero2(2) vs fsdp(2)")
+    _assert_close(losses(runs["fsdp"]), losses(runs["hsdp"]), what="hsdp(2x1) vs fsdp(2)")
 
 
 @pytest.mark.parametrize("family, single", [("", "single"), ("gpt2 ", "gpt2")], ids=["llama", "gpt2"])
@@ -110,17 +98,17 @@ def test_tensor_parallel_matches_single(runs, family, single):
     """TP plans: llama (q/k/v, gate/up column-wise) and gpt2 (Linear form: q/k/v, c_fc column-wise), each with and
     without sequence parallel (norms and residual stream on sequence shards)."""
     for layout in ("tp", "fsdp-tp", "tp+sp", "fsdp-tp+sp"):
-        _assert_close(_losses(runs[single]), _losses(runs[family + layout]), what=f"{family}{layout}(2) vs single")
+        _assert_close(losses(runs[single]), losses(runs[family + layout]), what=f"{family}{layout}(2) vs single")
 
 
 def test_activation_checkpointing_matches_none(runs):
     for layout in ("ddp", "fsdp", "fsdp-zero2", "hsdp"):
-        _assert_close(_losses(runs[layout]), _losses(runs[f"{layout}+ac"]), what=f"{layout} AC full vs none")
+        _assert_close(losses(runs[layout]), losses(runs[f"{layout}+ac"]), what=f"{layout} AC full vs none")
 
 
 def test_grad_accumulation_matches_bigger_batch(runs):
-    _assert_close(_losses(runs["ddp"]), _losses(runs["ddp-accum"]), what="ddp 2 x b=1 vs 1 x b=2")
-    _assert_close(_losses(runs["fsdp"]), _losses(runs["fsdp-accum"]), what="fsdp 2 x b=1 vs 1 x b=2")
+    _assert_close(losses(runs["ddp"]), losses(runs["ddp-accum"]), what="ddp 2 x b=1 vs 1 x b=2")
+    _assert_close(losses(runs["fsdp"]), losses(runs["fsdp-accum"]), what="fsdp 2 x b=1 vs 1 x b=2")
 
 
 def test_reproduce_relaunches_the_same_world(runs, tmp_path):
@@ -146,7 +134,7 @@ def test_torchrun_from_outside_runs_the_same_worker(base, runs, tmp_path):
     assert (run_dir / "metrics.jsonl").is_file() and not (tmp_path / "outputs").exists()
     saved_hydra = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml"))  # as given, unresolved
     assert saved_hydra["hydra"]["run"]["dir"] == "runs/${name}-fsdp"
-    _assert_close(_losses(runs["fsdp"]), _losses(run_dir), what="torchrun fsdp(2) vs effitrain fsdp(2)")
+    _assert_close(losses(runs["fsdp"]), losses(run_dir), what="torchrun fsdp(2) vs effitrain fsdp(2)")
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert (saved.launcher.nproc_per_node, saved.launcher.nnodes, saved.parallel.name) == (2, 1, "fsdp")
     assert (run_dir / "rank_1.log").exists()
@@ -166,15 +154,15 @@ def test_metrics_reduced_across_ranks(runs):
 def test_compile_matches_eager(base, runs, tmp_path):
     """Regional compile (inductor on CPU) vs eager, alone and inside activation checkpointing (the block is
     compiled within the AC wrapper); looser tolerance: fused kernels reorder float ops."""
-    _train(tmp_path, "-m", *base, "batch_size=4", "parallel.compile=true",
-           "parallel.activation_checkpointing=none,full")
+    train_ok(tmp_path, "-m", *base, "batch_size=4", "parallel.compile=true",
+             "parallel.activation_checkpointing=none,full")
     for overrides, job in _sweep_jobs(tmp_path).items():
-        _assert_close(_losses(runs["single"]), _losses(job), rtol=1e-4, what=f"compile vs eager ({overrides})")
+        _assert_close(losses(runs["single"]), losses(job), rtol=1e-4, what=f"compile vs eager ({overrides})")
 
 
 def test_design_card_fp16_fsdp_command(base, tmp_path):
     """The exact command of the design card, on CPU with the tiny model."""
-    result = _train(tmp_path, *base, "+precision=fp16", "+parallel=fsdp", "launcher.nproc_per_node=2")
+    result = train_ok(tmp_path, *base, "+precision=fp16", "+parallel=fsdp", "launcher.nproc_per_node=2")
     run_dir = next((tmp_path / "outputs").glob("*/*"))
     records = read_metrics(run_dir)
     assert len(records) == 10 and all(r["loss_scale"] > 0 for r in records)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import only_run_dir, read_metrics, run_cli, tiny_overrides
+from conftest import assert_losses_close, losses, only_run_dir, read_metrics, tiny_overrides, train_ok
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-5
@@ -31,24 +30,12 @@ def base(corpus, cache_dir):
                           "schedule.warmup_steps=2", "optimizer.lr=1e-2")
 
 
-def _losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir)]
-
-
 def _env(run_dir: Path) -> dict:
     return json.loads((run_dir / "env.json").read_text())
 
 
 def _assert_close(a: list[float], b: list[float], rtol: float = RTOL, what: str = "") -> None:
-    assert len(a) == len(b) == STEPS, (len(a), len(b))
-    worst = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
-    assert worst <= rtol, f"{what}: max relative loss difference {worst:.2e} > {rtol:g}\n{a}\n{b}"
-
-
-def _train(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    result = run_cli("train", *args, cwd=tmp)
-    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
-    return result
+    assert_losses_close(a, b, steps=STEPS, rtol=rtol, what=what)
 
 
 def _variant(job: Path) -> str:
@@ -66,8 +53,8 @@ def runs(base, tmp_path_factory) -> dict[str, Path]:
     """name -> run directory of every run the tests compare."""
     out = {}
     single = tmp_path_factory.mktemp("single")  # 2 x 2 x 2 one-process jobs of batch 4
-    _train(single, "-m", *base, "batch_size=4", "deterministic=false,true",
-           "parallel.activation_checkpointing=none,selective", "parallel.ac_every=2", "model.num_kv_heads=null,2")
+    train_ok(single, "-m", *base, "batch_size=4", "deterministic=false,true",
+             "parallel.activation_checkpointing=none,selective", "parallel.ac_every=2", "model.num_kv_heads=null,2")
     for job in sorted((single / "outputs" / "multirun").glob("*/*/[0-9]*")):
         out[_variant(job)] = job
     assert len(out) == 8, sorted(out)
@@ -78,7 +65,7 @@ def runs(base, tmp_path_factory) -> dict[str, Path]:
         "tp+gqa": ("batch_size=4", "launcher.nproc_per_node=2", "parallel=tp", f"model.num_kv_heads={KV_HEADS}"),
     }.items():
         tmp = tmp_path_factory.mktemp(name.replace("+", "_"))
-        _train(tmp, *base, *args)
+        train_ok(tmp, *base, *args)
         out[name] = only_run_dir(tmp / "outputs")
     for run_dir in out.values():  # every run trains the same global batch: 4 sequences per optimizer step
         assert "global batch 4 sequences" in (run_dir / "train.log").read_text(), run_dir
@@ -91,37 +78,37 @@ def test_hsdp_on_a_2x2_mesh_matches_single(runs):
     cfg = OmegaConf.load(runs["hsdp"] / ".hydra" / "config.yaml")
     d = parallel_degrees(cfg.parallel, world_size=_env(runs["hsdp"])["world_size"])
     assert (d.dp_replicate, d.dp_shard, d.tp) == (2, 2, 1)  # 2 replicas of 2-way shards, not a 1-D mesh
-    _assert_close(_losses(runs["single"]), _losses(runs["hsdp"]), what="hsdp(2x2) vs single")
+    _assert_close(losses(runs["single"]), losses(runs["hsdp"]), what="hsdp(2x2) vs single")
 
 
 def test_fsdp_cpu_offload_matches_single(runs):
-    _assert_close(_losses(runs["single"]), _losses(runs["fsdp+offload"]), what="fsdp(2) offload=cpu vs single")
+    _assert_close(losses(runs["single"]), losses(runs["fsdp+offload"]), what="fsdp(2) offload=cpu vs single")
 
 
 @pytest.mark.parametrize("variant", ["", "+gqa"], ids=["mha", "gqa"])
 def test_selective_activation_checkpointing_matches_none(runs, variant):
     """ac_every=2 of 2 blocks: block 0 recomputes in backward, block 1 keeps its activations."""
-    _assert_close(_losses(runs["single" + variant]), _losses(runs["single+sac" + variant]),
+    _assert_close(losses(runs["single" + variant]), losses(runs["single+sac" + variant]),
                   what=f"selective AC vs none{variant}")
 
 
 @pytest.mark.parametrize("variant", ["", "+sac", "+gqa", "+sac+gqa"])
 def test_deterministic_is_bit_identical_on_cpu(runs, variant):
-    deterministic = _losses(runs["single+det" + variant])
-    assert len(deterministic) == STEPS and deterministic == _losses(runs["single" + variant])
+    deterministic = losses(runs["single+det" + variant])
+    assert len(deterministic) == STEPS and deterministic == losses(runs["single" + variant])
 
 
 def test_grouped_query_attention_trains_and_tp_matches_single(runs):
-    losses = _losses(runs["single+gqa"])
-    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    assert read_metrics(runs["single+gqa"])[-1]["val_loss"] < losses[0]
+    gqa = losses(runs["single+gqa"])
+    assert all(math.isfinite(x) for x in gqa) and gqa[-1] < gqa[0]
+    assert read_metrics(runs["single+gqa"])[-1]["val_loss"] < gqa[0]
     # k and v project to 2 heads of 8 instead of 4: each of the 2 blocks has 2 x 32 x 16 fewer weights
     head_dim = D // HEADS
     fewer = LAYERS * 2 * D * (HEADS - KV_HEADS) * head_dim
     assert _env(runs["single"])["num_params"] - _env(runs["single+gqa"])["num_params"] == fewer
-    assert losses != _losses(runs["single"])
+    assert gqa != losses(runs["single"])
     # TP(2) shards whole heads: 2 query heads and their one kv head per rank
-    _assert_close(losses, _losses(runs["tp+gqa"]), what="tp(2) gqa vs single gqa")
+    _assert_close(gqa, losses(runs["tp+gqa"]), what="tp(2) gqa vs single gqa")
 
 
 @pytest.mark.parametrize("name, reference, world", [("hsdp", "single", 4), ("fsdp+offload", "single", 2),
