@@ -36,12 +36,21 @@ class OptimizerChain(torch.optim.Optimizer):
     """Several optimizers over disjoint parameters, seen as one by the loop, the loss scaler and the scheduler.
 
     The children's param_groups are the chain's own dicts (Optimizer.__init__ keeps the dicts it is given), so a
-    scheduler writing `lr` into the chain's groups drives every child.
+    scheduler writing `lr` into the chain's groups drives every child; and the children keep their per-parameter
+    state in the chain's one `state` dict (their parameters are disjoint), so the chain's state_dict is the standard
+    layout of a single optimizer, which torch.distributed.checkpoint's get/set_state_dict expect.
     """
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         self.optimizers = optimizers
         super().__init__([g for o in optimizers for g in o.param_groups], {})
+        self._share_state()
+
+    def _share_state(self) -> None:
+        groups = iter(self.param_groups)
+        for optimizer in self.optimizers:
+            optimizer.state = self.state
+            optimizer.param_groups = [next(groups) for _ in optimizer.param_groups]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -52,12 +61,9 @@ class OptimizerChain(torch.optim.Optimizer):
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict:
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
     def load_state_dict(self, state_dict: dict) -> None:
-        for optimizer, sd in zip(self.optimizers, state_dict["optimizers"], strict=True):
-            optimizer.load_state_dict(sd)
+        super().load_state_dict(state_dict)  # replaces state and group dicts with loaded ones: hand them to the children
+        self._share_state()
 
 
 def build_optimizer(model: nn.Module, *, cfg, device: torch.device) -> torch.optim.Optimizer:
@@ -147,9 +153,8 @@ def _implementation(choice: str, device: torch.device) -> dict:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state held by this rank (the local shard under zero1 / FSDP; packed 8-bit codes)."""
-    if isinstance(optimizer, OptimizerChain):
-        return sum(state_bytes(o) for o in optimizer.optimizers)
+    """Bytes of optimizer state held by this rank (the local shard under zero1 / FSDP; packed 8-bit codes; an
+    OptimizerChain's children keep theirs in its state)."""
     local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps this rank's shard in .optim
     return sum(_tensor_bytes(v) for s in local.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
