@@ -62,7 +62,7 @@ class OptimizerChain(torch.optim.Optimizer):
             optimizer.zero_grad(set_to_none=set_to_none)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)  # replaces state and group dicts with loaded ones: hand them to the children
+        super().load_state_dict(state_dict)  # new state and group dicts: hand them to the children
         self._share_state()
 
 
