@@ -48,3 +48,12 @@ def test_restored_even_when_the_job_fails():
                                                   keep_freed=False):
         raise RuntimeError("the job failed")
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_cpu_workers_split_the_cores_and_give_them_back(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    with job_runtime(seed=0, deterministic=False, tf32=False, device=CPU, keep_freed=False):
+        assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
+    assert torch.get_num_threads() == before

@@ -46,10 +46,6 @@ def init_world(device_choice: str, *, group: bool = False) -> World:
     device = pick_device(device_choice, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # CPU workers share the cores: without this each would start one thread per core and thrash
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if (size > 1 or group) and not dist.is_initialized():
         # CUDA: nccl for GPU tensors, plus gloo for the CPU ones FSDP's cpu offload reduces (grad-norm of host shards)
         backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"

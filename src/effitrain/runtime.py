@@ -1,5 +1,5 @@
 """Everything process-wide a job sets -- seeds, determinism, TF32, MKL's reproducible mode, the CPU heap policy,
-cuBLAS's workspace -- set at job start and restored at job end, in one place.
+cuBLAS's workspace, CPU threads per worker -- set at job start and restored at job end, in one place.
 
 Sweep jobs, `reproduce` and the tests run several jobs in one process: a setting one job leaves behind (TF32 on,
 deterministic algorithms, glibc thresholds) must not leak into the next.
@@ -37,7 +37,7 @@ def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.dev
     """
     saved_env = {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.allow_tf32, rng_state())
+             torch.backends.cudnn.allow_tf32, rng_state(), torch.get_num_threads())
     if MKL_CBWR is not None:  # None: scripts/bench_repro.py measuring runs without it
         os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     if deterministic and device.type == "cuda":
@@ -45,13 +45,16 @@ def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.dev
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32 and device.type == "cuda")
     seed_everything(seed)
+    if device.type == "cpu" and (threads := worker_threads()) is not None:
+        torch.set_num_threads(threads)
     kept = device.type == "cpu" and keep_freed_memory(keep_freed)
     try:
         yield
     finally:
         if kept:
             keep_freed_memory(False)
-        deterministic_before, matmul_tf32, cudnn_tf32, rngs = saved
+        deterministic_before, matmul_tf32, cudnn_tf32, rngs, threads_before = saved
+        torch.set_num_threads(threads_before)
         torch.use_deterministic_algorithms(deterministic_before)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
         set_rng_state(rngs)
@@ -60,6 +63,15 @@ def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.dev
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def worker_threads() -> int | None:
+    """CPU threads for one of several workers on this node (they share its cores: one thread per core each would
+    thrash), or None: one process, or OMP_NUM_THREADS set by the user."""
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    if local_size <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // local_size)
 
 
 def seed_everything(seed: int) -> None:
