@@ -145,6 +145,7 @@ class Trainer:
         # built here, not with the meters: a loaded TrainState brings the count of fp16 steps skipped so far
         self.buffer = StepBuffer(world=self.world, clock=self.clock, rates=self.rates, memory_total=self.memory.total,
                                  skipped_steps=state.skipped_steps)
+        self._scale = self.precision.loss_scale()  # fp16: the (restored) scale the first step starts from
         start = time.perf_counter()
         for step in range(state.step + 1, (until or cfg.max_steps) + 1):
             self._step(step, prefetch)
@@ -167,7 +168,6 @@ class Trainer:
         micro = [prefetch.next().to(world.device, non_blocking=True) for _ in range(cfg.grad_accum_steps)]
         data_time = time.perf_counter() - t1
         lr = float(state.scheduler.get_last_lr()[0])  # a host float (a CPU tensor under torchao optimizers)
-        scale_before = self.precision.loss_scale()
         result = train_step(state.model, state.optimizer, micro, precision=self.precision, grad_clip=cfg.grad_clip,
                             no_sync=self.parts.no_sync, converters=state.converters)
         state.scheduler.step()
@@ -181,7 +181,8 @@ class Trainer:
             extra["val_loss"], extra["val_ppl"] = evaluate(state.model, self.val_batches, precision=self.precision,
                                                            device=world.device)
         t4 = time.perf_counter()
-        scale = self.precision.loss_scale()
+        scale_before, scale = self._scale, self.precision.loss_scale()
+        self._scale = scale
         # the scaler backs off exactly on the steps it skips; compared on the device: no sync
         skipped = None if scale is None else scale < scale_before
         self.buffer.add(PendingStep(step=step, loss=result.loss, grad_norm=result.grad_norm, loss_scale=scale,

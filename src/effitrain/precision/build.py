@@ -14,11 +14,12 @@ from torch import nn
 
 from effitrain.converters import ModelConverter
 from effitrain.errors import UsageError
+from effitrain.precision import DTYPES as DTYPE_NAMES
 from effitrain.precision import GROUP
 
 log = logging.getLogger("effitrain")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the schema's dtype names -> torch dtypes
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer have fp8 tensor cores
 
 
