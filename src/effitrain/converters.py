@@ -8,6 +8,8 @@ calls the chain at fixed points and never learns their names:
     loss_term(logits, batch)    an extra loss added to the LM loss (distillation, regularisers), or None
     post_optimizer_hook(model)  after each optimizer step (re-apply masks, refresh scales), fp16-skipped ones too
     state_dict_transform(sd)    on the model state dict before save/export (drop or rename what the transform added)
+    export(model)               on the unwrapped, fully loaded model before it is written as a Hugging Face model
+                                (merge adapters, turn fake-quantized layers into quantized ones, undo fp8 linears)
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class ModelConverter:
 
     def state_dict_transform(self, state_dict: dict) -> dict:
         return state_dict
+
+    def export(self, model: nn.Module) -> nn.Module:
+        return model
 
 
 class ConverterChain(ModelConverter):
@@ -62,6 +67,11 @@ class ConverterChain(ModelConverter):
         for c in self.converters:
             state_dict = c.state_dict_transform(state_dict)
         return state_dict
+
+    def export(self, model: nn.Module) -> nn.Module:
+        for c in reversed(self.converters):  # undone in the reverse order of convert
+            model = c.export(model)
+        return model
 
     def __repr__(self) -> str:
         return f"ConverterChain({', '.join(type(c).__name__ for c in self.converters) or 'empty'})"
