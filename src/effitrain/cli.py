@@ -128,7 +128,8 @@ def _parse(args: list[str], *, usage: str, positional: int, flags: dict[str, typ
             try:
                 values[name] = flags[name](args[i + 1])
             except ValueError:
-                raise UsageError(f"{a} takes a {flags[name].__name__}, not {args[i + 1]!r}") from None
+                kind = {int: "an integer", float: "a number"}.get(flags[name], "a value")
+                raise UsageError(f"{a} takes {kind}, not {args[i + 1]!r}") from None
             i += 2
         else:
             rest.append(a)

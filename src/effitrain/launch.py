@@ -66,6 +66,46 @@ def launch_workers(cfg, run_dir: Path, *, resume: bool = False) -> dict:
     return read_summary(run_dir)
 
 
+def launch_config(lc, *, device: str):
+    """The elastic agent's LaunchConfig from the `launcher` group (every key of it)."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    single_node = lc.nnodes == 1 and lc.rdzv_endpoint is None
+    return LaunchConfig(
+        min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=lc.nproc_per_node,
+        # one node: a private id and a free port, so concurrent jobs (a sweep, tests) never meet
+        run_id=uuid.uuid4().hex if single_node else lc.rdzv_id,
+        rdzv_backend=lc.rdzv_backend, rdzv_endpoint="localhost:0" if single_node else lc.rdzv_endpoint,
+        max_restarts=lc.max_restarts, monitor_interval=lc.monitor_interval,
+        start_method=_start_method(lc.start_method, device=device, nproc_per_node=lc.nproc_per_node))
+
+
+def _start_method(choice: str, *, device: str, nproc_per_node: int) -> str:
+    """forkserver on CPU: a clean server process imports torch, transformers and effitrain once (per CLI
+    process, so once per sweep) and forks each worker from there, saving every worker its ~8 s of imports;
+    plain fork would also copy the launcher's threads and locks, which can deadlock a worker. spawn once
+    CUDA is in play. Also checks the GPU count."""
+    import torch
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        visible = torch.cuda.device_count()
+        if nproc_per_node > visible:
+            raise UsageError(f"launcher.nproc_per_node={nproc_per_node} but {visible} GPU(s) are visible; "
+                             f"use launcher.nproc_per_node<={visible} (or device=cpu)")
+    if choice == "auto":
+        return "spawn" if cuda else "forkserver"
+    return choice
+
+
+def _preload_forkserver() -> None:
+    import multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["effitrain.train", "effitrain.launch", "transformers.models.llama.modeling_llama",
+         "transformers.models.gpt2.modeling_gpt2"])
+
+
 def _preempted_or(run_dir: Path) -> RunStopped:
     from effitrain.runs import read_preempted
 

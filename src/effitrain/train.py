@@ -133,13 +133,15 @@ class Trainer:
             if self.world.is_main:
                 self.kept_records = runs.truncate_metrics(self.run_dir, step=self.state.step)
                 (self.run_dir / runs.PREEMPTED).unlink(missing_ok=True)
-        elif self.cfg.checkpoint.resume_from:
-            path = resolve(self.cfg.checkpoint.resume_from)
-            what = "weights+optimizer" if self.cfg.checkpoint.load_optimizer else "weights"
+            return
+        source, with_optimizer = self.cfg.checkpoint.resume_from, self.cfg.checkpoint.load_optimizer
+        if source:
+            path = resolve(source)
+            what = "weights+optimizer" if with_optimizer else "weights"
             load_checkpoint(self.state, path, world=self.world, what=what)
             log.info(f"starting from the {what} of {path}")
-        elif resume:
-            log.info(f"no complete checkpoint in {self.checkpoint_root}: starting at step 0")
+        if resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+            log.info(f"restarted before any checkpoint was complete in {self.checkpoint_root}: from step 0 again")
 
     def _build_data(self) -> None:
         cfg, world = self.cfg, self.world
@@ -201,6 +203,7 @@ class Trainer:
                                  skipped_steps=state.skipped_steps)
         self._scale = self.precision.loss_scale()  # fp16: the (restored) scale the first step starts from
         self._nonfinite = 0  # consecutive steps whose gradient norm was not finite
+        self._nan_policy, self._nan_patience = cfg.nan_policy, cfg.nan_patience
         start = time.perf_counter()
         with StopSignals() as stop:
             for step in range(state.step + 1, last + 1):
@@ -257,7 +260,7 @@ class Trainer:
 
     def _count_nonfinite(self, step: int, *, finite: bool) -> None:
         self._nonfinite = 0 if finite else self._nonfinite + 1
-        if self._nonfinite and self.cfg.nan_policy == "abort" and self._nonfinite >= self.cfg.nan_patience:
+        if self._nonfinite and self._nan_policy == "abort" and self._nonfinite >= self._nan_patience:
             self._flush()
             good = latest(self.checkpoint_root)
             raise Diverged(f"the gradient norm was not finite for {self._nonfinite} consecutive steps "
