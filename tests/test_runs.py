@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import run_cli, tiny_overrides
-from effitrain.runs import compare_losses
+from effitrain.runs import DIVERGED, IDENTICAL, WITHIN, compare_records
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,9 @@ def test_reproduce_sweep_job_is_identical_then_detects_divergence(sweep_dir, tmp
     job = directory / "0"  # fp32 on CPU: must match bit-for-bit
     out = run_cli("reproduce", str(job), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "identical: all 3 step losses match bit-for-bit" in out.stdout
+    assert "identical: 3 steps, loss, grad_norm, lr and val_loss bit-for-bit" in out.stdout
     [new_dir] = list((tmp_path / "outputs").glob("*/*_reproduce-0"))
-    assert json.loads((new_dir / "reproduce.json").read_text())["matched"] is True
+    assert json.loads((new_dir / "reproduce.json").read_text())["exit_code"] == IDENTICAL
     assert (new_dir / ".hydra" / "config.yaml").read_text() == (job / ".hydra" / "config.yaml").read_text()
 
     # tamper with the original's step-2 loss: the verdict must name step 2 and exit 1
@@ -56,12 +56,21 @@ def test_reproduce_sweep_job_is_identical_then_detects_divergence(sweep_dir, tmp
     assert "diverged at step 2" in out.stdout
 
 
-def test_compare_losses_verdicts():
-    assert compare_losses([1.0, 2.0], [1.0, 2.0], rtol=1e-3) == ("identical: all 2 step losses match bit-for-bit", True)
-    verdict, ok = compare_losses([1.0, 2.0], [1.0, 2.0001], rtol=1e-3)
-    assert ok and verdict.startswith("within tolerance")
-    verdict, ok = compare_losses([1.0, 2.0, 3.0], [1.0, 2.5, 3.0], rtol=1e-3)
-    assert not ok and verdict.startswith("diverged at step 2")
-    assert compare_losses([1.0, 2.0], [1.0], rtol=1e-3)[1] is False
-    verdict, ok = compare_losses([2.0, 1.5], [2.0, float("nan")], rtol=1e-3)
-    assert not ok and verdict.startswith("diverged at step 2")
+def _records(values, key="loss"):
+    return [{"step": i, "loss": 1.0, "grad_norm": 1.0, "lr": 0.1, key: v} for i, v in enumerate(values, 1)]
+
+
+def test_compare_records_verdicts():
+    same = compare_records(_records([1.0, 2.0]), _records([1.0, 2.0]), rtol=1e-3)
+    assert same == ("identical: 2 steps, loss, grad_norm, lr and val_loss bit-for-bit", IDENTICAL)
+    verdict, code = compare_records(_records([1.0, 2.0]), _records([1.0, 2.0001]), rtol=1e-3)
+    assert code == WITHIN and verdict.startswith("within tolerance")
+    for key in ("loss", "grad_norm", "lr", "val_loss"):
+        verdict, code = compare_records(_records([1.0, 2.0, 3.0], key), _records([1.0, 2.5, 3.0], key), rtol=1e-3)
+        assert code == DIVERGED and verdict.startswith(f"diverged at step 2: original {key}"), verdict
+    assert compare_records(_records([1.0, 2.0]), _records([1.0]), rtol=1e-3)[1] == DIVERGED
+    verdict, code = compare_records(_records([2.0, 1.5]), _records([2.0, float("nan")]), rtol=1e-3)
+    assert code == DIVERGED and verdict.startswith("diverged at step 2")
+    no_val = [{k: v for k, v in r.items() if k != "val_loss"} for r in _records([1.0])]
+    assert "val_loss is in only one" in compare_records(_records([1.0], "val_loss"), no_val, rtol=1e-3)[0]
+    assert compare_records(_records([1.0, 2.0]), _records([9.0, 2.0]), rtol=1e-3, after_step=1)[1] == IDENTICAL

@@ -9,6 +9,7 @@ exactly the config the CLI checked.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def launch_workers(cfg, run_dir: Path, *, resume: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     container = OmegaConf.to_container(cfg, resolve=True)
     try:
-        with _forwarding_preemption_signals():
+        with _forwarding_preemption_signals(), _fresh_store_per_restart(cfg.launcher.max_restarts):
             results = elastic_launch(config, _worker)(container, str(run_dir), resume)
     except SignalException:  # SIGTERM here: the agent passed it on to the workers, which saved if they could
         raise _preempted_or(run_dir) from None
@@ -106,6 +107,26 @@ def _preload_forkserver() -> None:
          "transformers.models.gpt2.modeling_gpt2"])
 
 
+class _fresh_store_per_restart:
+    """With restarts, rank 0 of each attempt hosts the process group's store instead of the agent's shared one:
+    the shared store keeps the previous attempt's keys under the same names (torch 2.13), so the restarted gloo
+    group would connect to the dead workers' addresses."""
+
+    VAR = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+    def __init__(self, max_restarts: int):
+        self.active = max_restarts > 0 and self.VAR not in os.environ
+
+    def __enter__(self):
+        if self.active:
+            os.environ[self.VAR] = "1"
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            os.environ.pop(self.VAR, None)
+
+
 def _preempted_or(run_dir: Path) -> RunStopped:
     from effitrain.runs import read_preempted
 
@@ -138,7 +159,6 @@ class _forwarding_preemption_signals:
 def _signal_descendants(sig) -> None:
     """Send `sig` to the worker processes below this one: every descendant except multiprocessing's own helpers
     (the forkserver the CPU workers fork from, the resource tracker), which the signal would kill."""
-    import os
 
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

@@ -128,8 +128,9 @@ class Trainer:
         self.kept_records: list[dict] = []
         path = latest(self.checkpoint_root) if resume else None
         if path is not None:
+            t0 = time.perf_counter()
             load_checkpoint(self.state, path, world=self.world, what="resume")
-            log.info(f"resumed from {path} at step {self.state.step}")
+            log.info(f"resumed from {path} at step {self.state.step} (loaded in {time.perf_counter() - t0:.2f} s)")
             if self.world.is_main:
                 self.kept_records = runs.truncate_metrics(self.run_dir, step=self.state.step)
                 (self.run_dir / runs.PREEMPTED).unlink(missing_ok=True)

@@ -25,13 +25,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
 
 from effitrain.checkpoint import GROUP
-from effitrain.checkpoint.layout import (MANIFEST, CheckpointError, complete_checkpoints, read_manifest, step_dir,
-                                         tmp_dir)
+from effitrain.checkpoint.layout import (
+    MANIFEST,
+    CheckpointError,
+    complete_checkpoints,
+    read_manifest,
+    step_dir,
+    tmp_dir,
+)
 
 log = logging.getLogger("effitrain")
 
@@ -77,30 +83,31 @@ class Checkpointer:
         try:
             with _quiet_single_process():
                 if self.cfg.kind == "async" and not blocking:
-                    self.pending = (step, model_only, t0, dcp.async_save(planned, storage_writer=writer,
-                                                                        process_group=self.group))
+                    future = dcp.async_save(planned, storage_writer=writer, process_group=self.group)
+                    self.pending = (step, model_only, t0, time.perf_counter() - t0, future)
                     return
                 dcp.save(planned, storage_writer=writer)
         except (OSError, CheckpointException) as e:  # disk full, permissions (DCP wraps each rank's OSError)
             self._failed(step, e)
-        self._complete(step, model_only=model_only, seconds=time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self._complete(step, model_only=model_only, seconds=seconds, stall=seconds)
 
     def poll(self) -> None:
         """Finish an async save whose write is done (rank 0 renames it now, not at the next save)."""
-        if self.pending is not None and self.pending[3].done():
+        if self.pending is not None and self.pending[-1].done():
             self.wait()
 
     def wait(self) -> None:
         """Block until the async save in flight (if any) is written, then complete it."""
         if self.pending is None:
             return
-        step, model_only, t0, future = self.pending
+        step, model_only, t0, stall, future = self.pending
         self.pending = None
         try:
             future.result()
         except (OSError, CheckpointException) as e:
             self._failed(step, e)
-        self._complete(step, model_only=model_only, seconds=time.perf_counter() - t0)
+        self._complete(step, model_only=model_only, seconds=time.perf_counter() - t0, stall=stall)
 
     def close(self) -> None:
         self.wait()
@@ -108,21 +115,25 @@ class Checkpointer:
             dist.destroy_process_group(self.group)
             self.group = None
 
-    def _complete(self, step: int, *, model_only: bool, seconds: float) -> None:
+    def _complete(self, step: int, *, model_only: bool, seconds: float, stall: float) -> None:
         """Rank 0: manifest, rename step-N.tmp -> step-N (every rank's shards are written once DCP's save returns
-        on the coordinator: it writes .metadata last), then drop checkpoints beyond keep_last."""
+        on the coordinator: it writes .metadata last), then drop checkpoints beyond keep_last.
+
+        seconds: from the save's start until it was seen complete (async: at the first step after the write ended);
+        stall: how long training waited for it (async: planning and the copy to host memory)."""
         if not self.world.is_main:
             return
         tmp = tmp_dir(self.root, step)
         manifest = self.manifest | {"step": step, "model_only": model_only, "saved_at": time.time(),
-                                    "save_s": round(seconds, 4), "bytes": _dir_bytes(tmp)}
+                                    "save_s": round(seconds, 4), "stall_s": round(stall, 4),
+                                    "bytes": _dir_bytes(tmp)}
         try:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             tmp.rename(step_dir(self.root, step))
         except OSError as e:
             self._failed(step, e)
-        log.info(f"checkpoint step-{step}: {manifest['bytes'] / 2**20:.1f} MiB in {seconds:.2f} s -> "
-                 f"{step_dir(self.root, step)}")
+        log.info(f"checkpoint step-{step}: {manifest['bytes'] / 2**20:.1f} MiB in {seconds:.2f} s (training waited "
+                 f"{stall:.2f} s) -> {step_dir(self.root, step)}")
         if self.cfg.keep_last > 0:
             for _, old in complete_checkpoints(self.root)[:-self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -162,8 +173,7 @@ def load_checkpoint(state, path: Path, *, world, what: str = "resume") -> dict:
     if manifest.get("model_only") and what != "weights":
         raise CheckpointError(f"{path} holds model weights only (checkpoint.model_only): it can start a new run "
                               "(checkpoint.resume_from) or be exported, not resumed")
-    reader = SafeReader(path)
-    saved_keys = reader.read_metadata().state_dict_metadata.keys()
+    saved_keys = SafeReader(path).read_metadata().state_dict_metadata.keys()
     wanted = state.checkpoint_state_dict(rank=world.rank, model_only=what == "weights")
     local = f"rank{world.rank}"
     if what != "resume":
@@ -181,10 +191,24 @@ def load_checkpoint(state, path: Path, *, world, what: str = "resume") -> dict:
         if world.is_main:
             log.info(f"loading a checkpoint of {manifest['world_size']} ranks on {world.size}: model and optimizer "
                      "reshard; per-rank RNG states stay as seeded")
-    with _quiet_single_process():
-        dcp.load(wanted, storage_reader=reader, planner=SafeLoadPlanner())
+    _load(wanted, path)
     state.load_checkpoint_state_dict(wanted, rank=world.rank)
     return manifest
+
+
+def _load(state: dict, path: Path) -> None:
+    """dcp.load through the safe reader and planner; any failure (a missing key, a refused entry, a short file) is
+    one CheckpointError line."""
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    except CheckpointException as e:
+        refused = next((f for f in _rank_failures(e) if isinstance(f, CheckpointError)), None)
+        if refused is not None:
+            raise CheckpointError(f"{path}: {refused}; nothing was loaded") from None
+        raise CheckpointError(f"{path} could not be loaded: {_reason(e)}") from None
+    except (RuntimeError, OSError, ValueError) as e:  # planning: a key the checkpoint lacks, a shape that differs
+        raise CheckpointError(f"{path} does not fit this run: {_first_line(e)}") from None
 
 
 # --- loading without unpickling objects -------------------------------------------------------------------------
@@ -279,12 +303,22 @@ def _reason(error: BaseException) -> str:
     seen = [error]
     while seen[-1].__cause__ is not None or seen[-1].__context__ is not None:
         seen.append(seen[-1].__cause__ or seen[-1].__context__)
-    failures = getattr(error, "failures", None)  # CheckpointException: {rank: exception}
-    if isinstance(failures, dict):
-        seen += [f for f in failures.values() if isinstance(f, BaseException)]
+    seen += _rank_failures(error)
     root = next((e for e in seen if isinstance(e, OSError)), error)
     text = f"[Errno {root.errno}] {root.strerror}" if isinstance(root, OSError) and root.strerror else str(root)
     return text.splitlines()[0] if text else type(root).__name__
+
+
+def _rank_failures(error: BaseException) -> list[BaseException]:
+    """The per-rank exceptions a CheckpointException carries ({rank: (exception, traceback)})."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict):
+        return []
+    return [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -294,6 +328,5 @@ def _dir_bytes(path: Path) -> int:
 def load_model_weights(model, path: Path) -> None:
     """A checkpoint's model weights into a plain (unwrapped, one-process) model: DCP gathers every shard."""
     state = {"model": model.state_dict()}
-    with _quiet_single_process():
-        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    _load(state, path)
     model.load_state_dict(state["model"])  # in place already; this checks that every parameter was there

@@ -1,0 +1,184 @@
+"""A run's model leaves it: `effitrain export` writes a Hugging Face directory that plain transformers loads with
+identical logits, `model.pretrained=` and `checkpoint.resume_from=` train from it, `effitrain sample` shows what it
+learned, `reproduce --from-step` checks a run from a checkpoint, and a run directory someone sent cannot run code."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from conftest import only_run_dir, read_metrics, run_cli, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus, cache_dir):
+    """family -> the run directory of a 6-step tiny run (checkpoints at steps 3 and 6), made on first use."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            cwd = tmp_path_factory.mktemp(family)
+            model = ["model=gpt2-124m"] if family == "gpt2" else []
+            result = run_cli("train", *tiny_overrides(corpus, cache_dir, *model, "checkpoint.every=3",
+                                                      "checkpoint.keep_last=0", "schedule.warmup_steps=2"), cwd=cwd)
+            assert result.returncode == 0, result.stderr[-3000:]
+            made[family] = only_run_dir(cwd / "outputs")
+        return made[family]
+    return get
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_loads_in_plain_transformers_with_identical_logits(family, trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from effitrain.export import _run_parts, load_trained_model
+
+    run_dir, out = trained(family), tmp_path / "hf"
+    result = run_cli("export", str(run_dir), "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    cfg, checkpoint, tokenizer = _run_parts(run_dir, step=None)
+    mine = load_trained_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
+    ids = torch.tensor([tokenizer.encode("def main(argv):\n    return 0\n").ids])
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, mine(input_ids=ids).logits)
+    assert AutoTokenizer.from_pretrained(out)("def f(x):")["input_ids"] == tokenizer.encode("def f(x):").ids
+    assert json.loads((out / "effitrain.json").read_text())["step"] == 6
+    if family == "gpt2":  # transformers' own layout again: one fused Conv1D c_attn
+        assert type(hf.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+
+
+def test_export_options_and_refusals(trained, tmp_path):
+    run_dir = trained("llama")
+    out = tmp_path / "bf16"
+    result = run_cli("export", str(run_dir), "--step", "3", "--dtype", "bf16", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "effitrain.json").read_text())["step"] == 3
+    for args, message in [(["--step", "4"], "no complete checkpoint of step 4"),
+                          (["--dtype", "fp8"], "--dtype fp8: choose one of fp32, bf16"),
+                          (["--out", str(out)], "exists; give a new directory")]:
+        result = run_cli("export", str(run_dir), *args, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+def test_training_starts_from_an_export_and_from_a_checkpoint(trained, corpus, cache_dir, tmp_path):
+    """model.pretrained=<export> and checkpoint.resume_from=<run dir> start where the run ended (a loss far below a
+    fresh model's); resume_from starts a new schedule (lr 0 at step 1: warmup), with or without the optimizer."""
+    run_dir = trained("llama")
+    ended = read_metrics(run_dir)[-1]["loss"]
+    fresh = read_metrics(run_dir)[0]["loss"]
+    out = tmp_path / "hf"
+    assert run_cli("export", str(run_dir), "--out", str(out), cwd=tmp_path).returncode == 0
+    for i, extra in enumerate([[f"model.pretrained={out}", f"data.tokenizer={out}/tokenizer.json"],
+                               [f"checkpoint.resume_from={run_dir}"],
+                               [f"checkpoint.resume_from={run_dir}", "checkpoint.load_optimizer=true"]]):
+        cwd = tmp_path / str(i)
+        cwd.mkdir()
+        result = run_cli("train", *tiny_overrides(corpus, cache_dir, "max_steps=2", "schedule.warmup_steps=2",
+                                                  *extra), cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        first = read_metrics(only_run_dir(cwd / "outputs"))[0]
+        assert first["lr"] == 0.0 and abs(first["loss"] - ended) < 0.25 * abs(fresh - ended) + 1e-3, (extra, first)
+
+
+def test_sample_prints_a_deterministic_continuation(trained, tmp_path):
+    run_dir = trained("llama")
+    first = run_cli("sample", str(run_dir), "def main(", "--tokens", "12", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.startswith("def main(") and len(first.stdout) > len("def main(") + 1
+    assert run_cli("sample", str(run_dir), "def main(", "--tokens", "12", cwd=tmp_path).stdout == first.stdout
+    out = tmp_path / "hf"
+    assert run_cli("export", str(run_dir), "--out", str(out), cwd=tmp_path).returncode == 0
+    from_export = run_cli("sample", str(out), "def main(", "--tokens", "12", cwd=tmp_path)
+    assert from_export.stdout == first.stdout  # the exported model continues exactly as the run's own
+    hot = run_cli("sample", str(out), "def main(", "--temperature", "1.5", "--seed", "3", cwd=tmp_path)
+    assert hot.returncode == 0 and hot.stdout.startswith("def main(")
+
+
+def test_reproduce_from_a_checkpoint_and_its_exit_codes(trained, tmp_path):
+    """--from-step 3 reruns steps 4-6 from the step-3 checkpoint: identical (exit 0); a relative change of 1e-7 in
+    the original's grad_norm is within tolerance (exit 3, or 1 with --exact); a larger one diverges (exit 1)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained("llama"), run_dir)
+    result = run_cli("reproduce", str(run_dir), "--from-step", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    assert "identical: 3 steps after step 3, loss, grad_norm, lr and val_loss bit-for-bit" in result.stdout
+    records = read_metrics(run_dir)
+    for scale, args, code, verdict in [(1 + 1e-7, [], 3, "within tolerance"), (1 + 1e-7, ["--exact"], 1, "within"),
+                                       (1.5, [], 1, "diverged at step 5: original grad_norm")]:
+        changed = [dict(r) for r in records]
+        changed[4]["grad_norm"] *= scale
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+        result = run_cli("reproduce", str(run_dir), "--from-step", "3", *args, cwd=tmp_path)
+        assert result.returncode == code and verdict in result.stdout, (args, result.stdout[-2000:])
+    result = run_cli("reproduce", str(run_dir), "--from-step", "2", cwd=tmp_path)
+    assert result.returncode == 2 and "no complete checkpoint of step 2" in result.stderr
+
+
+class _Payload:
+    """Unpickling this would run a command: a checkpoint must never be loaded that way."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (shutil.copy, (__file__, str(self.marker)))
+
+
+def test_a_foreign_checkpoint_cannot_run_code(trained, tmp_path):
+    """A step directory whose DCP metadata, or whose byte entry (the trainer state), would run code when unpickled:
+    resume and export refuse it in one line, and the payload never ran."""
+    import torch.distributed.checkpoint as dcp
+
+    for part in ("metadata", "entry"):
+        run_dir = tmp_path / part
+        shutil.copytree(trained("llama"), run_dir)
+        step = run_dir / "checkpoints" / "step-6"
+        marker = tmp_path / f"ran-{part}"
+        if part == "metadata":
+            (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+        else:  # every entry as it was, but the trainer state replaced by the payload
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            dcp_to_torch_save(step, tmp_path / "plain.pt")
+            state = torch.load(tmp_path / "plain.pt", weights_only=False)  # our own checkpoint: trusted here
+            state["trainer"] = _Payload(marker)
+            manifest = (step / "manifest.json").read_text()
+            shutil.rmtree(step)
+            dcp.save(state, checkpoint_id=step, no_dist=True)
+            (step / "manifest.json").write_text(manifest)
+        for verb in (["resume", str(run_dir), "max_steps=8"], ["export", str(run_dir), "--out", str(tmp_path / "x")]):
+            if part == "entry" and verb[0] == "export":
+                continue  # export reads the model only; the byte entry is resume's
+            result = run_cli(*verb, cwd=tmp_path)
+            assert result.returncode == 2, result.stderr[-3000:]
+            assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+            assert not marker.exists()
+
+
+def test_a_foreign_config_cannot_reach_out(trained, tmp_path):
+    """A saved config that would connect to a rendezvous elsewhere, or read this machine's environment through an
+    interpolation, is refused in one line (the rendezvous unless --allow-rendezvous)."""
+    from effitrain.compose import load_run_config
+
+    for name, edit, message in [
+            ("rdzv", lambda t: t.replace("nnodes: 1", "nnodes: 2").replace("rdzv_endpoint: null",
+                                                                           "rdzv_endpoint: evil.example:29500"),
+             "asks for a multi-node rendezvous"),
+            ("env", lambda t: t.replace("name: run", "name: ${oc.env:HOME}"), "calls a resolver")]:
+        run_dir = tmp_path / name
+        shutil.copytree(trained("llama"), run_dir)
+        saved = run_dir / ".hydra" / "config.yaml"
+        saved.write_text(edit(saved.read_text()))
+        for verb in ("reproduce", "resume"):
+            result = run_cli(verb, str(run_dir), cwd=tmp_path)
+            assert result.returncode == 2 and message in result.stderr, (verb, result.stderr)
+        if name == "rdzv":
+            assert load_run_config(run_dir, allow_rendezvous=True).launcher.nnodes == 2
