@@ -18,7 +18,8 @@ _HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--s
 # Hydra flags that print the composed config: it must compose, but nothing trains (paths need not exist yet).
 _PRINT_FLAGS = {"--cfg", "-c", "--package", "-p", "--resolve"}
 _VERBS = {"train": "compose the config groups, launch the workers, train, write the run directory",
-          "reproduce": "rerun RUN_DIR from its saved config and compare its per-step loss (exit 0 match, 1 not)"}
+          "reproduce": "rerun RUN_DIR from its saved config and compare its per-step loss (exit 0 match, 1 not)",
+          "compare": "RUN_DIR... | SWEEP_DIR: table of what differs and the metrics, plots into compare/"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             return train(rest)
         if verb == "reproduce":
             return reproduce(rest)
+        if verb == "compare":
+            from effitrain.compare import compare_main
+
+            return compare_main(rest)
         raise UsageError(f"unknown verb {verb!r}; use one of: {', '.join(_VERBS)} (effitrain --help lists them)")
     except UsageError as e:
         print(f"effitrain: error: {e}", file=sys.stderr)
@@ -49,7 +54,10 @@ def usage() -> str:
     lines += [f"  {PRESETS:<12} {', '.join(group_options(PRESETS))}   (named presets: +experiment=NAME)"]
     lines += ["", "examples:", "  effitrain train", "  effitrain train precision=bf16 max_steps=50",
               "  effitrain train -m optimizer.lr=1e-3,3e-3 precision=fp32,bf16",
-              "  effitrain reproduce outputs/<date>/<time>_run", "",
+              "  effitrain train -m 'schedule=glob(c*)' 'seed=range(1,4)'",
+              "  effitrain train -m hydra/sweeper=optuna 'optimizer.lr=tag(log,interval(1e-4,1e-2))'",
+              "  effitrain reproduce outputs/<date>/<time>_run",
+              "  effitrain compare outputs/multirun/<date>/<time>_run", "",
               "Hydra's grammar works unchanged: key=value, -m/--multirun, --cfg job, effitrain train --help."]
     return "\n".join(lines)
 
@@ -72,24 +80,38 @@ def train(args: list[str]) -> int:
 def _run_hydra(args: list[str]) -> int:
     import hydra
 
+    from effitrain import sweep
     from effitrain.compose import register_configs
 
     register_configs()
     sys.argv = ["effitrain train", *args]
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_hydra_task)()
-    return 0
+    return min(sweep.last_sweep.get("failed", 0), 100)  # a sweep's exit code: how many of its jobs failed
 
 
 def _hydra_task(cfg) -> dict:
-    """One job (a run, or one point of a sweep), inside Hydra's run/sweep directory."""
+    """One job (a run, or one point of a sweep), inside Hydra's run/sweep directory. In a sweep, a job that fails
+    is recorded as failed with its reason (or as pruned, when a search stopped it) and the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from effitrain.launch import launch
+    from effitrain.sweep import one_line, record_outcome
+    from effitrain.trials import eval_hooks, pruned
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return launch(cfg, run_dir)
-    except UsageError as e:  # found only once data was read: still one line, and no run directory left behind
+        return launch(cfg, run_dir, on_eval=eval_hooks(hydra_cfg))
+    except Exception as e:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            status = "pruned" if pruned(e) else "failed"
+            record_outcome(run_dir, status, one_line(e))
+            print(f"effitrain: job {hydra_cfg.job.num} {status}: {one_line(e)}", file=sys.stderr)
+            return {"status": status, "reason": one_line(e)}
+        if not isinstance(e, UsageError):
+            raise
+        # found only once data was read: still one line, and no run directory left behind
         import shutil
 
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -22,12 +22,20 @@ class WorkerFailed(RuntimeError):
     """A worker process died or raised: the job was stopped; the message names the failing rank."""
 
 
-def launch(cfg, run_dir: Path) -> dict:
-    """Train `cfg` into run_dir with the launch shape its `launcher` group asks for; returns the summary."""
+def launch(cfg, run_dir: Path, *, on_eval=()) -> dict:
+    """Train `cfg` into run_dir with the launch shape its `launcher` group asks for; returns the summary.
+
+    Args:
+        on_eval: functions called with (step, val_loss) after each evaluation (a search's pruning); they run in
+            this process, so only a job of one process takes them.
+    """
     from effitrain.train import run
 
     if world_size(cfg.launcher) == 1 or in_torchrun_worker():
-        return run(cfg, run_dir)
+        return run(cfg, run_dir, on_eval=on_eval)
+    if on_eval:
+        raise UsageError("a pruned search runs each trial in one process: launcher.nproc_per_node=1, "
+                         "launcher.nnodes=1 (or no hydra.sweeper.pruner)")
     return GROUP.builder_of("launcher")(cfg, run_dir)
 
 

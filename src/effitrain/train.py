@@ -91,6 +91,7 @@ class Trainer:
         self.parts = build_parts(cfg, world=self.world, vocab_size=self.data.tokens.vocab_size)
         self.state, self.precision = self.parts.state, self.parts.precision
         self._build_meters()
+        self.on_eval: list[Callable[[int, float], None]] = []  # (step, val_loss) after each evaluation; may raise
 
     def _build_data(self) -> None:
         cfg, world = self.cfg, self.world
@@ -190,6 +191,8 @@ class Trainer:
                                     mem_reserved_gib=reserved, extra=extra))
         if step % cfg.logging.every == 0 or step == cfg.max_steps or extra:
             self._flush()
+        for hook in self.on_eval if extra else ():  # after the flush: a hook that stops the run keeps this step
+            hook(step, extra["val_loss"])
         # metrics' own host time: memory stats, buffering, the flush's collective and the sinks (not the evaluation)
         self.recorder.overhead_s += (t1 - t0) + (t3 - t2) + (time.perf_counter() - t4)
 
@@ -210,8 +213,8 @@ def _fmt_flops(peak: float | None) -> str:
     return "undefined" if peak is None else f"{peak / 1e12:.2f} TFLOP/s"
 
 
-def run(cfg, run_dir: Path) -> dict:
-    """Train one run into run_dir; returns its summary (rank 0) or {} (other ranks)."""
+def run(cfg, run_dir: Path, *, on_eval=()) -> dict:
+    """Train one run into run_dir; returns its summary (rank 0) or {} (other ranks). `on_eval`: Trainer.on_eval."""
     import os
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +222,7 @@ def run(cfg, run_dir: Path) -> dict:
     with job_runtime(seed=cfg.seed, deterministic=cfg.deterministic, tf32=cfg.precision.tf32, device=device,
                      keep_freed=cfg.cpu_keep_freed_memory):
         trainer = Trainer(cfg, run_dir)
+        trainer.on_eval.extend(on_eval)
         extra = None
         try:
             extra = trainer.train()
