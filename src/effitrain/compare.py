@@ -155,8 +155,7 @@ def _plot(data: dict, out_dir: Path) -> None:
             ax.plot(run[x], run["loss"], label=run["label"], linewidth=1)
         ax.set(xlabel=xlabel, ylabel="training loss", title=f"loss vs {xlabel}")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(out_dir / f"loss_vs_{x}.png", dpi=100)
+        fig.savefig(out_dir / f"loss_vs_{x}.png", dpi=100, bbox_inches="tight")
         plt.close(fig)
     for key, ylabel, name in (("median_tokens_per_s", "median tokens/s", "tokens_per_s.png"),
                               ("mem_reserved_peak_gib", "peak reserved memory (GiB)", "peak_memory.png")):
@@ -164,8 +163,7 @@ def _plot(data: dict, out_dir: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * max(len(values), 1)))
         ax.barh(list(values), list(values.values()))
         ax.set(xlabel=ylabel, title=f"{ylabel} per run")
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
+        fig.savefig(out_dir / name, dpi=100, bbox_inches="tight")
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     points = data["pareto"]["points"]
@@ -176,8 +174,7 @@ def _plot(data: dict, out_dir: Path) -> None:
         ax.annotate(p["label"], (p["tokens_per_s"], p["final_val_loss"]), fontsize="x-small")
     ax.set(xlabel="median tokens/s", ylabel="final validation loss", title="validation loss vs throughput")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out_dir / "pareto.png", dpi=100)
+    fig.savefig(out_dir / "pareto.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

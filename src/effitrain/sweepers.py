@@ -56,14 +56,19 @@ def planned_jobs(loader, overrides: list[str]) -> list[list[str]]:
 
 
 def quote_params(args: list[str]) -> list[str]:
-    """`hydra.sweeper.params.KEY=choice(a,b)` on the command line: the value is the param's sweep text (the
-    sweeper's params are strings, as in YAML). Hydra would read it as a sweep of its own settings, which it
-    refuses, so it is quoted here; an already quoted value is left alone."""
+    """`hydra.sweeper.params.KEY=choice(a,b)` on the command line: the value is the param's sweep text (a
+    sweeper's params are strings, as in YAML). Hydra would read it as a sweep of its own settings, which it refuses,
+    so it is quoted here (an already quoted value is left alone), and set with `++` (added, or replaced if the
+    preset has it)."""
     def one(a: str) -> str:
         key, sep, value = a.partition("=")
-        if not sep or not key.lstrip("+~").startswith(PARAMS_PREFIX) or value[:1] in ("'", '"') or not value:
+        bare = key.lstrip("+")
+        if not sep or not bare.startswith(PARAMS_PREFIX) or not value:
             return a
-        if '"' not in value:
-            return f'{key}="{value}"'
-        return f"{key}='{value}'" if "'" not in value else a
+        if value[:1] not in ("'", '"'):
+            if '"' not in value:
+                value = f'"{value}"'
+            elif "'" not in value:
+                value = f"'{value}'"
+        return f"++{bare}={value}"
     return [one(a) for a in args]

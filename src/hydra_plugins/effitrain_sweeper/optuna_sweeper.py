@@ -31,7 +31,8 @@ class OptunaSweeper(Sweeper):
         self.n_trials, self.n_jobs, self.sampler, self.seed = n_trials, n_jobs, sampler, seed
         self.objectives = [objective] if isinstance(objective, str) else list(objective)
         self.pruner_cfg, self.study_name, self.storage = pruner, study_name, storage
-        self.params = OmegaConf.to_container(params) if params is not None else {}
+        # `hydra.sweeper.params.optimizer.lr=...` nests; the searched key is the dotted path
+        self.params = _dotted(OmegaConf.to_container(params)) if params is not None else {}
         self.config = self.launcher = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:
@@ -152,3 +153,10 @@ class OptunaSweeper(Sweeper):
         print(f"study {self.study_name}: {counts} | {what}:")
         for row in rows:
             print("  " + " ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def _dotted(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        out |= _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
