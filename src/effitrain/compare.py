@@ -93,12 +93,29 @@ def differing_keys(runs: list[Run]) -> list[str]:
     return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
 
 
+def labels(runs: list[Run]) -> list[str]:
+    """What tells each run apart: its overrides that not every run shares (as typed), else the config keys that
+    differ (a group whose option differs shown as group=option), else its directory's name."""
+    from effitrain.compose import GROUP_NAMES
+    from effitrain.sweep import job_overrides
+
+    overrides = [job_overrides(r.run_dir) for r in runs]
+    shared = set.intersection(*map(set, overrides)) if overrides else set()
+    typed = [" ".join(o for o in job if o not in shared) for job in overrides]
+    if all(typed) and len(set(typed)) == len(typed):
+        return typed
+    keys = differing_keys(runs)
+    options = {k.split(".")[0] for k in keys if k.split(".")[0] in GROUP_NAMES and k.endswith(".name")}
+    shown = [k for k in keys if k.split(".")[0] not in options] + [f"{g}.name" for g in sorted(options)]
+    return [" ".join(f"{k.removesuffix('.name') if k.split('.')[0] in options else k}={r.config.get(k)}"
+                     for k in shown) or r.run_dir.name for r in runs]
+
+
 def rows(runs: list[Run]) -> list[dict]:
-    differs = differing_keys(runs)
     out = []
-    for r in runs:
+    for r, label in zip(runs, labels(runs), strict=True):
         vals = [x["val_loss"] for x in r.records if "val_loss" in x]
-        r.label = " ".join(f"{k}={r.config.get(k)}" for k in differs) or r.run_dir.name
+        r.label = label
         out.append({"run": str(r.run_dir), "differs": r.label, "status": r.status,
                     "final_val_loss": r.summary.get("final_val_loss"), "best_val_loss": min(vals) if vals else None,
                     "median_tokens_per_s": r.summary.get("median_tokens_per_s"),

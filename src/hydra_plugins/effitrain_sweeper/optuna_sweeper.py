@@ -9,7 +9,6 @@ the same command continues it: trials a killed sweep left running are marked int
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -21,8 +20,6 @@ from omegaconf import OmegaConf
 from effitrain import trials as search
 from effitrain.errors import UsageError
 from effitrain.sweep import record_outcome
-
-log = logging.getLogger("effitrain")
 
 
 class OptunaSweeper(Sweeper):
@@ -86,7 +83,7 @@ class OptunaSweeper(Sweeper):
         done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished()
                    and not t.user_attrs.get("interrupted"))
         if done:
-            log.info(f"study {self.study_name}: {done} of {self.n_trials} trials already done, continuing")
+            print(f"study {self.study_name}: {done} of {self.n_trials} trials already done, continuing")
         while done < self.n_trials:
             batch = [study.ask(distributions) for _ in range(min(self.n_jobs, self.n_trials - done))]
             assert [t.number for t in batch] == list(range(batch[0].number, batch[0].number + len(batch)))
