@@ -51,9 +51,9 @@ RUNS = [
     ["model=gpt2-124m", "data=jsonl", "precision=bf16", "parallel=ddp", "optimizer=adafactor", "schedule=constant"],
     ["data=stdlib", "precision=fp16", "parallel=fsdp", "optimizer=sgd", "schedule=linear"],
     ["parallel=hsdp", "parallel.dp_replicate=1", "schedule=wsd"],
-    ["parallel=tp", "schedule=inverse-sqrt"],
+    ["parallel=tp", "schedule=inverse-sqrt", "checkpoint=async"],
     ["parallel=fsdp-tp", "parallel.tp=1"],
-    ["optimizer=muon"],
+    ["optimizer=muon", "checkpoint=off"],
     ["optimizer=zero1", "parallel=ddp"],
     ["precision=bf16-pure", "optimizer=adamw-8bit"],
     ["precision=fp8", "device=cpu"],  # refused on the CPU: its keys are read before the device check

@@ -38,6 +38,8 @@ def check_run(cfg) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batches"):
         _need(cfg[key] > 0, f"{key}={cfg[key]} must be a positive integer")
     _need(cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip} must be >= 0 (0 measures the norm without clipping)")
+    _need(cfg.nan_policy in ("abort", "skip"), f"nan_policy={cfg.nan_policy!r} is not one of: abort, skip")
+    _need(cfg.nan_patience > 0, f"nan_patience={cfg.nan_patience} must be a positive integer")
     _need(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} is not one of: auto, cpu, cuda")
 
 

@@ -1,5 +1,5 @@
-"""argv -> verb (train, reproduce). Validates before anything starts; bad input is one line, exit 2 (here, and in
-the torchrun entry train.main, which has no CLI above it).
+"""argv -> verb (train, resume, reproduce, export, sample, compare). Validates before anything starts; bad input
+is one line, exit 2 (here, and in the torchrun entry train.main, which has no CLI above it).
 
 Kept light: torch and transformers are imported only once a run really starts, so `effitrain --help`
 and input errors answer at once.
@@ -11,15 +11,20 @@ import sys
 from pathlib import Path
 
 from effitrain.compose import GROUP_NAMES, PRESETS, compose_all, config_dir, group_options, normalize
-from effitrain.errors import UsageError
+from effitrain.errors import RunStopped, UsageError
 
 # Hydra flags that print help: nothing is composed, so nothing needs validating first.
 _HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
 # Hydra flags that print the composed config: it must compose, but nothing trains (paths need not exist yet).
 _PRINT_FLAGS = {"--cfg", "-c", "--package", "-p", "--resolve"}
 _VERBS = {"train": "compose the config groups, launch the workers, train, write the run directory",
-          "reproduce": "rerun RUN_DIR from its saved config and compare its per-step loss (exit 0 match, 1 not)",
-          "compare": "RUN_DIR... | SWEEP_DIR: table of what differs and the metrics, plots into compare/"}
+          "resume": "continue RUN_DIR in place from its latest checkpoint [key=value...] (e.g. max_steps=500)",
+          "reproduce": "rerun RUN_DIR from its saved config, compare every step (exit 0 identical, 3 within "
+                       "tolerance, 1 diverged) [--rtol X] [--exact] [--from-step K]",
+          "export": "write a Hugging Face model directory from a checkpoint [--step N] [--out DIR] [--dtype fp32|bf16]",
+          "sample": "print a continuation of PROMPT by RUN_DIR's (or an HF directory's) model [--tokens N] "
+                    "[--temperature T]",
+          "compare": "RUN_DIR... | SWEEP_DIR: table of what differs and the metrics, plots into compare/ [--out DIR]"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,16 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if verb == "train":
             return train(rest)
-        if verb == "reproduce":
-            return reproduce(rest)
-        if verb == "compare":
-            from effitrain.compare import compare_main
-
-            return compare_main(rest)
+        if verb in _HANDLERS:
+            return _HANDLERS[verb](rest)
         raise UsageError(f"unknown verb {verb!r}; use one of: {', '.join(_VERBS)} (effitrain --help lists them)")
     except UsageError as e:
         print(f"effitrain: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # preempted (75) or diverged (1): the run's own one line, no traceback
+        print(f"effitrain: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def usage() -> str:
@@ -56,14 +60,18 @@ def usage() -> str:
               "  effitrain train -m optimizer.lr=1e-3,3e-3 precision=fp32,bf16",
               "  effitrain train -m 'schedule=glob(c*)' 'seed=range(1,4)'",
               "  effitrain train -m hydra/sweeper=optuna 'optimizer.lr=tag(log,interval(1e-4,1e-2))'",
-              "  effitrain reproduce outputs/<date>/<time>_run",
-              "  effitrain compare outputs/multirun/<date>/<time>_run", "",
+              "  effitrain compare outputs/multirun/<date>/<time>_run",
+              "  effitrain resume outputs/<date>/<time>_run max_steps=240",
+              "  effitrain reproduce outputs/<date>/<time>_run --from-step 80",
+              "  effitrain export outputs/<date>/<time>_run --out model/ && effitrain sample model/ 'def '", "",
               "Hydra's grammar works unchanged: key=value, -m/--multirun, --cfg job, effitrain train --help."]
     return "\n".join(lines)
 
 
 def train(args: list[str]) -> int:
-    args = normalize(args)
+    from effitrain.sweep import resume_arguments
+
+    args = resume_arguments(normalize(args))
     flags = {a for a in args if a.startswith("-")}
     if flags & {"-m", "--multirun"} and flags & _PRINT_FLAGS:
         raise UsageError("--cfg/--package print one composed config: drop -m/--multirun to use them")
@@ -91,48 +99,129 @@ def _run_hydra(args: list[str]) -> int:
 
 def _hydra_task(cfg) -> dict:
     """One job (a run, or one point of a sweep), inside Hydra's run/sweep directory. In a sweep, a job that fails
-    is recorded as failed with its reason (or as pruned, when a search stopped it) and the sweep goes on."""
+    is a result: recorded as failed with its reason (or as pruned, when a search stopped it), and the sweep goes
+    on; a resumed sweep skips the jobs that finished."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from effitrain.errors import Preempted
     from effitrain.launch import launch
-    from effitrain.sweep import one_line, record_outcome
+    from effitrain.sweep import finished_before, one_line, record_outcome, resuming
     from effitrain.trials import eval_hooks, pruned
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweeping and (summary := finished_before(run_dir)) is not None:
+        return summary
     try:
-        return launch(cfg, run_dir, on_eval=eval_hooks(hydra_cfg))
+        return launch(cfg, run_dir, resume=sweeping and resuming(), on_eval=eval_hooks(hydra_cfg))
     except Exception as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if sweeping and not isinstance(e, Preempted):  # preempted: the whole sweep is being stopped
             status = "pruned" if pruned(e) else "failed"
             record_outcome(run_dir, status, one_line(e))
             print(f"effitrain: job {hydra_cfg.job.num} {status}: {one_line(e)}", file=sys.stderr)
             return {"status": status, "reason": one_line(e)}
-        if not isinstance(e, UsageError):
-            raise
-        # found only once data was read: still one line, and no run directory left behind
-        import shutil
+        if isinstance(e, UsageError):  # found only once data was read: still one line, no run directory left
+            import shutil
 
-        shutil.rmtree(run_dir, ignore_errors=True)
-        print(f"effitrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
+            if not any(run_dir.glob("checkpoints/step-*")):  # a run that saved something is kept (e.g. disk full)
+                shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"effitrain: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, RunStopped):
+            print(f"effitrain: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        raise
+
+
+def _parse(args: list[str], *, usage: str, positional: int, flags: dict[str, type]) -> tuple[list[str], dict]:
+    """`positional` leading arguments (then any key=value for resume), and --flag VALUE / --switch options."""
+    values, rest, i = {}, [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            name = a[2:].replace("-", "_")
+            if name not in flags:
+                raise UsageError(f"unknown option {a}; usage: {usage}")
+            if flags[name] is bool:
+                values[name], i = True, i + 1
+                continue
+            if i + 1 >= len(args):
+                raise UsageError(f"{a} needs a value; usage: {usage}")
+            try:
+                values[name] = flags[name](args[i + 1])
+            except ValueError:
+                kind = {int: "an integer", float: "a number"}.get(flags[name], "a value")
+                raise UsageError(f"{a} takes {kind}, not {args[i + 1]!r}") from None
+            i += 2
+        else:
+            rest.append(a)
+            i += 1
+    if len(rest) < positional:
+        raise UsageError(f"usage: {usage}")
+    return rest, values
+
+
+def resume(args: list[str]) -> int:
+    from effitrain.resume import resume_run
+
+    usage = "effitrain resume RUN_DIR [key=value...] [--allow-rendezvous] | SWEEP_DIR"
+    if not args or args[0].startswith("-"):
+        raise UsageError(f"resume needs a run directory; usage: {usage}")
+    if (Path(args[0]) / "multirun.yaml").is_file():  # a sweep: its own command again, finished jobs skipped
+        if len(args) > 1:
+            raise UsageError(f"effitrain resume SWEEP_DIR reruns the sweep's own command; drop {' '.join(args[1:])}")
+        return train([f"sweep.resume={args[0]}"])
+    rest, opts = _parse(args, usage=usage, positional=1, flags={"allow_rendezvous": bool})
+    return resume_run(Path(rest[0]), rest[1:], **opts)
 
 
 def reproduce(args: list[str]) -> int:
     from effitrain.reproduce import reproduce_run
 
+    usage = "effitrain reproduce RUN_DIR [--rtol X] [--exact] [--from-step K] [--allow-rendezvous]"
     if not args or args[0].startswith("-"):
-        raise UsageError("reproduce needs a run directory: effitrain reproduce outputs/<date>/<time>_<name> [--rtol X]")
-    rtol = 1e-3
-    if len(args) == 3 and args[1] == "--rtol":
-        try:
-            rtol = float(args[2])
-        except ValueError:
-            raise UsageError(f"--rtol takes a number, not {args[2]!r}") from None
-    elif len(args) != 1:
-        raise UsageError(f"unexpected arguments {' '.join(args[1:])!r}; usage: effitrain reproduce RUN_DIR [--rtol X]")
-    return reproduce_run(Path(args[0]), rtol=rtol)
+        raise UsageError(f"reproduce needs a run directory: {usage}")
+    rest, opts = _parse(args, usage=usage, positional=1,
+                        flags={"rtol": float, "exact": bool, "from_step": int, "allow_rendezvous": bool})
+    if len(rest) != 1:
+        raise UsageError(f"unexpected arguments {' '.join(rest[1:])!r}; usage: {usage}")
+    return reproduce_run(Path(rest[0]), rtol=opts.pop("rtol", 1e-3), **opts)
+
+
+def export(args: list[str]) -> int:
+    from effitrain.export import export_run
+
+    usage = "effitrain export RUN_DIR [--step N] [--out DIR] [--dtype fp32|bf16]"
+    rest, opts = _parse(args, usage=usage, positional=1, flags={"step": int, "out": str, "dtype": str})
+    if len(rest) != 1:
+        raise UsageError(f"usage: {usage}")
+    out = export_run(Path(rest[0]), step=opts.get("step"), out=Path(opts["out"]) if "out" in opts else None,
+                     dtype=opts.get("dtype", "fp32"))
+    print(out)
+    return 0
+
+
+def sample(args: list[str]) -> int:
+    from effitrain.export import sample_text
+
+    usage = "effitrain sample RUN_DIR|HF_DIR PROMPT [--tokens N] [--temperature T] [--seed S]"
+    rest, opts = _parse(args, usage=usage, positional=2, flags={"tokens": int, "temperature": float, "seed": int})
+    if len(rest) != 2:
+        raise UsageError(f"usage: {usage} (quote the prompt)")
+    print(sample_text(Path(rest[0]), rest[1], **opts))
+    return 0
+
+
+def compare(args: list[str]) -> int:
+    from effitrain.compare import compare_main
+
+    return compare_main(args)
+
+
+_HANDLERS = {"train": train, "resume": resume, "reproduce": reproduce, "export": export, "sample": sample,
+             "compare": compare}
 
 
 if __name__ == "__main__":

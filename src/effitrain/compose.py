@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from effitrain import compression, data, launcher, logs, models, optim, parallel, precision, schedule
+from effitrain import checkpoint, compression, data, launcher, logs, models, optim, parallel, precision, schedule
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
 # the defaults list of configs/train.yaml, in its order
 GROUPS: tuple[Group, ...] = (models.GROUP, data.GROUP, precision.GROUP, parallel.GROUP, compression.GROUP,
-                             optim.GROUP, schedule.GROUP, launcher.GROUP, logs.GROUP)
+                             optim.GROUP, schedule.GROUP, launcher.GROUP, logs.GROUP, checkpoint.GROUP)
 GROUP_NAMES = tuple(g.name for g in GROUPS)
 PRESETS = "experiment"  # the group of named presets (`# @package _global_`): not in the defaults list
 
@@ -35,6 +35,7 @@ class TrainConfig:
     schedule: Any = None
     launcher: Any = None
     logging: Any = None
+    checkpoint: Any = None
     name: str = "run"
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
@@ -46,6 +47,8 @@ class TrainConfig:
     eval_batches: int = 8
     deterministic: bool = False  # torch.use_deterministic_algorithms
     cpu_keep_freed_memory: bool = True  # CPU: freed step memory stays in the heap (glibc), no page faults next step
+    nan_policy: str = "abort"  # a step whose gradient norm is not finite is skipped; abort | skip: what follows
+    nan_patience: int = 10  # abort: stop after this many consecutive non-finite steps (fp16 overflow skips count)
 
 
 def config_dir() -> Path:
@@ -179,9 +182,16 @@ def _merged(schema: type, values: dict, *, prefix: str):
         raise UsageError(_explain(e)) from None
 
 
-def load_run_config(run_dir: Path):
-    """RUN_DIR's saved config (.hydra/config.yaml), typed against today's schemas (nothing is composed anew)."""
+def load_run_config(run_dir: Path, *, allow_rendezvous: bool = False):
+    """RUN_DIR's saved config (.hydra/config.yaml), typed against today's schemas (nothing is composed anew).
+
+    A run directory may come from someone else, so its config is data, never instructions to this machine:
+    interpolations that call a resolver (`${oc.env:...}`, `${now:...}`) are refused, not resolved, and a
+    multi-node rendezvous (launcher.nnodes > 1, launcher.rdzv_endpoint) needs `allow_rendezvous` (the CLI's
+    --allow-rendezvous) before effitrain would connect anywhere.
+    """
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     saved = run_dir / ".hydra" / "config.yaml"
     if not run_dir.is_dir():
@@ -189,9 +199,55 @@ def load_run_config(run_dir: Path):
     if not saved.is_file():
         raise UsageError(f"{run_dir} has no saved config (.hydra/config.yaml); give a directory effitrain train wrote")
     try:
-        return typed(OmegaConf.to_container(OmegaConf.load(saved)))
+        raw = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    except (OmegaConfBaseException, ValueError) as e:
+        raise UsageError(f"{saved} is not a readable config: {_first_line(e)}") from None
+    _refuse_resolvers(raw, where=saved)
+    try:
+        cfg = typed(raw)
     except UsageError as e:
         raise UsageError(f"{saved} does not match effitrain's config schema: {e}") from None
+    if not allow_rendezvous and (cfg.launcher.nnodes > 1 or cfg.launcher.rdzv_endpoint is not None):
+        raise UsageError(f"{saved} asks for a multi-node rendezvous (launcher.nnodes={cfg.launcher.nnodes}, "
+                         f"launcher.rdzv_endpoint={cfg.launcher.rdzv_endpoint}); effitrain connects to it only "
+                         "with --allow-rendezvous")
+    return cfg
+
+
+def _refuse_resolvers(node, *, where: Path, key: str = "") -> None:
+    """A string calling an OmegaConf resolver (`${name:...}`) in a saved config: one line, nothing resolved."""
+    import re
+
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_resolvers(v, where=where, key=f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_resolvers(v, where=where, key=f"{key}[{i}]")
+    elif isinstance(node, str) and re.search(r"\$\{[^}]*:", node):
+        raise UsageError(f"{where}: {key}={node!r} calls a resolver; a saved config is data, so effitrain resolves "
+                         "none (write the value itself)")
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """`key=value` overrides on a loaded run config (resume: e.g. max_steps=500). The run's options stay its
+    own: selecting another option of a group (`model=llama-150m`) or changing the model is refused."""
+    from omegaconf import OmegaConf
+
+    if not overrides:
+        return cfg
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if "=" not in o or o.startswith(("+", "~", "-")):
+            raise UsageError(f"{o!r}: give key=value overrides of the saved config (e.g. max_steps=500)")
+        if key in GROUP_NAMES:
+            raise UsageError(f"{o}: a resumed run keeps its {key} option; start a new run from this one's weights "
+                             "instead (effitrain train ... checkpoint.resume_from=RUN_DIR)")
+        if key.startswith("model."):
+            raise UsageError(f"{o}: the checkpoint's weights fix the model; start a new run instead "
+                             "(effitrain train ... checkpoint.resume_from=RUN_DIR)")
+    merged = OmegaConf.merge(OmegaConf.to_container(cfg), OmegaConf.from_dotlist(overrides))
+    return typed(OmegaConf.to_container(merged))
 
 
 def _check_options(parsed) -> None:

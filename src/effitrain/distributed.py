@@ -61,6 +61,15 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank when `flag` is true on any (one tiny CPU all-reduce: gloo, also next to nccl)."""
+    if not world.distributed:
+        return flag
+    box = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def close_world() -> None:
     """Leave the process group without the gloo teardown deadlock.
 

@@ -12,7 +12,7 @@ import logging
 import uuid
 from pathlib import Path
 
-from effitrain.errors import UsageError
+from effitrain.errors import Preempted, RunStopped, UsageError, raise_reported, stop_report
 from effitrain.launcher import GROUP, in_torchrun_worker, world_size
 
 log = logging.getLogger("effitrain")
@@ -22,27 +22,31 @@ class WorkerFailed(RuntimeError):
     """A worker process died or raised: the job was stopped; the message names the failing rank."""
 
 
-def launch(cfg, run_dir: Path, *, on_eval=()) -> dict:
+def launch(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
     """Train `cfg` into run_dir with the launch shape its `launcher` group asks for; returns the summary.
 
     Args:
+        resume: continue from run_dir's latest complete checkpoint (`effitrain resume`); restarted workers
+            (launcher.max_restarts) always do.
         on_eval: functions called with (step, val_loss) after each evaluation (a search's pruning); they run in
             this process, so only a job of one process takes them.
     """
     from effitrain.train import run
 
     if world_size(cfg.launcher) == 1 or in_torchrun_worker():
-        return run(cfg, run_dir, on_eval=on_eval)
+        return run(cfg, run_dir, resume=resume, on_eval=on_eval)
     if on_eval:
         raise UsageError("a pruned search runs each trial in one process: launcher.nproc_per_node=1, "
                          "launcher.nnodes=1 (or no hydra.sweeper.pruner)")
-    return GROUP.builder_of("launcher")(cfg, run_dir)
+    return GROUP.builder_of("launcher")(cfg, run_dir, resume=resume)
 
 
 @GROUP.builder("launcher")
-def launch_workers(cfg, run_dir: Path) -> dict:
-    """Start the workers under torch's elastic agent and wait for them; rank 0's summary."""
+def launch_workers(cfg, run_dir: Path, *, resume: bool = False) -> dict:
+    """Start the workers under torch's elastic agent and wait for them; rank 0's summary. A stop a worker reports
+    (bad input found late, preemption, divergence) is raised here as the same exception."""
     from omegaconf import OmegaConf
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -56,12 +60,14 @@ def launch_workers(cfg, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     container = OmegaConf.to_container(cfg, resolve=True)
     try:
-        results = elastic_launch(config, _worker)(container, str(run_dir))
+        with _forwarding_preemption_signals():
+            results = elastic_launch(config, _worker)(container, str(run_dir), resume)
+    except SignalException:  # SIGTERM here: the agent passed it on to the workers, which saved if they could
+        raise _preempted_or(run_dir) from None
     except ChildFailedError as e:
         raise WorkerFailed(_failure_message(e)) from None
-    errors = [r for r in results.values() if isinstance(r, str)]
-    if errors:  # bad input found only once the data was read: still a usage error (exit 2)
-        raise UsageError(errors[0])
+    for result in sorted(results.values(), key=lambda r: "effitrain_stop" not in r):
+        raise_reported(result)
     return read_summary(run_dir)
 
 
@@ -105,17 +111,76 @@ def _preload_forkserver() -> None:
          "transformers.models.gpt2.modeling_gpt2"])
 
 
-def _worker(container: dict, run_dir: str):
-    """One elastic worker (RANK, WORLD_SIZE, MASTER_ADDR set by the agent): train, return the summary or
-    the usage error's text."""
+def _preempted_or(run_dir: Path) -> RunStopped:
+    from effitrain.runs import read_preempted
+
+    marker = read_preempted(run_dir)
+    if marker is None:
+        return RunStopped("the job was terminated by a signal before any rank could save a checkpoint")
+    return Preempted(marker["message"])
+
+
+class _forwarding_preemption_signals:
+    """SIGUSR1 (SLURM's `--signal`) reaching the launching process goes on to the workers, which save and stop;
+    the elastic agent forwards SIGTERM itself."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGUSR1, lambda *_: _signal_descendants(signal.SIGUSR1))
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGUSR1, self.previous)
+
+
+def _signal_descendants(sig) -> None:
+    """Send `sig` to the worker processes below this one: every descendant except multiprocessing's own helpers
+    (the forkserver the CPU workers fork from, the resource tracker), which the signal would kill."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    me = os.getpid()
+    todo = [(pid, me) for pid in children.get(me, [])]
+    while todo:
+        pid, parent = todo.pop()
+        todo += [(child, pid) for child in children.get(pid, [])]
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        helper = b"resource_tracker" in cmdline or (b"forkserver" in cmdline and parent == me)
+        if not helper:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _worker(container: dict, run_dir: str, resume: bool):
+    """One elastic worker (RANK, WORLD_SIZE, MASTER_ADDR set by the agent): train, return the summary or the
+    stop_report of a stop (usage error, preemption, divergence) for the launcher to re-raise."""
     from effitrain.compose import typed
     from effitrain.train import run
 
     cfg = typed(container)
     try:
-        return run(cfg, Path(run_dir))
-    except UsageError as e:
-        return str(e)
+        return run(cfg, Path(run_dir), resume=resume)
+    except (UsageError, RunStopped) as e:
+        return stop_report(e)
 
 
 def _failure_message(e) -> str:

@@ -19,6 +19,7 @@ class StepResult:
 
     loss: torch.Tensor  # mean micro-batch loss on this rank (detached)
     grad_norm: torch.Tensor  # global norm before clipping
+    finite: bool  # the global gradient norm was finite; when not, the update was not applied
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor, converters: ModelConverter | None = None) -> torch.Tensor:
@@ -55,11 +56,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
                                                 converters=converters))
     precision.unscale(optimizer)
     grad_norm = clip_grad_norm(model, grad_clip)
-    precision.step(optimizer)
+    # one host sync per step (fp16's scaler makes it anyway): a non-finite update would ruin the weights for good,
+    # and the norm is global (the same on every rank), so every rank skips the same steps
+    finite = bool(torch.isfinite(grad_norm))
+    if finite or precision.scaler.is_enabled():  # fp16: the scaler skips an overflowed step itself and backs off
+        precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
     if converters is not None:
         converters.post_optimizer_hook(model)
-    return StepResult(loss=torch.stack(losses).mean(), grad_norm=grad_norm)
+    return StepResult(loss=torch.stack(losses).mean(), grad_norm=grad_norm, finite=finite)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

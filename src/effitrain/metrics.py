@@ -133,7 +133,7 @@ class PendingStep:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     loss_scale: torch.Tensor | None  # fp16: the scale after the step
-    skipped: torch.Tensor | None  # fp16: the scaler skipped this step (it backs off exactly then)
+    skipped: torch.Tensor | None  # the update was skipped (fp16: the scaler backed off; else a non-finite norm)
     lr: float
     data_time_s: float
     mem_active_gib: float
@@ -150,7 +150,7 @@ class StepBuffer:
         clock: the StepClock that timed the buffered steps.
         rates: step -> record fields from (step_time_s, data_time_s) (throughput, FLOPs, MFU).
         memory_total: bytes of device (or host) memory, for mem_pct.
-        skipped_steps: fp16 steps skipped before this buffer's first step (a resumed run's count).
+        skipped_steps: steps skipped before this buffer's first step (a resumed run's count).
     """
 
     def __init__(self, *, world, clock: StepClock, rates, memory_total: int, skipped_steps: int = 0):
@@ -174,9 +174,12 @@ class StepBuffer:
         for p, (loss, step_time, data_time, mem_active, mem_reserved, grad_norm, scale, skipped) in zip(
                 steps, self._reduced(steps, times), strict=True):
             record = {"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm}
-            if p.loss_scale is not None:
+            if p.skipped is not None:
                 self.skipped_steps += int(skipped)
-                record |= {"loss_scale": scale, "skipped_steps": self.skipped_steps}
+            if p.loss_scale is not None:
+                record["loss_scale"] = scale
+            if p.loss_scale is not None or self.skipped_steps:  # fp16 always; else from the first skipped step
+                record["skipped_steps"] = self.skipped_steps
             record |= self.rates(step_time_s=step_time, data_time_s=data_time)
             record |= {"mem_active_peak_gib": mem_active, "mem_reserved_peak_gib": mem_reserved,
                        "mem_pct": 100.0 * mem_reserved * GIB / self.memory_total}
@@ -206,24 +209,26 @@ class StepBuffer:
 
 
 @GROUP.builder("logging")
-def build_sinks(cfg, *, run_dir: Path, total_steps: int) -> list:
+def build_sinks(cfg, *, run_dir: Path, total_steps: int, resumed_at: int = 0) -> list:
     """The sinks rank 0 writes to: metrics.jsonl, the console (a line every `every` steps), TensorBoard if asked.
 
     Args:
         cfg: the `logging` config group.
         run_dir: the run directory.
         total_steps: the run's last step (for the progress bar).
+        resumed_at: the step a resumed run continues after (its records up to there are kept), or 0.
     """
-    sinks = [JsonlSink(run_dir / "metrics.jsonl"),
+    sinks = [JsonlSink(run_dir / "metrics.jsonl", append=resumed_at > 0),
              ConsoleSink(total_steps=total_steps, every=cfg.every, progress=cfg.progress)]
     if cfg.tensorboard:
-        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+        sinks.append(TensorBoardSink(run_dir / "tensorboard", purge_after=resumed_at))
     return sinks
 
 
 class JsonlSink:
-    def __init__(self, path: Path):
-        self._f = path.open("w", buffering=1)  # a rerun into the same directory replaces, never splices
+    def __init__(self, path: Path, *, append: bool = False):
+        # a rerun into the same directory replaces, never splices; a resumed one continues what was kept
+        self._f = path.open("a" if append else "w", buffering=1)
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
@@ -233,10 +238,11 @@ class JsonlSink:
 
 
 class TensorBoardSink:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, purge_after: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self._w = SummaryWriter(str(directory))
+        # a resumed run hides the events a killed one wrote after its checkpoint (they are written again)
+        self._w = SummaryWriter(str(directory), purge_step=purge_after + 1 if purge_after else None)
 
     def write(self, record: dict) -> None:
         for key, value in record.items():

@@ -1,34 +1,70 @@
-"""`effitrain reproduce RUN_DIR`: rerun a finished run from its saved config and compare the losses."""
+"""`effitrain reproduce RUN_DIR`: rerun a finished run from its saved config and compare it step by step.
+
+Compared at every step: loss, grad_norm, lr and (where evaluated) val_loss. Exit 0: identical (bit-for-bit),
+3: within --rtol, 1: diverged (or, with --exact, anything but identical). `--from-step K` restarts from the
+original's checkpoint at step K and checks only the steps after it: the fast way to verify a long run.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from effitrain.errors import UsageError
 
 
-def reproduce_run(original: Path, *, rtol: float) -> int:
-    """Rerun, compare per-step loss with the original's metrics.jsonl, print the verdict; 0 = match, 1 = not."""
+def reproduce_run(original: Path, *, rtol: float, exact: bool = False, from_step: int | None = None,
+                  allow_rendezvous: bool = False) -> int:
+    """Rerun, compare with the original's metrics.jsonl, print the verdict; the exit code."""
     from effitrain.checks import check_all
     from effitrain.compose import load_run_config
     from effitrain.launch import launch
     from effitrain.logs import console
-    from effitrain.runs import compare_losses, read_losses, reproduce_dir
+    from effitrain.runs import DIVERGED, IDENTICAL, compare_records, read_records, reproduce_dir
 
-    cfg = load_run_config(original)
-    reference = read_losses(original)
+    cfg = load_run_config(original, allow_rendezvous=allow_rendezvous)
+    reference = read_records(original)
     if not reference:
         raise UsageError(f"{original} has no metrics.jsonl to compare against (did the run finish?)")
     check_all(cfg)
+    source = _checkpoint_at(original, cfg, from_step) if from_step is not None else None
     run_dir = reproduce_dir(original)
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):  # the new run is itself reproducible
         if (original / ".hydra" / name).is_file():
             shutil.copy2(original / ".hydra" / name, run_dir / ".hydra" / name)
-    launch(cfg, run_dir)
-    verdict, matched = compare_losses(reference, read_losses(run_dir), rtol=rtol)
+    if "dir" in cfg.checkpoint:
+        cfg.checkpoint.dir = None  # the reproduction's checkpoints go in its own directory, never the original's
+    if source is not None:
+        _link_tree(source, run_dir / "checkpoints" / source.name)
+    launch(cfg, run_dir, resume=source is not None)
+    verdict, code = compare_records(reference, read_records(run_dir), rtol=rtol, after_step=from_step or 0)
+    if exact and code != IDENTICAL:
+        code = DIVERGED
     (run_dir / "reproduce.json").write_text(json.dumps(
-        {"original": str(original), "verdict": verdict, "matched": matched, "rtol": rtol}, indent=2))
+        {"original": str(original), "verdict": verdict, "exit_code": code, "matched": code != DIVERGED,
+         "rtol": rtol, "exact": exact, "from_step": from_step}, indent=2))
     console().print(f"reproduce {original} -> {run_dir}: {verdict}", soft_wrap=True)  # one line, for grep
-    return 0 if matched else 1
+    return code
+
+
+def _checkpoint_at(original: Path, cfg, step: int) -> Path:
+    from effitrain.checkpoint.layout import CheckpointError, default_root, resolve
+
+    if cfg.checkpoint.kind == "off":
+        raise UsageError(f"--from-step: {original} was trained with checkpoint=off; reproduce it whole")
+    try:
+        return resolve(default_root(original, cfg.checkpoint.dir), step=step)
+    except CheckpointError as e:
+        raise UsageError(f"--from-step {step}: {e}") from None
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link the checkpoint's files (no copy of a large checkpoint; a copy across file systems)."""
+    target.mkdir(parents=True)
+    for f in source.iterdir():
+        try:
+            os.link(f, target / f.name)
+        except OSError:
+            shutil.copy2(f, target / f.name)

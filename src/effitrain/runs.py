@@ -57,6 +57,16 @@ def reproduce_dir(original: Path, outputs: Path = Path("outputs")) -> Path:
     return candidate
 
 
+def config_hash(cfg) -> str:
+    """A short hash of the job's config (everything but Hydra's own node), for manifests and comparisons."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def git_state() -> dict:
     """Commit and dirty flag of the effitrain source tree (null outside a git checkout)."""
     src = Path(__file__).resolve().parent
@@ -105,22 +115,75 @@ def read_summary(run_dir: Path) -> dict:
 
 
 def read_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_records(run_dir)]
+
+
+COMPARED = ("loss", "grad_norm", "lr", "val_loss")  # what reproduce checks at every step (val_loss where evaluated)
+IDENTICAL, WITHIN, DIVERGED = 0, 3, 1  # reproduce's exit codes
+
+
+def compare_records(reference: list[dict], candidate: list[dict], *, rtol: float,
+                    after_step: int = 0) -> tuple[str, int]:
+    """(verdict, exit code) comparing loss, grad_norm, lr and val_loss at every step after `after_step`:
+    IDENTICAL (bit-for-bit), WITHIN (every value within rtol, relative) or DIVERGED (the first step and key that
+    differ, a missing step, or a NaN on either side)."""
+    reference = [r for r in reference if r["step"] > after_step]
+    candidate = [r for r in candidate if r["step"] > after_step]
+    if not reference:
+        return "the original run has no metrics.jsonl steps to compare", DIVERGED
+    worst = 0.0
+    for a, b in zip(reference, candidate, strict=False):
+        if a["step"] != b["step"]:
+            return f"diverged: original step {a['step']} faces reproduced step {b['step']}", DIVERGED
+        for key in COMPARED:
+            if (key in a) != (key in b):
+                return f"diverged at step {a['step']}: {key} is in only one of the runs", DIVERGED
+            if key not in a:
+                continue
+            x, y = a[key], b[key]
+            if not abs(x - y) <= rtol * max(abs(x), 1e-12):  # written so that a NaN on either side diverges
+                return (f"diverged at step {a['step']}: original {key} {x!r}, reproduced {y!r} (rtol {rtol:g})",
+                        DIVERGED)
+            worst = max(worst, abs(x - y) / max(abs(x), 1e-12))
+    if len(candidate) != len(reference):
+        return f"diverged: original has {len(reference)} steps, reproduction {len(candidate)}", DIVERGED
+    what = f"{len(reference)} steps" + (f" after step {after_step}" if after_step else "")
+    if worst == 0.0:
+        return f"identical: {what}, loss, grad_norm, lr and val_loss bit-for-bit", IDENTICAL
+    return f"within tolerance: {what}, max relative difference {worst:.2e} <= {rtol:g}", WITHIN
+
+
+PREEMPTED = "preempted.json"  # written by rank 0 when a signal stopped the run after a save; removed on resume
+
+
+def write_preempted(run_dir: Path, *, step: int, message: str) -> None:
+    (run_dir / PREEMPTED).write_text(json.dumps({"step": step, "message": message}))
+
+
+def read_preempted(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / PREEMPTED
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """Every step record of metrics.jsonl (a line cut short by a kill is dropped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break  # the last line of a killed run may be half-written; nothing follows it
+    return records
 
 
-def compare_losses(reference: list[float], candidate: list[float], *, rtol: float) -> tuple[str, bool]:
-    """(verdict, matched): identical, within rtol, or the first step where they diverge."""
-    if not reference:
-        return "the original run has no metrics.jsonl steps to compare", False
-    for step, (a, b) in enumerate(zip(reference, candidate, strict=False), 1):
-        if not abs(a - b) <= rtol * max(abs(a), 1e-12):  # written so that a NaN on either side diverges
-            return f"diverged at step {step}: original loss {a!r}, reproduced {b!r} (rtol {rtol:g})", False
-    if len(candidate) != len(reference):
-        return f"diverged: original has {len(reference)} steps, reproduction {len(candidate)}", False
-    if reference == candidate:
-        return f"identical: all {len(reference)} step losses match bit-for-bit", True
-    worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(reference, candidate, strict=True))
-    return f"within tolerance: {len(reference)} steps, max relative difference {worst:.2e} <= {rtol:g}", True
+def truncate_metrics(run_dir: Path, *, step: int) -> list[dict]:
+    """Keep metrics.jsonl's records up to `step` (a resumed run writes the steps after it again); the kept ones."""
+    kept = [r for r in read_records(run_dir) if r["step"] <= step]
+    path = Path(run_dir) / "metrics.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return kept

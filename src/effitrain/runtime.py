@@ -81,8 +81,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """This process's generator states (torch CPU and CUDA, Python, NumPy), for TrainState."""
-    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's generator states (torch CPU and CUDA, Python, NumPy), for TrainState: tensors, numbers and
+    tuples only (NumPy's key array as a tensor), so a checkpoint holding them loads with weights_only=True."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+             "gauss": float(gauss)}
+    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": numpy}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -91,6 +95,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.random.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -6,12 +6,17 @@ reason and the sweep goes on. The Hydra callback SweepSummary (configs/train.yam
 reads every job directory of the sweep directory at its end -- jobs run by another process (a parallel or SLURM
 launcher) and jobs of an earlier, resumed run of the sweep included -- writes summary.csv, summary.md and
 summary.json there, prints the table and writes compare/ (effitrain.compare).
+
+A sweep is resumed (`effitrain resume SWEEP_DIR`, or the sweep's command with `sweep.resume=SWEEP_DIR`) by running
+its saved command (multirun.yaml) again into the same directory: a job that finished (summary.json) is skipped, an
+unfinished one continues from its latest checkpoint (or from step 0 when it saved none).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -21,6 +26,9 @@ COLUMNS = ("job", "overrides", "status", "final_val_loss", "median_tokens_per_s"
 STATUS_FILE = "status.json"
 # the last sweep this process ran: the CLI's exit code is its number of failed jobs
 last_sweep: dict = {}
+# set while a resumed sweep runs (an environment variable: jobs a parallel or SLURM launcher starts inherit it)
+RESUME_ENV = "EFFITRAIN_SWEEP_RESUME"
+RESUME_KEY = "sweep.resume="
 
 
 def one_line(error: BaseException) -> str:
@@ -33,6 +41,56 @@ def record_outcome(job_dir: Path, status: str, reason: str) -> None:
     """A job that ended without a summary: failed (a crash, OOM, NaN abort) or pruned (a search stopped it)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / STATUS_FILE).write_text(json.dumps({"status": status, "reason": reason}, indent=2))
+
+
+def resuming() -> bool:
+    return bool(os.environ.get(RESUME_ENV))
+
+
+def finished_before(job_dir: Path) -> dict | None:
+    """In a resumed sweep, the summary of a job that finished before (it is skipped); None for a job to run, whose
+    old outcome is cleared."""
+    summary = job_dir / "summary.json"
+    if resuming() and summary.exists():
+        print(f"effitrain: {job_dir} finished before: skipped")
+        return json.loads(summary.read_text())
+    (job_dir / STATUS_FILE).unlink(missing_ok=True)
+    return None
+
+
+def sweep_command(sweep_dir: Path) -> list[str]:
+    """The arguments that made sweep_dir (its multirun.yaml: Hydra's overrides and the task's), into sweep_dir."""
+    from omegaconf import OmegaConf
+
+    from effitrain.errors import UsageError
+
+    saved = sweep_dir / "multirun.yaml"
+    if not saved.is_file():
+        raise UsageError(f"{sweep_dir} is not a sweep directory (no multirun.yaml; effitrain train -m writes one)")
+    overrides = OmegaConf.load(saved).hydra.overrides
+    settings = [o for o in overrides.hydra if not o.startswith("hydra.sweep.dir=")]
+    return ["-m", *settings, *overrides.task, f"hydra.sweep.dir={sweep_dir}"]
+
+
+def resume_arguments(args: list[str]) -> list[str]:
+    """A sweep's arguments with `sweep.resume=SWEEP_DIR`: SWEEP_DIR's own command (the other arguments must be it,
+    or nothing), marked as a resumed sweep. Arguments without it come back as they are."""
+    from effitrain.errors import UsageError
+
+    given = [a for a in args if a.startswith(RESUME_KEY)]
+    if not given:
+        return args
+    sweep_dir = Path(given[-1][len(RESUME_KEY):])
+    command = sweep_command(sweep_dir)
+
+    def key(arguments):
+        return sorted(a for a in arguments if a not in ("-m", "--multirun") and not a.startswith(
+            ("hydra.sweep.dir=", RESUME_KEY)))
+    if key(args) and key(args) != key(command):
+        raise UsageError(f"{sweep_dir} was swept with: {' '.join(key(command))}; sweep.resume reruns that command "
+                         "(give the same overrides, or none)")
+    os.environ[RESUME_ENV] = str(sweep_dir)
+    return command
 
 
 def job_outcome(job_dir: Path) -> tuple[str, str | None]:

@@ -4,13 +4,21 @@ Runs in-process for one process, or in each torchrun/elastic worker; `python -m 
 torchrun/srun started from outside composes the config itself, like `effitrain train`.
 
 Build order: data -> model on the meta device -> converters (precision's, then compression's: before parallel
-wrapping, so FSDP shards what they made) -> parallel layout -> communication hooks -> optimizer and schedule.
+wrapping, so FSDP shards what they made) -> parallel layout -> communication hooks -> optimizer and schedule ->
+the checkpoint to continue from (a resumed or restarted run's latest, or checkpoint.resume_from's weights).
+
+The loop saves on the checkpoint group's cadence, stops cleanly on SIGTERM/SIGUSR1 (finish the step, save, exit
+75: `errors.Preempted`), and never applies a step whose gradient norm is not finite (nan_policy).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -20,12 +28,15 @@ from typing import Callable
 import torch
 
 from effitrain import runs
+from effitrain.checkpoint import GROUP as CHECKPOINT
+from effitrain.checkpoint.layout import default_root, latest, resolve
 from effitrain.compose import GROUP_NAMES
 from effitrain.compression.build import build_compression
 from effitrain.converters import ConverterChain
 from effitrain.data.loader import Prefetcher, TrainBatches, WindowSampler, validation_batches
 from effitrain.data.prepare import prepare_data
-from effitrain.distributed import barrier, close_world, init_world, pick_device
+from effitrain.distributed import any_rank, barrier, close_world, init_world, pick_device
+from effitrain.errors import Diverged, Preempted
 from effitrain.flops import model_flops_per_token, peak_flops
 from effitrain.logs import setup_logging
 from effitrain.loop import evaluate, train_step
@@ -81,17 +92,57 @@ def build_parts(cfg, *, world, vocab_size: int) -> Parts:
 
 
 class Trainer:
-    """Builds the run's parts (sub-configs to each builder) and trains from `state.step` to `max_steps`."""
+    """Builds the run's parts (sub-configs to each builder) and trains from `state.step` to `max_steps`.
 
-    def __init__(self, cfg, run_dir: Path):
+    Args:
+        cfg: the composed config.
+        run_dir: the run directory.
+        resume: continue from the latest complete checkpoint of the run's checkpoint dir, if there is one.
+    """
+
+    def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
         self.world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
         setup_logging(run_dir, rank=self.world.rank)
         self._build_data()
         self.parts = build_parts(cfg, world=self.world, vocab_size=self.data.tokens.vocab_size)
         self.state, self.precision = self.parts.state, self.parts.precision
+        self.checkpoint_root = default_root(run_dir, getattr(cfg.checkpoint, "dir", None))
+        self.checkpointer = CHECKPOINT.builder_of(cfg.checkpoint.kind)(
+            cfg.checkpoint, root=self.checkpoint_root, world=self.world, manifest=self._manifest())
+        self._restore(resume)
         self._build_meters()
         self.on_eval: list[Callable[[int, float], None]] = []  # (step, val_loss) after each evaluation; may raise
+
+    def _manifest(self) -> dict:
+        """What every checkpoint's manifest.json repeats about the run."""
+        import effitrain
+        from effitrain.runs import config_hash
+
+        return {"effitrain_version": effitrain.__version__, "config_hash": config_hash(self.cfg),
+                "world_size": self.world.size, "strategy": self.cfg.parallel.strategy}
+
+    def _restore(self, resume: bool) -> None:
+        """Load the checkpoint this run continues from; a resumed run keeps its metrics up to that step."""
+        from effitrain.checkpoint.store import load_checkpoint
+
+        self.kept_records: list[dict] = []
+        path = latest(self.checkpoint_root) if resume else None
+        if path is not None:
+            load_checkpoint(self.state, path, world=self.world, what="resume")
+            log.info(f"resumed from {path} at step {self.state.step}")
+            if self.world.is_main:
+                self.kept_records = runs.truncate_metrics(self.run_dir, step=self.state.step)
+                (self.run_dir / runs.PREEMPTED).unlink(missing_ok=True)
+            return
+        source, with_optimizer = self.cfg.checkpoint.resume_from, self.cfg.checkpoint.load_optimizer
+        if source:
+            path = resolve(source)
+            what = "weights+optimizer" if with_optimizer else "weights"
+            load_checkpoint(self.state, path, world=self.world, what=what)
+            log.info(f"starting from the {what} of {path}")
+        if resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+            log.info(f"restarted before any checkpoint was complete in {self.checkpoint_root}: from step 0 again")
 
     def _build_data(self) -> None:
         cfg, world = self.cfg, self.world
@@ -120,10 +171,14 @@ class Trainer:
         self.rates = rates
         sinks = []
         if world.is_main:
-            sinks = build_sinks(cfg.logging, run_dir=self.run_dir, total_steps=cfg.max_steps)
+            sinks = build_sinks(cfg.logging, run_dir=self.run_dir, total_steps=cfg.max_steps,
+                                resumed_at=self.state.step if self.kept_records else 0)
             runs.write_env(self.run_dir, world=world, data=self.data, peak_flops=self.peak,
                            peak_flops_source=self.peak_source, num_params=self.parts.num_params)
+            # the run directory carries its tokenizer: export and sample need no corpus and no cache
+            shutil.copy2(self.data.tokens.directory / "tokenizer.json", self.run_dir / "tokenizer.json")
         self.recorder = Recorder(sinks)
+        self.recorder.records = list(self.kept_records)  # a resumed run's summary spans all its steps
         options = " ".join(f"{group}={cfg[group].name}" for group in GROUP_NAMES if "name" in cfg[group])
         log.info(f"run {cfg.name}: {options}")
         log.info(f"model {cfg.model.name}: {self.parts.num_params / 1e6:.2f}M parameters, "
@@ -135,25 +190,32 @@ class Trainer:
 
     def train(self, *, until: int | None = None) -> dict:
         """Steps state.step + 1 .. `until` (default max_steps; the schedule still spans max_steps); the summary's
-        timing fields."""
+        timing fields. Raises Preempted (after saving) on SIGTERM/SIGUSR1, Diverged under nan_policy=abort."""
         cfg, state = self.cfg, self.state
-        prefetch = Prefetcher(self.batches.iterate(state.step, until or cfg.max_steps), depth=cfg.data.prefetch,
+        last = until or cfg.max_steps
+        prefetch = Prefetcher(self.batches.iterate(state.step, last), depth=cfg.data.prefetch,
                               pin=self.world.device.type == "cuda")
         state.model.train()
         profiler = StepProfiler(cfg.logging, run_dir=self.run_dir, rank=self.world.rank, device=self.world.device)
         startup_s = runs.seconds_since_launch()
         log.info(f"startup: {startup_s:.1f} s from the command to the first step")
-        # built here, not with the meters: a loaded TrainState brings the count of fp16 steps skipped so far
+        # built here, not with the meters: a loaded TrainState brings the count of steps skipped so far
         self.buffer = StepBuffer(world=self.world, clock=self.clock, rates=self.rates, memory_total=self.memory.total,
                                  skipped_steps=state.skipped_steps)
         self._scale = self.precision.loss_scale()  # fp16: the (restored) scale the first step starts from
+        self._nonfinite = 0  # consecutive steps whose gradient norm was not finite
+        self._nan_policy, self._nan_patience = cfg.nan_policy, cfg.nan_patience
         start = time.perf_counter()
-        for step in range(state.step + 1, (until or cfg.max_steps) + 1):
-            self._step(step, prefetch)
-            profiler.step()
+        with StopSignals() as stop:
+            for step in range(state.step + 1, last + 1):
+                self._step(step, prefetch)
+                profiler.step()
+                self._after_step(step, stop_requested=stop.requested)
         t0 = time.perf_counter()
         self._flush()  # a loop that stops between flushes (until=) still writes every step
         self.recorder.overhead_s += time.perf_counter() - t0
+        if self.checkpointer is not None:
+            self.checkpointer.wait()  # the final save is complete before the run reports done
         profiler.close()
         wall = time.perf_counter() - start
         # metrics' own host time: not the flushes' wait for the device to finish the steps they read
@@ -184,8 +246,10 @@ class Trainer:
         t4 = time.perf_counter()
         scale_before, scale = self._scale, self.precision.loss_scale()
         self._scale = scale
-        # the scaler backs off exactly on the steps it skips; compared on the device: no sync
-        skipped = None if scale is None else scale < scale_before
+        # the scaler backs off exactly on the steps it skips, so compare on the device; other precisions skip
+        # exactly the non-finite steps
+        skipped = (scale < scale_before if scale is not None
+                   else None if result.finite else torch.ones((), device=world.device))
         self.buffer.add(PendingStep(step=step, loss=result.loss, grad_norm=result.grad_norm, loss_scale=scale,
                                     skipped=skipped, lr=lr, data_time_s=data_time, mem_active_gib=active,
                                     mem_reserved_gib=reserved, extra=extra))
@@ -195,6 +259,36 @@ class Trainer:
             hook(step, extra["val_loss"])
         # metrics' own host time: memory stats, buffering, the flush's collective and the sinks (not the evaluation)
         self.recorder.overhead_s += (t1 - t0) + (t3 - t2) + (time.perf_counter() - t4)
+        self._count_nonfinite(step, finite=result.finite)
+
+    def _count_nonfinite(self, step: int, *, finite: bool) -> None:
+        self._nonfinite = 0 if finite else self._nonfinite + 1
+        if self._nonfinite and self._nan_policy == "abort" and self._nonfinite >= self._nan_patience:
+            self._flush()
+            good = latest(self.checkpoint_root)
+            raise Diverged(f"the gradient norm was not finite for {self._nonfinite} consecutive steps "
+                           f"({step - self._nonfinite + 1}-{step}; none was applied): stopped (nan_policy=abort); "
+                           + (f"the last good checkpoint is {good}" if good else "no checkpoint was saved"))
+
+    def _after_step(self, step: int, *, stop_requested: bool) -> None:
+        """Checkpoint when due (never mid-way through a non-finite streak), or save and stop when a signal came."""
+        ckpt = self.checkpointer
+        if ckpt is not None:
+            ckpt.poll()
+        if any_rank(stop_requested, self.world):
+            self._flush()
+            message = f"stopped by a signal after step {step}"
+            if ckpt is not None:
+                ckpt.save(self.state, blocking=True)
+                message += f"; saved {ckpt.root / f'step-{step}'}: continue with effitrain resume {self.run_dir}"
+            else:
+                message += "; nothing saved (checkpoint=off): a rerun starts again from step 0"
+            if self.world.is_main:
+                runs.write_preempted(self.run_dir, step=step, message=message)
+            raise Preempted(message)
+        if ckpt is not None and self._nonfinite == 0 and ckpt.due(step, last=self.cfg.max_steps):
+            self._flush()  # the checkpoint's counters (skipped steps) and metrics.jsonl reach this step first
+            ckpt.save(self.state, final=step == self.cfg.max_steps)
 
     def _flush(self) -> None:
         for record in self.buffer.flush():
@@ -202,26 +296,57 @@ class Trainer:
         self.state.skipped_steps = self.buffer.skipped_steps
 
     def close(self, extra: dict | None) -> None:
-        """Release sinks and the process group; write the summary only for a run that finished."""
+        """Release sinks, checkpoint writer and the process group; write the summary only for a run that finished."""
         self.recorder.close()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         if self.world.is_main and extra is not None:
             runs.write_summary(self.run_dir, self.recorder, warmup_steps=self.cfg.logging.warmup_steps, extra=extra)
         close_world()
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (SLURM sends one before it kills a job) ask the loop to stop after the current step;
+    the previous handlers come back when the loop ends. Only the main thread can own signal handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested, self.previous = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+        return self
+
+    def _request(self, signum, frame) -> None:
+        if not self.requested:
+            log.warning(f"{signal.Signals(signum).name}: stopping after this step (saving a checkpoint first)")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _fmt_flops(peak: float | None) -> str:
     return "undefined" if peak is None else f"{peak / 1e12:.2f} TFLOP/s"
 
 
-def run(cfg, run_dir: Path, *, on_eval=()) -> dict:
-    """Train one run into run_dir; returns its summary (rank 0) or {} (other ranks). `on_eval`: Trainer.on_eval."""
-    import os
+def run(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
+    """Train one run into run_dir; returns its summary (rank 0) or {} (other ranks).
 
+    Args:
+        resume: continue from the run's latest complete checkpoint; workers the elastic agent restarted
+            (launcher.max_restarts) always do.
+        on_eval: Trainer.on_eval hooks (a search's pruning).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     with job_runtime(seed=cfg.seed, deterministic=cfg.deterministic, tf32=cfg.precision.tf32, device=device,
                      keep_freed=cfg.cpu_keep_freed_memory):
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, resume=resume or restarted)
         trainer.on_eval.extend(on_eval)
         extra = None
         try:
@@ -236,12 +361,10 @@ def main(args: list[str] | None = None) -> None:
 
     Every rank composes the same config; rank 0 makes the run directory `hydra.run.dir` names and broadcasts its
     path. The launch shape is torchrun's, not the launcher group's: it is recorded, so checks and reproduce see the
-    truth. Bad input: one line, exit 2."""
-    import os
-
+    truth. Bad input: one line, exit 2; a stop (preemption: 75, divergence: 1): one line."""
     from effitrain.checks import check_all
     from effitrain.compose import compose_one, normalize
-    from effitrain.errors import UsageError
+    from effitrain.errors import RunStopped, UsageError
 
     runs.mark_launch()
     overrides = normalize(sys.argv[1:] if args is None else args)
@@ -252,10 +375,13 @@ def main(args: list[str] | None = None) -> None:
         cfg.launcher.nproc_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         cfg.launcher.nnodes = int(os.environ.get("WORLD_SIZE", 1)) // cfg.launcher.nproc_per_node
         check_all(cfg)
-        run(cfg, _shared_run_dir(cfg, overrides))
+        run(cfg, _shared_run_dir(cfg, overrides), resume=True)  # a torchrun restart continues its run dir
     except UsageError as e:
         print(f"effitrain: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as e:
+        print(f"effitrain: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def _shared_run_dir(cfg, overrides: list[str]) -> Path:

@@ -110,6 +110,27 @@ def linearise_gpt2(model: nn.Module) -> None:
                     setattr(parent, name, _linear(child.weight, child.bias))
 
 
+def transformers_state_dict(model: nn.Module) -> dict:
+    """The model's weights under transformers' own names and layout: GPT-2's Linears back to Conv1D ([in, out])
+    and each QKV back to one fused c_attn; other families are already in it."""
+    state = model.state_dict()
+    if model.config.model_type != "gpt2":
+        return state
+    out = {}
+    for name, value in state.items():
+        if ".attn.c_attn." in name:
+            prefix, proj, kind = name.rsplit(".", 2)  # ...c_attn, q_proj|k_proj|v_proj, weight|bias
+            if proj != "q_proj":
+                continue
+            parts = [state[f"{prefix}.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
+            out[f"{prefix}.{kind}"] = torch.cat([p.t() for p in parts], dim=1) if kind == "weight" else torch.cat(parts)
+        elif name.endswith(".weight") and any(f".{m}.c_" in name for m in ("attn", "mlp")) and value.dim() == 2:
+            out[name] = value.t().contiguous()  # a Linear made from a Conv1D
+        else:
+            out[name] = value
+    return out
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     """The Linear computing x @ weight + bias (weight [in, out], as in Conv1D), on weight's device and dtype."""
     linear = nn.Linear(*weight.shape, device=weight.device, dtype=weight.dtype)

@@ -1,0 +1,136 @@
+"""The shipped model: `effitrain export` (a checkpoint -> a Hugging Face model directory) and `effitrain sample`.
+
+Export needs no GPU and no process group: DCP reads a checkpoint written by any number of ranks (FSDP/TP shards
+included) into one process's full tensors. The model is rebuilt from the run's saved config on the CPU with the
+run's compression converters (their parameter names are the checkpoint's), loaded, handed to each converter's
+`export` (merge adapters, ...), and written in transformers' own layout: GPT-2 goes back to its fused Conv1D
+`c_attn`. The directory is written as `<out>.tmp` and renamed when complete.
+
+    config.json  model.safetensors  generation_config.json  tokenizer.json  tokenizer_config.json
+    special_tokens_map.json  effitrain.json (the run and step it came from)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from effitrain.errors import UsageError
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = None, dtype: str = "fp32") -> Path:
+    """Write RUN_DIR's checkpoint (the latest, or `step`) as a Hugging Face model directory; its path."""
+    import torch
+
+    from effitrain.checkpoint.layout import read_manifest
+    from effitrain.data.tokens import EOS
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    cfg, checkpoint, tokenizer = _run_parts(run_dir, step=step)
+    manifest = read_manifest(checkpoint)
+    out = out or run_dir / "export" / checkpoint.name
+    if out.exists():
+        raise UsageError(f"--out {out} exists; give a new directory (nothing was written)")
+    model = load_trained_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
+    hf = to_transformers(model).to(getattr(torch, DTYPES[dtype]))
+    hf.config.use_cache = True  # training turns the KV cache off; generation wants it
+    eos = tokenizer.token_to_id(EOS)
+    hf.generation_config.update(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, use_cache=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf.save_pretrained(tmp, safe_serialization=True)
+    _save_tokenizer(run_dir / "tokenizer.json", tmp, max_length=cfg.data.seq_len)
+    (tmp / "effitrain.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "step": manifest["step"],
+                                                    "config_hash": manifest.get("config_hash"), "dtype": dtype}))
+    tmp.rename(out)
+    return out
+
+
+def load_trained_model(cfg, checkpoint: Path, *, vocab_size: int):
+    """effitrain's model of the run (CPU, fp32, unwrapped) with the checkpoint's weights, converters exported."""
+    import torch
+
+    from effitrain.checkpoint.store import load_model_weights
+    from effitrain.compression.build import build_compression
+    from effitrain.converters import ConverterChain
+    from effitrain.models.build import build_model
+
+    model = build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len)
+    converters = ConverterChain(build_compression(cfg.compression))  # precision's change no parameter names
+    model = converters.convert(model)
+    load_model_weights(model, checkpoint)
+    model = converters.export(model)
+    return model.to(torch.float32).eval()
+
+
+def to_transformers(model):
+    """A plain transformers model of the same weights (GPT-2: Conv1D layout again)."""
+    from transformers import AutoModelForCausalLM
+
+    from effitrain.models.build import transformers_state_dict
+
+    hf = AutoModelForCausalLM.from_config(model.config, attn_implementation="sdpa")
+    hf.load_state_dict(transformers_state_dict(model), strict=True)
+    return hf.eval()
+
+
+def sample_text(path: Path, prompt: str, *, tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
+    """The prompt and a continuation of it by the model of a run directory (its latest checkpoint) or of a
+    Hugging Face directory: greedy at temperature 0, else sampled at that temperature."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if tokens < 1 or temperature < 0:
+        raise UsageError(f"--tokens {tokens} must be >= 1 and --temperature {temperature} >= 0")
+    if (path / "config.json").is_file():  # a Hugging Face directory (e.g. one effitrain export wrote)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+        tokenizer = _tokenizer(path / "tokenizer.json")
+    else:
+        cfg, checkpoint, tokenizer = _run_parts(path, step=None)
+        model = load_trained_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise UsageError("the prompt is empty after tokenization; give some text")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
+                             pad_token_id=tokenizer.token_to_id("<|endoftext|>"))
+    return tokenizer.decode(out[0].tolist())
+
+
+def _run_parts(run_dir: Path, *, step: int | None):
+    """(config, checkpoint dir, tokenizer) of a run directory."""
+    from effitrain.checkpoint.layout import default_root, resolve
+    from effitrain.compose import load_run_config
+
+    # nothing is launched from here: a saved rendezvous is harmless, so it needs no confirmation
+    cfg = load_run_config(run_dir, allow_rendezvous=True)
+    if cfg.checkpoint.kind == "off":
+        raise UsageError(f"{run_dir} was trained with checkpoint=off: it saved no model to export")
+    checkpoint = resolve(default_root(run_dir, cfg.checkpoint.dir), step=step)
+    return cfg, checkpoint, _tokenizer(run_dir / "tokenizer.json")
+
+
+def _tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise UsageError(f"{path.parent} has no tokenizer.json (runs save theirs at start)")
+    return Tokenizer.from_file(str(path))
+
+
+def _save_tokenizer(source: Path, out: Path, *, max_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json (+ special tokens) as transformers' AutoTokenizer reads them."""
+    from transformers import PreTrainedTokenizerFast
+
+    from effitrain.data.tokens import EOS
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(source), eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                  pad_token=EOS, model_max_length=max_length)
+    tok.save_pretrained(out)
