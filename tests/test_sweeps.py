@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_metrics, run_cli
+from conftest import assert_losses_close, losses, read_metrics, run_cli
 from effitrain.compare import pareto_front
 from effitrain.compose import compose_all, normalize
 
@@ -246,3 +246,41 @@ def test_slurm_preset_writes_the_batch_script_its_keys_say(tmp_path, monkeypatch
         assert line in script.splitlines(), (line, script)
     assert f"#SBATCH --output={tmp_path / 'sweep'}/.submitit/" in script  # logs beside the sweep's jobs
     assert "srun --unbuffered" in script and script.rstrip().endswith("python -m submitit.core._submit X")
+
+
+@pytest.mark.slow
+def test_resumed_sweep_skips_finished_jobs_and_continues_unfinished_ones(tmp_path, tiny):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    out = run_cli("train", "-m", "seed=1,2", *tiny(*STEPS), "checkpoint.every=2", f"hydra.sweep.dir={sweep}",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    finished = sweep / "0" / "summary.json"
+    finished_at, full = finished.stat().st_mtime_ns, losses(sweep / "1")
+    # job 1 as a sweep killed after its step-2 checkpoint leaves it: no summary, no later checkpoint
+    (sweep / "1" / "summary.json").unlink()
+    shutil.rmtree(sweep / "1" / "checkpoints" / "step-4")
+
+    out = run_cli("resume", str(sweep), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"{sweep / '0'} finished before: skipped" in out.stdout
+    assert finished.stat().st_mtime_ns == finished_at
+    assert "resumed from" in (sweep / "1" / "train.log").read_text()
+    assert_losses_close(losses(sweep / "1"), full, steps=4, rtol=1e-6, what="resumed job")
+    assert [r["status"] for r in summary(sweep)["rows"]] == ["ok", "ok"]
+
+
+def test_sweep_resume_reruns_only_the_sweeps_own_command(tmp_path):
+    from omegaconf import OmegaConf
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"hydra": [], "task": ["seed=1,2"]}}}),
+                   sweep / "multirun.yaml")
+    out = run_cli("train", "-m", "seed=3,4", f"sweep.resume={sweep}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"effitrain: error: {sweep} was swept with: seed=1,2; sweep.resume reruns that "
+                                  "command (give the same overrides, or none)")
+    out = run_cli("resume", str(tmp_path), cwd=tmp_path)  # not a sweep: resumed as a run, which it is not either
+    assert out.returncode == 2 and "has no saved config" in out.stderr, out.stderr
