@@ -284,3 +284,20 @@ def test_sweep_resume_reruns_only_the_sweeps_own_command(tmp_path):
                                   "command (give the same overrides, or none)")
     out = run_cli("resume", str(tmp_path), cwd=tmp_path)  # not a sweep: resumed as a run, which it is not either
     assert out.returncode == 2 and "has no saved config" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_multi_objective_search_prints_and_saves_its_pareto_set(tmp_path, tiny):
+    sweep = tmp_path / "study"
+    out = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler=random",
+                  "hydra.sweeper.objective=[final_val_loss,median_tokens_per_s]", "seed=choice(1,2,3)",
+                  *tiny("max_steps=2", "eval_every=2"), f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Pareto set:" in out.stdout
+    saved = json.loads((sweep / "optuna.json").read_text())
+    assert saved["objectives"] == ["final_val_loss", "median_tokens_per_s"] and saved["trials"]["complete"] == 2
+    rows = {int(r["job"]): r for r in summary(sweep)["rows"]}
+    points = [(rows[t]["median_tokens_per_s"], rows[t]["final_val_loss"]) for t in sorted(rows)]
+    assert sorted(b["trial"] for b in saved["best"]) == sorted(pareto_front(points))
+    for best in saved["best"]:  # the values Optuna was told are the jobs' own summaries
+        assert best["final_val_loss"] == rows[best["trial"]]["final_val_loss"]
