@@ -301,3 +301,22 @@ def test_multi_objective_search_prints_and_saves_its_pareto_set(tmp_path, tiny):
     assert sorted(b["trial"] for b in saved["best"]) == sorted(pareto_front(points))
     for best in saved["best"]:  # the values Optuna was told are the jobs' own summaries
         assert best["final_val_loss"] == rows[best["trial"]]["final_val_loss"]
+
+
+def test_slurm_rendezvous_is_the_allocations_first_node(monkeypatch):
+    from conftest import compose
+    from effitrain.errors import UsageError
+    from effitrain.launch import launch_config
+    from effitrain.launcher import first_host
+
+    assert [first_host(n) for n in ("gpu-[003-005,009],cpu1", "n1,n2", "node7", "a[1,3]")] == \
+        ["gpu-003", "n1", "node7", "a1"]
+    launcher = compose(["launcher.nnodes=2", "launcher.rdzv_endpoint=slurm"]).launcher
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu-[003-004]")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    config = launch_config(launcher, device="cpu")
+    assert (config.rdzv_endpoint, config.run_id, config.min_nodes, config.max_nodes) == \
+        ("gpu-003:29500", "slurm-77", 2, 2)
+    monkeypatch.delenv("SLURM_JOB_NODELIST")
+    with pytest.raises(UsageError, match="runs inside a SLURM allocation"):
+        launch_config(launcher, device="cpu")

@@ -76,11 +76,16 @@ def launch_config(lc, *, device: str):
     from torch.distributed.launcher.api import LaunchConfig
 
     single_node = lc.nnodes == 1 and lc.rdzv_endpoint is None
+    endpoint, run_id = lc.rdzv_endpoint, lc.rdzv_id
+    if single_node:  # a private id and a free port, so concurrent jobs (a sweep, tests) never meet
+        endpoint, run_id = "localhost:0", uuid.uuid4().hex
+    elif endpoint == "slurm":  # every node's agent reads the same allocation
+        from effitrain.launcher import slurm_rendezvous
+
+        endpoint, run_id = slurm_rendezvous()
     return LaunchConfig(
-        min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=lc.nproc_per_node,
-        # one node: a private id and a free port, so concurrent jobs (a sweep, tests) never meet
-        run_id=uuid.uuid4().hex if single_node else lc.rdzv_id,
-        rdzv_backend=lc.rdzv_backend, rdzv_endpoint="localhost:0" if single_node else lc.rdzv_endpoint,
+        min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=lc.nproc_per_node, run_id=run_id,
+        rdzv_backend=lc.rdzv_backend, rdzv_endpoint=endpoint,
         max_restarts=lc.max_restarts, monitor_interval=lc.monitor_interval,
         start_method=_start_method(lc.start_method, device=device, nproc_per_node=lc.nproc_per_node))
 
