@@ -1,5 +1,5 @@
-"""argv -> verb (train, reproduce). Validates before anything starts; bad input is one line, exit 2 (here, and in
-the torchrun entry train.main, which has no CLI above it).
+"""argv -> verb (train, resume, reproduce, export, sample, compare). Validates before anything starts; bad input
+is one line, exit 2 (here, and in the torchrun entry train.main, which has no CLI above it).
 
 Kept light: torch and transformers are imported only once a run really starts, so `effitrain --help`
 and input errors answer at once.
@@ -23,7 +23,8 @@ _VERBS = {"train": "compose the config groups, launch the workers, train, write 
                        "tolerance, 1 diverged) [--rtol X] [--exact] [--from-step K]",
           "export": "write a Hugging Face model directory from a checkpoint [--step N] [--out DIR] [--dtype fp32|bf16]",
           "sample": "print a continuation of PROMPT by RUN_DIR's (or an HF directory's) model [--tokens N] "
-                    "[--temperature T]"}
+                    "[--temperature T]",
+          "compare": "RUN_DIR... | SWEEP_DIR: table of what differs and the metrics, plots into compare/ [--out DIR]"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +58,9 @@ def usage() -> str:
     lines += [f"  {PRESETS:<12} {', '.join(group_options(PRESETS))}   (named presets: +experiment=NAME)"]
     lines += ["", "examples:", "  effitrain train", "  effitrain train precision=bf16 max_steps=50",
               "  effitrain train -m optimizer.lr=1e-3,3e-3 precision=fp32,bf16",
+              "  effitrain train -m 'schedule=glob(c*)' 'seed=range(1,4)'",
+              "  effitrain train -m hydra/sweeper=optuna 'optimizer.lr=tag(log,interval(1e-4,1e-2))'",
+              "  effitrain compare outputs/multirun/<date>/<time>_run",
               "  effitrain resume outputs/<date>/<time>_run max_steps=240",
               "  effitrain reproduce outputs/<date>/<time>_run --from-step 80",
               "  effitrain export outputs/<date>/<time>_run --out model/ && effitrain sample model/ 'def '", "",
@@ -65,7 +69,9 @@ def usage() -> str:
 
 
 def train(args: list[str]) -> int:
-    args = normalize(args)
+    from effitrain.sweep import resume_arguments
+
+    args = resume_arguments(normalize(args))
     flags = {a for a in args if a.startswith("-")}
     if flags & {"-m", "--multirun"} and flags & _PRINT_FLAGS:
         raise UsageError("--cfg/--package print one composed config: drop -m/--multirun to use them")
@@ -82,33 +88,51 @@ def train(args: list[str]) -> int:
 def _run_hydra(args: list[str]) -> int:
     import hydra
 
+    from effitrain import sweep
     from effitrain.compose import register_configs
 
     register_configs()
     sys.argv = ["effitrain train", *args]
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_hydra_task)()
-    return 0
+    return min(sweep.last_sweep.get("failed", 0), 100)  # a sweep's exit code: how many of its jobs failed
 
 
 def _hydra_task(cfg) -> dict:
-    """One job (a run, or one point of a sweep), inside Hydra's run/sweep directory."""
+    """One job (a run, or one point of a sweep), inside Hydra's run/sweep directory. In a sweep, a job that fails
+    is a result: recorded as failed with its reason (or as pruned, when a search stopped it), and the sweep goes
+    on; a resumed sweep skips the jobs that finished."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from effitrain.errors import Preempted
     from effitrain.launch import launch
+    from effitrain.sweep import finished_before, one_line, record_outcome, resuming
+    from effitrain.trials import eval_hooks, pruned
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweeping and (summary := finished_before(run_dir)) is not None:
+        return summary
     try:
-        return launch(cfg, run_dir)
-    except UsageError as e:  # found only once data was read: still one line, and no run directory left behind
-        import shutil
+        return launch(cfg, run_dir, resume=sweeping and resuming(), on_eval=eval_hooks(hydra_cfg))
+    except Exception as e:
+        if sweeping and not isinstance(e, Preempted):  # preempted: the whole sweep is being stopped
+            status = "pruned" if pruned(e) else "failed"
+            record_outcome(run_dir, status, one_line(e))
+            print(f"effitrain: job {hydra_cfg.job.num} {status}: {one_line(e)}", file=sys.stderr)
+            return {"status": status, "reason": one_line(e)}
+        if isinstance(e, UsageError):  # found only once data was read: still one line, no run directory left
+            import shutil
 
-        if not any(run_dir.glob("checkpoints/step-*")):  # a run that saved something is kept (e.g. disk full)
-            shutil.rmtree(run_dir, ignore_errors=True)
-        print(f"effitrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunStopped as e:
-        print(f"effitrain: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+            if not any(run_dir.glob("checkpoints/step-*")):  # a run that saved something is kept (e.g. disk full)
+                shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"effitrain: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, RunStopped):
+            print(f"effitrain: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        raise
 
 
 def _parse(args: list[str], *, usage: str, positional: int, flags: dict[str, type]) -> tuple[list[str], dict]:
@@ -142,9 +166,13 @@ def _parse(args: list[str], *, usage: str, positional: int, flags: dict[str, typ
 def resume(args: list[str]) -> int:
     from effitrain.resume import resume_run
 
-    usage = "effitrain resume RUN_DIR [key=value...] [--allow-rendezvous]"
+    usage = "effitrain resume RUN_DIR [key=value...] [--allow-rendezvous] | SWEEP_DIR"
     if not args or args[0].startswith("-"):
         raise UsageError(f"resume needs a run directory; usage: {usage}")
+    if (Path(args[0]) / "multirun.yaml").is_file():  # a sweep: its own command again, finished jobs skipped
+        if len(args) > 1:
+            raise UsageError(f"effitrain resume SWEEP_DIR reruns the sweep's own command; drop {' '.join(args[1:])}")
+        return train([f"sweep.resume={args[0]}"])
     rest, opts = _parse(args, usage=usage, positional=1, flags={"allow_rendezvous": bool})
     return resume_run(Path(rest[0]), rest[1:], **opts)
 
@@ -186,7 +214,14 @@ def sample(args: list[str]) -> int:
     return 0
 
 
-_HANDLERS = {"train": train, "resume": resume, "reproduce": reproduce, "export": export, "sample": sample}
+def compare(args: list[str]) -> int:
+    from effitrain.compare import compare_main
+
+    return compare_main(args)
+
+
+_HANDLERS = {"train": train, "resume": resume, "reproduce": reproduce, "export": export, "sample": sample,
+             "compare": compare}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ each typed by the schema of its option's kind (registry.py). No torch here, and 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,7 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
     for group in GROUPS:
         for kind, schema in group.schemas.items():
-            store.store(group=group.name, name=group.schema_name(kind), node=schema)
+            store.store(group=group.schema_group, name=kind, node=schema)
 
 
 def normalize(args: list[str]) -> list[str]:
@@ -82,11 +81,18 @@ def normalize(args: list[str]) -> list[str]:
         if key == PRESETS:
             return "+" + a.lstrip("+")
         return a[1:] if a.startswith("+") and key in GROUP_NAMES else a
-    return [one(a) for a in args]
+    from effitrain.sweepers import quote_params
+
+    return quote_params([one(a) for a in args])
 
 
 def compose_all(overrides: list[str], *, multirun: bool = False, hydra: bool = False):
     """Yield the config of every job the overrides describe (each point of a sweep), typed and schema-checked.
+
+    The jobs of a sweep are the ones Hydra itself would launch: the configured sweeper (hydra/sweeper=...) expands
+    the overrides with Hydra's parser (so glob(), range(), sort()... mean what Hydra says), and each job is composed
+    as Hydra's launcher composes it. A search sweeper whose jobs are not known in advance (Optuna) names the points
+    that bound its search space instead (effitrain.sweepers).
 
     Args:
         overrides: Hydra overrides, already normalized.
@@ -94,32 +100,34 @@ def compose_all(overrides: list[str], *, multirun: bool = False, hydra: bool = F
         hydra: keep the `hydra` node (run/sweep directories) in each config.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise UsageError(_first_line(e)) from None
-    axes = []
-    for o in parsed:
-        if o.get_key_element().startswith("hydra"):
-            if hydra:  # Hydra's own settings (run and sweep directories...): Hydra checks them
-                axes.append([o.input_line])
-            continue
-        if o.is_sweep_override() and not multirun:
-            raise UsageError(f"{o.input_line} is a sweep: add -m to run each value, or quote a string value")
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        if (o.key_or_group in GROUP_NAMES and o.is_add() is False or o.key_or_group == PRESETS) and not o.is_delete():
-            for v in values:
-                _check_option(o.key_or_group, v)
-        axes.append([f"{o.get_key_element()}={v}" for v in values])
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        for combo in itertools.product(*axes):
-            try:
-                cfg = compose(config_name="train", overrides=list(combo), return_hydra_config=hydra)
+        loader = GlobalHydra.instance().config_loader()
+        parser = OverridesParser.create(config_loader=loader)
+        try:
+            parsed = parser.parse_overrides(overrides)
+        except HydraException as e:
+            raise UsageError(_first_line(e)) from None
+        settings = [o.input_line for o in parsed if o.get_key_element().startswith("hydra")]
+        task = [o for o in parsed if not o.get_key_element().startswith("hydra")]
+        if multirun:
+            from effitrain.sweepers import planned_jobs
+
+            jobs = planned_jobs(loader, overrides)
+        else:
+            sweep = next((o for o in task if o.is_sweep_override()), None)
+            if sweep is not None:
+                raise UsageError(f"{sweep.input_line} is a sweep: add -m to run each value, or quote a string value")
+            jobs = [[o.input_line for o in task]]
+        for job in jobs:
+            _check_options(parser.parse_overrides(job))
+            try:  # what Hydra's launcher composes for the job (its hydra overrides first, as load_sweep_config does)
+                cfg = compose(config_name="train", overrides=[*settings, *job], return_hydra_config=hydra)
             except (HydraException, OmegaConfBaseException) as e:
                 raise UsageError(_explain(e)) from None
             check_schema(cfg)
@@ -240,6 +248,13 @@ def apply_overrides(cfg, overrides: list[str]):
                              "(effitrain train ... checkpoint.resume_from=RUN_DIR)")
     merged = OmegaConf.merge(OmegaConf.to_container(cfg), OmegaConf.from_dotlist(overrides))
     return typed(OmegaConf.to_container(merged))
+
+
+def _check_options(parsed) -> None:
+    """Options chosen for the groups (and presets) exist: a clearer line than Hydra's missing-config error."""
+    for o in parsed:
+        if (o.key_or_group in GROUP_NAMES and o.is_add() is False or o.key_or_group == PRESETS) and not o.is_delete():
+            _check_option(o.key_or_group, o.get_value_element_as_str())
 
 
 def _check_option(group: str, option: str) -> None:

@@ -23,17 +23,22 @@ class WorkerFailed(RuntimeError):
     """A worker process died or raised: the job was stopped; the message names the failing rank."""
 
 
-def launch(cfg, run_dir: Path, *, resume: bool = False) -> dict:
+def launch(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
     """Train `cfg` into run_dir with the launch shape its `launcher` group asks for; returns the summary.
 
     Args:
         resume: continue from run_dir's latest complete checkpoint (`effitrain resume`); restarted workers
             (launcher.max_restarts) always do.
+        on_eval: functions called with (step, val_loss) after each evaluation (a search's pruning); they run in
+            this process, so only a job of one process takes them.
     """
     from effitrain.train import run
 
     if world_size(cfg.launcher) == 1 or in_torchrun_worker():
-        return run(cfg, run_dir, resume=resume)
+        return run(cfg, run_dir, resume=resume, on_eval=on_eval)
+    if on_eval:
+        raise UsageError("a pruned search runs each trial in one process: launcher.nproc_per_node=1, "
+                         "launcher.nnodes=1 (or no hydra.sweeper.pruner)")
     return GROUP.builder_of("launcher")(cfg, run_dir, resume=resume)
 
 
@@ -72,11 +77,16 @@ def launch_config(lc, *, device: str):
     from torch.distributed.launcher.api import LaunchConfig
 
     single_node = lc.nnodes == 1 and lc.rdzv_endpoint is None
+    endpoint, run_id = lc.rdzv_endpoint, lc.rdzv_id
+    if single_node:  # a private id and a free port, so concurrent jobs (a sweep, tests) never meet
+        endpoint, run_id = "localhost:0", uuid.uuid4().hex
+    elif endpoint == "slurm":  # every node's agent reads the same allocation
+        from effitrain.launcher import slurm_rendezvous
+
+        endpoint, run_id = slurm_rendezvous()
     return LaunchConfig(
-        min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=lc.nproc_per_node,
-        # one node: a private id and a free port, so concurrent jobs (a sweep, tests) never meet
-        run_id=uuid.uuid4().hex if single_node else lc.rdzv_id,
-        rdzv_backend=lc.rdzv_backend, rdzv_endpoint="localhost:0" if single_node else lc.rdzv_endpoint,
+        min_nodes=lc.nnodes, max_nodes=lc.nnodes, nproc_per_node=lc.nproc_per_node, run_id=run_id,
+        rdzv_backend=lc.rdzv_backend, rdzv_endpoint=endpoint,
         max_restarts=lc.max_restarts, monitor_interval=lc.monitor_interval,
         start_method=_start_method(lc.start_method, device=device, nproc_per_node=lc.nproc_per_node))
 

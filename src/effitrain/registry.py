@@ -3,8 +3,8 @@
 A group (model, data, precision, parallel, compression, optimizer, schedule, ...) lives in a package of its own:
 `__init__.py` declares `GROUP`, one dataclass schema per option kind and the group's own checks (no torch, so the
 CLI composes and checks in a fraction of a second); a builders module registers one builder per kind. The YAML
-options of the group name their kind's schema in their defaults list (`- adamw_schema`), so an option's keys are
-exactly what its schema declares: a key another kind owns is an unknown key at composition.
+options of the group name their kind's schema in their defaults list (`- /schemas/optimizer/adamw@_here_`), so an
+option's keys are exactly what its schema declares: a key another kind owns is an unknown key at composition.
 
 Adding an option = one YAML under configs/<group>/ + one schema (`@GROUP.option(kind)`) + one builder
 (`@GROUP.builder(kind)`), all in the group's package; tests/test_schema.py checks the three agree.
@@ -84,6 +84,12 @@ class Group:
         importlib.import_module(self.builders)
         return dict(self._builders)
 
+    @property
+    def schema_group(self) -> str:
+        """The ConfigStore group of this group's schemas: apart from its options, so that Hydra's glob() and
+        --help list the options only."""
+        return f"schemas/{self.name}"
+
     def schema_name(self, kind: str) -> str:
-        """The schema's name in Hydra's ConfigStore (group `name`), as the option YAMLs list it."""
-        return f"{kind}_schema"
+        """The defaults-list entry an option YAML names its kind's schema with (merged into the option's node)."""
+        return f"/{self.schema_group}/{kind}@_here_"

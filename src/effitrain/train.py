@@ -112,6 +112,7 @@ class Trainer:
             cfg.checkpoint, root=self.checkpoint_root, world=self.world, manifest=self._manifest())
         self._restore(resume)
         self._build_meters()
+        self.on_eval: list[Callable[[int, float], None]] = []  # (step, val_loss) after each evaluation; may raise
 
     def _manifest(self) -> dict:
         """What every checkpoint's manifest.json repeats about the run."""
@@ -255,6 +256,8 @@ class Trainer:
                                     mem_reserved_gib=reserved, extra=extra))
         if step % cfg.logging.every == 0 or step == cfg.max_steps or extra:
             self._flush()
+        for hook in self.on_eval if extra else ():  # after the flush: a hook that stops the run keeps this step
+            hook(step, extra["val_loss"])
         # metrics' own host time: memory stats, buffering, the flush's collective and the sinks (not the evaluation)
         self.recorder.overhead_s += (t1 - t0) + (t3 - t2) + (time.perf_counter() - t4)
         self._count_nonfinite(step, finite=result.finite)
@@ -331,12 +334,13 @@ def _fmt_flops(peak: float | None) -> str:
     return "undefined" if peak is None else f"{peak / 1e12:.2f} TFLOP/s"
 
 
-def run(cfg, run_dir: Path, *, resume: bool = False) -> dict:
+def run(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
     """Train one run into run_dir; returns its summary (rank 0) or {} (other ranks).
 
     Args:
         resume: continue from the run's latest complete checkpoint; workers the elastic agent restarted
             (launcher.max_restarts) always do.
+        on_eval: Trainer.on_eval hooks (a search's pruning).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
@@ -344,6 +348,7 @@ def run(cfg, run_dir: Path, *, resume: bool = False) -> dict:
     with job_runtime(seed=cfg.seed, deterministic=cfg.deterministic, tf32=cfg.precision.tf32, device=device,
                      keep_freed=cfg.cpu_keep_freed_memory):
         trainer = Trainer(cfg, run_dir, resume=resume or restarted)
+        trainer.on_eval.extend(on_eval)
         extra = None
         try:
             extra = trainer.train()
