@@ -28,9 +28,11 @@ _VERBS = {"train": "compose the config groups, launch the workers, train, write 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from effitrain.logs import quiet_import_noise
     from effitrain.runs import mark_launch
 
     mark_launch()
+    quiet_import_noise()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

@@ -68,3 +68,27 @@ def setup_logging(run_dir: Path, *, rank: int) -> None:
         root.addHandler(stderr)
     for noisy in ("torch.distributed", "transformers", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_import_noise()
+
+
+# Warnings torchao's import prints on a machine without its CUDA kernels or Triton, and torch 2.13's deprecation of
+# the enum registration torchao does: true of every CPU run, about nothing the user chose, and they would turn an
+# error's one line into several.
+_IMPORT_NOISE = {"torchao": ("Failed to load",), "torchao.kernel.intmm": ("Warning: Detected no triton",),
+                 "torch.utils._pytree": ("<enum ",)}
+
+
+def quiet_import_noise() -> None:
+    for name, prefixes in _IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+            logger.addFilter(_DropPrefixes(prefixes))
+
+
+class _DropPrefixes(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)

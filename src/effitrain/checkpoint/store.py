@@ -199,9 +199,11 @@ def load_checkpoint(state, path: Path, *, world, what: str = "resume") -> dict:
 def _load(state: dict, path: Path) -> None:
     """dcp.load through the safe reader and planner; any failure (a missing key, a refused entry, a short file) is
     one CheckpointError line."""
+    reader = SafeReader(path)
+    reader.read_metadata()  # refused here, in one line, rather than inside DCP (which logs and retries)
     try:
         with _quiet_single_process():
-            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
     except CheckpointException as e:
         refused = next((f for f in _rank_failures(e) if isinstance(f, CheckpointError)), None)
         if refused is not None:
