@@ -24,7 +24,11 @@ _VERBS = {"train": "compose the config groups, launch the workers, train, write 
           "export": "write a Hugging Face model directory from a checkpoint [--step N] [--out DIR] [--dtype fp32|bf16]",
           "sample": "print a continuation of PROMPT by RUN_DIR's (or an HF directory's) model [--tokens N] "
                     "[--temperature T]",
-          "compare": "RUN_DIR... | SWEEP_DIR: table of what differs and the metrics, plots into compare/ [--out DIR]"}
+          "compare": "RUN_DIR... | SWEEP_DIR: table of what differs and the metrics, plots into compare/ [--out DIR]",
+          "estimate": "memory per rank, FLOPs and time of train's overrides, before running [--mfu X] [--gpu NAME] "
+                      "[--json] [--max-batch GIB]",
+          "plan": "compute-optimal size and tokens for --flops C or --gpus N --gpu NAME --hours H (Chinchilla)",
+          "scaling-fit": "fit L(N) = E + A/N^alpha to a sweep over model sizes, predict the next, plot it"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +67,9 @@ def usage() -> str:
               "  effitrain compare outputs/multirun/<date>/<time>_run",
               "  effitrain resume outputs/<date>/<time>_run max_steps=240",
               "  effitrain reproduce outputs/<date>/<time>_run --from-step 80",
-              "  effitrain export outputs/<date>/<time>_run --out model/ && effitrain sample model/ 'def '", "",
+              "  effitrain export outputs/<date>/<time>_run --out model/ && effitrain sample model/ 'def '",
+              "  effitrain estimate model=llama-1b precision=bf16 batch_size=8 --gpu h100",
+              "  effitrain plan --gpus 8 --gpu h100 --hours 24 --inference-tokens 1e12", "",
               "Hydra's grammar works unchanged: key=value, -m/--multirun, --cfg job, effitrain train --help."]
     return "\n".join(lines)
 
@@ -220,8 +226,18 @@ def compare(args: list[str]) -> int:
     return compare_main(args)
 
 
+def _planning(verb: str):
+    """estimate, plan, scaling-fit: their argument parsing lives in planning_cli (imported when used)."""
+    def run(args: list[str]) -> int:
+        from effitrain import planning_cli
+
+        return {"estimate": planning_cli.estimate, "plan": planning_cli.plan,
+                "scaling-fit": planning_cli.scaling_fit}[verb](args)
+    return run
+
+
 _HANDLERS = {"train": train, "resume": resume, "reproduce": reproduce, "export": export, "sample": sample,
-             "compare": compare}
+             "compare": compare, **{verb: _planning(verb) for verb in ("estimate", "plan", "scaling-fit")}}
 
 
 if __name__ == "__main__":

@@ -272,14 +272,17 @@ def block_activations(s: Shape, *, per_layer: int, mode: str, every: int, residu
 # ---------------------------------------------------------------- the estimate
 
 
-def estimate(cfg, *, mfu: float | None = None, device: str | None = None, shape: Shape | None = None) -> Estimate:
+def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Shape | None = None,
+             timing: bool = True) -> Estimate:
     """Per-rank memory, FLOPs per token and step, and predicted time of a composed config.
 
     Args:
         cfg: the composed config (compose.compose_one), the same `effitrain train` would run.
         mfu: model FLOPs utilisation to predict time at; None = the newest matching run's median, else an assumption.
-        device: 'cpu' or a GPU name for the peak FLOP/s table; None = cfg.device (auto: this machine).
+        gpu: a GPU name (h100, a100...) whose datasheet peak the time is predicted at; None = this machine's device
+            (cfg.device; auto = CUDA if present): the table for a known GPU, else a measured peak (flops.py).
         shape: a model shape already built (tests reuse one).
+        timing: predict time (False: memory and FLOPs only, no peak FLOP/s needed).
     """
     from effitrain.launcher import world_size
     from effitrain.precision import param_dtype
@@ -312,12 +315,14 @@ def estimate(cfg, *, mfu: float | None = None, device: str | None = None, shape:
                      "the device holds the gathered parameters and activations")
 
     tokens = cfg.batch_size * cfg.data.seq_len  # per micro-step and rank
-    per_layer = activation_bytes_per_token(s, compute=compute, residual=p_bytes, tp=d.tp,
+    # FSDP's MixedPrecisionPolicy computes with bf16/fp16 parameters, so the residual stream is in that dtype too
+    residual = compute if fsdp and cfg.precision.kind != "fp32" else p_bytes
+    per_layer = activation_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp,
                                            sp=bool(getattr(cfg.parallel, "sequence_parallel", False)),
                                            dropout=cfg.model.dropout > 0)
     saved, recompute = block_activations(s, per_layer=per_layer, mode=cfg.parallel.activation_checkpointing,
-                                         every=cfg.parallel.ac_every, residual=p_bytes)
-    head = head_bytes_per_token(s, compute=compute, residual=p_bytes, tp=d.tp)
+                                         every=cfg.parallel.ac_every, residual=residual)
+    head = head_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp)
     mem["activations"] = (saved + head["final_norm_head_input"]) * tokens
     mem["activation_recompute"] = recompute * tokens
     mem["logits_and_loss"] = head["loss_backward"] * tokens
@@ -331,7 +336,9 @@ def estimate(cfg, *, mfu: float | None = None, device: str | None = None, shape:
         # the root's unsharded gradients wait for its reduce-scatter at the end of backward
         mem["fsdp_unsharded_grads"] = (s.root_params() // d.tp) * 4
     # the head's (tied) weight gradient appears at the start of backward, before the gradients of the blocks
-    head_grad = sum(n for p, n in zip(s.params, numels, strict=True) if p.kind in ("embedding", "head")) * p_bytes
+    # (under FSDP it is the root's unsharded gradient, counted above)
+    head_grad = 0 if fsdp else sum(n for p, n in zip(s.params, numels, strict=True)
+                                   if p.kind in ("embedding", "head")) * p_bytes
 
     static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0)
     if offloads(cfg.parallel):
@@ -341,7 +348,7 @@ def estimate(cfg, *, mfu: float | None = None, device: str | None = None, shape:
     recompute_moment = static + mem["activations"] + mem["activation_recompute"] + gathered_now + head_grad
     # foreach updates build ~one fp32 temporary per parameter; fused CUDA kernels and torchao's per-tensor steps none
     fused = getattr(cfg.optimizer, "implementation", "auto") in ("fused", "loop") or kind == "adamw-8bit" or (
-        getattr(cfg.optimizer, "implementation", "auto") == "auto" and _device(cfg, device) != "cpu")
+        getattr(cfg.optimizer, "implementation", "auto") == "auto" and (gpu or _device(cfg)) != "cpu")
     mem["optimizer_temporaries"] = 0 if fused else n_local * 4
     step = static + mem["gradients"] + mem["optimizer_temporaries"]
     if offloads(cfg.parallel):
@@ -359,8 +366,8 @@ def estimate(cfg, *, mfu: float | None = None, device: str | None = None, shape:
     if cfg.parallel.activation_checkpointing != "none":
         notes.append("activation checkpointing recomputes the checkpointed blocks' forward (~1/3 more compute); "
                      "model FLOPs and MFU do not count it, so the predicted time assumes the same MFU")
-    peak, peak_source = _peak_flops(cfg, device)
-    mfu_used, mfu_source = _mfu(cfg, mfu, device)
+    peak, peak_source = _peak_flops(cfg, gpu) if timing else (None, "not asked")
+    mfu_used, mfu_source = _mfu(cfg, mfu, gpu) if timing else (math.nan, "not asked")
     step_time = tps = None
     if peak:
         step_time = flops_step / (mfu_used * peak * ws)
@@ -379,9 +386,8 @@ def estimate(cfg, *, mfu: float | None = None, device: str | None = None, shape:
                     time_for_run_s=step_time * cfg.max_steps if step_time else None, notes=notes)
 
 
-def _device(cfg, device: str | None) -> str:
-    if device:
-        return device
+def _device(cfg) -> str:
+    """Where the run trains: cfg.device, auto = CUDA when a driver is present."""
     if cfg.device != "auto":
         return cfg.device
     from pathlib import Path
@@ -399,11 +405,11 @@ def peak_dtype(precision_cfg, *, cuda: bool) -> str:
     return PEAK_DTYPES[precision_cfg.kind]
 
 
-def _peak_flops(cfg, device: str | None) -> tuple[float | None, str]:
+def _peak_flops(cfg, gpu: str | None) -> tuple[float | None, str]:
     """Peak FLOP/s per device: the datasheet table for a named GPU, else this machine's (table or measured)."""
     from effitrain.flops import table_peak
 
-    where = _device(cfg, device)
+    where = gpu or _device(cfg)
     dtype = peak_dtype(cfg.precision, cuda=where != "cpu")
     if dtype == "float8":
         return None, "undefined (fp8 mixes fp8 and bf16 matmuls)"
@@ -421,13 +427,13 @@ def _peak_flops(cfg, device: str | None) -> tuple[float | None, str]:
     return peak_flops(dev, dtype=dtype, autocast_dtype=autocast)
 
 
-def _mfu(cfg, mfu: float | None, device: str | None) -> tuple[float, str]:
+def _mfu(cfg, mfu: float | None, gpu: str | None) -> tuple[float, str]:
     if mfu is not None:
         return mfu, "given (--mfu)"
     run = newest_matching_run(cfg)
     if run is not None:
         return run[1] / 100, f"median of {run[0]}"
-    if _device(cfg, device) == "cpu":
+    if (gpu or _device(cfg)) == "cpu":
         return CPU_DEFAULT_MFU, f"assumed {CPU_DEFAULT_MFU:.0%} (no matching run under outputs/; set --mfu)"
     return DEFAULT_MFU, f"assumed {DEFAULT_MFU:.0%} (no matching run under outputs/; set --mfu)"
 
@@ -495,7 +501,7 @@ def max_batch(cfg, *, free_bytes: int, shape: Shape, limit: int = 1 << 16) -> in
     the batch, so a doubling then a bisection finds it."""
     def fits(b: int) -> bool:
         cfg.batch_size = b
-        return estimate(cfg, mfu=1.0, shape=shape, device="cpu").peak_bytes <= free_bytes
+        return estimate(cfg, shape=shape, timing=False).peak_bytes <= free_bytes
 
     original = cfg.batch_size
     try:
