@@ -84,12 +84,12 @@ def test_estimate_matches_a_measured_step():
 
     overrides = [*SMALL, "batch_size=4", "data.seq_len=64"]
     estimated, _ = bench_estimate.estimated(overrides)
-    measured = bench_estimate.measure(overrides)
+    (measured,) = bench_estimate.measure([overrides], nproc=1)
     assert abs(estimated - measured) / measured < 0.10, (estimated, measured)
 
 
 def test_fit_verdict_and_max_batch():
-    from effitrain.estimate import fit_verdict, max_batch, model_shape
+    from effitrain.estimate import fit_check, fit_verdict, max_batch, model_shape
 
     cfg = compose([*SMALL, "batch_size=8"])
     shape = model_shape(cfg.model, vocab=2048, seq_len=cfg.data.seq_len)
@@ -102,6 +102,7 @@ def test_fit_verdict_and_max_batch():
     assert max_batch(cfg, free_bytes=_estimate(*SMALL, "batch_size=9", shape=shape).peak_bytes - 1, shape=shape) == 8
     assert max_batch(cfg, free_bytes=1, shape=shape) == 0
     assert cfg.batch_size == 8  # restored
+    fit_check(cfg)  # device=cpu: no check, no error
 
 
 def test_cli_estimate_json_and_errors(tmp_path):

@@ -83,11 +83,13 @@ def train(args: list[str]) -> int:
         raise UsageError("--cfg/--package print one composed config: drop -m/--multirun to use them")
     if not flags & _HELP_FLAGS:
         from effitrain.checks import check_all
+        from effitrain.estimate import fit_check
 
         overrides = [a for a in args if not a.startswith("-") and a not in ("job", "hydra", "all")]
         for cfg in compose_all(overrides, multirun=bool(flags & {"-m", "--multirun"})):
             if not flags & _PRINT_FLAGS:
                 check_all(cfg)
+                fit_check(cfg)  # CUDA only: the memory estimate against the GPU's free memory
     return _run_hydra(args)
 
 

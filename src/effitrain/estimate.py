@@ -496,6 +496,25 @@ def fit_verdict(est: Estimate, *, free_bytes: int) -> str | None:
             f"{fixes[est.biggest]} (effitrain estimate shows the breakdown)")
 
 
+SKIP_FIT_CHECK_ENV = "EFFITRAIN_SKIP_FIT_CHECK"  # =1: start even when the estimate says it will not fit
+
+
+def fit_check(cfg) -> None:
+    """Before a CUDA run starts: the estimated peak per rank against the GPU's free memory; one line and exit 2
+    (UsageError) when it cannot fit. CPU runs and EFFITRAIN_SKIP_FIT_CHECK=1 skip it."""
+    import os
+
+    if _device(cfg) != "cuda" or os.environ.get(SKIP_FIT_CHECK_ENV) == "1":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return  # the worker reports a missing GPU itself
+    verdict = fit_verdict(estimate(cfg, timing=False), free_bytes=torch.cuda.mem_get_info()[0])
+    if verdict is not None:
+        raise UsageError(f"{verdict}; {SKIP_FIT_CHECK_ENV}=1 starts it anyway")
+
+
 def max_batch(cfg, *, free_bytes: int, shape: Shape, limit: int = 1 << 16) -> int:
     """The largest batch_size whose estimated peak fits in free_bytes (0 if not even 1); the peak grows with
     the batch, so a doubling then a bisection finds it."""
