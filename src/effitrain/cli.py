@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def usage() -> str:
     lines = ["usage: effitrain <verb> [overrides...]", "", "verbs:"]
-    lines += [f"  {verb:<10} {text}" for verb, text in _VERBS.items()]
+    lines += [f"  {verb:<12} {text}" for verb, text in _VERBS.items()]
     lines += ["", "config groups (select with group=option or +group=option):"]
     lines += [f"  {group:<12} {', '.join(group_options(group))}" for group in GROUP_NAMES]
     lines += [f"  {PRESETS:<12} {', '.join(group_options(PRESETS))}   (named presets: +experiment=NAME)"]
