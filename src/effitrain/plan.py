@@ -5,7 +5,7 @@ The scaling law is Hoffmann et al. 2022 ("Training Compute-Optimal Large Languag
 
 - `approach1` (default): the compute-optimal frontier of their approaches 1 and 2, N and D both ~ C^0.5 at about
   20 tokens per parameter: N = sqrt(C / 120), D = 20 N. It reproduces the paper's table 3 of compute-optimal sizes
-  within 5% (tests/test_plan.py).
+  within 10% (tests/test_plan.py; worst: 67B's tokens, -7%).
 - `approach3`: the parametric fit L(N, D) = E + A / N^alpha + B / D^beta with E = 1.69, A = 406.4, B = 410.7,
   alpha = 0.34, beta = 0.28 (their eq. 10), minimised on 6ND = C in closed form: N = G (C/6)^(beta/(alpha+beta)),
   D = (C/6)^(alpha/(alpha+beta)) / G, G = (alpha A / (beta B))^(1/(alpha+beta)).
