@@ -24,7 +24,11 @@ _VERBS = {"train": "compose the config groups, launch the workers, train, write 
           "export": "write a Hugging Face model directory from a checkpoint [--step N] [--out DIR] [--dtype fp32|bf16]",
           "sample": "print a continuation of PROMPT by RUN_DIR's (or an HF directory's) model [--tokens N] "
                     "[--temperature T]",
-          "compare": "RUN_DIR... | SWEEP_DIR: table of what differs and the metrics, plots into compare/ [--out DIR]"}
+          "compare": "RUN_DIR... | SWEEP_DIR: table of what differs and the metrics, plots into compare/ [--out DIR]",
+          "estimate": "memory per rank, FLOPs and time of train's overrides, before running [--mfu X] [--gpu NAME] "
+                      "[--json] [--max-batch GIB]",
+          "plan": "compute-optimal size and tokens for --flops C or --gpus N --gpu NAME --hours H (Chinchilla)",
+          "scaling-fit": "fit L(N) = E + A/N^alpha to a sweep over model sizes, predict the next, plot it"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def usage() -> str:
     lines = ["usage: effitrain <verb> [overrides...]", "", "verbs:"]
-    lines += [f"  {verb:<10} {text}" for verb, text in _VERBS.items()]
+    lines += [f"  {verb:<12} {text}" for verb, text in _VERBS.items()]
     lines += ["", "config groups (select with group=option or +group=option):"]
     lines += [f"  {group:<12} {', '.join(group_options(group))}" for group in GROUP_NAMES]
     lines += [f"  {PRESETS:<12} {', '.join(group_options(PRESETS))}   (named presets: +experiment=NAME)"]
@@ -65,7 +69,9 @@ def usage() -> str:
               "  effitrain compare outputs/multirun/<date>/<time>_run",
               "  effitrain resume outputs/<date>/<time>_run max_steps=240",
               "  effitrain reproduce outputs/<date>/<time>_run --from-step 80",
-              "  effitrain export outputs/<date>/<time>_run --out model/ && effitrain sample model/ 'def '", "",
+              "  effitrain export outputs/<date>/<time>_run --out model/ && effitrain sample model/ 'def '",
+              "  effitrain estimate model=llama-1b precision=bf16 batch_size=8 --gpu h100",
+              "  effitrain plan --gpus 8 --gpu h100 --hours 24 --inference-tokens 1e12", "",
               "Hydra's grammar works unchanged: key=value, -m/--multirun, --cfg job, effitrain train --help."]
     return "\n".join(lines)
 
@@ -79,11 +85,13 @@ def train(args: list[str]) -> int:
         raise UsageError("--cfg/--package print one composed config: drop -m/--multirun to use them")
     if not flags & _HELP_FLAGS:
         from effitrain.checks import check_all
+        from effitrain.estimate import fit_check
 
         overrides = [a for a in args if not a.startswith("-") and a not in ("job", "hydra", "all")]
         for cfg in compose_all(overrides, multirun=bool(flags & {"-m", "--multirun"})):
             if not flags & _PRINT_FLAGS:
                 check_all(cfg)
+                fit_check(cfg)  # CUDA only: the memory estimate against the GPU's free memory
     return _run_hydra(args)
 
 
@@ -222,8 +230,18 @@ def compare(args: list[str]) -> int:
     return compare_main(args)
 
 
+def _planning(verb: str):
+    """estimate, plan, scaling-fit: their argument parsing lives in planning_cli (imported when used)."""
+    def run(args: list[str]) -> int:
+        from effitrain import planning_cli
+
+        return {"estimate": planning_cli.estimate, "plan": planning_cli.plan,
+                "scaling-fit": planning_cli.scaling_fit}[verb](args)
+    return run
+
+
 _HANDLERS = {"train": train, "resume": resume, "reproduce": reproduce, "export": export, "sample": sample,
-             "compare": compare}
+             "compare": compare, **{verb: _planning(verb) for verb in ("estimate", "plan", "scaling-fit")}}
 
 
 if __name__ == "__main__":

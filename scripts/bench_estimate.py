@@ -1,0 +1,209 @@
+"""`effitrain estimate` against reality: the estimated peak memory per rank vs the measured one, over a grid.
+
+The configs run in fresh processes (one process for the single-process ones, 2 gloo ranks through torchrun for
+ddp and fsdp) that build the model, optimizer and layout exactly as `effitrain train` does (train.build_parts) and
+run 3 optimizer steps of random tokens (loop.train_step). The measure is allocator-level, not RSS: the torch
+profiler's memory events (`profile_memory=True`) record every CPU allocation and free with the running total of
+bytes allocated while it records; one profiler session spans all configs of a process, and a config's peak is the
+highest total in its third step (a steady-state step: optimizer state exists, zero_grad freed the gradients) less
+the total just before its build began, compared with the estimate's peak (the max over ranks). On CUDA: the
+allocator's own peak (torch.cuda.max_memory_allocated) over the third step.
+
+    python scripts/bench_estimate.py [--quick] [--json bench_estimate.json] [--md BENCHMARKS-estimate.md]
+
+Grid: 2 model sizes x batch x seq x AC none/full x single/ddp/fsdp(2) x fp32/bf16 (--quick: a subset). Prints a
+table (estimated, measured, error) and writes JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MiB = 2**20
+MODELS = {  # two small llama sizes (no data build: the vocabulary is data.vocab_size)
+    "d64-L2": ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=256"],
+    "d128-L4": ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4", "model.intermediate_size=384"],
+}
+SHAPES = [(4, 64), (8, 128)]  # (batch, seq)
+LAYOUTS = {"single": ["parallel=single"], "ddp": ["parallel=ddp", "launcher.nproc_per_node=2"],
+           "fsdp": ["parallel=fsdp", "launcher.nproc_per_node=2"]}
+
+
+def grid(quick: bool):
+    models = list(MODELS) if not quick else ["d64-L2"]
+    for model, (batch, seq), ac, layout, precision in itertools.product(
+            models, SHAPES, ("none", "full"), LAYOUTS, ("fp32", "bf16")):
+        if quick and (batch, seq) != SHAPES[0] and layout != "single":
+            continue
+        overrides = [*MODELS[model], f"batch_size={batch}", f"data.seq_len={seq}", "data.vocab_size=2048",
+                     f"parallel.activation_checkpointing={ac}", *LAYOUTS[layout], f"precision={precision}",
+                     "device=cpu"]
+        yield {"model": model, "batch": batch, "seq": seq, "ac": ac, "layout": layout, "precision": precision,
+               "overrides": overrides}
+
+
+def worker(config_file: Path, out: Path) -> None:
+    """One rank: for each config, build as train does and run 3 steps, all inside one profiler session.
+
+    The CPU reporter's running total counts every allocation made while the profiler is on, minus its frees, so a
+    config's peak is the highest total in its third step minus the total just before its build started (what
+    earlier configs left behind, freed or not, cancels out)."""
+    import gc
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from effitrain.compose import compose_one
+    from effitrain.distributed import close_world, init_world
+    from effitrain.loop import train_step
+    from effitrain.parallel.build import data_parallel_shard
+    from effitrain.runtime import seed_everything
+    from effitrain.train import build_parts
+
+    configs = json.loads(config_file.read_text())
+    cuda_peaks, rank = [], 0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for k, overrides in enumerate(configs):
+            with record_function(f"bench_config_{k}"):
+                cfg = compose_one(overrides)
+                world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
+                rank = world.rank
+                seed_everything(cfg.seed)
+                gen = torch.Generator().manual_seed(data_parallel_shard(cfg.parallel, world=world).rank)
+                batches = [torch.randint(0, cfg.data.vocab_size, (cfg.batch_size, cfg.data.seq_len + 1),
+                                         generator=gen) for _ in range(STEPS)]
+                parts = build_parts(cfg, world=world, vocab_size=cfg.data.vocab_size)
+                state = parts.state
+                for i, batch in enumerate(batches):
+                    if world.device.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    with record_function(f"bench_config_{k}_step_{i}"):
+                        train_step(state.model, state.optimizer, [batch.to(world.device)], precision=parts.precision,
+                                   grad_clip=cfg.grad_clip, no_sync=parts.no_sync, converters=state.converters)
+                if world.device.type == "cuda":
+                    cuda_peaks.append(torch.cuda.max_memory_allocated())
+                del parts, state, batches
+                gc.collect()
+    peaks = cuda_peaks or _profiled_peaks(prof, len(configs))
+    out.with_name(f"{out.stem}.rank{rank}.json").write_text(json.dumps({"peak_bytes": peaks}))
+    close_world()
+
+
+STEPS = 3  # the last is measured: optimizer state exists and zero_grad freed the gradients, as in every later step
+
+
+def _profiled_peaks(prof, count: int) -> list[int]:
+    """Per config: the highest running total of CPU bytes allocated in its last step, less the total at its start."""
+    import torch
+
+    allocation = torch._C._profiler._EventType.Allocation
+
+    def walk(events):
+        for e in events:
+            yield e
+            yield from walk(e.children)
+
+    events = list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+    ranges = {e.name: (e.start_time_ns, e.end_time_ns) for e in events if e.name.startswith("bench_config_")}
+    totals = sorted((e.start_time_ns, e.extra_fields.total_allocated) for e in events
+                    if e.tag == allocation and e.extra_fields.device.type == "cpu")
+    peaks = []
+    for k in range(count):
+        begin = ranges[f"bench_config_{k}"][0]
+        start, end = ranges[f"bench_config_{k}_step_{STEPS - 1}"]
+        baseline = ([t for ts, t in totals if ts < begin] or [0])[-1]
+        inside = [t for ts, t in totals if start <= ts <= end] + [t for ts, t in totals if ts < start][-1:]
+        peaks.append(max(inside) - baseline)
+    return peaks
+
+
+def measure(configs: list[list[str]], *, nproc: int) -> list[int]:
+    """Per config, the max over ranks of the measured peak; all configs in one launch of fresh processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, listing = Path(tmp) / "peak.json", Path(tmp) / "configs.json"
+        listing.write_text(json.dumps(configs))
+        script = [__file__, "--worker", str(out), str(listing)]
+        if nproc == 1:
+            cmd = [sys.executable, *script]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={_free_port()}", *script]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        if result.returncode != 0:
+            raise RuntimeError(f"measuring {len(configs)} configs failed:\n{result.stderr[-3000:]}")
+        per_rank = [json.loads(p.read_text())["peak_bytes"] for p in Path(tmp).glob("peak.rank*.json")]
+        return [max(values) for values in zip(*per_rank, strict=True)]
+
+
+def nproc_of(overrides: list[str]) -> int:
+    return next((int(o.split("=")[1]) for o in overrides if o.startswith("launcher.nproc_per_node=")), 1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def estimated(overrides: list[str]) -> tuple[int, str]:
+    from effitrain.compose import compose_one
+    from effitrain.estimate import estimate
+
+    est = estimate(compose_one(overrides), timing=False)
+    return est.peak_bytes, est.peak_phase
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a subset of the grid")
+    parser.add_argument("--json", default="bench_estimate.json")
+    parser.add_argument("--md", default=None, help="also write the markdown table here")
+    parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.worker[1]), Path(args.worker[0]))
+        return
+    points = list(grid(args.quick))
+    measured: dict[int, int] = {}
+    for nproc in sorted({nproc_of(p["overrides"]) for p in points}):
+        index = [i for i, p in enumerate(points) if nproc_of(p["overrides"]) == nproc]
+        measured |= dict(zip(index, measure([points[i]["overrides"] for i in index], nproc=nproc), strict=True))
+    rows = []
+    print(f"{'model':<8} {'b':>3} {'seq':>4} {'AC':<5} {'layout':<7} {'prec':<5} {'estimated MiB':>13} "
+          f"{'measured MiB':>13} {'error':>7}  peak moment")
+    for i, point in enumerate(points):
+        est, phase = estimated(point["overrides"])
+        got = measured[i]
+        row = {k: v for k, v in point.items() if k != "overrides"} | {
+            "estimated_mib": est / MiB, "measured_mib": got / MiB, "error_pct": 100 * (est - got) / got,
+            "peak_phase": phase, "overrides": " ".join(point["overrides"])}
+        rows.append(row)
+        print(f"{row['model']:<8} {row['batch']:>3} {row['seq']:>4} {row['ac']:<5} {row['layout']:<7} "
+              f"{row['precision']:<5} {row['estimated_mib']:>13.2f} {row['measured_mib']:>13.2f} "
+              f"{row['error_pct']:>+6.1f}%  {phase}", flush=True)
+    worst = max(abs(r["error_pct"]) for r in rows)
+    print(f"worst |error| {worst:.1f}% over {len(rows)} configs; within 10%: "
+          f"{sum(abs(r['error_pct']) <= 10 for r in rows)}/{len(rows)}")
+    Path(args.json).write_text(json.dumps({"rows": rows, "worst_abs_error_pct": worst}, indent=2))
+    if args.md:
+        md = ["| model | batch | seq | AC | layout | precision | estimated MiB | measured MiB | error | peak moment |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        md += [f"| {r['model']} | {r['batch']} | {r['seq']} | {r['ac']} | {r['layout']} | {r['precision']} | "
+               f"{r['estimated_mib']:.2f} | {r['measured_mib']:.2f} | {r['error_pct']:+.1f}% | {r['peak_phase']} |"
+               for r in rows]
+        Path(args.md).write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,566 @@
+"""`effitrain estimate`: per-rank memory, FLOPs and time of a composed config, before anything runs.
+
+The model is built on the meta device (shapes, no storage), so parameter counts and FLOPs are exactly what a run
+reports (`flops.model_flops_per_token`), in seconds, for any size. Memory is counted in bytes per rank:
+
+- model states: parameters, gradients and optimizer state by their dtypes and the layout's sharding (FSDP shards
+  dim 0 with padding, TP splits linears and embeddings, ZeRO-1 assigns whole tensors to ranks greedily, largest
+  first, as `ZeroRedundancyOptimizer` does; the most loaded rank is reported); DDP's gradient buckets (a flat copy
+  of the gradients, since effitrain's DDP does not use `gradient_as_bucket_view`);
+- activations: the tensors each op of a block saves for backward, counted per token and layer the way Korthikanti
+  et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", section 4.1) count them, for the
+  blocks effitrain actually runs (transformers' llama/gpt2 with SDPA: a fused attention kernel saves q, k, v, its
+  output and a log-sum-exp, never the a x s^2 score matrix; no dropout masks at dropout 0). Under autocast every
+  Linear saves its own bf16 copy of an fp32 input (autocast casts activations per call). Full checkpointing keeps
+  each block's input and recomputes one block at a time in backward; effitrain's `selective` checkpoints every
+  `ac_every`-th block (block-level, not Korthikanti's attention-only recompute). TP splits heads and the MLP width;
+  sequence parallel also splits the norms' activations (the Linear inputs stay gathered, as DTensor saves them);
+- logits and loss: the vocab x tokens buffers of the LM head and cross entropy (logits, their fp32 copy, the
+  log-softmax output and its gradients), usually the largest item of a small model;
+- FSDP's gathered parameters: the root's (embeddings, final norm, head) stay gathered through forward and
+  backward, plus two blocks at a time (one computing, one prefetched), or every block with reshard_after_forward
+  false.
+
+The peak is the larger of two moments of a steady-state step (gradients are freed by zero_grad(set_to_none)):
+the start of backward (model states, all saved activations, the loss's backward buffers) and the optimizer step
+(model states, gradients and the update's temporaries: foreach kernels build one fp32 temporary per parameter).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from effitrain.errors import UsageError
+from effitrain.parallel import FSDP_STRATEGIES, Degrees, offloads, parallel_degrees
+
+GiB = 2**30
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DEFAULT_MFU = 0.35  # stated assumption when no matching run is recorded: a typical dense-LM MFU on a GPU
+CPU_DEFAULT_MFU = 0.05  # a small model on shared CPU cores gets a few percent (BENCHMARKS.md, MFU on a CPU)
+
+
+@dataclass
+class Param:
+    """One parameter as the memory model sees it."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # embedding | head | norm | linear | bias | position
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Shape:
+    """What the estimate needs of the model: its parameters and block dimensions (from the meta-built model)."""
+
+    family: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    seq_len: int
+    tied: bool
+    params: list[Param]
+    flops_per_token: float
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    def block_params(self) -> int:
+        return sum(p.numel for p in self.params if ".layers." in p.name or ".h." in p.name)
+
+    def root_params(self) -> int:
+        return self.num_params - self.block_params()
+
+
+@dataclass
+class Estimate:
+    """Per-rank memory items (bytes), the peak and its moment, FLOPs and predicted time."""
+
+    config: dict
+    num_params: int
+    memory: dict[str, int]
+    activations_per_layer: int
+    peak_bytes: int
+    peak_phase: str
+    biggest: str
+    flops_per_token: float
+    flops_per_step: float
+    tokens_per_step: int
+    world_size: int
+    mfu: float
+    mfu_source: str
+    peak_flops_per_device: float | None
+    peak_flops_source: str
+    step_time_s: float | None
+    tokens_per_s: float | None
+    tokens_per_day: float | None
+    time_for_run_s: float | None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def vocab_size(data_cfg) -> int:
+    """The vocabulary the run will have: a given tokenizer's, else the BPE size it trains."""
+    if data_cfg.tokenizer:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(data_cfg.tokenizer)).get_vocab_size()
+    return data_cfg.vocab_size
+
+
+def model_shape(model_cfg, *, vocab: int, seq_len: int) -> Shape:
+    """Build the model on the meta device (no storage) and read its parameters; FLOPs as a run counts them."""
+    from torch import nn
+
+    from effitrain.flops import model_flops_per_token
+    from effitrain.models import kv_heads
+    from effitrain.models.build import build_model
+
+    if model_cfg.pretrained:
+        raise UsageError("effitrain estimate builds the model from its config; model.pretrained checkpoints are not "
+                         "estimated yet (give the same shape as model.* keys)")
+    model = build_model(model_cfg, vocab_size=vocab, max_seq_len=seq_len, meta=True)
+    kinds = {}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(prefix=module_name, recurse=False):
+            kinds[id(p)] = _kind(name, module, nn)
+    params = [Param(name, tuple(p.shape), kinds[id(p)]) for name, p in model.named_parameters()]  # unique (tied once)
+    return Shape(family=model_cfg.family, layers=model_cfg.num_layers, hidden=model_cfg.hidden_size,
+                 heads=model_cfg.num_heads, kv_heads=kv_heads(model_cfg),
+                 intermediate=model_cfg.intermediate_size or 4 * model_cfg.hidden_size, vocab=vocab, seq_len=seq_len,
+                 tied=model_cfg.tie_embeddings, params=params,
+                 flops_per_token=model_flops_per_token(model, seq_len=seq_len))
+
+
+def _kind(name: str, module, nn) -> str:
+    if isinstance(module, nn.Embedding):
+        return "position" if name.endswith("wpe.weight") else "embedding"
+    if name.startswith("lm_head"):
+        return "head"
+    if "norm" in type(module).__name__.lower() or isinstance(module, nn.LayerNorm):
+        return "norm"
+    return "bias" if name.endswith("bias") else "linear"
+
+
+# ---------------------------------------------------------------- model states
+
+
+def local_numel(p: Param, *, d: Degrees, fsdp: bool) -> int:
+    """Elements this rank holds of a parameter: TP splits linears/embeddings, FSDP shards dim 0 (padded)."""
+    shape = list(p.shape)
+    if d.tp > 1 and p.kind in ("linear", "embedding", "head"):
+        shape[0] = math.ceil(shape[0] / d.tp)  # column- or row-wise: one dim split either way
+    if fsdp:
+        shape[0] = math.ceil(shape[0] / d.dp_shard)
+    return math.prod(shape)
+
+
+def optimizer_state_bytes(params: list[Param], numels: list[int], *, kind: str, state_bytes: int,
+                          momentum: float = 0.9) -> int:
+    """Bytes of state for these (local) parameters under one optimizer kind.
+
+    Args:
+        params: the parameters (shapes decide Adafactor's factoring, Muon's split and 8-bit's small-tensor rule).
+        numels: this rank's elements of each.
+        kind: adamw, zero1, adamw-8bit, sgd, adafactor or muon.
+        state_bytes: bytes per element of a full-precision moment (4; 2 for bf16 parameters under torchao).
+    """
+    total = 0
+    for p, n in zip(params, numels, strict=True):
+        if kind in ("adamw", "zero1"):
+            total += 2 * state_bytes * n
+        elif kind == "adamw-8bit":
+            # torchao: tensors of >= 4096 values in blockwise int8 (1 byte + one fp32 scale per 256) per moment
+            total += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 2 * state_bytes * n
+        elif kind == "sgd":
+            total += state_bytes * n if momentum else 0
+        elif kind == "adafactor":
+            # factored second moment of matrices: one value per row and per column; vectors keep a full one
+            total += 4 * (p.shape[0] + p.shape[1]) if len(p.shape) == 2 else 4 * n
+        elif kind == "muon":
+            total += 4 * n if p.kind == "linear" and len(p.shape) == 2 else 2 * 4 * n  # momentum; AdamW for the rest
+        else:
+            raise UsageError(f"no memory model for optimizer kind {kind!r}")
+    return total
+
+
+def zero1_rank_loads(numels: list[int], ranks: int) -> list[int]:
+    """ZeroRedundancyOptimizer's partition: parameters largest first, each to the least loaded rank."""
+    loads = [0] * ranks
+    for n in sorted(numels, reverse=True):
+        loads[loads.index(min(loads))] += n
+    return loads
+
+
+def model_state_bytes(n_params: int, *, stage: int, dp: int, mixed: bool = True, k: int = 12) -> dict[str, float]:
+    """The ZeRO paper's accounting (Rajbhandari et al. 2020, fig. 1): fp16 parameters (2 bytes) and gradients
+    (2 bytes) plus K bytes of optimizer state per parameter (Adam: fp32 master copy, momentum, variance = 12),
+    partitioned over `dp` ranks by stage: 1 = optimizer state, 2 = + gradients, 3 = + parameters."""
+    p, g = (2, 2) if mixed else (4, 4)
+    part = lambda x, s: x / dp if stage >= s else x  # noqa: E731
+    return {"parameters": part(p * n_params, 3), "gradients": part(g * n_params, 2),
+            "optimizer_state": part(k * n_params, 1)}
+
+
+# ---------------------------------------------------------------- activations
+
+
+def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int, sp: bool,
+                               dropout: bool) -> int:
+    """Bytes one block saves for backward per token (Korthikanti et al.'s accounting, for effitrain's blocks).
+
+    Args:
+        s: the model's shape.
+        compute: bytes per element of matmul outputs (autocast dtype; 4 in fp32).
+        residual: bytes per element of the residual stream (the parameters' dtype: 4, or 2 under bf16-pure).
+        tp: tensor-parallel degree (splits heads and the MLP width).
+        sp: sequence parallel (also splits the norms' saved tensors).
+        dropout: dropout > 0 (one byte of mask per element at each residual dropout).
+    """
+    h, hkv, inter, a = s.hidden, s.hidden // s.heads * s.kv_heads, s.intermediate, s.heads
+    split = 1 / tp
+    norm_split = split if sp else 1.0
+
+    def linear_inputs(consumers: int, source: int) -> float:
+        # a Linear saves its input; under autocast each Linear casts an fp32 input itself (a copy per consumer)
+        return source * h if source == compute else consumers * compute * h
+
+    if s.family == "llama":
+        norm = 4 * h + residual * h  # RMSNorm: its input (or fp32 copy) and the normalised fp32/param-dtype tensor
+        norm_out = residual  # weight * normalised, in the residual dtype
+        attn = (linear_inputs(3, norm_out) + split * (compute * (2 * h + 2 * hkv) + compute * h + 4 * a))
+        mlp = linear_inputs(2, norm_out) + split * 4 * compute * inter  # gate (silu input), silu out, up, product
+    else:  # gpt2: LayerNorm runs in fp32 under autocast and saves its input; gelu_new (tanh form) saves four tensors
+        norm = 4 * h
+        norm_out = 4
+        attn = linear_inputs(3, norm_out) + split * (compute * 3 * h + compute * h + compute * h + 4 * a)
+        mlp = linear_inputs(1, norm_out) + split * 5 * compute * inter
+    masks = 2 * h if dropout else 0
+    return int(norm_split * 2 * norm + attn + mlp + masks)
+
+
+def head_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int) -> dict[str, int]:
+    """Saved tensors of the final norm and head input, and the loss's largest backward moment (per token).
+
+    Cross entropy (fp32 under autocast) saves the log-softmax output; its backward holds that output, the
+    gradient from nll_loss and the gradient it produces at once: three fp32 vocab-wide tensors. Under TP the
+    vocab-sharded logits are gathered for the loss."""
+    v = s.vocab
+    saved = (4 + residual) * s.hidden + (residual if residual == compute else compute) * s.hidden
+    return {"final_norm_head_input": int(saved), "loss_backward": 3 * 4 * v + (compute * v // tp if tp > 1 else 0)}
+
+
+def block_activations(s: Shape, *, per_layer: int, mode: str, every: int, residual: int) -> tuple[int, int]:
+    """(saved bytes per token over all blocks, the transient of one block's recompute) by checkpointing mode."""
+    if mode == "none":
+        return s.layers * per_layer, 0
+    checkpointed = s.layers if mode == "full" else math.ceil(s.layers / every)
+    kept = residual * s.hidden  # a checkpointed block keeps only its input
+    return checkpointed * kept + (s.layers - checkpointed) * per_layer, per_layer
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Shape | None = None,
+             timing: bool = True) -> Estimate:
+    """Per-rank memory, FLOPs per token and step, and predicted time of a composed config.
+
+    Args:
+        cfg: the composed config (compose.compose_one), the same `effitrain train` would run.
+        mfu: model FLOPs utilisation to predict time at; None = the newest matching run's median, else an assumption.
+        gpu: a GPU name (h100, a100...) whose datasheet peak the time is predicted at; None = this machine's device
+            (cfg.device; auto = CUDA if present): the table for a known GPU, else a measured peak (flops.py).
+        shape: a model shape already built (tests reuse one).
+        timing: predict time (False: memory and FLOPs only, no peak FLOP/s needed).
+    """
+    from effitrain.launcher import world_size
+    from effitrain.precision import param_dtype
+
+    ws = world_size(cfg.launcher)
+    d = parallel_degrees(cfg.parallel, world_size=ws)
+    s = shape or model_shape(cfg.model, vocab=vocab_size(cfg.data), seq_len=cfg.data.seq_len)
+    strategy = cfg.parallel.strategy
+    fsdp = strategy in FSDP_STRATEGIES
+    p_bytes = BYTES[param_dtype(cfg.precision)]
+    compute = 4 if cfg.precision.kind == "fp32" else 2
+    notes: list[str] = []
+
+    numels = [local_numel(p, d=d, fsdp=fsdp) for p in s.params]
+    n_local = sum(numels)
+    mem: dict[str, int] = {"parameters": n_local * p_bytes, "gradients": n_local * p_bytes}
+    state_bytes = p_bytes if cfg.precision.kind == "bf16-pure" else 4
+    kind = cfg.optimizer.kind
+    momentum = getattr(cfg.optimizer, "momentum", 0.9)
+    if kind == "zero1":
+        loads = zero1_rank_loads(numels, d.dp)
+        mem["optimizer_state"] = 2 * state_bytes * max(loads)
+    else:
+        mem["optimizer_state"] = optimizer_state_bytes(s.params, numels, kind=kind, state_bytes=state_bytes,
+                                                       momentum=momentum)
+    if strategy == "ddp":
+        mem["ddp_buckets"] = n_local * p_bytes
+    if offloads(cfg.parallel):
+        notes.append("parallel.offload=cpu: parameters, gradients and optimizer state live in host memory; "
+                     "the device holds the gathered parameters and activations")
+
+    tokens = cfg.batch_size * cfg.data.seq_len  # per micro-step and rank
+    # FSDP's MixedPrecisionPolicy computes with bf16/fp16 parameters, so the residual stream is in that dtype too
+    residual = compute if fsdp and cfg.precision.kind != "fp32" else p_bytes
+    per_layer = activation_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp,
+                                           sp=bool(getattr(cfg.parallel, "sequence_parallel", False)),
+                                           dropout=cfg.model.dropout > 0)
+    saved, recompute = block_activations(s, per_layer=per_layer, mode=cfg.parallel.activation_checkpointing,
+                                         every=cfg.parallel.ac_every, residual=residual)
+    head = head_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp)
+    mem["activations"] = (saved + head["final_norm_head_input"]) * tokens
+    mem["activation_recompute"] = recompute * tokens
+    mem["logits_and_loss"] = head["loss_backward"] * tokens
+
+    if fsdp:
+        gather_bytes = compute if cfg.precision.kind != "fp32" else p_bytes  # MixedPrecisionPolicy param dtype
+        per_block = s.block_params() // s.layers
+        blocks = s.layers if not cfg.parallel.reshard_after_forward else min(2, s.layers)
+        gathered = (s.root_params() + blocks * per_block) // d.tp
+        mem["fsdp_gathered_params"] = gathered * gather_bytes
+        # the root's unsharded gradients wait for its reduce-scatter at the end of backward
+        mem["fsdp_unsharded_grads"] = (s.root_params() // d.tp) * 4
+    # the head's (tied) weight gradient appears at the start of backward, before the gradients of the blocks
+    # (under FSDP it is the root's unsharded gradient, counted above)
+    head_grad = 0 if fsdp else sum(n for p, n in zip(s.params, numels, strict=True)
+                                   if p.kind in ("embedding", "head")) * p_bytes
+
+    static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0)
+    if offloads(cfg.parallel):
+        static = 0
+    gathered_now = mem.get("fsdp_gathered_params", 0) + mem.get("fsdp_unsharded_grads", 0)
+    backward = static + mem["activations"] + mem["logits_and_loss"] + gathered_now + head_grad
+    recompute_moment = static + mem["activations"] + mem["activation_recompute"] + gathered_now + head_grad
+    # foreach updates build ~one fp32 temporary per parameter; fused CUDA kernels and torchao's per-tensor steps none
+    fused = getattr(cfg.optimizer, "implementation", "auto") in ("fused", "loop") or kind == "adamw-8bit" or (
+        getattr(cfg.optimizer, "implementation", "auto") == "auto" and (gpu or _device(cfg)) != "cpu")
+    mem["optimizer_temporaries"] = 0 if fused else n_local * 4
+    step = static + mem["gradients"] + mem["optimizer_temporaries"]
+    if offloads(cfg.parallel):
+        step = 0
+    moments = {"backward start": backward, "backward recompute": recompute_moment, "optimizer step": step}
+    phase = max(moments, key=moments.get)
+    # what is live at the peak, for "the biggest item" of the fit check
+    live = {"forward/backward": ["parameters", "optimizer_state", "ddp_buckets", "activations", "logits_and_loss",
+                                 "fsdp_gathered_params", "fsdp_unsharded_grads", "activation_recompute"],
+            "optimizer step": ["parameters", "optimizer_state", "ddp_buckets", "gradients", "optimizer_temporaries"]}
+    candidates = live["optimizer step" if phase == "optimizer step" else "forward/backward"]
+    biggest = max((k for k in candidates if k in mem), key=mem.get)
+
+    flops_step = s.flops_per_token * tokens * d.dp * cfg.grad_accum_steps
+    if cfg.parallel.activation_checkpointing != "none":
+        notes.append("activation checkpointing recomputes the checkpointed blocks' forward (~1/3 more compute); "
+                     "model FLOPs and MFU do not count it, so the predicted time assumes the same MFU")
+    peak, peak_source = _peak_flops(cfg, gpu) if timing else (None, "not asked")
+    mfu_used, mfu_source = _mfu(cfg, mfu, gpu) if timing else (math.nan, "not asked")
+    step_time = tps = None
+    if peak:
+        step_time = flops_step / (mfu_used * peak * ws)
+        tps = tokens * d.dp * cfg.grad_accum_steps / step_time
+    return Estimate(config={"model": cfg.model.name, "precision": cfg.precision.name, "parallel": cfg.parallel.name,
+                            "optimizer": cfg.optimizer.name, "batch_size": cfg.batch_size,
+                            "seq_len": cfg.data.seq_len, "grad_accum_steps": cfg.grad_accum_steps,
+                            "activation_checkpointing": cfg.parallel.activation_checkpointing, "world_size": ws,
+                            "degrees": asdict(d)},
+                    num_params=s.num_params, memory=mem, activations_per_layer=per_layer * tokens,
+                    peak_bytes=int(moments[phase]), peak_phase=phase, biggest=biggest,
+                    flops_per_token=s.flops_per_token, flops_per_step=flops_step,
+                    tokens_per_step=tokens * d.dp * cfg.grad_accum_steps, world_size=ws, mfu=mfu_used,
+                    mfu_source=mfu_source, peak_flops_per_device=peak, peak_flops_source=peak_source,
+                    step_time_s=step_time, tokens_per_s=tps, tokens_per_day=tps * 86400 if tps else None,
+                    time_for_run_s=step_time * cfg.max_steps if step_time else None, notes=notes)
+
+
+def _device(cfg) -> str:
+    """Where the run trains: cfg.device, auto = CUDA when a driver is present."""
+    if cfg.device != "auto":
+        return cfg.device
+    from pathlib import Path
+
+    return "cuda" if Path("/proc/driver/nvidia/version").exists() else "cpu"
+
+
+PEAK_DTYPES = {"fp32": "float32", "tf32": "tf32", "bf16": "bfloat16", "bf16-pure": "bfloat16", "fp16": "float16",
+               "fp8": "float8"}
+
+
+def peak_dtype(precision_cfg, *, cuda: bool) -> str:
+    if precision_cfg.kind == "fp32" and precision_cfg.tf32 and cuda:
+        return "tf32"
+    return PEAK_DTYPES[precision_cfg.kind]
+
+
+def _peak_flops(cfg, gpu: str | None) -> tuple[float | None, str]:
+    """Peak FLOP/s per device: the datasheet table for a named GPU, else this machine's (table or measured)."""
+    from effitrain.flops import table_peak
+
+    where = gpu or _device(cfg)
+    dtype = peak_dtype(cfg.precision, cuda=where != "cpu")
+    if dtype == "float8":
+        return None, "undefined (fp8 mixes fp8 and bf16 matmuls)"
+    if where not in ("cpu", "cuda"):  # a GPU named by --gpu
+        peak = table_peak(where.upper(), dtype)
+        if peak is None:
+            raise UsageError(f"--gpu {where}: no datasheet peak for {dtype} (known: H200, H100, A100, L4, V100)")
+        return peak, f"table ({where.upper()})"
+    import torch
+
+    from effitrain.flops import peak_flops
+
+    dev = torch.device("cuda" if where == "cuda" and torch.cuda.is_available() else "cpu")
+    autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(PEAK_DTYPES[cfg.precision.kind])
+    return peak_flops(dev, dtype=dtype, autocast_dtype=autocast)
+
+
+def _mfu(cfg, mfu: float | None, gpu: str | None) -> tuple[float, str]:
+    if mfu is not None:
+        return mfu, "given (--mfu)"
+    run = newest_matching_run(cfg)
+    if run is not None:
+        return run[1] / 100, f"median of {run[0]}"
+    if (gpu or _device(cfg)) == "cpu":
+        return CPU_DEFAULT_MFU, f"assumed {CPU_DEFAULT_MFU:.0%} (no matching run under outputs/; set --mfu)"
+    return DEFAULT_MFU, f"assumed {DEFAULT_MFU:.0%} (no matching run under outputs/; set --mfu)"
+
+
+MATCH_KEYS = ("model", "precision", "parallel", "optimizer", "batch_size", "data.seq_len", "grad_accum_steps",
+              "launcher.nproc_per_node", "launcher.nnodes")
+
+
+def newest_matching_run(cfg, outputs: str = "outputs") -> tuple[str, float] | None:
+    """(run directory, median MFU %) of the newest finished run under `outputs` with the same model, precision,
+    layout, optimizer, batch, sequence and world size; None if there is none."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    want = {k: OmegaConf.to_container(OmegaConf.select(cfg, k)) if OmegaConf.is_config(OmegaConf.select(cfg, k))
+            else OmegaConf.select(cfg, k) for k in MATCH_KEYS}
+    runs = sorted(Path(outputs).glob("**/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for summary in runs:
+        saved = summary.parent / ".hydra" / "config.yaml"
+        if not saved.is_file():
+            continue
+        try:
+            got = OmegaConf.load(saved)
+            if all(_plain(OmegaConf.select(got, k)) == want[k] for k in MATCH_KEYS):
+                value = json.loads(summary.read_text()).get("median_mfu_pct")
+                if value:
+                    return str(summary.parent), float(value)
+        except Exception:  # an unreadable or foreign run directory is not a match
+            continue
+    return None
+
+
+def _plain(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+
+
+# ---------------------------------------------------------------- fit check and largest batch
+
+
+def fit_verdict(est: Estimate, *, free_bytes: int) -> str | None:
+    """None when the estimated peak fits in `free_bytes`; else one line naming the biggest item and the fix."""
+    if est.peak_bytes <= free_bytes:
+        return None
+    fixes = {"activations": "parallel.activation_checkpointing=full, or a smaller batch_size",
+             "activation_recompute": "a smaller batch_size (one block's activations are recomputed at a time)",
+             "logits_and_loss": "a smaller batch_size or data.seq_len (with grad_accum_steps for the same batch)",
+             "optimizer_state": "parallel=fsdp (shards it), optimizer=adamw-8bit, or parallel.offload=cpu",
+             "parameters": "parallel=fsdp or precision=bf16-pure, or parallel.offload=cpu",
+             "gradients": "parallel=fsdp (shards them) or precision=bf16-pure",
+             "optimizer_temporaries": "optimizer.implementation=fused (no foreach temporaries)",
+             "ddp_buckets": "parallel=fsdp (no full gradient buckets)",
+             "fsdp_gathered_params": "parallel.reshard_after_forward=true, or more FSDP ranks",
+             "fsdp_unsharded_grads": "more FSDP ranks"}
+    return (f"the estimated peak {est.peak_bytes / GiB:.2f} GiB per rank exceeds the {free_bytes / GiB:.2f} GiB free "
+            f"on the device; the biggest item is {est.biggest} ({est.memory[est.biggest] / GiB:.2f} GiB): "
+            f"{fixes[est.biggest]} (effitrain estimate shows the breakdown)")
+
+
+SKIP_FIT_CHECK_ENV = "EFFITRAIN_SKIP_FIT_CHECK"  # =1: start even when the estimate says it will not fit
+
+
+def fit_check(cfg) -> None:
+    """Before a CUDA run starts: the estimated peak per rank against the GPU's free memory; one line and exit 2
+    (UsageError) when it cannot fit. CPU runs and EFFITRAIN_SKIP_FIT_CHECK=1 skip it."""
+    import os
+
+    if _device(cfg) != "cuda" or os.environ.get(SKIP_FIT_CHECK_ENV) == "1":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return  # the worker reports a missing GPU itself
+    verdict = fit_verdict(estimate(cfg, timing=False), free_bytes=torch.cuda.mem_get_info()[0])
+    if verdict is not None:
+        raise UsageError(f"{verdict}; {SKIP_FIT_CHECK_ENV}=1 starts it anyway")
+
+
+def max_batch(cfg, *, free_bytes: int, shape: Shape, limit: int = 1 << 16) -> int:
+    """The largest batch_size whose estimated peak fits in free_bytes (0 if not even 1); the peak grows with
+    the batch, so a doubling then a bisection finds it."""
+    def fits(b: int) -> bool:
+        cfg.batch_size = b
+        return estimate(cfg, shape=shape, timing=False).peak_bytes <= free_bytes
+
+    original = cfg.batch_size
+    try:
+        if not fits(1):
+            return 0
+        lo, hi = 1, 2
+        while hi <= limit and fits(hi):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+    finally:
+        cfg.batch_size = original
+
+
+# ---------------------------------------------------------------- console
+
+
+def format_table(est: Estimate) -> str:
+    c = est.config
+    lines = [f"estimate: model {c['model']} ({est.num_params / 1e6:.2f}M parameters) | precision {c['precision']} | "
+             f"parallel {c['parallel']} x{est.world_size} (dp {c['degrees']['dp_replicate'] * c['degrees']['dp_shard']}"
+             f", tp {c['degrees']['tp']}) | optimizer {c['optimizer']} | batch {c['batch_size']} x seq {c['seq_len']}"
+             f" x accum {c['grad_accum_steps']} | AC {c['activation_checkpointing']}",
+             "", f"{'memory per rank':<28}{'MiB':>12}{'GiB':>10}"]
+    for name, value in est.memory.items():
+        lines.append(f"  {name:<26}{value / 2**20:>12.2f}{value / GiB:>10.3f}")
+    lines.append(f"  {'(activations per layer)':<26}{est.activations_per_layer / 2**20:>12.2f}"
+                 f"{est.activations_per_layer / GiB:>10.3f}")
+    lines.append(f"{'peak (' + est.peak_phase + ')':<28}{est.peak_bytes / 2**20:>12.2f}{est.peak_bytes / GiB:>10.3f}"
+                 f"   biggest item: {est.biggest}")
+    lines += ["", f"FLOPs: {est.flops_per_token / 1e6:.2f} MFLOPs/token, {est.flops_per_step / 1e12:.4g} TFLOPs/step "
+                  f"({est.tokens_per_step:,} tokens/step)"]
+    if est.step_time_s is None:
+        lines.append(f"time: undefined ({est.peak_flops_source})")
+    else:
+        lines.append(f"time at MFU {est.mfu:.1%} ({est.mfu_source}) of {est.peak_flops_per_device / 1e12:.2f} TFLOP/s "
+                     f"per device ({est.peak_flops_source}): {est.step_time_s:.4g} s/step, "
+                     f"{est.tokens_per_s:,.0f} tokens/s, {est.tokens_per_day / 1e9:.4g}B tokens/day, "
+                     f"{est.time_for_run_s / 3600:.3g} h for max_steps")
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)

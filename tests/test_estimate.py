@@ -1,0 +1,120 @@
+"""effitrain estimate: model states against the ZeRO paper, the memory model's structure, one real measured step,
+the fit check's decision, --max-batch, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from conftest import REPO, compose, run_cli
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+GB = 1e9
+SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=256",
+         "data.vocab_size=2048", "device=cpu"]
+
+
+def _estimate(*overrides: str, shape=None):
+    from effitrain.estimate import estimate
+
+    return estimate(compose(list(overrides)), shape=shape, timing=False)
+
+
+def test_zero_paper_model_states_per_gpu():
+    """Rajbhandari et al. 2020, figure 1: a 7.5B model at data-parallel degree 64 with Adam (K = 12) takes 120 GB
+    per GPU unpartitioned, 31.4 GB with P_os, 16.6 GB with P_os+g and 1.88 GB with P_os+g+p."""
+    from effitrain.estimate import model_state_bytes
+
+    published = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.88}
+    for stage, gb in published.items():
+        got = sum(model_state_bytes(7.5e9, stage=stage, dp=64).values()) / GB
+        assert abs(got - gb) < 0.05, (stage, got, gb)
+
+
+def test_estimate_shards_a_7b_model_like_zero():
+    """A real 7B-class config through `estimate` (shapes on the meta device): FSDP over 64 ranks keeps 16 bytes per
+    parameter / 64 (fp32 weights, fp32 grads, two fp32 Adam moments: ZeRO stage 3's 1.9 GB at 7.5B), ZeRO-1 over
+    64 DDP ranks keeps the full weights and gradients and 1/64 of the moments (whole tensors per rank)."""
+    big = ["model=llama-1b", "model.hidden_size=4096", "model.num_layers=32", "model.num_heads=32",
+           "model.num_kv_heads=null", "model.intermediate_size=11008", "data.vocab_size=32000",
+           "launcher.nproc_per_node=8", "launcher.nnodes=8", "batch_size=1", "device=cpu"]
+    fsdp = _estimate(*big, "parallel=fsdp", "precision=bf16")
+    n = fsdp.num_params
+    assert 6.5e9 < n < 7.5e9
+    states = fsdp.memory["parameters"] + fsdp.memory["gradients"] + fsdp.memory["optimizer_state"]
+    assert abs(states - 16 * n / 64) / (16 * n / 64) < 0.01  # FSDP pads each tensor's dim 0 to a multiple of 64
+    assert abs(states / GB - 1.88 * n / 7.5e9) < 0.05
+    zero1 = _estimate(*big, "parallel=ddp", "optimizer=zero1")
+    assert zero1.memory["parameters"] == 4 * n
+    ideal, embedding = 8 * n / 64, 8 * 32000 * 4096
+    # whole tensors per rank, largest first: the 131M-parameter embedding alone exceeds an even 1/64 share
+    assert zero1.memory["optimizer_state"] == embedding > ideal
+
+
+def test_memory_model_structure():
+    from effitrain.estimate import zero1_rank_loads
+
+    base = _estimate(*SMALL, "batch_size=4")
+    double = _estimate(*SMALL, "batch_size=8")
+    assert double.memory["activations"] == 2 * base.memory["activations"]
+    assert double.memory["logits_and_loss"] == 2 * base.memory["logits_and_loss"]
+    assert double.memory["parameters"] == base.memory["parameters"]
+    full = _estimate(*SMALL, "batch_size=4", "parallel.activation_checkpointing=full")
+    assert full.memory["activations"] < base.memory["activations"]
+    assert full.memory["activation_recompute"] == base.activations_per_layer
+    fsdp = _estimate(*SMALL, "batch_size=4", "parallel=fsdp", "launcher.nproc_per_node=2")
+    assert fsdp.memory["parameters"] <= base.memory["parameters"] / 2 + 4 * 64 * 16  # dim-0 padding at most
+    assert fsdp.memory["fsdp_gathered_params"] > 0
+    assert _estimate(*SMALL, "optimizer=sgd").memory["optimizer_state"] == base.memory["optimizer_state"] / 2
+    assert _estimate(*SMALL, "optimizer=adafactor").memory["optimizer_state"] < base.memory["optimizer_state"] / 10
+    assert zero1_rank_loads([10, 7, 5, 3, 1], 2) == [13, 13]
+    bf16 = _estimate(*SMALL, "batch_size=4", "precision=bf16")
+    assert bf16.memory["parameters"] == base.memory["parameters"]  # autocast keeps fp32 weights
+    pure = _estimate(*SMALL, "batch_size=4", "precision=bf16-pure")
+    assert pure.memory["parameters"] == base.memory["parameters"] / 2
+    assert base.flops_per_step == base.flops_per_token * 4 * 128
+
+
+def test_estimate_matches_a_measured_step():
+    """The estimated peak of a real step, measured at the allocator (profiler memory events), within 10%."""
+    import bench_estimate
+
+    overrides = [*SMALL, "batch_size=4", "data.seq_len=64"]
+    estimated, _ = bench_estimate.estimated(overrides)
+    (measured,) = bench_estimate.measure([overrides], nproc=1)
+    assert abs(estimated - measured) / measured < 0.10, (estimated, measured)
+
+
+def test_fit_verdict_and_max_batch():
+    from effitrain.estimate import fit_check, fit_verdict, max_batch, model_shape
+
+    cfg = compose([*SMALL, "batch_size=8"])
+    shape = model_shape(cfg.model, vocab=2048, seq_len=cfg.data.seq_len)
+    est = _estimate(*SMALL, "batch_size=8", shape=shape)
+    assert fit_verdict(est, free_bytes=est.peak_bytes) is None
+    line = fit_verdict(est, free_bytes=est.peak_bytes // 2)
+    assert line is not None and est.biggest in line and "\n" not in line
+    assert "batch_size" in line or "fsdp" in line  # names a fix
+    assert max_batch(cfg, free_bytes=est.peak_bytes, shape=shape) == 8
+    assert max_batch(cfg, free_bytes=_estimate(*SMALL, "batch_size=9", shape=shape).peak_bytes - 1, shape=shape) == 8
+    assert max_batch(cfg, free_bytes=1, shape=shape) == 0
+    assert cfg.batch_size == 8  # restored
+    fit_check(cfg)  # device=cpu: no check, no error
+
+
+def test_cli_estimate_json_and_errors(tmp_path):
+    result = run_cli("estimate", *SMALL, "--json", "--mfu", "0.5", "--gpu", "h100", "--max-batch", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["mfu"] == 0.5 and out["peak_flops_source"] == "table (H100)"
+    assert math.isclose(out["step_time_s"], out["flops_per_step"] / (0.5 * 67e12), rel_tol=1e-9)
+    assert out["max_batch"] > 16
+    assert not list(Path(tmp_path).iterdir())  # nothing written
+    for bad in (["--mfu", "2"], ["--gpu", "tpu9"], ["model.nope=1"], ["--frobnicate"]):
+        result = run_cli("estimate", *SMALL, *bad, cwd=tmp_path)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and last.startswith("effitrain: error:"), (bad, result.stderr)
+        assert "Traceback" not in result.stderr
