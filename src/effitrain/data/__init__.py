@@ -1,8 +1,8 @@
 """The `data` group: corpus -> tokenizer -> token cache (memmap) -> resumable sharded sampler -> batches.
 
-Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: documents of
-each source, fingerprint, split), tokens (BPE + cache), prepare (the entry point), loader (sampler, batches,
-prefetch).
+Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: each source's
+files and documents, streamed; listing, fingerprint, split), tokens (BPE + streaming cache build), progress,
+prepare (the entry point), loader (sampler, batches, prefetch).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class DataBase:
     source: str = "stdlib"
     tokenizer: Optional[str] = None  # path to a tokenizer.json; None = train a BPE of vocab_size on the corpus
     vocab_size: int = 4096  # size of the BPE trained on the corpus
+    tokenizer_sample_mb: float = 32.0  # the BPE trains on a deterministic sample of about this much training text
     seq_len: int = 128
     val_fraction: float = 0.05  # share of documents held out for validation
     cache_dir: str = "~/.cache/effitrain"
@@ -61,6 +62,8 @@ def check(cfg) -> None:
     if cfg.vocab_size < 260:
         raise UsageError(f"data.vocab_size={cfg.vocab_size} is too small: a byte-level BPE needs at least 260 "
                          "(256 bytes + merges)")
+    if cfg.tokenizer_sample_mb <= 0:
+        raise UsageError(f"data.tokenizer_sample_mb={cfg.tokenizer_sample_mb} must be positive")
     if cfg.source != "stdlib":
         resolve_paths(source=cfg.source, paths=list(cfg.paths))
     if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_file():
