@@ -39,6 +39,10 @@ def check_run(cfg) -> None:
         _need(cfg[key] > 0, f"{key}={cfg[key]} must be a positive integer")
     _need(cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip} must be >= 0 (0 measures the norm without clipping)")
     _need(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} is not one of: auto, cpu, cuda")
+    _need(cfg.eval.task_items > 0, f"eval.task_items={cfg.eval.task_items} must be a positive integer")
+    from effitrain.tasks import check_specs
+
+    check_specs(list(cfg.eval.tasks))
 
 
 def check_precision_device(precision, *, device: str) -> None:

@@ -18,7 +18,8 @@ _HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--s
 # Hydra flags that print the composed config: it must compose, but nothing trains (paths need not exist yet).
 _PRINT_FLAGS = {"--cfg", "-c", "--package", "-p", "--resolve"}
 _VERBS = {"train": "compose the config groups, launch the workers, train, write the run directory",
-          "reproduce": "rerun RUN_DIR from its saved config and compare its per-step loss (exit 0 match, 1 not)"}
+          "reproduce": "rerun RUN_DIR from its saved config and compare its per-step loss (exit 0 match, 1 not)",
+          "eval": "validation loss, perplexity, bits per byte and eval.tasks accuracy of HF_DIR on a data option"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             return train(rest)
         if verb == "reproduce":
             return reproduce(rest)
+        if verb == "eval":
+            from effitrain.evaluate import eval_command
+
+            return eval_command(rest)
         raise UsageError(f"unknown verb {verb!r}; use one of: {', '.join(_VERBS)} (effitrain --help lists them)")
     except UsageError as e:
         print(f"effitrain: error: {e}", file=sys.stderr)
@@ -49,7 +54,8 @@ def usage() -> str:
     lines += [f"  {PRESETS:<12} {', '.join(group_options(PRESETS))}   (named presets: +experiment=NAME)"]
     lines += ["", "examples:", "  effitrain train", "  effitrain train precision=bf16 max_steps=50",
               "  effitrain train -m optimizer.lr=1e-3,3e-3 precision=fp32,bf16",
-              "  effitrain reproduce outputs/<date>/<time>_run", "",
+              "  effitrain reproduce outputs/<date>/<time>_run",
+              "  effitrain eval HF_DIR data=text data.paths=[docs/] eval.tasks=[next-line]", "",
               "Hydra's grammar works unchanged: key=value, -m/--multirun, --cfg job, effitrain train --help."]
     return "\n".join(lines)
 

@@ -39,6 +39,7 @@ from effitrain.profiling import StepProfiler
 from effitrain.runtime import job_runtime
 from effitrain.schedule.build import build_scheduler
 from effitrain.state import TrainState
+from effitrain.tasks import TaskSuite
 
 log = logging.getLogger("effitrain")
 
@@ -106,6 +107,8 @@ class Trainer:
         self.val_batches = validation_batches(self.data.tokens.val, seq_len=cfg.data.seq_len,
                                               batch_size=cfg.batch_size, num_batches=cfg.eval_batches,
                                               shard=self.shard)
+        self.tasks = TaskSuite(list(cfg.eval.tasks), max_items=cfg.eval.task_items,
+                               tokenizer_dir=self.data.tokens.directory)
 
     def _build_meters(self) -> None:
         cfg, world = self.cfg, self.world
@@ -180,6 +183,8 @@ class Trainer:
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             extra["val_loss"], extra["val_ppl"] = evaluate(state.model, self.val_batches, precision=self.precision,
                                                            device=world.device)
+            extra |= self.tasks.scores(state.model, max_len=cfg.data.seq_len, precision=self.precision,
+                                       device=world.device)
         t4 = time.perf_counter()
         scale_before, scale = self._scale, self.precision.loss_scale()
         self._scale = scale
