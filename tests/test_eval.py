@@ -138,6 +138,7 @@ def test_training_scores_eval_tasks_at_each_evaluation(tiny, tmp_path, corpus):
     run(compose(tiny(f"eval.tasks=[{task}]")), tmp_path / "run")
     evals = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r]
     assert [r["step"] for r in evals] == [3, 6]
+    assert json.loads((tmp_path / "run" / "data_report.json").read_text())["enabled"] is False
     assert all(0 <= r["task/lines"] <= 1 for r in evals)
     assert not any("task/lines" in r for r in read_metrics(tmp_path / "run") if "val_loss" not in r)
 

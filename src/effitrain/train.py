@@ -10,6 +10,7 @@ wrapping, so FSDP shards what they made) -> parallel layout -> communication hoo
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ class Trainer:
             sinks = build_sinks(cfg.logging, run_dir=self.run_dir, total_steps=cfg.max_steps)
             runs.write_env(self.run_dir, world=world, data=self.data, peak_flops=self.peak,
                            peak_flops_source=self.peak_source, num_params=self.parts.num_params)
+            shutil.copy(self.data.tokens.directory / "data_report.json", self.run_dir)  # what data.clean removed
         self.recorder = Recorder(sinks)
         options = " ".join(f"{group}={cfg[group].name}" for group in GROUP_NAMES if "name" in cfg[group])
         log.info(f"run {cfg.name}: {options}")

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from effitrain.data.clean import Cleaner
 from effitrain.data.corpus import Corpus, DataError, Document, in_tokenizer_sample, is_validation
 from effitrain.data.progress import Progress
 
@@ -42,8 +43,11 @@ class TokenCache:
 def settings_of(cfg) -> dict:
     """What the tokens depend on besides the corpus (the cache key's other half)."""
     tok = _file_sha(Path(cfg.tokenizer).expanduser()) if cfg.tokenizer else f"bpe{cfg.vocab_size}"
+    clean = {key: cfg.clean[key] for key in ("exact_duplicates", "min_chars", "max_non_text", "max_line_chars",
+                                             "max_repeated_lines")}
     return {"version": _CACHE_VERSION, "tokenizer": tok, "val_fraction": cfg.val_fraction,
-            "tokenizer_sample_mb": cfg.tokenizer_sample_mb if not cfg.tokenizer else None}
+            "tokenizer_sample_mb": cfg.tokenizer_sample_mb if not cfg.tokenizer else None,
+            "clean": clean if cfg.clean.enabled else None}
 
 
 def cache_key(*, fingerprint: str, settings: dict) -> str:
@@ -71,7 +75,10 @@ def build_cache(root: Path, corpus: Corpus, cfg, settings: dict) -> Path:
     try:
         started = time.perf_counter()
         tok, sample_bytes = (_load_given(cfg.tokenizer), 0) if cfg.tokenizer else _train_bpe(corpus, cfg)
-        meta = _encode_corpus(tmp, tok, corpus, cfg.val_fraction)
+        cleaner = Cleaner(cfg.clean) if cfg.clean.enabled else None
+        meta = _encode_corpus(tmp, tok, corpus, cfg.val_fraction, cleaner)
+        report = cleaner.report() if cleaner else {"enabled": False, "documents": meta["documents"]}
+        (tmp / "data_report.json").write_text(json.dumps(report, indent=2))
         meta |= {"tokenizer_sample_bytes": sample_bytes, "build_s": round(time.perf_counter() - started, 2)}
         (tmp / "tokenizer.json").write_text(tok.to_str())
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completion
@@ -102,11 +109,12 @@ def _train_bpe(corpus: Corpus, cfg):
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     budget = int(cfg.tokenizer_sample_mb * 1e6)
-    sample = _Sample(corpus, budget=budget, val_fraction=cfg.val_fraction)
+    sample = _Sample(corpus, budget=budget, val_fraction=cfg.val_fraction,
+                     cleaner=Cleaner(cfg.clean) if cfg.clean.enabled else None)
     with Progress("tokenizer sample", total_bytes=min(budget, sample.total)) as progress:
         tok.train_from_iterator(sample.texts(progress), trainer=trainer)
     if sample.taken == 0:
-        raise DataError(f"data={cfg.name}: the corpus is empty")
+        raise DataError(f"data={cfg.name}: the corpus is empty{' after data.clean' if cfg.clean.enabled else ''}")
     return tok, sample.taken
 
 
@@ -114,8 +122,8 @@ class _Sample:
     """Training documents whose name hashes below budget/corpus size, up to the budget; the first documents
     instead when that leaves none (a corpus of a few documents)."""
 
-    def __init__(self, corpus: Corpus, *, budget: int, val_fraction: float):
-        self.corpus, self.budget, self.val_fraction = corpus, budget, val_fraction
+    def __init__(self, corpus: Corpus, *, budget: int, val_fraction: float, cleaner: Cleaner | None):
+        self.corpus, self.budget, self.val_fraction, self.cleaner = corpus, budget, val_fraction, cleaner
         self.total = corpus.total_bytes()
         self.fraction = min(1.0, budget / max(self.total, 1))
         self.taken = 0
@@ -137,7 +145,7 @@ class _Sample:
         for doc in docs:
             if self.taken >= self.budget:
                 return
-            if doc.text:
+            if doc.text and not (self.cleaner and self.cleaner.reason(doc)):
                 size = len(doc.text.encode("utf-8", errors="replace"))
                 self.taken += size
                 progress.advance(documents=1, nbytes=size)
@@ -153,13 +161,13 @@ def _load_given(path: str):
     return tok
 
 
-def _encode_corpus(directory: Path, tok, corpus: Corpus, val_fraction: float) -> dict:
+def _encode_corpus(directory: Path, tok, corpus: Corpus, val_fraction: float, cleaner: Cleaner | None) -> dict:
     """Stream every document through the tokenizer into train.bin/val.bin (each document followed by EOS), hashing
     names and texts on the way; the cache's meta."""
     eos = tok.token_to_id(EOS)
     dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
     chunks: queue.Queue = queue.Queue(maxsize=_CHUNKS_AHEAD)
-    reader = _Reader(corpus, chunks, val_fraction)
+    reader = _Reader(corpus, chunks, val_fraction, cleaner)
     counts = {"train": [0, 0], "val": [0, 0]}  # tokens, bytes
     with (directory / "train.bin").open("wb") as out_train, (directory / "val.bin").open("wb") as out_val, \
             Progress("tokenizing", total_bytes=corpus.total_bytes()) as progress:
@@ -182,8 +190,9 @@ def _encode_corpus(directory: Path, tok, corpus: Corpus, val_fraction: float) ->
                                  tokens=sum(len(e.ids) + 1 for e in encodings))
         finally:
             reader.stop()
-    if reader.documents == 0 or counts["train"][0] + counts["val"][0] == reader.documents:
-        raise DataError("the corpus is empty")
+    if reader.kept == 0 or counts["train"][0] + counts["val"][0] == reader.kept:
+        removed = f" after data.clean removed {cleaner.removed}" if cleaner and cleaner.removed else ""
+        raise DataError(f"the corpus is empty{removed}")
     train_tokens, val_tokens = counts["train"][0], counts["val"][0]
     if train_tokens == 0 or val_tokens == 0:  # too few documents to split by name: hold out the stream's tail
         train_tokens, val_tokens = _hold_out_tail(directory, dtype, val_fraction)
@@ -204,10 +213,10 @@ class _Reader(threading.Thread):
     """Reads documents into chunks of about _CHUNK_BYTES on a thread (file reads overlap encoding), hashing them in
     order and deciding their split; hands a DataError to the consumer, then None at the end."""
 
-    def __init__(self, corpus: Corpus, chunks: queue.Queue, val_fraction: float):
+    def __init__(self, corpus: Corpus, chunks: queue.Queue, val_fraction: float, cleaner: Cleaner | None):
         super().__init__(daemon=True)
-        self.corpus, self.chunks, self.val_fraction = corpus, chunks, val_fraction
-        self.sha, self.documents = hashlib.sha256(), 0
+        self.corpus, self.chunks, self.val_fraction, self.cleaner = corpus, chunks, val_fraction, cleaner
+        self.sha, self.documents, self.kept = hashlib.sha256(), 0, 0
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -218,6 +227,9 @@ class _Reader(threading.Thread):
                 for piece in (doc.name.encode(), b"\0", raw, b"\0"):  # as corpus.fingerprint hashes
                     self.sha.update(piece)
                 self.documents += 1
+                if self.cleaner is not None and self.cleaner.reason(doc):  # still in the fingerprint: the raw corpus
+                    continue
+                self.kept += 1
                 chunk.append(_Item(doc.text, len(raw), is_validation(doc, self.val_fraction)))
                 size += len(raw)
                 if size >= _CHUNK_BYTES:
