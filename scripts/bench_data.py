@@ -76,6 +76,35 @@ def generate(root: Path, gigabytes: float) -> Path:
     return out
 
 
+def profile(cache: Path, paths: list[Path], megabytes: float) -> dict:
+    """Where a pass's time goes: the first `megabytes` of the corpus through the cold build's tokenizer, timed as
+    encode_batch_fast (this branch), encode_batch (before), and the Python side (ids to a uint16 array)."""
+    import time
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(next(cache.glob("*/tokenizer.json"))))
+    texts, size = [], 0
+    for f in sorted(f for p in paths for f in p.rglob("*") if f.is_file() and f.suffix in {".txt", ".md", ".py"}):
+        texts.append(f.read_text(encoding="utf-8", errors="replace"))
+        size += len(texts[-1])
+        if size >= megabytes * 1e6:
+            break
+    t0 = time.perf_counter()
+    encodings = tok.encode_batch_fast(texts)
+    t1 = time.perf_counter()
+    ids: list[int] = []
+    for enc in encodings:
+        ids += enc.ids
+    np.asarray(ids, dtype=np.uint16)
+    t2 = time.perf_counter()
+    tok.encode_batch(texts)
+    t3 = time.perf_counter()
+    return {"profile_mb": size / 1e6, "encode_batch_fast_s": t1 - t0, "python_side_s": t2 - t1,
+            "encode_batch_s": t3 - t2}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", nargs="*", type=Path, default=[], help="corpus files or directories")
@@ -84,6 +113,7 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1] / "src",
                         help="the effitrain source tree to measure (default: this checkout's)")
     parser.add_argument("--out", type=Path, default=Path("bench_data.json"))
+    parser.add_argument("--profile-mb", type=float, default=0, help="also time the tokenizer on this many MB")
     parser.add_argument("overrides", nargs="*", help="extra data overrides, e.g. data.tokenizer_sample_mb=16")
     args = parser.parse_args()
     paths = list(args.paths)
@@ -96,6 +126,7 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     cold = measure(paths, cache, args.src, args.overrides)
     cached = measure(paths, cache, args.src, args.overrides)
+    probe = profile(cache, paths, args.profile_mb) if args.profile_mb else {}
     shutil.rmtree(cache, ignore_errors=True)
     rate = size / cold["seconds"]
     result = {"corpus_mb": size / 1e6, "paths": [str(p) for p in paths], "src": str(args.src),
@@ -104,7 +135,7 @@ def main() -> None:
               "cold_peak_rss_mb": cold["peak_rss_mb"], "cached_data_s": cached["seconds"],
               "cached_peak_rss_mb": cached["peak_rss_mb"], "train_tokens": cold["train_tokens"],
               "val_tokens": cold["val_tokens"], "extrapolated_10gb_s": 10e9 / rate, "cpus": os.cpu_count(),
-              "loadavg_1m": os.getloadavg()[0]}
+              "loadavg_1m": os.getloadavg()[0], **probe}
     rows = [("corpus", f"{size / 1e6:,.0f} MB"), ("cold preparation", f"{cold['seconds']:.1f} s"),
             ("cold CPU time", f"{cold['cpu_s']:.1f} s"), ("cold rate", f"{rate / 1e6:.2f} MB/s"),
             ("cold peak RSS", f"{cold['peak_rss_mb']:,.0f} MB"),
@@ -112,6 +143,10 @@ def main() -> None:
             ("cached run, peak RSS", f"{cached['peak_rss_mb']:,.0f} MB"),
             ("tokens (train + val)", f"{cold['train_tokens'] + cold['val_tokens']:,}"),
             ("10 GB at the cold rate", f"{10e9 / rate / 60:.0f} min")]
+    if probe:
+        rows += [(f"{probe['profile_mb']:.1f} MB: encode_batch_fast", f"{probe['encode_batch_fast_s']:.2f} s"),
+                 ("  python side", f"{probe['python_side_s']:.2f} s"),
+                 ("  encode_batch (before)", f"{probe['encode_batch_s']:.2f} s")]
     for label, value in rows:
         print(f"{label:<24} {value:>16}")
     args.out.write_text(json.dumps(result, indent=2))
