@@ -27,7 +27,7 @@ from effitrain.data.progress import Progress
 
 EOS = "<|endoftext|>"
 _CACHE_VERSION = 2  # bump when the tokenization or file layout changes
-_CHUNK_BYTES = 1 << 20  # text per encode_batch call: dozens of documents for both cores; its encodings take ~40x
+_CHUNK_BYTES = 1 << 20  # text per encode_batch call: dozens of documents for both cores; its encodings: ~50x this
 _CHUNKS_AHEAD = 3  # chunks the reader may hold ready
 
 
