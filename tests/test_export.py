@@ -92,6 +92,18 @@ def test_training_starts_from_an_export_and_from_a_checkpoint(trained, corpus, c
     assert abs(firsts[0]["loss"] - fresh) > 1e-3
 
 
+def test_eval_of_a_run_directory_gives_its_final_validation_loss(trained, corpus, cache_dir, tmp_path):
+    """`effitrain eval RUN_DIR` exports the latest checkpoint and evaluates it: on the run's own data settings, the
+    validation loss the run logged at its last step."""
+    run_dir = trained("llama")
+    result = run_cli("eval", str(run_dir), "data=text", f"data.paths=[{corpus}]", f"data.cache_dir={cache_dir}",
+                     "data.seq_len=32", "batch_size=4", "eval_batches=2", "device=cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])["val_loss"]
+    assert measured == pytest.approx(read_metrics(run_dir)[-1]["val_loss"], rel=1e-5)
+    assert (run_dir / "export" / "step-6" / "config.json").is_file()
+
+
 def test_sample_prints_a_deterministic_continuation(trained, tmp_path):
     from effitrain.export import export_run, sample_text
 

@@ -41,6 +41,10 @@ def check_run(cfg) -> None:
     _need(cfg.nan_policy in ("abort", "skip"), f"nan_policy={cfg.nan_policy!r} is not one of: abort, skip")
     _need(cfg.nan_patience > 0, f"nan_patience={cfg.nan_patience} must be a positive integer")
     _need(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} is not one of: auto, cpu, cuda")
+    _need(cfg.eval.task_items > 0, f"eval.task_items={cfg.eval.task_items} must be a positive integer")
+    from effitrain.tasks import check_specs
+
+    check_specs(list(cfg.eval.tasks))
 
 
 def check_precision_device(precision, *, device: str) -> None:

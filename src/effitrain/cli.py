@@ -28,7 +28,8 @@ _VERBS = {"train": "compose the config groups, launch the workers, train, write 
           "estimate": "memory per rank, FLOPs and time of train's overrides, before running [--mfu X] [--gpu NAME] "
                       "[--json] [--max-batch GIB]",
           "plan": "compute-optimal size and tokens for --flops C or --gpus N --gpu NAME --hours H (Chinchilla)",
-          "scaling-fit": "fit L(N) = E + A/N^alpha to a sweep over model sizes, predict the next, plot it"}
+          "scaling-fit": "fit L(N) = E + A/N^alpha to a sweep over model sizes, predict the next, plot it",
+          "eval": "validation loss, perplexity, bits per byte and eval.tasks accuracy of HF_DIR on a data option"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +72,7 @@ def usage() -> str:
               "  effitrain reproduce outputs/<date>/<time>_run --from-step 80",
               "  effitrain export outputs/<date>/<time>_run --out model/ && effitrain sample model/ 'def '",
               "  effitrain estimate model=llama-1b precision=bf16 batch_size=8 --gpu h100",
+              "  effitrain eval HF_DIR data=text data.paths=[docs/] eval.tasks=[next-line]",
               "  effitrain plan --gpus 8 --gpu h100 --hours 24 --inference-tokens 1e12", "",
               "Hydra's grammar works unchanged: key=value, -m/--multirun, --cfg job, effitrain train --help."]
     return "\n".join(lines)
@@ -240,8 +242,15 @@ def _planning(verb: str):
     return run
 
 
+def evaluate(args: list[str]) -> int:
+    from effitrain.evaluate import eval_command
+
+    return eval_command(args)
+
+
 _HANDLERS = {"train": train, "resume": resume, "reproduce": reproduce, "export": export, "sample": sample,
-             "compare": compare, **{verb: _planning(verb) for verb in ("estimate", "plan", "scaling-fit")}}
+             "compare": compare, "eval": evaluate,
+             **{verb: _planning(verb) for verb in ("estimate", "plan", "scaling-fit")}}
 
 
 if __name__ == "__main__":

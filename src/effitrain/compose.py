@@ -7,9 +7,9 @@ each typed by the schema of its option's kind (registry.py). No torch here, and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 from effitrain import checkpoint, compression, data, launcher, logs, models, optim, parallel, precision, schedule
 from effitrain.errors import UsageError
@@ -20,6 +20,14 @@ GROUPS: tuple[Group, ...] = (models.GROUP, data.GROUP, precision.GROUP, parallel
                              optim.GROUP, schedule.GROUP, launcher.GROUP, logs.GROUP, checkpoint.GROUP)
 GROUP_NAMES = tuple(g.name for g in GROUPS)
 PRESETS = "experiment"  # the group of named presets (`# @package _global_`): not in the defaults list
+
+
+@dataclass
+class EvalConfig:
+    """Multiple-choice tasks scored at each evaluation (and by `effitrain eval`)."""
+
+    tasks: List[str] = field(default_factory=list)  # built-in names (next-line) or JSONL task files
+    task_items: int = 100  # items per task (a file's first N records)
 
 
 @dataclass
@@ -45,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = measure only
     eval_every: int = 40
     eval_batches: int = 8
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     cpu_keep_freed_memory: bool = True  # CPU: freed step memory stays in the heap (glibc), no page faults next step
     nan_policy: str = "abort"  # a step whose gradient norm is not finite is skipped; abort | skip: what follows

@@ -50,6 +50,7 @@ from effitrain.profiling import StepProfiler
 from effitrain.runtime import job_runtime
 from effitrain.schedule.build import build_scheduler
 from effitrain.state import TrainState
+from effitrain.tasks import TaskSuite
 
 log = logging.getLogger("effitrain")
 
@@ -159,6 +160,8 @@ class Trainer:
         self.val_batches = validation_batches(self.data.tokens.val, seq_len=cfg.data.seq_len,
                                               batch_size=cfg.batch_size, num_batches=cfg.eval_batches,
                                               shard=self.shard)
+        self.tasks = TaskSuite(list(cfg.eval.tasks), max_items=cfg.eval.task_items,
+                               tokenizer_dir=self.data.tokens.directory)
 
     def _build_meters(self) -> None:
         cfg, world = self.cfg, self.world
@@ -178,6 +181,7 @@ class Trainer:
                            peak_flops_source=self.peak_source, num_params=self.parts.num_params)
             # the run directory carries its tokenizer: export and sample need no corpus and no cache
             shutil.copy2(self.data.tokens.directory / "tokenizer.json", self.run_dir / "tokenizer.json")
+            shutil.copy(self.data.tokens.directory / "data_report.json", self.run_dir)  # what data.clean removed
         self.recorder = Recorder(sinks)
         self.recorder.records = list(self.kept_records)  # a resumed run's summary spans all its steps
         options = " ".join(f"{group}={cfg[group].name}" for group in GROUP_NAMES if "name" in cfg[group])
@@ -244,6 +248,8 @@ class Trainer:
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             extra["val_loss"], extra["val_ppl"] = evaluate(state.model, self.val_batches, precision=self.precision,
                                                            device=world.device)
+            extra |= self.tasks.scores(state.model, max_len=cfg.data.seq_len, precision=self.precision,
+                                       device=world.device)
         t4 = time.perf_counter()
         scale_before, scale = self._scale, self.precision.loss_scale()
         self._scale = scale

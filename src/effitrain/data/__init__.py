@@ -1,8 +1,8 @@
 """The `data` group: corpus -> tokenizer -> token cache (memmap) -> resumable sharded sampler -> batches.
 
-Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: documents of
-each source, fingerprint, split), tokens (BPE + cache), prepare (the entry point), loader (sampler, batches,
-prefetch).
+Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: each source's
+files and documents, streamed; listing, fingerprint, split), tokens (BPE + streaming cache build), progress,
+prepare (the entry point), loader (sampler, batches, prefetch).
 """
 
 from __future__ import annotations
@@ -18,15 +18,30 @@ GROUP = Group("data", key="source", builders="effitrain.data.corpus")
 
 
 @dataclass
+class CleanConfig:
+    """Document filters applied while the corpus streams (off by default); removals are counted in data_report.json."""
+
+    enabled: bool = False
+    exact_duplicates: bool = True  # drop a document whose normalised text (case, whitespace) was seen before
+    min_chars: int = 50  # drop documents shorter than this, stripped
+    max_non_text: float = 0.3  # drop documents where more than this share of characters is not text (letters,
+    # digits, ASCII punctuation, whitespace): binary decoded as replacement characters, symbol soup
+    max_line_chars: int = 1000  # drop documents with a longer line (minified or generated files)
+    max_repeated_lines: float = 0.5  # drop documents where more than this share of non-blank lines repeats one
+
+
+@dataclass
 class DataBase:
     name: str = "stdlib"
     source: str = "stdlib"
     tokenizer: Optional[str] = None  # path to a tokenizer.json; None = train a BPE of vocab_size on the corpus
     vocab_size: int = 4096  # size of the BPE trained on the corpus
+    tokenizer_sample_mb: float = 32.0  # the BPE trains on a deterministic sample of about this much training text
     seq_len: int = 128
     val_fraction: float = 0.05  # share of documents held out for validation
     cache_dir: str = "~/.cache/effitrain"
     prefetch: int = 2  # batches prepared ahead by a background thread; 0 = synchronous
+    clean: CleanConfig = field(default_factory=CleanConfig)
 
 
 @GROUP.option("stdlib")
@@ -61,6 +76,13 @@ def check(cfg) -> None:
     if cfg.vocab_size < 260:
         raise UsageError(f"data.vocab_size={cfg.vocab_size} is too small: a byte-level BPE needs at least 260 "
                          "(256 bytes + merges)")
+    c = cfg.clean
+    if c.min_chars < 0 or c.max_line_chars <= 0 or not 0 <= c.max_non_text <= 1 or not 0 <= c.max_repeated_lines <= 1:
+        raise UsageError("data.clean: min_chars >= 0, max_line_chars > 0, and max_non_text and max_repeated_lines "
+                         f"between 0 and 1, please (got {c.min_chars}, {c.max_line_chars}, {c.max_non_text}, "
+                         f"{c.max_repeated_lines})")
+    if cfg.tokenizer_sample_mb <= 0:
+        raise UsageError(f"data.tokenizer_sample_mb={cfg.tokenizer_sample_mb} must be positive")
     if cfg.source != "stdlib":
         resolve_paths(source=cfg.source, paths=list(cfg.paths))
     if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_file():

@@ -1,33 +1,50 @@
-"""prepare_data: corpus -> fingerprint -> split -> token cache (built once, then memory-mapped)."""
+"""prepare_data: corpus -> token cache, found from the corpus's listing without reading it once it is built.
+
+`cache_dir/listings/<listing+settings>.json` remembers which cache (keyed by content fingerprint + settings) a
+listing of (name, size, mtime) per file produced: a second run stats the files, opens the memmaps, and reads no
+document. A changed file changes its size or mtime, so the listing misses and the corpus is read (and, when its
+content is unchanged after all, lands on the same cache).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from effitrain.data.corpus import DataError, fingerprint, load_documents, split
-from effitrain.data.tokens import TokenCache, cache_key, load_or_build
+from effitrain.data.corpus import build_corpus
+from effitrain.data.tokens import TokenCache, build_cache, open_cache, settings_of
 
 
 @dataclass(frozen=True)
 class PreparedData:
     tokens: TokenCache
-    fingerprint: str
+    fingerprint: str  # sha256 over the documents' names and texts
     num_documents: int
 
 
 def prepare_data(cfg) -> PreparedData:
-    """Read the corpus, fingerprint it, and open (building once) its token cache.
+    """Open the corpus's token cache, building it first (streaming) when this listing has none.
 
     Args:
         cfg: the `data` config group.
     """
-    docs = load_documents(cfg)
-    if not docs or not any(d.text for d in docs):
-        raise DataError(f"data={cfg.name}: the corpus is empty")
-    fp = fingerprint(docs)
-    key = cache_key(fingerprint=fp, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction)
-    train_docs, val_docs = split(docs, cfg.val_fraction)
-    cache = load_or_build(directory=Path(cfg.cache_dir).expanduser() / key, train_docs=train_docs, val_docs=val_docs,
-                          tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction)
-    return PreparedData(tokens=cache, fingerprint=fp, num_documents=len(docs))
+    corpus = build_corpus(cfg)
+    root = Path(cfg.cache_dir).expanduser()
+    settings = settings_of(cfg)
+    index = root / "listings" / (hashlib.sha256(json.dumps([corpus.listing(), settings], sort_keys=True).encode())
+                                 .hexdigest()[:20] + ".json")
+    cache = open_cache(root / json.loads(index.read_text())["cache"]) if index.exists() else None
+    if cache is None:
+        cache = open_cache(build_cache(root, corpus, cfg, settings))
+        _atomic_write(index, json.dumps({"cache": cache.directory.name, "fingerprint": cache.meta["fingerprint"]}))
+    return PreparedData(tokens=cache, fingerprint=cache.meta["fingerprint"], num_documents=cache.meta["documents"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

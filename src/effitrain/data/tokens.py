@@ -1,7 +1,9 @@
-"""Tokenizer (BPE trained on the corpus, or a given tokenizer.json) and the memory-mapped token cache.
+"""Tokenizer (BPE trained on a bounded sample of the corpus, or a given tokenizer.json) and the token cache.
 
-The cache lives under data.cache_dir in a directory keyed by the corpus fingerprint and tokenizer
-settings; files are written to a temporary name and renamed, so a crash never leaves half a cache.
+Building streams: a reader thread reads documents chunk by chunk while the tokenizer encodes the previous chunk
+on every core, and the ids are appended to the train/val files as they come, so memory holds a few chunks,
+never the corpus. It is built in a temporary directory renamed into place when complete, so a crash or a bad
+line never leaves half a cache; the directory's name is keyed by the content fingerprint and the settings.
 """
 
 from __future__ import annotations
@@ -9,16 +11,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from effitrain.data.corpus import DataError, Document
+from effitrain.data.clean import Cleaner
+from effitrain.data.corpus import Corpus, DataError, Document, in_tokenizer_sample, is_validation
+from effitrain.data.progress import Progress
 
 EOS = "<|endoftext|>"
-_CACHE_VERSION = 1  # bump when the tokenization or file layout changes
-_ENCODE_CHUNK = 256  # documents per encode_batch call (progress granularity)
+_CACHE_VERSION = 2  # bump when the tokenization or file layout changes
+_CHUNK_BYTES = 1 << 20  # text per encode_batch call: dozens of documents for both cores; its encodings: ~50x this
+_CHUNKS_AHEAD = 3  # chunks the reader may hold ready
 
 
 @dataclass(frozen=True)
@@ -27,24 +37,60 @@ class TokenCache:
     train: np.ndarray  # memory-mapped token ids
     val: np.ndarray
     vocab_size: int
+    meta: dict
 
 
-def cache_key(*, fingerprint: str, tokenizer: str | None, vocab_size: int, val_fraction: float) -> str:
-    tok = _file_sha(Path(tokenizer).expanduser()) if tokenizer else f"bpe{vocab_size}"
-    raw = json.dumps([_CACHE_VERSION, fingerprint, tok, val_fraction])
+def settings_of(cfg) -> dict:
+    """What the tokens depend on besides the corpus (the cache key's other half)."""
+    tok = _file_sha(Path(cfg.tokenizer).expanduser()) if cfg.tokenizer else f"bpe{cfg.vocab_size}"
+    clean = {key: cfg.clean[key] for key in ("exact_duplicates", "min_chars", "max_non_text", "max_line_chars",
+                                             "max_repeated_lines")}
+    return {"version": _CACHE_VERSION, "tokenizer": tok, "val_fraction": cfg.val_fraction,
+            "tokenizer_sample_mb": cfg.tokenizer_sample_mb if not cfg.tokenizer else None,
+            "clean": clean if cfg.clean.enabled else None}
+
+
+def cache_key(*, fingerprint: str, settings: dict) -> str:
+    raw = json.dumps([fingerprint, settings], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
-def load_or_build(*, directory: Path, train_docs: list[Document], val_docs: list[Document],
-                  tokenizer: str | None, vocab_size: int, val_fraction: float) -> TokenCache:
-    """Open the token cache in `directory`, building it first if it is not complete."""
+def open_cache(directory: Path) -> TokenCache | None:
+    """The complete token cache in `directory`, memory-mapped; None when there is none."""
     if not (directory / "meta.json").exists():
-        _build(directory, train_docs, val_docs, tokenizer, vocab_size, val_fraction)
+        return None
     meta = json.loads((directory / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
-    return TokenCache(directory=directory, vocab_size=meta["vocab_size"],
+    return TokenCache(directory=directory, vocab_size=meta["vocab_size"], meta=meta,
                       train=np.memmap(directory / "train.bin", dtype=dtype, mode="r"),
                       val=np.memmap(directory / "val.bin", dtype=dtype, mode="r"))
+
+
+def build_cache(root: Path, corpus: Corpus, cfg, settings: dict) -> Path:
+    """Tokenize `corpus` into a new cache under `root`; returns its directory (`root/<key>`), complete."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".build.{os.getpid()}.{threading.get_ident()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        started = time.perf_counter()
+        tok, sample_bytes = (_load_given(cfg.tokenizer), 0) if cfg.tokenizer else _train_bpe(corpus, cfg)
+        cleaner = Cleaner(cfg.clean) if cfg.clean.enabled else None
+        meta = _encode_corpus(tmp, tok, corpus, cfg.val_fraction, cleaner)
+        report = cleaner.report() if cleaner else {"enabled": False, "documents": meta["documents"]}
+        (tmp / "data_report.json").write_text(json.dumps(report, indent=2))
+        meta |= {"tokenizer_sample_bytes": sample_bytes, "build_s": round(time.perf_counter() - started, 2)}
+        (tmp / "tokenizer.json").write_text(tok.to_str())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completion
+        final = root / cache_key(fingerprint=meta["fingerprint"], settings=settings)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # built meanwhile by another process (or an identical corpus under other mtimes): keep it
+            if open_cache(final) is None:
+                raise
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(directory: Path):
@@ -53,36 +99,57 @@ def load_tokenizer(directory: Path):
     return Tokenizer.from_file(str(directory / "tokenizer.json"))
 
 
-def _build(directory: Path, train_docs, val_docs, tokenizer, vocab_size, val_fraction) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tok = _load_given(tokenizer) if tokenizer else _train_bpe(train_docs or val_docs, vocab_size)
-    eos = tok.token_to_id(EOS)
-    train = _encode(tok, train_docs, eos, "train")
-    val = _encode(tok, val_docs, eos, "validation")
-    if len(train) == 0 or len(val) == 0:  # too few documents to split by name: hold out the stream's tail
-        stream = np.concatenate([train, val])
-        cut = int(len(stream) * (1 - val_fraction))
-        train, val = stream[:cut], stream[cut:]
-    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
-    _atomic_write(directory / "tokenizer.json", tok.to_str().encode())
-    _atomic_write(directory / "train.bin", train.astype(dtype).tobytes())
-    _atomic_write(directory / "val.bin", val.astype(dtype).tobytes())
-    meta = {"vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name, "eos_id": eos,
-            "train_tokens": int(len(train)), "val_tokens": int(len(val))}
-    _atomic_write(directory / "meta.json", json.dumps(meta, indent=2).encode())  # written last: marks completion
-
-
-def _train_bpe(docs: list[Document], vocab_size: int):
+def _train_bpe(corpus: Corpus, cfg):
+    """A byte-level BPE trained on a deterministic sample of about data.tokenizer_sample_mb of training text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    with _progress(f"training BPE tokenizer (vocab {vocab_size})", total=None):
-        tok.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
-    return tok
+    budget = int(cfg.tokenizer_sample_mb * 1e6)
+    sample = _Sample(corpus, budget=budget, val_fraction=cfg.val_fraction,
+                     cleaner=Cleaner(cfg.clean) if cfg.clean.enabled else None)
+    with Progress("tokenizer sample", total_bytes=min(budget, sample.total)) as progress:
+        tok.train_from_iterator(sample.texts(progress), trainer=trainer)
+    if sample.taken == 0:
+        raise DataError(f"data={cfg.name}: the corpus is empty{' after data.clean' if cfg.clean.enabled else ''}")
+    return tok, sample.taken
+
+
+class _Sample:
+    """Training documents whose name hashes below budget/corpus size, up to the budget; the first documents
+    instead when that leaves none (a corpus of a few documents)."""
+
+    def __init__(self, corpus: Corpus, *, budget: int, val_fraction: float, cleaner: Cleaner | None):
+        self.corpus, self.budget, self.val_fraction, self.cleaner = corpus, budget, val_fraction, cleaner
+        self.total = corpus.total_bytes()
+        self.fraction = min(1.0, budget / max(self.total, 1))
+        self.taken = 0
+
+    def texts(self, progress) -> Iterator[str]:
+        yield from self._take(self._candidates(), progress)
+        if self.taken == 0:
+            yield from self._take(self.corpus.documents(), progress)
+
+    def _candidates(self) -> Iterator[Document]:
+        def keep(d) -> bool:
+            return not is_validation(d, self.val_fraction) and in_tokenizer_sample(d, self.fraction)
+
+        if self.corpus.file_per_document:  # choose files by name before reading them
+            return self.corpus.documents(f for f in self.corpus.files if keep(f))
+        return (d for d in self.corpus.documents() if keep(d))
+
+    def _take(self, docs: Iterator[Document], progress) -> Iterator[str]:
+        for doc in docs:
+            if self.taken >= self.budget:
+                return
+            if doc.text and not (self.cleaner and self.cleaner.reason(doc)):
+                size = len(doc.text.encode("utf-8", errors="replace"))
+                self.taken += size
+                progress.advance(documents=1, nbytes=size)
+                yield doc.text
 
 
 def _load_given(path: str):
@@ -94,38 +161,112 @@ def _load_given(path: str):
     return tok
 
 
-def _encode(tok, docs: list[Document], eos: int, label: str) -> np.ndarray:
-    pieces: list[np.ndarray] = []
-    with _progress(f"tokenizing {label} ({len(docs)} documents)", total=len(docs)) as advance:
-        for start in range(0, len(docs), _ENCODE_CHUNK):
-            chunk = docs[start:start + _ENCODE_CHUNK]
-            for enc in tok.encode_batch([d.text for d in chunk]):
-                pieces.append(np.asarray(enc.ids + [eos], dtype=np.int64))
-            advance(len(chunk))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+def _encode_corpus(directory: Path, tok, corpus: Corpus, val_fraction: float, cleaner: Cleaner | None) -> dict:
+    """Stream every document through the tokenizer into train.bin/val.bin (each document followed by EOS), hashing
+    names and texts on the way; the cache's meta."""
+    eos = tok.token_to_id(EOS)
+    dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
+    chunks: queue.Queue = queue.Queue(maxsize=_CHUNKS_AHEAD)
+    reader = _Reader(corpus, chunks, val_fraction, cleaner)
+    counts = {"train": [0, 0], "val": [0, 0]}  # tokens, bytes
+    with (directory / "train.bin").open("wb") as out_train, (directory / "val.bin").open("wb") as out_val, \
+            Progress("tokenizing", total_bytes=corpus.total_bytes()) as progress:
+        reader.start()
+        try:
+            while (chunk := chunks.get()) is not None:
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                encodings = tok.encode_batch_fast([item.text for item in chunk])
+                for part, out in (("train", out_train), ("val", out_val)):
+                    ids: list[int] = []
+                    for item, enc in zip(chunk, encodings, strict=True):
+                        if item.val == (part == "val"):
+                            ids += enc.ids
+                            ids.append(eos)
+                            counts[part][1] += item.nbytes
+                    np.asarray(ids, dtype=dtype).tofile(out)
+                    counts[part][0] += len(ids)
+                progress.advance(documents=len(chunk), nbytes=sum(item.nbytes for item in chunk),
+                                 tokens=sum(len(e.ids) + 1 for e in encodings))
+        finally:
+            reader.stop()
+    if reader.kept == 0 or counts["train"][0] + counts["val"][0] == reader.kept:
+        removed = f" after data.clean removed {cleaner.removed}" if cleaner and cleaner.removed else ""
+        raise DataError(f"the corpus is empty{removed}")
+    train_tokens, val_tokens = counts["train"][0], counts["val"][0]
+    if train_tokens == 0 or val_tokens == 0:  # too few documents to split by name: hold out the stream's tail
+        train_tokens, val_tokens = _hold_out_tail(directory, dtype, val_fraction)
+    return {"vocab_size": tok.get_vocab_size(), "dtype": dtype.name, "eos_id": eos,
+            "fingerprint": reader.sha.hexdigest(), "documents": reader.documents,
+            "train_tokens": train_tokens, "val_tokens": val_tokens,
+            "train_bytes": counts["train"][1], "val_bytes": counts["val"][1]}
 
 
-class _progress:
-    """A rich progress bar on the console (a spinner when the total is unknown)."""
-
-    def __init__(self, description: str, total: int | None):
-        from rich.progress import Progress
-
-        self._bar = Progress(transient=True)
-        self._task = self._bar.add_task(description, total=total)
-
-    def __enter__(self):
-        self._bar.start()
-        return lambda n: self._bar.advance(self._task, n)
-
-    def __exit__(self, *exc):
-        self._bar.stop()
+@dataclass(frozen=True)
+class _Item:
+    text: str
+    nbytes: int  # UTF-8 size
+    val: bool  # in the validation split
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+class _Reader(threading.Thread):
+    """Reads documents into chunks of about _CHUNK_BYTES on a thread (file reads overlap encoding), hashing them in
+    order and deciding their split; hands a DataError to the consumer, then None at the end."""
+
+    def __init__(self, corpus: Corpus, chunks: queue.Queue, val_fraction: float, cleaner: Cleaner | None):
+        super().__init__(daemon=True)
+        self.corpus, self.chunks, self.val_fraction, self.cleaner = corpus, chunks, val_fraction, cleaner
+        self.sha, self.documents, self.kept = hashlib.sha256(), 0, 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            chunk, size = [], 0
+            for doc in self.corpus.documents():
+                raw = doc.text.encode("utf-8", errors="replace")
+                for piece in (doc.name.encode(), b"\0", raw, b"\0"):  # as corpus.fingerprint hashes
+                    self.sha.update(piece)
+                self.documents += 1
+                if self.cleaner is not None and self.cleaner.reason(doc):  # still in the fingerprint: the raw corpus
+                    continue
+                self.kept += 1
+                chunk.append(_Item(doc.text, len(raw), is_validation(doc, self.val_fraction)))
+                size += len(raw)
+                if size >= _CHUNK_BYTES:
+                    self._put(chunk)
+                    chunk, size = [], 0
+            if chunk:
+                self._put(chunk)
+            self._put(None)
+        except BaseException as e:  # hand the error to the consumer rather than dying silently
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._halt.is_set():
+            try:
+                self.chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def _hold_out_tail(directory: Path, dtype: np.dtype, val_fraction: float) -> tuple[int, int]:
+    """Re-split one file's stream: the first 1 - val_fraction of it to train.bin, the rest to val.bin."""
+    train, val = directory / "train.bin", directory / "val.bin"
+    whole = train if train.stat().st_size else val
+    os.replace(whole, directory / "stream.bin")
+    stream = np.memmap(directory / "stream.bin", dtype=dtype, mode="r")
+    cut = int(len(stream) * (1 - val_fraction))
+    stream[:cut].tofile(train)
+    stream[cut:].tofile(val)
+    n = len(stream)
+    del stream
+    (directory / "stream.bin").unlink()
+    return cut, n - cut
 
 
 def _file_sha(path: Path) -> str:

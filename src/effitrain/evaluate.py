@@ -1,0 +1,112 @@
+"""`effitrain eval HF_DIR|RUN_DIR [overrides]`: validation loss, perplexity and bits per byte on any data option,
+and the accuracy of each task in eval.tasks, for a Hugging Face model directory (config.json, weights,
+tokenizer.json) -- or a run directory once the checkpoint export exists.
+
+The data is tokenized with the model's own tokenizer (data.tokenizer is set to it), so the validation windows are
+the ones a run on that data with that tokenizer would evaluate; bits per byte divides the summed loss by the UTF-8
+bytes those windows' target tokens stand for, so it compares models across tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from effitrain.errors import UsageError
+
+
+def eval_command(args: list[str]) -> int:
+    if not args or args[0].startswith("-") or "=" in args[0]:
+        raise UsageError("eval needs a model: effitrain eval HF_DIR|RUN_DIR [overrides...]")
+    model_dir = _model_dir(Path(args[0]).expanduser())
+    from effitrain.checks import check_all
+    from effitrain.compose import compose_one, normalize
+
+    overrides = normalize(args[1:])
+    if any(o.split("=", 1)[0].lstrip("+") in ("data.tokenizer", "model.pretrained") for o in overrides):
+        raise UsageError("eval sets data.tokenizer and model.pretrained to the model's own; do not override them")
+    cfg = compose_one([*overrides, f"data.tokenizer={model_dir / 'tokenizer.json'}", f"model.pretrained={model_dir}"])
+    check_all(cfg)
+    result = evaluate_model(cfg)
+    print(format_table(model_dir, cfg, result))
+    print(json.dumps(result))
+    return 0
+
+
+def _model_dir(path: Path) -> Path:
+    """The HF directory to load: `path` itself, or a run directory's latest checkpoint exported (once, into
+    RUN_DIR/export/step-N, where `effitrain export` puts it too)."""
+    if (path / "config.json").is_file():
+        if not (path / "tokenizer.json").is_file():
+            raise UsageError(f"{path}: no tokenizer.json beside config.json (eval tokenizes with the model's own)")
+        return path
+    if (path / ".hydra" / "config.yaml").is_file():
+        from effitrain.export import _run_parts, export_run
+
+        _, checkpoint, _ = _run_parts(path, step=None)
+        out = path / "export" / checkpoint.name
+        return out if (out / "config.json").is_file() else export_run(path, out=out)
+    raise UsageError(f"{path}: neither an HF model directory (config.json + tokenizer.json) nor a run directory")
+
+
+def evaluate_model(cfg) -> dict:
+    """{'val_loss', 'val_ppl', 'val_bpb', 'task/<name>'...} of cfg.model.pretrained on cfg.data's validation split."""
+    from effitrain.data.loader import Shard, validation_batches
+    from effitrain.data.prepare import prepare_data
+    from effitrain.data.tokens import load_tokenizer
+    from effitrain.distributed import pick_device
+    from effitrain.loop import evaluate
+    from effitrain.models.build import build_model
+    from effitrain.precision.build import build_precision
+    from effitrain.tasks import load_task, task_accuracy
+
+    device = pick_device(cfg.device, 0)
+    data = prepare_data(cfg.data)
+    tokenizer = load_tokenizer(data.tokens.directory)
+    model = build_model(cfg.model, vocab_size=data.tokens.vocab_size, max_seq_len=cfg.data.seq_len).to(device)
+    precision = build_precision(cfg.precision, device=device)
+    batches = validation_batches(data.tokens.val, seq_len=cfg.data.seq_len, batch_size=cfg.batch_size,
+                                 num_batches=cfg.eval_batches, shard=Shard())
+    val_loss, val_ppl = evaluate(model, batches, precision=precision, device=device)
+    result = {"val_loss": val_loss, "val_ppl": val_ppl, "val_bpb": bits_per_byte(val_loss, batches, tokenizer),
+              "val_tokens": sum(b[:, 1:].numel() for b in batches)}
+    for spec in cfg.eval.tasks:
+        task = load_task(spec, max_items=cfg.eval.task_items)
+        result[f"task/{task.name}"] = task_accuracy(model, tokenizer, task, max_len=cfg.data.seq_len,
+                                                    precision=precision, device=device)
+    return result
+
+
+def bits_per_byte(mean_loss: float, batches, tokenizer) -> float | None:
+    """Summed loss in bits over the UTF-8 bytes of the target tokens; None when they stand for no bytes."""
+    table = token_bytes(tokenizer)
+    nbytes = sum(int(table[b[:, 1:]].sum()) for b in batches)
+    ntokens = sum(b[:, 1:].numel() for b in batches)
+    return mean_loss * ntokens / math.log(2) / nbytes if nbytes else None
+
+
+def token_bytes(tokenizer):
+    """UTF-8 bytes each token id stands for (special tokens: none): for a byte-level BPE each character of a token
+    is one byte; otherwise the length of its decoded text."""
+    import torch
+    from tokenizers import decoders
+
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    sizes = []
+    for i in range(tokenizer.get_vocab_size()):
+        token = tokenizer.id_to_token(i)
+        if token is None or token in special:
+            sizes.append(0)
+        else:
+            sizes.append(len(token) if byte_level else len(tokenizer.decode([i]).encode()))
+    return torch.tensor(sizes, dtype=torch.long)
+
+
+def format_table(model_dir: Path, cfg, result: dict) -> str:
+    lines = [f"eval {model_dir} on data={cfg.data.name} ({result['val_tokens']:,} validation tokens)"]
+    for key, value in result.items():
+        if key != "val_tokens":
+            lines.append(f"  {key:<24} {'undefined' if value is None else f'{value:.4f}'}")
+    return "\n".join(lines)

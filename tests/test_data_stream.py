@@ -1,0 +1,163 @@
+"""Streaming preparation: bounded memory, the cached run reads no document, the bounded tokenizer sample, the
+incremental cache matching the in-memory tokenization, and bad data (one line naming file and line, exit 2,
+nothing cached half-way)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import compose, run_cli
+from effitrain.data import DataError
+from effitrain.data.corpus import fingerprint, load_documents, split
+from effitrain.data.prepare import prepare_data
+from effitrain.data.tokens import EOS, load_tokenizer
+
+
+def _cfg(paths, cache, *extra):
+    return compose(["data=text", f"data.paths=[{','.join(map(str, paths))}]", f"data.cache_dir={cache}",
+                    "data.vocab_size=300", *extra]).data
+
+
+def test_streamed_cache_equals_tokenizing_each_document(corpus, tmp_path):
+    data = prepare_data(_cfg([corpus], tmp_path))
+    docs = load_documents(_cfg([corpus], tmp_path))
+    tok = load_tokenizer(data.tokens.directory)
+    eos = tok.token_to_id(EOS)
+    train, val = split(docs, 0.05)
+    expect = [i for d in train for i in [*tok.encode(d.text).ids, eos]]
+    assert np.array_equal(np.asarray(data.tokens.train), np.asarray(expect, dtype=np.uint16))
+    assert len(data.tokens.val) == sum(len(tok.encode(d.text).ids) + 1 for d in val)
+    assert data.fingerprint == fingerprint(docs) and data.num_documents == len(docs)
+    assert data.tokens.meta["train_bytes"] == sum(len(d.text.encode()) for d in train)
+
+
+def test_cached_run_reads_no_document_and_a_touched_file_keeps_its_cache(corpus, tmp_path, monkeypatch):
+    import shutil
+
+    from effitrain.data import corpus as corpus_module
+
+    work = shutil.copytree(corpus, tmp_path / "corpus")
+    first = prepare_data(_cfg([work], tmp_path / "cache"))
+
+    def no_reading(file):
+        raise AssertionError(f"the cached run read {file.path}")
+
+    monkeypatch.setattr(corpus_module, "_read_text", no_reading)
+    assert prepare_data(_cfg([work], tmp_path / "cache")).tokens.directory == first.tokens.directory
+    monkeypatch.undo()
+    one = sorted(work.iterdir())[0]
+    os.utime(one, ns=(one.stat().st_atime_ns, one.stat().st_mtime_ns + 10**9))  # same content, new mtime
+    assert prepare_data(_cfg([work], tmp_path / "cache")).tokens.directory == first.tokens.directory
+    one.write_text(one.read_text() + "\n# changed\n")
+    changed = prepare_data(_cfg([work], tmp_path / "cache"))
+    assert changed.tokens.directory != first.tokens.directory and changed.fingerprint != first.fingerprint
+
+
+def test_tokenizer_trains_on_a_bounded_sample(corpus, tmp_path):
+    whole = prepare_data(_cfg([corpus], tmp_path)).tokens.meta
+    sampled = prepare_data(_cfg([corpus], tmp_path, "data.tokenizer_sample_mb=0.05")).tokens.meta
+    biggest = max(f.stat().st_size for f in corpus.iterdir())
+    assert 0 < sampled["tokenizer_sample_bytes"] <= 50_000 + biggest
+    assert whole["tokenizer_sample_bytes"] == whole["train_bytes"]  # a budget above the corpus: all training text
+    assert sampled["fingerprint"] == whole["fingerprint"]
+
+
+_PEAK = r"""
+import resource, sys
+import effitrain.data.tokens as tokens
+tokens._CHUNK_BYTES = 1 << 18
+from conftest import compose
+from effitrain.data.prepare import prepare_data
+cfg = compose(["data=text", f"data.paths=[{sys.argv[1]}]", f"data.cache_dir={sys.argv[2]}", "data.vocab_size=300",
+               "data.tokenizer_sample_mb=0.5"]).data
+data = prepare_data(cfg)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, len(data.tokens.train))
+"""
+
+
+def _generated(root, megabytes: int):
+    words = [f"w{i:x}" for i in range(4000)]
+    rng = np.random.default_rng(0)
+    for k in range(megabytes * 4):  # 256 KB files of Zipf-distributed words
+        idx = np.minimum(rng.zipf(1.3, size=50_000), len(words)) - 1
+        (root / f"f{k:04d}.txt").write_text(" ".join(words[i] for i in idx)[:262_144])
+    return root
+
+
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    """Peak RSS of preparing 3 MB and 15 MB: five times the text, about the same memory (256 KB chunks). Holding the
+    corpus in memory (its text and its ids as int64, as the pipeline did before streaming) would add over 60 MB."""
+    from conftest import REPO
+
+    peaks = {}
+    for mb in (3, 15):
+        (tmp_path / f"c{mb}").mkdir()
+        root = _generated(tmp_path / f"c{mb}", mb)
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(root), str(tmp_path / f"cache{mb}")], check=True,
+                             capture_output=True, text=True, cwd=REPO / "tests",
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])))
+        rss, tokens = map(int, out.stdout.split())
+        peaks[mb] = rss
+        assert tokens > mb * 100_000
+    assert peaks[15] - peaks[3] < 20, peaks
+
+
+def _jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"text": "fine", ', r"bad\.jsonl:3: not valid JSON"),
+    ('{"body": "no text key"}', r"bad\.jsonl:3: no key 'text'"),
+])
+def test_a_bad_jsonl_line_mid_file_names_file_and_line_and_caches_nothing(tmp_path, bad, message):
+    path = _jsonl(tmp_path / "bad.jsonl", [json.dumps({"text": "good " * 50})] * 2 + [bad] +
+                  [json.dumps({"text": "later " * 50})] * 2)
+    cache = tmp_path / "cache"
+    cfg = compose(["data=jsonl", f"data.paths=[{path}]", f"data.cache_dir={cache}", "data.vocab_size=300",
+                   "data.tokenizer_sample_mb=0.0001"]).data  # the sample stops before the bad line: the encode finds it
+    with pytest.raises(DataError, match=message):
+        prepare_data(cfg)
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+def test_invalid_utf8_in_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(json.dumps({"text": "ok " * 30}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    cfg = compose(["data=jsonl", f"data.paths=[{path}]", f"data.cache_dir={tmp_path / 'c'}", "data.vocab_size=300"])
+    with pytest.raises(DataError, match=r"latin\.jsonl:2: not UTF-8"):
+        prepare_data(cfg.data)
+
+
+def test_an_unreadable_file_is_one_line_naming_it(corpus, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    victim = sorted(corpus.iterdir())[5]
+    read_text = Path.read_text
+
+    def failing(self, *a, **k):
+        if self == victim:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", failing)
+    with pytest.raises(DataError, match=rf"{victim.name}: cannot read \(Permission denied\)"):
+        prepare_data(_cfg([corpus], tmp_path / "cache"))
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_bad_data_from_the_command_line_is_one_line_and_exit_2(tmp_path):
+    path = _jsonl(tmp_path / "mid.jsonl", [json.dumps({"text": "x " * 40})] * 3 + ["not json"])
+    cache = tmp_path / "cache"
+    proc = run_cli("train", "data=jsonl", f"data.paths=[{path}]", f"data.cache_dir={cache}", "data.vocab_size=300",
+                   "max_steps=1", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"effitrain: error: {path}:4: not valid JSON (Expecting value)"]
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
