@@ -3,12 +3,15 @@ precision's), in the group's fixed order (compression.ORDER), whatever the order
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 # importing the method modules registers their builders
 from effitrain.compression import GROUP, ORDER, distill, grad, lora, prune, qat, share  # noqa: F401
 from effitrain.converters import ModelConverter
+
+log = logging.getLogger("effitrain")
 
 
 @dataclass
@@ -43,10 +46,9 @@ def build_compression(cfg, *, context: Context) -> list[ModelConverter]:
         cfg: the `compression` config group (one sub-node per chosen method, keyed by its kind).
         context: the run's shape.
     """
-    converters = []
-    for kind in sorted(cfg, key=ORDER.index):
-        converters += GROUP.builder_of(kind)(cfg[kind], context=context)
-    return converters
+    nodes = sorted(cfg.values(), key=lambda node: ORDER.index(node.kind))
+    log.info(f"compression: {', '.join(node.name for node in nodes)}")
+    return [c for node in nodes for c in GROUP.builder_of(node.kind)(node, context=context)]
 
 
 @GROUP.builder("none")
