@@ -180,3 +180,21 @@ def test_distill_refuses_a_teacher_with_another_tokenizer(tmp_path, tiny, hf_dir
     (other / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(UsageError, match="teacher and student must share a tokenizer"):
         trained(compose(tiny("compression=[distill]", f"compression.distill.teacher={other}")), tmp_path / "run")
+
+
+def test_qat_model_exports_to_a_quantized_hf_dir_plain_transformers_loads(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM
+
+    from effitrain.compression.qat import write_quantized
+
+    t = trained(compose(tiny("compression=[qat-int8]", "compression.qat_int8.weight_dtype=int4", "max_steps=2")),
+                tmp_path / "run")
+    qat = t.state.converters.converters[-1]
+    batch = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        fake = t.state.model(input_ids=batch).logits
+    write_quantized(t.state.model, tmp_path / "hf", qat.base)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert "Intx" in type(loaded.model.layers[0].mlp.up_proj.weight).__name__
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch).logits, fake, rtol=0.05, atol=0.05)

@@ -65,3 +65,24 @@ def qat_int8(cfg, *, context) -> list[ModelConverter]:
 @GROUP.builder("qat_int4")
 def qat_int4(cfg, *, context) -> list[ModelConverter]:
     return [QAT(base_config("int4", group_size=cfg.group_size))]
+
+
+def write_quantized(model: nn.Module, out, base) -> None:
+    """`model` as a Hugging Face directory whose block Linears are quantized with `base` (QAT's export, or PTQ of a
+    plain model), loadable by plain transformers + torchao (`AutoModelForCausalLM.from_pretrained(out)`).
+
+    A model holding torchao tensors cannot go through save_pretrained by itself (transformers 5.24: "invalid python
+    storage"); transformers writes them when it quantized the model itself through a TorchAoConfig. So the float
+    weights (QAT-trained: the fake-quantized Linears keep their names) are written first, then loaded back with the
+    same quantization and written again. The tokenizer is the caller's to copy.
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        quant = TorchAoConfig(quant_type=base, modules_to_not_convert=["lm_head"])
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, quantization_config=quant,
+                                                         dtype=torch.float32)
+    quantized.save_pretrained(out)
