@@ -24,8 +24,8 @@ class CommHook(ModelConverter):
         payload: `(state, bucket, call) -> bytes`: runs the hook (`call()`) and returns the bytes it all-reduced.
     """
 
-    def __init__(self, hook, state, payload):
-        self.hook, self.state, self.payload = hook, state, payload
+    def __init__(self, hook, state, payload, *, serial_on_gloo: bool = False):
+        self.hook, self.state, self.payload, self.serial_on_gloo = hook, state, payload, serial_on_gloo
         self.bytes = 0
 
     def comm_hook(self, model: nn.Module) -> None:
@@ -33,6 +33,14 @@ class CommHook(ModelConverter):
 
         if not isinstance(model, DistributedDataParallel):  # checks.py refuses other layouts before start
             raise UsageError("gradient compression hooks need parallel=ddp")
+
+        import torch.distributed as dist
+
+        # PowerSGD's callbacks wait inline on the next all-reduce (pytorch/pytorch#48478). On gloo they run on the
+        # process group's few worker threads, so with several buckets in flight every worker can block and the
+        # step hangs (seen here: ddp(2), 4 buckets, at the first compressed step). Finishing each bucket before
+        # the next one starts keeps at most one callback waiting; it costs gloo runs the comm/compute overlap.
+        serial = self.serial_on_gloo and dist.get_backend() == "gloo"
 
         def counted(state, bucket):
             future = None
@@ -42,6 +50,8 @@ class CommHook(ModelConverter):
                 future = self.hook(state, bucket)
 
             self.bytes += self.payload(state, bucket, call)
+            if serial:
+                future.wait()
             return future
 
         model.register_comm_hook(self.state, counted)
@@ -86,4 +96,4 @@ def grad_powersgd(cfg, *, context) -> list[ModelConverter]:
                                    start_powerSGD_iter=cfg.start_iter, min_compression_rate=cfg.min_compression_rate,
                                    use_error_feedback=cfg.error_feedback, warm_start=cfg.warm_start,
                                    random_seed=context.seed)
-    return [CommHook(powersgd.powerSGD_hook, state, _powersgd_payload)]
+    return [CommHook(powersgd.powerSGD_hook, state, _powersgd_payload, serial_on_gloo=True)]
