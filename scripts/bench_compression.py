@@ -12,7 +12,7 @@ hands to all-reduce per step (dense DDP: every fp32 gradient byte). Baselines:
   - distill: the teacher is the dense model trained 3x as many steps, the student the same model as dense;
   - lora: the dense run exported as a pretrained model, fine-tuned on a new corpus (torch's _dynamo/variables
     sources, the dense run's tokenizer): its validation loss there before and after.
-Prints a table and writes JSON.
+Prints a table and writes JSON (and `<json>.partial` after each row).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main() -> None:
 
     steps = args.steps
     base = [*MODEL, f"max_steps={steps}", f"eval_every={steps}", *args.overrides]
-    rows = []
+    rows = Rows(Path(args.json))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dense = train(base, tmp / "dense")
@@ -176,6 +176,18 @@ def main() -> None:
     print_table(rows, steps=steps, overrides=args.overrides)
     Path(args.json).write_text(json.dumps({"machine": machine(), "steps": steps, "overrides": args.overrides,
                                            "rows": rows}, indent=1))
+
+
+class Rows(list):
+    """The table so far, rewritten to `<json>.partial` after every row: a run that fails or hangs keeps the rest."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.partial = path.with_suffix(path.suffix + ".partial")
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.partial.write_text(json.dumps(list(self), indent=1))
 
 
 def val_loss_of(summary: dict) -> float:
