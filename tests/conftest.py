@@ -110,3 +110,20 @@ def train_ok(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     result = run_cli("train", *args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
     return result
+
+
+def make_hf_model_dir(overrides: list[str], out: Path, *, seed: int = 7) -> Path:
+    """A local Hugging Face model directory (config, weights, the run's tokenizer.json) of the model `overrides`
+    describe, freshly initialised: a stand-in for a pretrained model or a distillation teacher."""
+    import shutil
+
+    from effitrain.data.prepare import prepare_data
+    from effitrain.models.build import build_model, init_weights
+
+    cfg = compose(overrides)
+    data = prepare_data(cfg.data)
+    model = build_model(cfg.model, vocab_size=data.tokens.vocab_size, max_seq_len=cfg.data.seq_len)
+    init_weights(model, cfg=cfg.model, seed=seed)
+    model.save_pretrained(out)
+    shutil.copy(data.tokens.directory / "tokenizer.json", out / "tokenizer.json")
+    return out

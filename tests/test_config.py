@@ -18,17 +18,23 @@ COMPANIONS = {
     ("parallel", "single"): [],
     ("precision", "fp8"): ["device=cuda"],  # on the CPU fp8 is refused before start (tested in test_precision)
     ("launcher", "multinode"): ["launcher.rdzv_endpoint=head-node:29500", "parallel=fsdp"],
+    ("compression", "grad-fp16"): ["parallel=ddp", *MULTI_RANK],
+    ("compression", "grad-powersgd"): ["parallel=ddp", *MULTI_RANK],
+    ("compression", "prune-magnitude"): ["max_steps=90"],
+    ("compression", "lora"): ["model.pretrained={hf}"],  # a directory with a config.json (not loaded here)
+    ("compression", "distill"): ["compression.distill.teacher={hf}"],
 }
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_checks(group, option, corpus, jsonl_corpus, cache_dir):
+def test_every_option_composes_and_checks(group, option, corpus, jsonl_corpus, cache_dir, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     overrides = tiny_overrides(corpus, cache_dir)
     if group in ("data", "model"):  # keep the option's own values, not the tiny run's
         overrides = [o for o in overrides if not o.startswith(f"{group}.") and not o.startswith(f"{group}=")]
         if group == "data" and option != "stdlib":
             overrides.append(f"data.paths=[{jsonl_corpus if option == 'jsonl' else corpus}]")
-    companions = COMPANIONS.get((group, option), COMPANIONS.get(group, []))
+    companions = [c.format(hf=tmp_path) for c in COMPANIONS.get((group, option), COMPANIONS.get(group, []))]
     cfg = compose([*overrides, f"{group}={option}", *companions])
     if group in cfg and "name" in cfg[group]:
         assert cfg[group].name == option

@@ -53,25 +53,32 @@ RUNS = [
     ["parallel=hsdp", "parallel.dp_replicate=1", "schedule=wsd"],
     ["parallel=tp", "schedule=inverse-sqrt", "checkpoint=async"],
     ["parallel=fsdp-tp", "parallel.tp=1"],
-    ["optimizer=muon", "checkpoint=off"],
-    ["optimizer=zero1", "parallel=ddp"],
+    ["optimizer=muon", "checkpoint=off", "compression=[prune-2of4,share-layers]"],
+    ["optimizer=zero1", "parallel=ddp", "compression=[grad-fp16,qat-int8]"],
     ["precision=bf16-pure", "optimizer=adamw-8bit"],
+    ["compression=[lora,grad-powersgd]", "model.pretrained={hf}", "parallel=ddp"],
+    ["compression=[distill,qat-int4]", "compression.distill.teacher={hf}"],
+    ["compression=[prune-magnitude,freeze]", "compression.prune_magnitude.end_step=2"],
     ["precision=fp8", "device=cpu"],  # refused on the CPU: its keys are read before the device check
 ]
 
 
 def _kind_key(group, cfg) -> str:
-    return f"{group.name}:{group.kind_of(cfg[group.name])}"
+    return group.name if group.multi else f"{group.name}:{group.kind_of(cfg[group.name])}"
 
 
 def test_every_schema_key_is_read(reads, corpus, jsonl_corpus, cache_dir, tmp_path):
     pytest.importorskip("torchao")
+    from conftest import make_hf_model_dir
     from effitrain.errors import UsageError
     from effitrain.launch import launch_config
     from effitrain.train import run
 
+    hf = make_hf_model_dir(tiny_overrides(corpus, cache_dir), tmp_path / "hf")  # a pretrained model, a teacher
+    multi = {g.name for g in GROUPS if g.multi}
     read_by_kind: dict[str, set[str]] = {}
     for i, extra in enumerate(RUNS):
+        extra = [e.format(hf=hf) for e in extra]
         base = tiny_overrides(corpus, cache_dir, "max_steps=2", "eval_every=2")
         if "data=stdlib" in extra:  # the embedded corpus has no paths
             base = [o for o in base if not o.startswith("data.paths")]
@@ -85,6 +92,10 @@ def test_every_schema_key_is_read(reads, corpus, jsonl_corpus, cache_dir, tmp_pa
             assert "precision=fp8" in extra
         for key in reads:
             group, _, field = key.partition(".")
+            if group in multi:  # compression.<kind>.<field>: one label per chosen option
+                kind, _, field = field.partition(".")
+                read_by_kind.setdefault(f"{group}:{kind}", set()).add(field)
+                continue
             read_by_kind.setdefault(kinds.get(group, "top"), set()).add(field if group in kinds else key)
     for launcher in ([], ["launcher=multinode", "launcher.rdzv_endpoint=head:29500"]):
         reads.clear()

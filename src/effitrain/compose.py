@@ -155,11 +155,13 @@ def check_schema(cfg) -> None:
 
     typed(OmegaConf.to_container(cfg))
     for group in GROUPS:
-        node = cfg[group.name]
-        if group.key is not None and OmegaConf.get_type(node) is not group.schema_of(node):
-            raise UsageError(f"{group.name}.{group.key}={group.kind_of(node)} would run the {group.name} option "
-                             f"{node.name!r} with another kind's builder; choose the option instead "
-                             f"({group.name}=<option>, effitrain --help lists them)")
+        for path, node in group.nodes(cfg[group.name]).items():
+            where = ".".join(filter(None, (group.name, path)))
+            if group.key is not None and (OmegaConf.get_type(node) is not group.schema_of(node)
+                                          or group.multi and path != group.kind_of(node)):
+                raise UsageError(f"{where}.{group.key}={group.kind_of(node)} would run the {group.name} option "
+                                 f"{node.name!r} with another kind's builder; choose the option instead "
+                                 f"({group.name}=<option>, effitrain --help lists them)")
 
 
 def typed(container: dict):
@@ -170,9 +172,19 @@ def typed(container: dict):
     plain = {k: v for k, v in container.items() if k != "hydra"}
     cfg = _merged(TrainConfig, {k: v for k, v in plain.items() if k not in GROUP_NAMES}, prefix="")
     for group in GROUPS:
-        if not isinstance(plain.get(group.name), dict):
+        values = plain.get(group.name)
+        if not isinstance(values, dict):
             raise UsageError(f"the config has no {group.name} group (effitrain train --cfg job lists them)")
-        cfg[group.name] = _merged(group.schema_of(plain[group.name]), plain[group.name], prefix=f"{group.name}.")
+        if group.multi:
+            node = OmegaConf.create({})
+            for kind, sub in values.items():
+                if not isinstance(sub, dict) or sub.get(group.key) != kind:
+                    raise UsageError(f"{group.name}.{kind} is not the node of a chosen {kind} option: choose options "
+                                     f"with {group.name}=[option,...] (effitrain --help lists them)")
+                node[kind] = _merged(group.schema_of(sub), sub, prefix=f"{group.name}.{kind}.")
+            cfg[group.name] = node
+        else:
+            cfg[group.name] = _merged(group.schema_of(values), values, prefix=f"{group.name}.")
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -263,7 +275,19 @@ def _check_options(parsed) -> None:
     """Options chosen for the groups (and presets) exist: a clearer line than Hydra's missing-config error."""
     for o in parsed:
         if (o.key_or_group in GROUP_NAMES and o.is_add() is False or o.key_or_group == PRESETS) and not o.is_delete():
-            _check_option(o.key_or_group, o.get_value_element_as_str())
+            for option in _selected(o.key_or_group, o.get_value_element_as_str()):
+                _check_option(o.key_or_group, option)
+
+
+def _selected(group: str, value: str) -> list[str]:
+    """The options one override value selects: one, or a list (`[lora,grad-powersgd]`) for a multi group."""
+    multi = next((g.multi for g in GROUPS if g.name == group), False)
+    if multi and value.startswith("[") and value.endswith("]"):
+        options = [v.strip() for v in value[1:-1].split(",") if v.strip()]
+        if not options:
+            raise UsageError(f"{group}=[] selects nothing: use {group}=none")
+        return options
+    return [value]
 
 
 def _check_option(group: str, option: str) -> None:

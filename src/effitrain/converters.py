@@ -10,6 +10,8 @@ calls the chain at fixed points and never learns their names:
     state_dict_transform(sd)    on the model state dict before save/export (drop or rename what the transform added)
     export(model)               on the unwrapped, fully loaded model before it is written as a Hugging Face model
                                 (merge adapters, turn fake-quantized layers into quantized ones, undo fp8 linears)
+    metrics()                   host values for this step's metrics record (bytes communicated, sparsity), read
+                                after the step; never a device tensor (a read-back would sync every step)
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class ModelConverter:
 
     def export(self, model: nn.Module) -> nn.Module:
         return model
+
+    def metrics(self) -> dict:
+        return {}
 
 
 class ConverterChain(ModelConverter):
@@ -72,6 +77,9 @@ class ConverterChain(ModelConverter):
         for c in reversed(self.converters):  # undone in the reverse order of convert
             model = c.export(model)
         return model
+
+    def metrics(self) -> dict:
+        return {k: v for c in self.converters for k, v in c.metrics().items()}
 
     def __repr__(self) -> str:
         return f"ConverterChain({', '.join(type(c).__name__ for c in self.converters) or 'empty'})"

@@ -6,6 +6,10 @@ CLI composes and checks in a fraction of a second); a builders module registers 
 options of the group name their kind's schema in their defaults list (`- /schemas/optimizer/adamw@_here_`), so an
 option's keys are exactly what its schema declares: a key another kind owns is an unknown key at composition.
 
+A group whose options combine (`multi`, e.g. `compression=[lora,grad-powersgd]`, Hydra's list selection) holds
+one sub-node per chosen option under the option's kind (each YAML's `# @package compression.<kind>` header), so
+the chosen methods never overwrite each other's keys; each sub-node is typed by its kind's schema.
+
 Adding an option = one YAML under configs/<group>/ + one schema (`@GROUP.option(kind)`) + one builder
 (`@GROUP.builder(kind)`), all in the group's package; tests/test_schema.py checks the three agree.
 """
@@ -26,11 +30,13 @@ class Group:
         key: the field that names an option's kind (`kind`, `strategy`, `family`, ...); None for a group whose
             options all share one schema (then registered as kind `name`).
         builders: the module whose import registers the builders (imported on the first `builder_of`).
+        multi: options combine: the group's node maps each chosen option's kind to that option's node.
     """
 
     name: str
     key: str | None
     builders: str
+    multi: bool = False
     schemas: dict[str, type] = field(default_factory=dict)
     _builders: dict[str, Callable] = field(default_factory=dict)
     _check: Callable | None = None
@@ -75,6 +81,11 @@ class Group:
         if kind not in self.schemas:
             raise UsageError(f"{self.name}.{self.key}={kind!r} is not one of: {', '.join(self.schemas)}")
         return self.schemas[kind]
+
+    def nodes(self, node) -> dict:
+        """The option nodes of a group's node, keyed by their path under the group: {"": node} for a one-option
+        group, {kind: sub-node, ...} for a multi group (in the order the run lists them)."""
+        return dict(node.items()) if self.multi else {"": node}
 
     def builder_of(self, kind: str) -> Callable:
         importlib.import_module(self.builders)

@@ -31,7 +31,7 @@ from effitrain import runs
 from effitrain.checkpoint import GROUP as CHECKPOINT
 from effitrain.checkpoint.layout import default_root, latest, resolve
 from effitrain.compose import GROUP_NAMES
-from effitrain.compression.build import build_compression
+from effitrain.compression.build import Context, build_compression
 from effitrain.converters import ConverterChain
 from effitrain.data.loader import Prefetcher, TrainBatches, WindowSampler, validation_batches
 from effitrain.data.prepare import prepare_data
@@ -66,7 +66,7 @@ class Parts:
     flops_per_token: float
 
 
-def build_parts(cfg, *, world, vocab_size: int) -> Parts:
+def build_parts(cfg, *, world, vocab_size: int, tokenizer: Path | None = None) -> Parts:
     """Model (on the meta device, then only this rank's shards materialised), converters, parallel layout,
     communication hooks, optimizer and schedule, from the sub-configs of `cfg`.
 
@@ -74,14 +74,20 @@ def build_parts(cfg, *, world, vocab_size: int) -> Parts:
         cfg: the composed config.
         world: the process's World (rank, size, device).
         vocab_size: the tokenizer's vocabulary size.
+        tokenizer: the run's tokenizer.json (a distillation teacher must share it).
     """
     model = build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, meta=True)
     num_params, flops = count_params(model), model_flops_per_token(model, seq_len=cfg.data.seq_len)
     precision = build_precision(cfg.precision, device=world.device)
-    converters = ConverterChain([*precision.converters, *build_compression(cfg.compression)])
+    context = Context(seed=cfg.seed, world=world, parallel=cfg.parallel, precision=precision, vocab_size=vocab_size,
+                      tokenizer=tokenizer, seq_len=cfg.data.seq_len,
+                      tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.data.seq_len)
+    converters = ConverterChain([*precision.converters, *build_compression(cfg.compression, context=context)])
     model = apply_parallel(converters.convert(model), cfg=cfg.parallel, world=world, precision=precision,
                            init=partial(init_weights, cfg=cfg.model, seed=cfg.seed))
     converters.comm_hook(model)
+    total, trainable = count_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     # offloaded FSDP steps the optimizer on the host copies of the shards
     optimizer = build_optimizer(model, cfg=cfg.optimizer,
                                 device=torch.device("cpu") if offloads(cfg.parallel) else world.device)
@@ -106,7 +112,8 @@ class Trainer:
         self.world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
         setup_logging(run_dir, rank=self.world.rank)
         self._build_data()
-        self.parts = build_parts(cfg, world=self.world, vocab_size=self.data.tokens.vocab_size)
+        self.parts = build_parts(cfg, world=self.world, vocab_size=self.data.tokens.vocab_size,
+                                 tokenizer=self.data.tokens.directory / "tokenizer.json")
         self.state, self.precision = self.parts.state, self.parts.precision
         self.checkpoint_root = default_root(run_dir, getattr(cfg.checkpoint, "dir", None))
         self.checkpointer = CHECKPOINT.builder_of(cfg.checkpoint.kind)(
@@ -259,7 +266,7 @@ class Trainer:
                    else None if result.finite else torch.ones((), device=world.device))
         self.buffer.add(PendingStep(step=step, loss=result.loss, grad_norm=result.grad_norm, loss_scale=scale,
                                     skipped=skipped, lr=lr, data_time_s=data_time, mem_active_gib=active,
-                                    mem_reserved_gib=reserved, extra=extra))
+                                    mem_reserved_gib=reserved, extra=extra | state.converters.metrics()))
         if step % cfg.logging.every == 0 or step == cfg.max_steps or extra:
             self._flush()
         for hook in self.on_eval if extra else ():  # after the flush: a hook that stops the run keeps this step

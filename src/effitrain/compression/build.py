@@ -1,20 +1,56 @@
-"""Builders of the `compression` group: each kind's ModelConverters (applied by the trainer with precision's)."""
+"""Builders of the `compression` group: each chosen method's ModelConverters (applied by the trainer after
+precision's), in the group's fixed order (compression.ORDER), whatever the order the run lists them in."""
 
 from __future__ import annotations
 
-from effitrain.compression import GROUP
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+# importing the method modules registers their builders
+from effitrain.compression import GROUP, ORDER, distill, grad, lora, prune, qat, share  # noqa: F401
 from effitrain.converters import ModelConverter
 
+log = logging.getLogger("effitrain")
 
-def build_compression(cfg) -> list[ModelConverter]:
-    """The converters of the `compression` group's kind, in the order they apply.
+
+@dataclass
+class Context:
+    """What some methods need beyond their own sub-config (the run's shape, not its whole config).
 
     Args:
-        cfg: the `compression` config group.
+        seed: the run's seed (PowerSGD's random projections).
+        world: the process's World (distill: the teacher's device and mesh).
+        parallel: the `parallel` config group (distill: shard the teacher like the student).
+        precision: the run's Precision (distill: the teacher's dtype).
+        vocab_size: the tokenizer's vocabulary size.
+        tokenizer: the run's tokenizer.json (distill checks the teacher's against it), or None where unknown.
+        seq_len: tokens per sequence.
+        tokens_per_step: tokens one rank processes per optimizer step.
     """
-    return GROUP.builder_of(cfg.kind)(cfg)
+
+    seed: int
+    world: object = None
+    parallel: object = None
+    precision: object = None
+    vocab_size: int = 0
+    tokenizer: Path | None = None
+    seq_len: int = 0
+    tokens_per_step: int = 0
+
+
+def build_compression(cfg, *, context: Context) -> list[ModelConverter]:
+    """The converters of every chosen method of the `compression` group, in the order they apply.
+
+    Args:
+        cfg: the `compression` config group (one sub-node per chosen method, keyed by its kind).
+        context: the run's shape.
+    """
+    nodes = sorted(cfg.values(), key=lambda node: ORDER.index(node.kind))
+    log.info(f"compression: {', '.join(node.name for node in nodes)}")
+    return [c for node in nodes for c in GROUP.builder_of(node.kind)(node, context=context)]
 
 
 @GROUP.builder("none")
-def none(cfg) -> list[ModelConverter]:
+def none(cfg, *, context) -> list[ModelConverter]:
     return []

@@ -1,0 +1,84 @@
+"""Knowledge distillation: a frozen teacher's softened distribution as a second target.
+
+loss = (1 - alpha) CE(student) + alpha T^2 KL(softmax(teacher / T) || softmax(student / T)). The LM loss already
+holds CE, so the term added here is alpha (T^2 KL - CE). The teacher is a local Hugging Face model directory that
+holds the run's tokenizer (checked); it runs in eval mode under no_grad, inside the step's autocast, in the run's
+parameter dtype, and under FSDP sharded like the student. Its forward FLOPs are reported apart
+(`teacher_flops_per_step`, per device): the student's MFU stays the student's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effitrain.compression import GROUP
+from effitrain.converters import ModelConverter
+from effitrain.errors import UsageError
+
+
+def check_tokenizer(teacher_dir: Path, run_tokenizer: Path | None) -> None:
+    """The teacher must have been trained on the run's token ids: same vocabulary, same merges."""
+    theirs = teacher_dir / "tokenizer.json"
+    if not theirs.is_file():
+        raise UsageError(f"compression.distill.teacher={teacher_dir} has no tokenizer.json: its tokens cannot be "
+                         "checked against the run's (copy the tokenizer it was trained with there)")
+    if run_tokenizer is None:
+        return
+    a, b = (json.loads(p.read_text())["model"] for p in (theirs, run_tokenizer))
+    if a.get("vocab") != b.get("vocab") or a.get("merges") != b.get("merges"):
+        raise UsageError(f"compression.distill.teacher={teacher_dir}: its tokenizer.json differs from the run's "
+                         f"({run_tokenizer}); teacher and student must share a tokenizer (set data.tokenizer to "
+                         "the teacher's tokenizer.json)")
+
+
+class Distill(ModelConverter):
+    def __init__(self, *, teacher: str, alpha: float, temperature: float, context):
+        self.path, self.alpha, self.t, self.context = Path(teacher).expanduser(), alpha, temperature, context
+        check_tokenizer(self.path, context.tokenizer)
+        self.teacher: nn.Module | None = None
+        self.flops_per_step = 0.0
+
+    def _load(self) -> nn.Module:
+        """Built at the first step, not at convert(): an export rebuilds the converters and needs no teacher."""
+        from transformers import AutoModelForCausalLM
+
+        from effitrain.flops import model_flops_per_token
+        from effitrain.parallel import FSDP_STRATEGIES
+        from effitrain.parallel.build import apply_parallel
+
+        ctx = self.context
+        teacher = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, attn_implementation="sdpa",
+                                                       dtype=ctx.precision.param_dtype)
+        if teacher.get_input_embeddings().num_embeddings < ctx.vocab_size:
+            raise UsageError(f"compression.distill.teacher has {teacher.get_input_embeddings().num_embeddings} "
+                             f"embeddings; the run's tokenizer has {ctx.vocab_size} tokens")
+        teacher.requires_grad_(False).eval()
+        # forward only: a third of the 6N (+ attention) training FLOPs per token
+        self.flops_per_step = model_flops_per_token(teacher, seq_len=ctx.seq_len) / 3 * ctx.tokens_per_step
+        if ctx.parallel.strategy in FSDP_STRATEGIES:
+            return apply_parallel(teacher, cfg=ctx.parallel, world=ctx.world, precision=ctx.precision)
+        return teacher.to(ctx.world.device)
+
+    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor | None:
+        if self.teacher is None:
+            self.teacher = self._load()
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch[:, :-1]).logits[..., :logits.shape[-1]]
+        s = F.log_softmax(logits.float() / self.t, dim=-1).flatten(0, 1)
+        t = F.log_softmax(teacher_logits.float() / self.t, dim=-1).flatten(0, 1)
+        kl = F.kl_div(s, t, log_target=True, reduction="batchmean")
+        ce = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        return self.alpha * (self.t ** 2 * kl - ce)
+
+    def metrics(self) -> dict:
+        return {"teacher_flops_per_step": self.flops_per_step}
+
+
+@GROUP.builder("distill")
+def distill(cfg, *, context) -> list[ModelConverter]:
+    return [Distill(teacher=cfg.teacher, alpha=cfg.alpha, temperature=cfg.temperature, context=context)]

@@ -1,0 +1,88 @@
+"""Quantization-aware training with torchao: Linears fake-quantize their weights (and for int8, activations) in
+training, so the weights learn to survive rounding; export converts them into real quantized tensors.
+
+torchao 0.18: `quantize_(model, QATConfig(base, step="prepare"))` swaps each nn.Linear for a FakeQuantizedLinear
+(parameter names unchanged; it works on the meta device, so the seeded init and FSDP see the same weights) and
+`step="convert"` turns them into `base`'s quantized layout. Both bases used here prepare, train, convert and run on
+the CPU; Int4WeightOnlyConfig's convert is not used since it needs a CUDA-only kernel package. The LM head (tied to
+the embedding by default) and the embeddings stay in full precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from effitrain.compression import GROUP
+from effitrain.converters import ModelConverter
+
+
+def base_config(kind: str, *, weight_dtype: str = "int4", group_size: int = 32):
+    """The torchao post-training config a QAT option (or `export --quantize`) targets."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if kind == "int8":  # int8 dynamic activations, int8 per-channel or int4 per-group weights
+        granularity = PerAxis(0) if weight_dtype == "int8" else PerGroup(group_size)
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, weight_dtype),
+                                                     weight_granularity=granularity)
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+
+
+def in_blocks(module: nn.Module, fqn: str) -> bool:
+    """torchao's filter: the Linears of the transformer blocks (not the LM head)."""
+    return isinstance(module, nn.Linear) and fqn != "lm_head" and not fqn.endswith(".lm_head")
+
+
+def quantize(model: nn.Module, config) -> nn.Module:
+    """Post-training quantization of the block Linears (the PTQ baseline, and QAT's convert)."""
+    from torchao.quantization import quantize_
+
+    quantize_(model, config, filter_fn=in_blocks)
+    return model
+
+
+class QAT(ModelConverter):
+    def __init__(self, base):
+        self.base = base
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        from torchao.quantization.qat import QATConfig
+
+        return quantize(model, QATConfig(self.base, step="prepare"))
+
+    def export(self, model: nn.Module) -> nn.Module:
+        from torchao.quantization.qat import QATConfig
+
+        return quantize(model, QATConfig(self.base, step="convert"))
+
+
+@GROUP.builder("qat_int8")
+def qat_int8(cfg, *, context) -> list[ModelConverter]:
+    return [QAT(base_config("int8", weight_dtype=cfg.weight_dtype, group_size=cfg.group_size))]
+
+
+@GROUP.builder("qat_int4")
+def qat_int4(cfg, *, context) -> list[ModelConverter]:
+    return [QAT(base_config("int4", group_size=cfg.group_size))]
+
+
+def write_quantized(model: nn.Module, out, base) -> None:
+    """`model` as a Hugging Face directory whose block Linears are quantized with `base` (QAT's export, or PTQ of a
+    plain model), loadable by plain transformers + torchao (`AutoModelForCausalLM.from_pretrained(out)`).
+
+    A model holding torchao tensors cannot go through save_pretrained by itself (transformers 5.24: "invalid python
+    storage"); transformers writes them when it quantized the model itself through a TorchAoConfig. So the float
+    weights (QAT-trained: the fake-quantized Linears keep their names) are written first, then loaded back with the
+    same quantization and written again. The tokenizer is the caller's to copy.
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        quant = TorchAoConfig(quant_type=base, modules_to_not_convert=["lm_head"])
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, quantization_config=quant,
+                                                         dtype=torch.float32)
+    quantized.save_pretrained(out)
