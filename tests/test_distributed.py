@@ -115,7 +115,7 @@ def test_reproduce_relaunches_the_same_world(runs, tmp_path):
     """reproduce of a 2-rank fsdp sweep job: same launch shape, fp32 on CPU, so bit-for-bit."""
     result = run_cli("reproduce", str(runs["fsdp"]), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "identical: all 10 step losses match bit-for-bit" in result.stdout
+    assert "identical: 10 steps, loss, grad_norm, lr and val_loss bit-for-bit" in result.stdout
     [new_dir] = list((tmp_path / "outputs").glob("*/*_reproduce-*"))
     assert (new_dir / "rank_1.log").exists()  # it ran on two ranks again
 

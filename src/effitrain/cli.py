@@ -29,7 +29,8 @@ _VERBS = {"train": "compose the config groups, launch the workers, train, write 
                       "[--json] [--max-batch GIB]",
           "plan": "compute-optimal size and tokens for --flops C or --gpus N --gpu NAME --hours H (Chinchilla)",
           "scaling-fit": "fit L(N) = E + A/N^alpha to a sweep over model sizes, predict the next, plot it",
-          "eval": "validation loss, perplexity, bits per byte and eval.tasks accuracy of HF_DIR on a data option"}
+          "eval": "validation loss, perplexity, bits per byte and eval.tasks accuracy of HF_DIR or RUN_DIR on a data "
+                  "option"}
 
 
 def main(argv: list[str] | None = None) -> int:

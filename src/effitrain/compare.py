@@ -51,7 +51,7 @@ class Run:
 def load_run(run_dir: Path) -> Run:
     from omegaconf import OmegaConf
 
-    from effitrain.sweep import job_outcome
+    from effitrain.runs import job_outcome
 
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
@@ -75,7 +75,7 @@ def _flatten(node, prefix: str = "") -> dict:
 
 def expand(paths: list[Path]) -> list[Path]:
     """Run directories from the arguments: a sweep directory stands for its jobs."""
-    from effitrain.sweep import job_dirs
+    from effitrain.runs import job_dirs
 
     if not paths:
         raise UsageError("compare needs run directories or a sweep directory: effitrain compare RUN_DIR... | SWEEP_DIR")
@@ -97,7 +97,7 @@ def labels(runs: list[Run]) -> list[str]:
     """What tells each run apart: its overrides that not every run shares (as typed), else the config keys that
     differ (a group whose option differs shown as group=option), else its directory's name."""
     from effitrain.compose import GROUP_NAMES
-    from effitrain.sweep import job_overrides
+    from effitrain.runs import job_overrides
 
     overrides = [job_overrides(r.run_dir) for r in runs]
     shared = set.intersection(*map(set, overrides)) if overrides else set()

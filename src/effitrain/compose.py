@@ -13,6 +13,8 @@ from typing import Any, List
 
 from effitrain import checkpoint, compression, data, launcher, logs, models, optim, parallel, precision, schedule
 from effitrain.errors import UsageError
+from effitrain.errors import explain as _explain
+from effitrain.errors import first_line as _first_line
 from effitrain.registry import Group
 
 # the defaults list of configs/train.yaml, in its order
@@ -294,21 +296,3 @@ def _check_option(group: str, option: str) -> None:
     options = group_options(group)
     if option not in options:
         raise UsageError(f"unknown {group} option {option!r}; choose one of: {', '.join(options)}")
-
-
-def _first_line(e: Exception) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-
-
-def _explain(e: Exception) -> str:
-    """Hydra/OmegaConf errors span lines; keep what is wrong and add what would be right."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
-    key = getattr(cause, "full_key", None)
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
-        return f"unknown key {key!r} (effitrain train --cfg job lists every key)"
-    if key:
-        return f"{key}: {_first_line(Exception(getattr(cause, 'msg', None) or cause))}"
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return " ".join(line for line in lines[:2] if not line.startswith(("Set the environment", "See https")))

@@ -37,3 +37,21 @@ def raise_reported(result) -> None:
     """Re-raise a worker's stop_report, if `result` is one."""
     if isinstance(result, dict) and "effitrain_stop" in result:
         raise STOPS[result["effitrain_stop"]](result["message"])
+
+
+def first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def explain(e: Exception) -> str:
+    """Hydra/OmegaConf errors span lines; keep what is wrong and add what would be right."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        return f"unknown key {key!r} (effitrain train --cfg job lists every key)"
+    if key:
+        return f"{key}: {first_line(Exception(getattr(cause, 'msg', None) or cause))}"
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return " ".join(line for line in lines[:2] if not line.startswith(("Set the environment", "See https")))

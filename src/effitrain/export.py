@@ -56,12 +56,14 @@ def load_trained_model(cfg, checkpoint: Path, *, vocab_size: int):
     import torch
 
     from effitrain.checkpoint.store import load_model_weights
-    from effitrain.compression.build import build_compression
+    from effitrain.compression.build import Context, build_compression
     from effitrain.converters import ConverterChain
     from effitrain.models.build import build_model
 
     model = build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len)
-    converters = ConverterChain(build_compression(cfg.compression))  # precision's change no parameter names
+    context = Context(seed=cfg.seed, vocab_size=vocab_size, seq_len=cfg.data.seq_len)
+    # the compression methods' modules carry the checkpoint's parameter names; precision's change none
+    converters = ConverterChain(build_compression(cfg.compression, context=context))
     model = converters.convert(model)
     load_model_weights(model, checkpoint)
     model = converters.export(model)

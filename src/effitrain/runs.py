@@ -63,7 +63,8 @@ def config_hash(cfg) -> str:
 
     from omegaconf import OmegaConf
 
-    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's node resolves only inside Hydra
+    plain = OmegaConf.to_container(job, resolve=True)
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -187,3 +188,30 @@ def truncate_metrics(run_dir: Path, *, step: int) -> list[dict]:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)
     return kept
+
+
+STATUS_FILE = "status.json"  # a sweep job that did not finish: its status and one-line reason
+
+
+def job_outcome(job_dir: Path) -> tuple[str, str | None]:
+    """(status, reason): ok (summary.json written), failed or pruned (status.json), or failed without a word (the
+    process died, or was killed, before it could say)."""
+    if (job_dir / "summary.json").exists():
+        return "ok", None
+    if (job_dir / STATUS_FILE).exists():
+        outcome = json.loads((job_dir / STATUS_FILE).read_text())
+        return outcome["status"], outcome["reason"]
+    return "failed", "no summary.json: the job stopped before it finished"
+
+
+def job_overrides(job_dir: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(path)) if path.exists() else []
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job directories of a sweep (those Hydra saved a config in), in job order."""
+    found = [d for d in sweep_dir.iterdir() if (d / ".hydra" / "config.yaml").exists()] if sweep_dir.is_dir() else []
+    return sorted(found, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from effitrain.runs import STATUS_FILE, job_dirs, job_outcome, job_overrides
+
 COLUMNS = ("job", "overrides", "status", "final_val_loss", "median_tokens_per_s", "mem_reserved_peak_gib", "reason",
            "run_dir")
-STATUS_FILE = "status.json"
 # the last sweep this process ran: the CLI's exit code is its number of failed jobs
 last_sweep: dict = {}
 # set while a resumed sweep runs (an environment variable: jobs a parallel or SLURM launcher starts inherit it)
@@ -91,30 +92,6 @@ def resume_arguments(args: list[str]) -> list[str]:
                          "(give the same overrides, or none)")
     os.environ[RESUME_ENV] = str(sweep_dir)
     return command
-
-
-def job_outcome(job_dir: Path) -> tuple[str, str | None]:
-    """(status, reason): ok (summary.json written), failed or pruned (status.json), or failed without a word (the
-    process died, or was killed, before it could say)."""
-    if (job_dir / "summary.json").exists():
-        return "ok", None
-    if (job_dir / STATUS_FILE).exists():
-        outcome = json.loads((job_dir / STATUS_FILE).read_text())
-        return outcome["status"], outcome["reason"]
-    return "failed", "no summary.json: the job stopped before it finished"
-
-
-def job_overrides(job_dir: Path) -> list[str]:
-    from omegaconf import OmegaConf
-
-    path = job_dir / ".hydra" / "overrides.yaml"
-    return list(OmegaConf.load(path)) if path.exists() else []
-
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """The job directories of a sweep (those Hydra saved a config in), in job order."""
-    found = [d for d in sweep_dir.iterdir() if (d / ".hydra" / "config.yaml").exists()] if sweep_dir.is_dir() else []
-    return sorted(found, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
 
 
 def job_row(job_dir: Path, *, shared: set[str]) -> dict:

@@ -30,7 +30,7 @@ def planned_jobs(loader, overrides: list[str]) -> list[list[str]]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from effitrain.compose import _explain
+    from effitrain.errors import explain as _explain
 
     try:
         base = loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)

@@ -259,7 +259,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn} is not plain data: {e}") from None
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            why = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "refused")
+            why = why.split(" Please use")[0].removeprefix("WeightsUnpickler error: ")
+            raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn} is not plain data ({why})") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
