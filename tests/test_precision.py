@@ -147,7 +147,7 @@ def test_impossible_settings_are_one_line_errors(bad, message, tiny):
         check_all(compose(tiny(*bad)))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 @needs_torchao
 def test_cpu_precisions_train_under_ddp_and_fsdp(tiny, tmp_path):
     """bf16 and bf16-pure with 2 ranks of ddp and of fsdp, through the real launcher (fp16+fsdp: test_distributed)."""

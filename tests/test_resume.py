@@ -196,7 +196,7 @@ def _workers(root: int) -> list[int]:
 
 
 @pytest.mark.parametrize("sig,layout,extra", [(signal.SIGUSR1, "single", ["checkpoint=async"]),
-                                              (signal.SIGTERM, "ddp", [])], ids=["usr1-async", "term-ddp"])
+                                              (signal.SIGTERM, "single", [])], ids=["usr1-async", "term"])
 def test_a_preemption_signal_saves_and_exits_75(sig, layout, extra, reference, corpus, cache_dir, tmp_path):
     """SIGUSR1 or SIGTERM (SLURM's warnings) to the command: the step finishes, a checkpoint of exactly that step
     is saved, exit 75 with one line; `effitrain resume` then finishes the run bit for bit (the single-process run

@@ -74,7 +74,7 @@ def test_bad_sweep_is_one_line_exit_2_before_anything_starts(tmp_path, args, exp
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_glob_by_range_sweep_runs_each_job_and_compare_plots_them(tmp_path, tiny):
     sweep = tmp_path / "sweep"
     out = run_cli("train", "-m", "schedule=glob(c*)", "seed=range(1,3)", *tiny(*STEPS), f"hydra.sweep.dir={sweep}",
@@ -123,7 +123,7 @@ def test_pareto_front_keeps_runs_no_other_beats():
     assert pareto_front(points) == [1, 2]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_failed_jobs_are_results_and_the_sweep_goes_on(tmp_path, tiny):
     """A corrupt checkpoint (config.json that is not JSON) passes the checks and fails when the model is built."""
     broken = tmp_path / "broken-ckpt"
@@ -152,7 +152,7 @@ def _optuna_command(tiny, sweep: Path) -> list[str]:
             "hydra.sweeper.params.precision=choice(fp32,bf16)", *tiny(*STEPS), f"hydra.sweep.dir={sweep}"]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_optuna_search_prunes_and_a_killed_study_continues(tmp_path, tiny):
     import optuna
 
@@ -188,7 +188,7 @@ def test_optuna_search_prunes_and_a_killed_study_continues(tmp_path, tiny):
     assert best[0]["final_val_loss"] == min(r["final_val_loss"] for r in rows.values() if r["status"] == "ok")
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_local_parallel_launcher_runs_jobs_concurrently(tmp_path, tiny):
     sweep = tmp_path / "sweep"
     out = run_cli("train", "-m", "hydra/launcher=local-parallel", "seed=1,2", *tiny(*STEPS),
@@ -248,7 +248,7 @@ def test_slurm_preset_writes_the_batch_script_its_keys_say(tmp_path, monkeypatch
     assert "srun --unbuffered" in script and script.rstrip().endswith("python -m submitit.core._submit X")
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_resumed_sweep_skips_finished_jobs_and_continues_unfinished_ones(tmp_path, tiny):
     import shutil
 
@@ -286,7 +286,7 @@ def test_sweep_resume_reruns_only_the_sweeps_own_command(tmp_path):
     assert out.returncode == 2 and "has no saved config" in out.stderr, out.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_multi_objective_search_prints_and_saves_its_pareto_set(tmp_path, tiny):
     sweep = tmp_path / "study"
     out = run_cli("train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler=random",
