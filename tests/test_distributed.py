@@ -151,6 +151,7 @@ def test_metrics_reduced_across_ranks(runs):
     assert single[0]["loss"] == pytest.approx(ddp[0]["loss"], rel=RTOL)
 
 
+@pytest.mark.extended
 def test_compile_matches_eager(base, runs, tmp_path):
     """Regional compile (inductor on CPU) vs eager, alone and inside activation checkpointing (the block is
     compiled within the AC wrapper); looser tolerance: fused kernels reorder float ops."""
@@ -160,6 +161,7 @@ def test_compile_matches_eager(base, runs, tmp_path):
         _assert_close(losses(runs["single"]), losses(job), rtol=1e-4, what=f"compile vs eager ({overrides})")
 
 
+@pytest.mark.extended
 def test_design_card_fp16_fsdp_command(base, tmp_path):
     """The exact command of the design card, on CPU with the tiny model."""
     result = train_ok(tmp_path, *base, "+precision=fp16", "+parallel=fsdp", "launcher.nproc_per_node=2")

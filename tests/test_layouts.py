@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from conftest import assert_losses_close, losses, only_run_dir, read_metrics, tiny_overrides, train_ok
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # the longest layout runs: out of the default run
 RTOL = 1e-5
 STEPS = 8
 D, LAYERS, HEADS, KV_HEADS = 32, 2, 4, 2  # tiny_overrides' d=32, 2 layers; 4 heads of 8 so 2 kv heads split over TP(2)
