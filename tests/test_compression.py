@@ -183,19 +183,23 @@ def test_distill_refuses_a_teacher_with_another_tokenizer(tmp_path, tiny, hf_dir
         trained(compose(tiny("compression=[distill]", f"compression.distill.teacher={other}")), tmp_path / "run")
 
 
-def test_qat_model_exports_to_a_quantized_hf_dir_plain_transformers_loads(tmp_path, tiny):
+def test_qat_run_exports_to_a_quantized_hf_dir_plain_transformers_loads(tmp_path, tiny):
+    """`effitrain export` of a QAT run writes its block Linears quantized to the bits it trained for; plain
+    transformers + torchao loads them and predicts what the fake-quantized model did."""
     from transformers import AutoModelForCausalLM
 
-    from effitrain.compression.qat import write_quantized
+    from effitrain.export import _run_parts, export_run, restore_model
 
-    t = trained(compose(tiny("compression=[qat-int8]", "compression.qat_int8.weight_dtype=int4", "max_steps=2")),
-                tmp_path / "run")
-    qat = t.state.converters.converters[-1]
+    train_ok(tmp_path, *tiny("compression=[qat-int8]", "compression.qat_int8.weight_dtype=int4", "max_steps=2"))
+    run_dir = only_run_dir(tmp_path / "outputs")
+    with pytest.raises(UsageError, match="trained with compression=qat-int8, so it exports as that"):
+        export_run(run_dir, out=tmp_path / "x", quantize="int4")
+    out = export_run(run_dir, out=tmp_path / "hf")
+    cfg, checkpoint, tokenizer = _run_parts(run_dir, step=None)
+    fake_quantized, _ = restore_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert "Intx" in type(loaded.model.layers[0].mlp.up_proj.weight).__name__
     batch = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
-        fake = t.state.model(input_ids=batch).logits
-    write_quantized(t.state.model, tmp_path / "hf", qat.base)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
-    assert "Intx" in type(loaded.model.layers[0].mlp.up_proj.weight).__name__
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=batch).logits, fake, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(loaded(input_ids=batch).logits, fake_quantized.eval()(input_ids=batch).logits,
+                                   rtol=0.05, atol=0.05)

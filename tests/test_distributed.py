@@ -4,7 +4,9 @@ Equivalence in fp32, 10 steps, same seed and same global batch; per-step loss wi
 ddp(2) = single, fsdp(2) = ddp(2), fsdp-zero2(2) = fsdp(2), hsdp(2) = fsdp(2), tp(2) = fsdp-tp(2) = single, with and
 without sequence parallel, for llama and gpt2; AC full = none, grad accumulation 2 x b = 1 x 2b, compile = eager (1e-4:
 inductor fuses and reorders float ops). Dropout is 0 (the model group's default), so runs are deterministic.
-Several layouts share one `-m` sweep: one parent process, each job launching its own workers.
+Several layouts share one `-m` sweep: one parent process, each job launching its own workers. The default run
+compares single, ddp, fsdp (AC none/full), tp+sp and ddp accumulation; `-m extended` adds gpt2, fsdp-zero2, hsdp,
+every TP plan and fsdp accumulation.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_losses_close, losses, read_metrics, run_cli, tiny_overrides, train_ok
+from conftest import assert_losses_close, losses, only_run_dir, read_metrics, run_cli, tiny_overrides, train_ok
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-5
@@ -46,25 +48,47 @@ def _sweep_jobs(tmp: Path) -> dict[str, Path]:
     return jobs
 
 
+def _single_run(tmp_path_factory, name: str, *overrides: str) -> Path:
+    cwd = tmp_path_factory.mktemp(name)
+    train_ok(cwd, *overrides)
+    return only_run_dir(cwd / "outputs")
+
+
 @pytest.fixture(scope="module")
 def runs(base, tmp_path_factory) -> dict[str, Path]:
-    """Every run the equivalence tests compare: name -> run directory."""
+    """The runs the default tests compare, name -> run directory: single, ddp(2) and fsdp(2) each with and without
+    full activation checkpointing, tp(2) with sequence parallel, ddp with gradient accumulation."""
     assert "model.dropout=" not in " ".join(base)  # 0 by default: the layouts must compute the same function
-    out = {}
-    single = tmp_path_factory.mktemp("single")  # the tiny llama and a gpt2 of the same size
-    train_ok(single, "-m", *base, "batch_size=4", "model=tiny,gpt2-124m")
-    jobs = _sweep_jobs(single)
-    out["single"], out["gpt2"] = jobs["model=tiny"], jobs["model=gpt2-124m"]
-
+    out = {"single": _single_run(tmp_path_factory, "single", *base, "batch_size=4")}
     two = tmp_path_factory.mktemp("dp")  # global batch 4 = 2 per rank x 2 ranks
-    train_ok(two, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp,fsdp-zero2,hsdp",
+    train_ok(two, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp",
              "parallel.activation_checkpointing=none,full")
     jobs = _sweep_jobs(two)
-    for layout in ("ddp", "fsdp", "fsdp-zero2", "hsdp"):
+    for layout in ("ddp", "fsdp"):
         out[layout] = jobs[f"parallel={layout} parallel.activation_checkpointing=none"]
         out[f"{layout}+ac"] = jobs[f"parallel={layout} parallel.activation_checkpointing=full"]
+    # one TP group of 2 ranks reads the whole batch of 4
+    out["tp+sp"] = _single_run(tmp_path_factory, "tp", *base, "batch_size=4", "launcher.nproc_per_node=2",
+                               "parallel=tp", "parallel.sequence_parallel=true")
+    # 2 micro-steps of 1 per rank, gradient sync skipped on the first
+    out["ddp-accum"] = _single_run(tmp_path_factory, "accum", *base, "batch_size=1", "grad_accum_steps=2",
+                                   "launcher.nproc_per_node=2", "parallel=ddp")
+    return out
 
-    tp = tmp_path_factory.mktemp("tp")  # one TP group of 2 ranks reads the whole batch of 4
+
+@pytest.fixture(scope="module")
+def more_runs(base, tmp_path_factory) -> dict[str, Path]:
+    """The extended run's layouts: gpt2, fsdp-zero2 and hsdp (with and without AC), every TP plan with and
+    without sequence parallel for llama and gpt2, fsdp with gradient accumulation."""
+    out = {"gpt2": _single_run(tmp_path_factory, "gpt2", *base, "batch_size=4", "model=gpt2-124m")}
+    two = tmp_path_factory.mktemp("more-dp")
+    train_ok(two, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=fsdp-zero2,hsdp",
+             "parallel.activation_checkpointing=none,full")
+    jobs = _sweep_jobs(two)
+    for layout in ("fsdp-zero2", "hsdp"):
+        out[layout] = jobs[f"parallel={layout} parallel.activation_checkpointing=none"]
+        out[f"{layout}+ac"] = jobs[f"parallel={layout} parallel.activation_checkpointing=full"]
+    tp = tmp_path_factory.mktemp("more-tp")
     train_ok(tp, "-m", *base, "batch_size=4", "launcher.nproc_per_node=2", "model=tiny,gpt2-124m",
              "parallel=tp,fsdp-tp", "parallel.sequence_parallel=false,true")
     jobs = _sweep_jobs(tp)
@@ -72,11 +96,8 @@ def runs(base, tmp_path_factory) -> dict[str, Path]:
         for layout in ("tp", "fsdp-tp"):
             out[f"{name}{layout}"] = jobs[f"model={model} parallel={layout} parallel.sequence_parallel=False"]
             out[f"{name}{layout}+sp"] = jobs[f"model={model} parallel={layout} parallel.sequence_parallel=True"]
-
-    accum = tmp_path_factory.mktemp("accum")  # 2 micro-steps of 1 per rank, gradient sync skipped on the first
-    train_ok(accum, "-m", *base, "batch_size=1", "grad_accum_steps=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp")
-    jobs = _sweep_jobs(accum)
-    out["ddp-accum"], out["fsdp-accum"] = jobs["parallel=ddp"], jobs["parallel=fsdp"]
+    out["fsdp-accum"] = _single_run(tmp_path_factory, "more-accum", *base, "batch_size=1", "grad_accum_steps=2",
+                                    "launcher.nproc_per_node=2", "parallel=fsdp")
     return out
 
 
@@ -88,27 +109,39 @@ def test_fsdp_matches_ddp(runs):
     _assert_close(losses(runs["ddp"]), losses(runs["fsdp"]), what="fsdp(2) vs ddp(2)")
 
 
-def test_fsdp_zero2_and_hsdp_match_fsdp(runs):
-    _assert_close(losses(runs["fsdp"]), losses(runs["fsdp-zero2"]), what="fsdp-zero2(2) vs fsdp(2)")
-    _assert_close(losses(runs["fsdp"]), losses(runs["hsdp"]), what="hsdp(2x1) vs fsdp(2)")
-
-
-@pytest.mark.parametrize("family, single", [("", "single"), ("gpt2 ", "gpt2")], ids=["llama", "gpt2"])
-def test_tensor_parallel_matches_single(runs, family, single):
-    """TP plans: llama (q/k/v, gate/up column-wise) and gpt2 (Linear form: q/k/v, c_fc column-wise), each with and
-    without sequence parallel (norms and residual stream on sequence shards)."""
-    for layout in ("tp", "fsdp-tp", "tp+sp", "fsdp-tp+sp"):
-        _assert_close(losses(runs[single]), losses(runs[family + layout]), what=f"{family}{layout}(2) vs single")
+def test_tensor_and_sequence_parallel_match_single(runs):
+    _assert_close(losses(runs["single"]), losses(runs["tp+sp"]), what="tp(2)+sp vs single")
 
 
 def test_activation_checkpointing_matches_none(runs):
-    for layout in ("ddp", "fsdp", "fsdp-zero2", "hsdp"):
+    for layout in ("ddp", "fsdp"):
         _assert_close(losses(runs[layout]), losses(runs[f"{layout}+ac"]), what=f"{layout} AC full vs none")
 
 
 def test_grad_accumulation_matches_bigger_batch(runs):
     _assert_close(losses(runs["ddp"]), losses(runs["ddp-accum"]), what="ddp 2 x b=1 vs 1 x b=2")
-    _assert_close(losses(runs["fsdp"]), losses(runs["fsdp-accum"]), what="fsdp 2 x b=1 vs 1 x b=2")
+
+
+@pytest.mark.extended
+def test_fsdp_zero2_and_hsdp_match_fsdp_with_and_without_ac(runs, more_runs):
+    for layout in ("fsdp-zero2", "hsdp"):
+        _assert_close(losses(runs["fsdp"]), losses(more_runs[layout]), what=f"{layout}(2) vs fsdp(2)")
+        _assert_close(losses(more_runs[layout]), losses(more_runs[f"{layout}+ac"]), what=f"{layout} AC full vs none")
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("family", ["", "gpt2 "], ids=["llama", "gpt2"])
+def test_every_tensor_parallel_plan_matches_single(runs, more_runs, family):
+    """TP plans: llama (q/k/v, gate/up column-wise) and gpt2 (Linear form: q/k/v, c_fc column-wise), each with and
+    without sequence parallel (norms and residual stream on sequence shards)."""
+    single = losses(more_runs["gpt2"] if family else runs["single"])
+    for layout in ("tp", "fsdp-tp", "tp+sp", "fsdp-tp+sp"):
+        _assert_close(single, losses(more_runs[family + layout]), what=f"{family}{layout}(2) vs single")
+
+
+@pytest.mark.extended
+def test_fsdp_grad_accumulation_matches_bigger_batch(runs, more_runs):
+    _assert_close(losses(runs["fsdp"]), losses(more_runs["fsdp-accum"]), what="fsdp 2 x b=1 vs 1 x b=2")
 
 
 def test_reproduce_relaunches_the_same_world(runs, tmp_path):

@@ -94,7 +94,9 @@ def reference(tmp_path_factory, corpus, cache_dir):
     return get
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# ddp's resume is also the restarted worker group's below, so its own kill-and-resume runs in the extended set
+@pytest.mark.parametrize("layout", [pytest.param(layout, marks=[pytest.mark.extended] if layout == "ddp" else [])
+                                    for layout in LAYOUTS])
 def test_sigkill_then_resume_is_bit_identical(layout, reference, corpus, cache_dir, tmp_path):
     run_dir, logged = _killed_then_resumed(tmp_path, _overrides(corpus, cache_dir, *LAYOUTS[layout]))
     assert _compared(run_dir) == _compared(reference(layout)), f"killed after {logged} logged steps"
@@ -172,27 +174,13 @@ def test_a_restarted_worker_group_resumes_from_its_checkpoint(reference, corpus,
 
 
 def _workers(root: int) -> list[int]:
-    """The training processes under `root`: its descendants that have no children of their own and are not
+    """The training processes under `root`: its descendants with no children of their own, other than
     multiprocessing's resource tracker (the forkserver has the workers as children)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if pid not in children and b"resource_tracker" not in cmdline:
-            found.append(pid)
-    return found
+    from effitrain.launch import descendants
+
+    tree = descendants(root)
+    parents = {parent for _, parent, _ in tree}
+    return [pid for pid, _, cmdline in tree if pid not in parents and b"resource_tracker" not in cmdline]
 
 
 @pytest.mark.parametrize("sig,layout,extra", [(signal.SIGUSR1, "single", ["checkpoint=async"]),

@@ -150,6 +150,22 @@ def _train_through_disk(cfg, run_dir, *, until: int, checkpoint=None):
     return run_dir / "checkpoints" / f"step-{until}"
 
 
+def test_pruning_continues_its_schedule_and_masks_from_disk(tiny, tmp_path):
+    """Magnitude pruning updated at steps 1 and 3 only: a run saved after step 1 and resumed keeps step 2's masks
+    (read back from the loaded zeros) and updates at step 3 by the schedule -- sparsity, loss and grad norm as in
+    one go."""
+    cfg = compose(tiny("max_steps=3", "eval_every=3", "checkpoint.every=0", "compression=[prune-magnitude]",
+                       "compression.prune_magnitude.start_step=1", "compression.prune_magnitude.end_step=3",
+                       "compression.prune_magnitude.frequency=2", "compression.prune_magnitude.initial_sparsity=0.3"))
+    run(cfg, tmp_path / "whole")
+    first = _train_through_disk(cfg, tmp_path / "first", until=1)
+    _train_through_disk(cfg, tmp_path / "second", until=3, checkpoint=first)
+    keys = ("step", "loss", "grad_norm", "sparsity")
+    whole = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "whole")]
+    assert whole[0]["sparsity"] == pytest.approx(0.3, abs=0.01) and whole[2]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "second")] == whole[1:]
+
+
 @pytest.mark.parametrize("extra", [
     ["optimizer=adamw"], ["optimizer=sgd"], ["optimizer=adafactor"], ["optimizer=adamw-8bit"], ["optimizer=muon"],
     ["optimizer=zero1", "parallel=ddp"], ["precision=bf16-pure"], ["precision=bf16-pure", "optimizer=adamw-8bit"],

@@ -21,7 +21,8 @@ _VERBS = {"train": "compose the config groups, launch the workers, train, write 
           "resume": "continue RUN_DIR in place from its latest checkpoint [key=value...] (e.g. max_steps=500)",
           "reproduce": "rerun RUN_DIR from its saved config, compare every step (exit 0 identical, 3 within "
                        "tolerance, 1 diverged) [--rtol X] [--exact] [--from-step K]",
-          "export": "write a Hugging Face model directory from a checkpoint [--step N] [--out DIR] [--dtype fp32|bf16]",
+          "export": "write a Hugging Face model directory from a checkpoint [--step N] [--out DIR] [--dtype fp32|bf16] "
+                    "[--quantize int8|int4]",
           "sample": "print a continuation of PROMPT by RUN_DIR's (or an HF directory's) model [--tokens N] "
                     "[--temperature T]",
           "compare": "RUN_DIR... | SWEEP_DIR: table of what differs and the metrics, plots into compare/ [--out DIR]",
@@ -206,12 +207,13 @@ def reproduce(args: list[str]) -> int:
 def export(args: list[str]) -> int:
     from effitrain.export import export_run
 
-    usage = "effitrain export RUN_DIR [--step N] [--out DIR] [--dtype fp32|bf16]"
-    rest, opts = _parse(args, usage=usage, positional=1, flags={"step": int, "out": str, "dtype": str})
+    usage = "effitrain export RUN_DIR [--step N] [--out DIR] [--dtype fp32|bf16] [--quantize int8|int4]"
+    rest, opts = _parse(args, usage=usage, positional=1,
+                        flags={"step": int, "out": str, "dtype": str, "quantize": str})
     if len(rest) != 1:
         raise UsageError(f"usage: {usage}")
     out = export_run(Path(rest[0]), step=opts.get("step"), out=Path(opts["out"]) if "out" in opts else None,
-                     dtype=opts.get("dtype", "fp32"))
+                     dtype=opts.get("dtype", "fp32"), quantize=opts.get("quantize"))
     print(out)
     return 0
 

@@ -12,6 +12,8 @@ calls the chain at fixed points and never learns their names:
                                 (merge adapters, turn fake-quantized layers into quantized ones, undo fp8 linears)
     metrics()                   host values for this step's metrics record (bytes communicated, sparsity), read
                                 after the step; never a device tensor (a read-back would sync every step)
+    state_dict()                plain data the converter needs to continue a resumed run (pruning's step count),
+    load_state_dict(sd, model)  the same on every rank; saved with the trainer state, loaded after the model's weights
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ class ModelConverter:
 
     def metrics(self) -> dict:
         return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        pass
 
 
 class ConverterChain(ModelConverter):
@@ -80,6 +88,15 @@ class ConverterChain(ModelConverter):
 
     def metrics(self) -> dict:
         return {k: v for c in self.converters for k, v in c.metrics().items()}
+
+    def state_dict(self) -> dict:
+        """Each converter's state under its position and class (a resumed run rebuilds the same chain)."""
+        return {f"{i}:{type(c).__name__}": sd for i, c in enumerate(self.converters) if (sd := c.state_dict())}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        for i, c in enumerate(self.converters):
+            if (sd := state.get(f"{i}:{type(c).__name__}")) is not None:
+                c.load_state_dict(sd, model)
 
     def __repr__(self) -> str:
         return f"ConverterChain({', '.join(type(c).__name__ for c in self.converters) or 'empty'})"

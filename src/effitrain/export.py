@@ -6,6 +6,10 @@ run's compression converters (their parameter names are the checkpoint's), loade
 `export` (merge adapters, ...), and written in transformers' own layout: GPT-2 goes back to its fused Conv1D
 `c_attn`. The directory is written as `<out>.tmp` and renamed when complete.
 
+Quantized models: a QAT run (compression=[qat-int8|qat-int4]) is written with its block Linears quantized to the
+bits it trained for; `--quantize int8|int4` quantizes a plain run's model after training (PTQ, the baseline QAT is
+measured against) with the same torchao configs. Either loads in plain transformers + torchao.
+
     config.json  model.safetensors  generation_config.json  tokenizer.json  tokenizer_config.json
     special_tokens_map.json  effitrain.json (the run and step it came from)
 """
@@ -19,23 +23,33 @@ from pathlib import Path
 from effitrain.errors import UsageError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+QUANTIZE = ("int8", "int4")
 
 
-def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = None, dtype: str = "fp32") -> Path:
+def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = None, dtype: str = "fp32",
+               quantize: str | None = None) -> Path:
     """Write RUN_DIR's checkpoint (the latest, or `step`) as a Hugging Face model directory; its path."""
     import torch
 
     from effitrain.checkpoint.layout import read_manifest
+    from effitrain.compression.qat import write_quantized
     from effitrain.data.tokens import EOS
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise UsageError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE)}")
     cfg, checkpoint, tokenizer = _run_parts(run_dir, step=step)
     manifest = read_manifest(checkpoint)
     out = out or run_dir / "export" / checkpoint.name
     if out.exists():
         raise UsageError(f"--out {out} exists; give a new directory (nothing was written)")
-    model = load_trained_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
+    model, converters = restore_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
+    base = _quantization(cfg, converters, quantize)
+    if base is not None and dtype != "fp32":
+        raise UsageError(f"--dtype {dtype} with a quantized export: its unquantized parts stay fp32; drop --dtype")
+    # a QAT run's Linears stay float here (their QAT-trained weights); write_quantized quantizes them on the way out
+    model = _export(model, [c for c in converters.converters if base is None or not _is_qat(c)])
     hf = to_transformers(model).to(getattr(torch, DTYPES[dtype]))
     hf.config.use_cache = True  # training turns the KV cache off; generation wants it
     eos = tokenizer.token_to_id(EOS)
@@ -43,18 +57,21 @@ def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = Non
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    hf.save_pretrained(tmp, safe_serialization=True)
+    if base is None:
+        hf.save_pretrained(tmp, safe_serialization=True)
+    else:
+        write_quantized(hf, tmp, base)
     _save_tokenizer(run_dir / "tokenizer.json", tmp, max_length=cfg.data.seq_len)
     (tmp / "effitrain.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "step": manifest["step"],
-                                                    "config_hash": manifest.get("config_hash"), "dtype": dtype}))
+                                                    "config_hash": manifest.get("config_hash"), "dtype": dtype,
+                                                    "quantized": _quantized_name(cfg, quantize)}))
     tmp.rename(out)
     return out
 
 
-def load_trained_model(cfg, checkpoint: Path, *, vocab_size: int):
-    """effitrain's model of the run (CPU, fp32, unwrapped) with the checkpoint's weights, converters exported."""
-    import torch
-
+def restore_model(cfg, checkpoint: Path, *, vocab_size: int):
+    """(model, converters): effitrain's model of the run (CPU, unwrapped) converted by the run's compression methods
+    (their modules carry the checkpoint's parameter names; precision's change none), with the checkpoint's weights."""
     from effitrain.checkpoint.store import load_model_weights
     from effitrain.compression.build import Context, build_compression
     from effitrain.converters import ConverterChain
@@ -62,12 +79,52 @@ def load_trained_model(cfg, checkpoint: Path, *, vocab_size: int):
 
     model = build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len)
     context = Context(seed=cfg.seed, vocab_size=vocab_size, seq_len=cfg.data.seq_len)
-    # the compression methods' modules carry the checkpoint's parameter names; precision's change none
     converters = ConverterChain(build_compression(cfg.compression, context=context))
     model = converters.convert(model)
     load_model_weights(model, checkpoint)
-    model = converters.export(model)
-    return model.to(torch.float32).eval()
+    return model, converters
+
+
+def load_trained_model(cfg, checkpoint: Path, *, vocab_size: int):
+    """The run's model (CPU, fp32, unwrapped) with the checkpoint's weights, every converter exported."""
+    model, converters = restore_model(cfg, checkpoint, vocab_size=vocab_size)
+    return _export(model, converters.converters)
+
+
+def _export(model, converters):
+    import torch
+
+    from effitrain.converters import ConverterChain
+
+    return ConverterChain(converters).export(model).to(torch.float32).eval()
+
+
+def _is_qat(converter) -> bool:
+    from effitrain.compression.qat import QAT
+
+    return isinstance(converter, QAT)
+
+
+def _quantization(cfg, converters, quantize: str | None):
+    """The torchao config the export quantizes with: a QAT run's own, `--quantize`'s for a plain run, or None."""
+    from effitrain.compression.qat import base_config
+
+    qat = [c for c in converters.converters if _is_qat(c)]
+    if qat:
+        trained_for = _quantized_name(cfg, None)
+        if quantize is not None and f"qat-{quantize}" != trained_for:
+            raise UsageError(f"--quantize {quantize}: this run trained with compression={trained_for}, so it exports "
+                             f"as that; drop --quantize")
+        return qat[0].base
+    if quantize is None:
+        return None
+    return base_config("int8", weight_dtype="int8") if quantize == "int8" else base_config("int4")
+
+
+def _quantized_name(cfg, quantize: str | None) -> str | None:
+    """How the export is quantized: 'qat-int8'/'qat-int4' (the run's QAT option), 'ptq-int8'/'ptq-int4', or None."""
+    names = [m.name for m in cfg.compression.values() if str(m.name).startswith("qat-")]
+    return names[0] if names else (f"ptq-{quantize}" if quantize else None)
 
 
 def to_transformers(model):

@@ -113,7 +113,7 @@ def _preload_forkserver() -> None:
     import multiprocessing
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["effitrain.train", "effitrain.launch", "transformers.models.llama.modeling_llama",
+        ["effitrain._forkserver", "effitrain.train", "effitrain.launch", "transformers.models.llama.modeling_llama",
          "transformers.models.gpt2.modeling_gpt2"])
 
 
@@ -166,33 +166,38 @@ class _forwarding_preemption_signals:
             signal.signal(signal.SIGUSR1, self.previous)
 
 
-def _signal_descendants(sig) -> None:
-    """Send `sig` to the worker processes below this one: every descendant except multiprocessing's own helpers
-    (the forkserver the CPU workers fork from, the resource tracker), which the signal would kill."""
-
+def descendants(root: int) -> list[tuple[int, int, bytes]]:
+    """(pid, parent pid, command line) of every process below `root`, from Linux's /proc (empty elsewhere)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
         if entry.name.isdigit():
             try:
                 ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    me = os.getpid()
-    todo = [(pid, me) for pid in children.get(me, [])]
+    found, todo = [], [(pid, root) for pid in children.get(root, [])]
     while todo:
         pid, parent = todo.pop()
         todo += [(child, pid) for child in children.get(pid, [])]
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            found.append((pid, parent, Path(f"/proc/{pid}/cmdline").read_bytes()))
         except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def _signal_descendants(sig) -> None:
+    """Send `sig` to the worker processes below this one: every descendant except multiprocessing's own helpers
+    (the forkserver the CPU workers fork from, the resource tracker), which the signal would kill."""
+    me = os.getpid()
+    for pid, parent, cmdline in descendants(me):
+        if b"resource_tracker" in cmdline or (b"forkserver" in cmdline and parent == me):
             continue
-        helper = b"resource_tracker" in cmdline or (b"forkserver" in cmdline and parent == me)
-        if not helper:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _worker(container: dict, run_dir: str, resume: bool):

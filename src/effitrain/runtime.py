@@ -42,7 +42,7 @@ def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.dev
         os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     if deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(deterministic)
+    _set_deterministic(deterministic)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32 and device.type == "cuda")
     seed_everything(seed)
     if device.type == "cpu" and (threads := worker_threads()) is not None:
@@ -55,7 +55,7 @@ def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.dev
             keep_freed_memory(False)
         deterministic_before, matmul_tf32, cudnn_tf32, rngs, threads_before = saved
         torch.set_num_threads(threads_before)
-        torch.use_deterministic_algorithms(deterministic_before)
+        _set_deterministic(deterministic_before)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
         set_rng_state(rngs)
         for key, value in saved_env.items():
@@ -63,6 +63,13 @@ def job_runtime(*, seed: int, deterministic: bool, tf32: bool, device: torch.dev
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _set_deterministic(on: bool) -> None:
+    """torch.use_deterministic_algorithms, only when it changes: the call imports torch._inductor (~2.7 s of every
+    process's start) even to set the value already there."""
+    if torch.are_deterministic_algorithms_enabled() != on:
+        torch.use_deterministic_algorithms(on)
 
 
 def worker_threads() -> int | None:

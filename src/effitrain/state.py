@@ -7,7 +7,8 @@ alone: the sampler is a pure function of (seed, step, micro-step, rank).
 A state dict has four parts:
     model       tensors (DTensor shards under FSDP/TP)
     optimizer   tensors + hyperparameters, keyed by parameter name (absent under ZeRO-1: see `local`)
-    trainer     scheduler, loss scaler, step, tokens seen, skipped steps: the same on every rank
+    trainer     scheduler, loss scaler, step, tokens seen, skipped steps, the converters' own state (pruning's
+                schedule): the same on every rank
     local       this rank's own: RNG states (torch CPU and CUDA, Python, NumPy), ZeRO-1's optimizer shard
 `trainer` and `local` are plain data serialised by torch.save, loadable with weights_only=True.
 """
@@ -40,7 +41,8 @@ class TrainState:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         trainer = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                   "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+                   "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                   "converters": self.converters.state_dict()}
         if model_only:
             return {"model": get_model_state_dict(self.model), "trainer": trainer}
         local = {"rng": rng_state()}
@@ -73,6 +75,7 @@ class TrainState:
                 self.scaler.load_state_dict(trainer["scaler"])
             self.step, self.tokens_seen = trainer["step"], trainer["tokens_seen"]
             self.skipped_steps = trainer["skipped_steps"]
+            self.converters.load_state_dict(trainer.get("converters", {}), self.model)  # after the weights
 
     # --- the checkpoint form: plain parts as weights_only-loadable blobs, the rank-local part under its rank ---
 

@@ -111,6 +111,19 @@ class Pruner(ModelConverter):
     def metrics(self) -> dict:
         return {"sparsity": self.sparsity}
 
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sparsity": self.sparsity, "masked": self.masks is not None}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """Continue the schedule at the saved step. The masks are not saved: the loaded weights are zero exactly
+        where they were masked (masks apply after every step), so they are read back from them, on each rank's own
+        shard -- whatever the new world size."""
+        self.step, self.sparsity = state["step"], state["sparsity"]
+        if state["masked"]:
+            self.weights = prunable(model)
+            self.masks = [_local(w) != 0 for w in self.weights]
+
 
 @GROUP.builder("prune_magnitude")
 def prune_magnitude(cfg, *, context) -> list[ModelConverter]:

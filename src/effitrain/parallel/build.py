@@ -14,6 +14,7 @@ they are materialised and filled by the layout-independent `init` (identical wei
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Callable
 
@@ -314,9 +315,12 @@ def apply_ddp(model: nn.Module, *, world) -> nn.Module:
     """DistributedDataParallel: full replicas, gradients all-reduced in buckets overlapping backward."""
     from torch.nn.parallel import DistributedDataParallel
 
-    # no buffer broadcast before each forward: the only buffers (rotary frequencies) are constants
+    # no buffer broadcast before each forward: the only buffers (rotary frequencies) are constants. torch 2.13
+    # renamed the switch (and warns at the old name); older releases only have broadcast_buffers.
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   **no_sync)
 
 
 def _materialise(model: nn.Module, *, device: torch.device, init) -> nn.Module:
