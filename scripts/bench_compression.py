@@ -124,6 +124,11 @@ def main() -> None:
             "freeze": ["compression=[freeze]"],
             "qat-int8": ["compression=[qat-int8]"],
             "qat-int4": ["compression=[qat-int4]"],
+            # fake quantization only in the second half (torchtune's fake_quant_after_n_steps)
+            f"qat-int8 from step {steps // 2}": ["compression=[qat-int8]",
+                                                 f"compression.qat_int8.start_step={steps // 2}"],
+            f"qat-int4 from step {steps // 2}": ["compression=[qat-int4]",
+                                                 f"compression.qat_int4.start_step={steps // 2}"],
             "prune-magnitude": ["compression=[prune-magnitude]",
                                 f"compression.prune_magnitude.end_step={steps * 3 // 4}"],
             "prune-2of4": ["compression=[prune-2of4]", f"compression.prune_2of4.start_step={steps // 3}"],

@@ -9,10 +9,12 @@ highest total in its third step (a steady-state step: optimizer state exists, ze
 the total just before its build began, compared with the estimate's peak (the max over ranks). On CUDA: the
 allocator's own peak (torch.cuda.max_memory_allocated) over the third step.
 
-    python scripts/bench_estimate.py [--quick] [--json bench_estimate.json] [--md BENCHMARKS-estimate.md]
+    python scripts/bench_estimate.py [--quick | --compression] [--json bench_estimate.json] [--md FILE]
 
-Grid: 2 model sizes x batch x seq x AC none/full x single/ddp/fsdp(2) x fp32/bf16 (--quick: a subset). Prints a
-table (estimated, measured, error) and writes JSON and a markdown table.
+Grid: 2 model sizes x batch x seq x AC none/full x single/ddp/fsdp(2) x fp32/bf16 (--quick: a subset;
+--compression: the d128-L4 model under each compression method that changes memory -- freeze, share-layers,
+prune-magnitude, LoRA and distill from a model directory made here, PowerSGD under ddp(2) -- single and fsdp(2)
+where the method runs there). Prints a table (estimated, measured, error) and writes JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -47,6 +49,40 @@ def grid(quick: bool):
                      "device=cpu"]
         yield {"model": model, "batch": batch, "seq": seq, "ac": ac, "layout": layout, "precision": precision,
                "overrides": overrides}
+
+
+def compression_grid(tmp: Path):
+    """The d128-L4 model (batch 4, seq 128, fp32) under each compression method that changes memory."""
+    hf = hf_model_dir(tmp / "hf", MODELS["d128-L4"], vocab=2048)
+    methods = {"freeze": ["compression=[freeze]"], "share-layers": ["compression=[share-layers]"],
+               "prune-magnitude": ["compression=[prune-magnitude]", "compression.prune_magnitude.start_step=1",
+                                   "compression.prune_magnitude.end_step=2", "compression.prune_magnitude.frequency=1",
+                                   "max_steps=10"],
+               "lora": ["compression=[lora]", f"model.pretrained={hf}"],
+               "distill": ["compression=[distill]", f"compression.distill.teacher={hf}"],
+               "grad-powersgd": ["compression=[grad-powersgd]", "compression.grad_powersgd.start_iter=1"]}
+    for name, extra in methods.items():
+        layouts = ["ddp"] if name == "grad-powersgd" else ["single"] if name == "share-layers" else ["single", "fsdp"]
+        for layout in layouts:
+            overrides = [*MODELS["d128-L4"], "batch_size=4", "data.seq_len=128", "data.vocab_size=2048",
+                         *LAYOUTS[layout], "precision=fp32", "device=cpu", *extra]
+            yield {"model": "d128-L4", "batch": 4, "seq": 128, "ac": "none", "layout": layout, "precision": "fp32",
+                   "compression": name, "overrides": overrides}
+
+
+def hf_model_dir(out: Path, model_overrides: list[str], *, vocab: int) -> Path:
+    """A Hugging Face directory of a seeded model of that shape (a LoRA base, a teacher), with a tokenizer.json."""
+    from tokenizers import Tokenizer, models
+
+    from effitrain.compose import compose_one
+    from effitrain.models.build import build_model, init_weights
+
+    cfg = compose_one([*model_overrides, f"data.vocab_size={vocab}"])
+    model = build_model(cfg.model, vocab_size=vocab, max_seq_len=cfg.data.seq_len)
+    init_weights(model, cfg=cfg.model, seed=cfg.seed)
+    model.save_pretrained(out)
+    Tokenizer(models.BPE()).save(str(out / "tokenizer.json"))  # distill checks one is there
+    return out
 
 
 def worker(config_file: Path, out: Path) -> None:
@@ -167,6 +203,7 @@ def estimated(overrides: list[str]) -> tuple[int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a subset of the grid")
+    parser.add_argument("--compression", action="store_true", help="the compression methods' grid instead")
     parser.add_argument("--json", default="bench_estimate.json")
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -174,14 +211,15 @@ def main() -> None:
     if args.worker:
         worker(Path(args.worker[1]), Path(args.worker[0]))
         return
-    points = list(grid(args.quick))
+    tmp = tempfile.TemporaryDirectory()  # the compression grid's model directory, kept until the end
+    points = list(compression_grid(Path(tmp.name)) if args.compression else grid(args.quick))
     measured: dict[int, int] = {}
     for nproc in sorted({nproc_of(p["overrides"]) for p in points}):
         index = [i for i, p in enumerate(points) if nproc_of(p["overrides"]) == nproc]
         measured |= dict(zip(index, measure([points[i]["overrides"] for i in index], nproc=nproc), strict=True))
     rows = []
-    print(f"{'model':<8} {'b':>3} {'seq':>4} {'AC':<5} {'layout':<7} {'prec':<5} {'estimated MiB':>13} "
-          f"{'measured MiB':>13} {'error':>7}  peak moment")
+    print(f"{'model':<8} {'b':>3} {'seq':>4} {'AC':<5} {'layout':<7} {'prec':<5} {'compression':<15} "
+          f"{'estimated MiB':>13} {'measured MiB':>13} {'error':>7}  peak moment")
     for i, point in enumerate(points):
         est, phase = estimated(point["overrides"])
         got = measured[i]
@@ -190,16 +228,18 @@ def main() -> None:
             "peak_phase": phase, "overrides": " ".join(point["overrides"])}
         rows.append(row)
         print(f"{row['model']:<8} {row['batch']:>3} {row['seq']:>4} {row['ac']:<5} {row['layout']:<7} "
-              f"{row['precision']:<5} {row['estimated_mib']:>13.2f} {row['measured_mib']:>13.2f} "
+              f"{row['precision']:<5} {row.get('compression', 'none'):<15} {row['estimated_mib']:>13.2f} "
+              f"{row['measured_mib']:>13.2f} "
               f"{row['error_pct']:>+6.1f}%  {phase}", flush=True)
     worst = max(abs(r["error_pct"]) for r in rows)
     print(f"worst |error| {worst:.1f}% over {len(rows)} configs; within 10%: "
           f"{sum(abs(r['error_pct']) <= 10 for r in rows)}/{len(rows)}")
     Path(args.json).write_text(json.dumps({"rows": rows, "worst_abs_error_pct": worst}, indent=2))
     if args.md:
-        md = ["| model | batch | seq | AC | layout | precision | estimated MiB | measured MiB | error | peak moment |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        md = ["| model | batch | seq | AC | layout | precision | compression | estimated MiB | measured MiB | error "
+              "| peak moment |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         md += [f"| {r['model']} | {r['batch']} | {r['seq']} | {r['ac']} | {r['layout']} | {r['precision']} | "
+               f"{r.get('compression', 'none')} | "
                f"{r['estimated_mib']:.2f} | {r['measured_mib']:.2f} | {r['error_pct']:+.1f}% | {r['peak_phase']} |"
                for r in rows]
         Path(args.md).write_text("\n".join(md) + "\n")

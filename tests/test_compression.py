@@ -55,6 +55,8 @@ REFUSED = {
                              "device=cpu"], "needs CUDA + NCCL"),
     "sharing under fsdp": (["compression=[share-layers]", "parallel=fsdp"], "cannot shard one module shared"),
     "qat with fp8": (["compression=[qat-int8]", "precision=fp8", "device=cuda"], "both replace the Linears"),
+    "qat never starting": (["compression=[qat-int4]", "compression.qat_int4.start_step=6"],
+                           "start_step=6 is not before max_steps=6"),
     "lora from scratch": (["compression=[lora]"], "set model.pretrained"),
     "pruning past the run": (["compression=[prune-magnitude]"], "end_step=90 is past max_steps=6"),
     "no teacher": (["compression=[distill]"], "needs compression.distill.teacher"),
@@ -181,6 +183,15 @@ def test_distill_refuses_a_teacher_with_another_tokenizer(tmp_path, tiny, hf_dir
     (other / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(UsageError, match="teacher and student must share a tokenizer"):
         trained(compose(tiny("compression=[distill]", f"compression.distill.teacher={other}")), tmp_path / "run")
+
+
+def test_qat_start_step_trains_in_full_precision_first(tmp_path, tiny):
+    """start_step=2: steps 1-2 are the dense run's bit for bit (fake quantization off), step 3 is fake-quantized."""
+    dense = trained(compose(tiny("max_steps=3", "eval_every=3")), tmp_path / "dense")
+    qat = trained(compose(tiny("max_steps=3", "eval_every=3", "compression=[qat-int8]",
+                               "compression.qat_int8.start_step=2")), tmp_path / "qat")
+    a, b = ([r["loss"] for r in read_metrics(t.run_dir)] for t in (dense, qat))
+    assert a[:2] == b[:2] and a[2] != b[2], (a, b)
 
 
 def test_qat_run_exports_to_a_quantized_hf_dir_plain_transformers_loads(tmp_path, tiny):

@@ -118,3 +118,41 @@ def test_cli_estimate_json_and_errors(tmp_path):
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 2 and last.startswith("effitrain: error:"), (bad, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_compression_changes_what_is_stored_and_trained(tmp_path):
+    """freeze, share-layers and LoRA: the estimate stores and trains the parameters the real converted model has
+    (what a run logs as `trainable parameters: N of M`); frozen ones get no gradient or optimizer state. Pruning adds
+    a mask byte per pruned element, a teacher its parameters, PowerSGD an fp32 copy of the gradients."""
+    from tokenizers import Tokenizer, models
+
+    from effitrain.compression.build import Context, build_compression
+    from effitrain.converters import ConverterChain
+    from effitrain.models.build import build_model
+
+    hf = tmp_path / "hf"
+    cfg = compose(SMALL)
+    build_model(cfg.model, vocab_size=2048, max_seq_len=cfg.data.seq_len).save_pretrained(hf)
+    Tokenizer(models.BPE()).save(str(hf / "tokenizer.json"))
+    base = _estimate(*SMALL)
+    n = base.num_params
+    for extra in (["compression=[freeze]"], ["compression=[share-layers]"],
+                  ["compression=[lora]", f"model.pretrained={hf}"]):
+        cfg = compose([*SMALL, *extra])
+        model = build_model(cfg.model, vocab_size=2048, max_seq_len=cfg.data.seq_len)
+        model = ConverterChain(build_compression(cfg.compression, context=Context(seed=0))).convert(model)
+        stored = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        est = _estimate(*SMALL, *extra)
+        assert est.memory["parameters"] == 4 * stored and est.memory["gradients"] == 4 * trained, extra
+        assert est.memory["optimizer_state"] == 8 * trained, extra  # AdamW: two fp32 moments per trained element
+        assert trained < n
+    pruned = _estimate(*SMALL, "compression=[prune-magnitude]", "max_steps=100")
+    block_linears = sum(p.numel() for name, p in build_model(compose(SMALL).model, vocab_size=2048,
+                                                             max_seq_len=64).named_parameters()
+                        if ".layers." in name and p.dim() == 2)
+    assert pruned.memory["pruning_masks"] == block_linears
+    teacher = _estimate(*SMALL, "compression=[distill]", f"compression.distill.teacher={hf}")
+    assert teacher.memory["teacher_parameters"] == 4 * n and teacher.peak_bytes > base.peak_bytes
+    powersgd = _estimate(*SMALL, "compression=[grad-powersgd]", "parallel=ddp", "launcher.nproc_per_node=2")
+    assert powersgd.memory["powersgd_error_feedback"] == 4 * n

@@ -132,7 +132,7 @@ def test_failed_jobs_are_results_and_the_sweep_goes_on(tmp_path, tiny):
     sweep = tmp_path / "sweep"
     out = run_cli("train", "-m", "seed=range(1,4)", f"model.pretrained=null,{broken}", *tiny(*STEPS),
                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert out.returncode == 3, out.stderr[-4000:]  # the exit code counts the failed jobs
+    assert out.returncode == 1, out.stderr[-4000:]  # some jobs failed (how many: the summary)
     result = summary(sweep)
     assert (result["ok"], result["failed"]) == (3, 3)
     for row in result["rows"]:

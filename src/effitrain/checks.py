@@ -141,6 +141,11 @@ def check_compression(cfg, *, parallel, precision, model, device: str, max_steps
     _need("lora" not in kinds or bool(model.pretrained),
           "compression=lora adapts a pretrained model: set model.pretrained=<local HF model directory> (its random "
           "frozen weights would learn next to nothing)")
+    for qat in ("qat_int8", "qat_int4"):
+        if qat in kinds:
+            _need(cfg[qat].start_step < max_steps,
+                  f"compression.{qat}.start_step={cfg[qat].start_step} is not before max_steps={max_steps}: the run "
+                  "would never fake-quantize")
     if "prune_magnitude" in kinds:
         _need(cfg.prune_magnitude.end_step <= max_steps,
               f"compression.prune_magnitude.end_step={cfg.prune_magnitude.end_step} is past max_steps={max_steps}: "

@@ -17,6 +17,12 @@ reports (`flops.model_flops_per_token`), in seconds, for any size. Memory is cou
   sequence parallel also splits the norms' activations (the Linear inputs stay gathered, as DTensor saves them);
 - logits and loss: the vocab x tokens buffers of the LM head and cross entropy (logits, their fp32 copy, the
   log-softmax output and its gradients), usually the largest item of a small model;
+- compression: frozen parameters (freeze, LoRA's base weights) have no gradients, optimizer state or DDP buckets;
+  LoRA's adapters (rank x (in + out) per targeted Linear) are trainable parameters of their own; shared blocks
+  (share-layers) are stored once; pruning keeps a bool mask per pruned weight element; a distillation teacher's
+  parameters sit beside the student's (sharded like it under FSDP) and the loss keeps three fp32 vocab x tokens
+  tensors (both log-softmaxes and cross entropy's); PowerSGD's error feedback is one fp32 copy of the gradients.
+  QAT's fake-quantized weight copies live one Linear at a time and are not counted;
 - FSDP's gathered parameters: the root's (embeddings, final norm, head) stay gathered through forward and
   backward, plus two blocks at a time (one computing, one prefetched), or every block with reshard_after_forward
   false.
@@ -29,7 +35,7 @@ the start of backward (model states, all saved activations, the loss's backward 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from effitrain.errors import UsageError
 from effitrain.parallel import FSDP_STRATEGIES, Degrees, offloads, parallel_degrees
@@ -47,6 +53,8 @@ class Param:
     name: str
     shape: tuple[int, ...]
     kind: str  # embedding | head | norm | linear | bias | position
+    trainable: bool = True  # False: frozen (freeze, LoRA's base weights): no gradient, no optimizer state
+    pruned: bool = False  # pruning keeps a mask of it
 
     @property
     def numel(self) -> int:
@@ -68,6 +76,8 @@ class Shape:
     tied: bool
     params: list[Param]
     flops_per_token: float
+    teacher_params: int = 0  # distill: the teacher's parameters
+    error_feedback: bool = False  # PowerSGD keeps an fp32 copy of the gradients
 
     @property
     def num_params(self) -> int:
@@ -118,28 +128,90 @@ def vocab_size(data_cfg) -> int:
     return data_cfg.vocab_size
 
 
-def model_shape(model_cfg, *, vocab: int, seq_len: int) -> Shape:
-    """Build the model on the meta device (no storage) and read its parameters; FLOPs as a run counts them."""
-    from torch import nn
-
+def model_shape(model_cfg, *, vocab: int, seq_len: int, compression=None) -> Shape:
+    """Build the model on the meta device (no storage), apply the compression methods that change its parameters,
+    and read them; FLOPs as a run counts them. A model.pretrained checkpoint is built from its config.json."""
     from effitrain.flops import model_flops_per_token
-    from effitrain.models import kv_heads
-    from effitrain.models.build import build_model
+    from effitrain.models.build import build_model, pretrained_on_meta
 
     if model_cfg.pretrained:
-        raise UsageError("effitrain estimate builds the model from its config; model.pretrained checkpoints are not "
-                         "estimated yet (give the same shape as model.* keys)")
-    model = build_model(model_cfg, vocab_size=vocab, max_seq_len=seq_len, meta=True)
+        model = pretrained_on_meta(model_cfg.pretrained)
+    else:
+        model = build_model(model_cfg, vocab_size=vocab, max_seq_len=seq_len, meta=True)
+    flops = model_flops_per_token(model, seq_len=seq_len)  # before sharing: a shared block still runs every time
+    kinds = _compression_kinds(compression)
+    model = _convert_on_meta(model, compression, kinds, vocab=vocab, seq_len=seq_len)
+    params = _params(model)
+    if "lora" in kinds:
+        params = _with_lora(model, params, compression.lora)
+    if kinds & {"prune_magnitude", "prune_2of4"}:
+        pruned = set(_prunable_names(model))
+        params = [replace(p, pruned=p.name in pruned) for p in params]
+    teacher = 0
+    if "distill" in kinds and compression.distill.teacher:
+        teacher = sum(p.numel() for p in pretrained_on_meta(compression.distill.teacher).parameters())
+    return Shape(**_dimensions(model.config), vocab=vocab, seq_len=seq_len, params=params, flops_per_token=flops,
+                 teacher_params=teacher,
+                 error_feedback="grad_powersgd" in kinds and bool(compression.grad_powersgd.error_feedback))
+
+
+def _dimensions(config) -> dict:
+    """The block dimensions of a transformers llama or gpt2 config (built here or read from a checkpoint)."""
+    family = config.model_type
+    if family not in ("llama", "gpt2"):
+        raise UsageError(f"effitrain estimate models llama and gpt2 blocks; this checkpoint is {family!r}")
+    heads = config.num_attention_heads
+    intermediate = config.intermediate_size if family == "llama" else (config.n_inner or 4 * config.hidden_size)
+    return {"family": family, "layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": heads,
+            "kv_heads": (getattr(config, "num_key_value_heads", None) or heads) if family == "llama" else heads,
+            "intermediate": intermediate, "tied": bool(config.tie_word_embeddings)}
+
+
+def _params(model) -> list[Param]:
+    from torch import nn
+
     kinds = {}
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(prefix=module_name, recurse=False):
             kinds[id(p)] = _kind(name, module, nn)
-    params = [Param(name, tuple(p.shape), kinds[id(p)]) for name, p in model.named_parameters()]  # unique (tied once)
-    return Shape(family=model_cfg.family, layers=model_cfg.num_layers, hidden=model_cfg.hidden_size,
-                 heads=model_cfg.num_heads, kv_heads=kv_heads(model_cfg),
-                 intermediate=model_cfg.intermediate_size or 4 * model_cfg.hidden_size, vocab=vocab, seq_len=seq_len,
-                 tied=model_cfg.tie_embeddings, params=params,
-                 flops_per_token=model_flops_per_token(model, seq_len=seq_len))
+    # named_parameters gives each tensor once: a tied head, or blocks shared by share-layers, are stored once
+    return [Param(name, tuple(p.shape), kinds[id(p)], trainable=p.requires_grad)
+            for name, p in model.named_parameters()]
+
+
+def _compression_kinds(compression) -> set[str]:
+    return {node.kind for node in compression.values()} - {"none"} if compression is not None else set()
+
+
+def _convert_on_meta(model, compression, kinds: set[str], *, vocab: int, seq_len: int):
+    """Freeze and share-layers change which parameters exist or train: their real converters run on the meta
+    model. (LoRA's adapters are counted from its config: peft adapts real weights only.)"""
+    from effitrain.compression.build import GROUP, Context
+
+    for kind in ("freeze", "share_layers"):
+        if kind in kinds:
+            for converter in GROUP.builder_of(kind)(compression[kind], context=Context(seed=0)):
+                model = converter.convert(model)
+    return model
+
+
+def _with_lora(model, params: list[Param], lora) -> list[Param]:
+    """Every base weight frozen; rank x in (lora_A) and out x rank (lora_B) trainable per targeted Linear."""
+    from torch import nn
+
+    adapters = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules:
+            adapters += [Param(f"{name}.lora_A.weight", (lora.rank, module.in_features), "linear"),
+                         Param(f"{name}.lora_B.weight", (module.out_features, lora.rank), "linear")]
+    return [replace(p, trainable=False) for p in params] + adapters
+
+
+def _prunable_names(model) -> list[str]:
+    from effitrain.compression.prune import prunable
+
+    ids = {id(w) for w in prunable(model)}
+    return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
 def _kind(name: str, module, nn) -> str:
@@ -289,7 +361,8 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
 
     ws = world_size(cfg.launcher)
     d = parallel_degrees(cfg.parallel, world_size=ws)
-    s = shape or model_shape(cfg.model, vocab=vocab_size(cfg.data), seq_len=cfg.data.seq_len)
+    s = shape or model_shape(cfg.model, vocab=vocab_size(cfg.data), seq_len=cfg.data.seq_len,
+                             compression=cfg.compression)
     strategy = cfg.parallel.strategy
     fsdp = strategy in FSDP_STRATEGIES
     p_bytes = BYTES[param_dtype(cfg.precision)]
@@ -298,18 +371,22 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
 
     numels = [local_numel(p, d=d, fsdp=fsdp) for p in s.params]
     n_local = sum(numels)
-    mem: dict[str, int] = {"parameters": n_local * p_bytes, "gradients": n_local * p_bytes}
+    trained = [(p, n) for p, n in zip(s.params, numels, strict=True) if p.trainable]
+    n_trained = sum(n for _, n in trained)
+    mem: dict[str, int] = {"parameters": n_local * p_bytes, "gradients": n_trained * p_bytes}
     state_bytes = p_bytes if cfg.precision.kind == "bf16-pure" else 4
     kind = cfg.optimizer.kind
     momentum = getattr(cfg.optimizer, "momentum", 0.9)
     if kind == "zero1":
-        loads = zero1_rank_loads(numels, d.dp)
+        loads = zero1_rank_loads([n for _, n in trained], d.dp)
         mem["optimizer_state"] = 2 * state_bytes * max(loads)
     else:
-        mem["optimizer_state"] = optimizer_state_bytes(s.params, numels, kind=kind, state_bytes=state_bytes,
-                                                       momentum=momentum)
+        mem["optimizer_state"] = optimizer_state_bytes([p for p, _ in trained], [n for _, n in trained], kind=kind,
+                                                       state_bytes=state_bytes, momentum=momentum)
     if strategy == "ddp":
-        mem["ddp_buckets"] = n_local * p_bytes
+        mem["ddp_buckets"] = n_trained * p_bytes  # buckets hold the gradients of trained parameters only
+    mem |= _compression_memory(s, numels, fsdp=fsdp, d=d, p_bytes=p_bytes, n_trained=n_trained,
+                               tokens=cfg.batch_size * cfg.data.seq_len)
     if offloads(cfg.parallel):
         notes.append("parallel.offload=cpu: parameters, gradients and optimizer state live in host memory; "
                      "the device holds the gathered parameters and activations")
@@ -340,25 +417,30 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     head_grad = 0 if fsdp else sum(n for p, n in zip(s.params, numels, strict=True)
                                    if p.kind in ("embedding", "head")) * p_bytes
 
-    static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0)
+    static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0) + sum(
+        mem.get(k, 0) for k in ("pruning_masks", "teacher_parameters", "powersgd_error_feedback"))
     if offloads(cfg.parallel):
         static = 0
     gathered_now = mem.get("fsdp_gathered_params", 0) + mem.get("fsdp_unsharded_grads", 0)
-    backward = static + mem["activations"] + mem["logits_and_loss"] + gathered_now + head_grad
+    backward = static + mem["activations"] + mem["logits_and_loss"] + mem.get("distill_logits", 0) + gathered_now \
+        + head_grad
     recompute_moment = static + mem["activations"] + mem["activation_recompute"] + gathered_now + head_grad
     # foreach updates build ~one fp32 temporary per parameter; fused CUDA kernels and torchao's per-tensor steps none
     fused = getattr(cfg.optimizer, "implementation", "auto") in ("fused", "loop") or kind == "adamw-8bit" or (
         getattr(cfg.optimizer, "implementation", "auto") == "auto" and (gpu or _device(cfg)) != "cpu")
-    mem["optimizer_temporaries"] = 0 if fused else n_local * 4
+    mem["optimizer_temporaries"] = 0 if fused else n_trained * 4
     step = static + mem["gradients"] + mem["optimizer_temporaries"]
     if offloads(cfg.parallel):
         step = 0
     moments = {"backward start": backward, "backward recompute": recompute_moment, "optimizer step": step}
     phase = max(moments, key=moments.get)
     # what is live at the peak, for "the biggest item" of the fit check
+    compression = ["pruning_masks", "teacher_parameters", "powersgd_error_feedback"]
     live = {"forward/backward": ["parameters", "optimizer_state", "ddp_buckets", "activations", "logits_and_loss",
-                                 "fsdp_gathered_params", "fsdp_unsharded_grads", "activation_recompute"],
-            "optimizer step": ["parameters", "optimizer_state", "ddp_buckets", "gradients", "optimizer_temporaries"]}
+                                 "fsdp_gathered_params", "fsdp_unsharded_grads", "activation_recompute",
+                                 "distill_logits", *compression],
+            "optimizer step": ["parameters", "optimizer_state", "ddp_buckets", "gradients", "optimizer_temporaries",
+                               *compression]}
     candidates = live["optimizer step" if phase == "optimizer step" else "forward/backward"]
     biggest = max((k for k in candidates if k in mem), key=mem.get)
 
@@ -384,6 +466,22 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                     mfu_source=mfu_source, peak_flops_per_device=peak, peak_flops_source=peak_source,
                     step_time_s=step_time, tokens_per_s=tps, tokens_per_day=tps * 86400 if tps else None,
                     time_for_run_s=step_time * cfg.max_steps if step_time else None, notes=notes)
+
+
+def _compression_memory(s: Shape, numels: list[int], *, fsdp: bool, d: Degrees, p_bytes: int, n_trained: int,
+                        tokens: int) -> dict[str, int]:
+    """What the compression methods add per rank (bytes): pruning's masks, the teacher, its loss buffers,
+    PowerSGD's error feedback."""
+    mem = {}
+    masked = sum(n for p, n in zip(s.params, numels, strict=True) if p.pruned)
+    if masked:
+        mem["pruning_masks"] = masked  # one bool per element of this rank's piece of each pruned weight
+    if s.teacher_params:
+        mem["teacher_parameters"] = math.ceil(s.teacher_params / (d.dp_shard if fsdp else 1)) * p_bytes
+        mem["distill_logits"] = 3 * s.vocab * tokens * 4  # student and teacher log-softmax, cross entropy's
+    if s.error_feedback:
+        mem["powersgd_error_feedback"] = n_trained * 4
+    return mem
 
 
 def _device(cfg) -> str:

@@ -81,7 +81,8 @@ def estimate(args: list[str]) -> int:
     extra = {}
     if max_batch_free is not None:
         free = _free_bytes() if max_batch_free < 0 else int(max_batch_free * est_mod.GiB)
-        shape = est_mod.model_shape(cfg.model, vocab=est_mod.vocab_size(cfg.data), seq_len=cfg.data.seq_len)
+        shape = est_mod.model_shape(cfg.model, vocab=est_mod.vocab_size(cfg.data), seq_len=cfg.data.seq_len,
+                                    compression=cfg.compression)
         extra = {"max_batch": est_mod.max_batch(cfg, free_bytes=free, shape=shape), "max_batch_free_bytes": free}
     if "--json" in flags:
         print(json.dumps(est.as_dict() | extra, indent=2))

@@ -25,7 +25,7 @@ from effitrain.runs import STATUS_FILE, job_dirs, job_outcome, job_overrides
 
 COLUMNS = ("job", "overrides", "status", "final_val_loss", "median_tokens_per_s", "mem_reserved_peak_gib", "reason",
            "run_dir")
-# the last sweep this process ran: the CLI's exit code is its number of failed jobs
+# the last sweep this process ran: the CLI exits 1 when any of its jobs failed
 last_sweep: dict = {}
 # set while a resumed sweep runs (an environment variable: jobs a parallel or SLURM launcher starts inherit it)
 RESUME_ENV = "EFFITRAIN_SWEEP_RESUME"

@@ -56,6 +56,7 @@ class Lora:
 class QATBase:
     name: str = "qat-int8"
     kind: str = "qat_int8"
+    start_step: int = 0  # optimizer steps trained in full precision before fake quantization starts
 
 
 @GROUP.option("qat_int8")
@@ -182,6 +183,7 @@ def _check_lora(c) -> None:
 
 def _check_qat(c) -> None:
     _need(c.group_size > 0, f"compression.{c.kind}.group_size={c.group_size} must be a positive integer")
+    _need(c.start_step >= 0, f"compression.{c.kind}.start_step={c.start_step} must be >= 0")
     if "weight_dtype" in c:
         _need(c.weight_dtype in ("int8", "int4"),
               f"compression.{c.kind}.weight_dtype={c.weight_dtype!r} is not one of: int8, int4")

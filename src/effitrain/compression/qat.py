@@ -43,13 +43,30 @@ def quantize(model: nn.Module, config) -> nn.Module:
 
 
 class QAT(ModelConverter):
-    def __init__(self, base):
-        self.base = base
+    """Fake quantization from optimizer step `start_step` + 1 on (torchtune's fake_quant_after_n_steps): the first
+    steps train in full precision, which the fake-quantized rest then adapts to rounding."""
+
+    def __init__(self, base, *, start_step: int = 0):
+        self.base, self.start_step, self.step = base, start_step, 0
 
     def convert(self, model: nn.Module) -> nn.Module:
         from torchao.quantization.qat import QATConfig
 
-        return quantize(model, QATConfig(self.base, step="prepare"))
+        model = quantize(model, QATConfig(self.base, step="prepare"))
+        _fake_quant(model, self.step >= self.start_step)
+        return model
+
+    def post_optimizer_hook(self, model: nn.Module) -> None:
+        self.step += 1
+        if self.step == self.start_step:
+            _fake_quant(model, True)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        self.step = state["step"]
+        _fake_quant(model, self.step >= self.start_step)
 
     def export(self, model: nn.Module) -> nn.Module:
         from torchao.quantization.qat import QATConfig
@@ -57,14 +74,23 @@ class QAT(ModelConverter):
         return quantize(model, QATConfig(self.base, step="convert"))
 
 
+def _fake_quant(model: nn.Module, on: bool) -> None:
+    from torchao.quantization.qat.linear import FakeQuantizedLinear, enable_linear_fake_quant
+
+    for module in model.modules():
+        if isinstance(module, FakeQuantizedLinear):
+            enable_linear_fake_quant(module, enabled=on)
+
+
 @GROUP.builder("qat_int8")
 def qat_int8(cfg, *, context) -> list[ModelConverter]:
-    return [QAT(base_config("int8", weight_dtype=cfg.weight_dtype, group_size=cfg.group_size))]
+    return [QAT(base_config("int8", weight_dtype=cfg.weight_dtype, group_size=cfg.group_size),
+                start_step=cfg.start_step)]
 
 
 @GROUP.builder("qat_int4")
 def qat_int4(cfg, *, context) -> list[ModelConverter]:
-    return [QAT(base_config("int4", group_size=cfg.group_size))]
+    return [QAT(base_config("int4", group_size=cfg.group_size), start_step=cfg.start_step)]
 
 
 def write_quantized(model: nn.Module, out, base) -> None:

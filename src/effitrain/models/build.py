@@ -76,6 +76,22 @@ def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False) -
     return model
 
 
+def pretrained_on_meta(path) -> nn.Module:
+    """A local checkpoint's architecture from its config.json alone, parameters on the meta device (no weight is
+    read): what `effitrain estimate` needs of a model.pretrained or a distillation teacher."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json (give a local HF checkpoint dir)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    if model.config.model_type == "gpt2":
+        linearise_gpt2(model)
+    return model
+
+
 class QKV(nn.Module):
     """GPT-2's fused `c_attn` as three Linears whose outputs are concatenated: [q | k | v], as the fused one.
 
