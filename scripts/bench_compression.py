@@ -45,20 +45,11 @@ def compose(overrides: list[str]):
 def train(overrides: list[str], run_dir: Path):
     """A trained Trainer (this process, CPU), after the checks `effitrain train` makes."""
     from effitrain.checks import check_all
-    from effitrain.distributed import pick_device
-    from effitrain.runtime import job_runtime
-    from effitrain.train import Trainer
+    from effitrain.train import train_here
 
     cfg = compose(overrides)
     check_all(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with job_runtime(seed=cfg.seed, deterministic=False, tf32=False, device=pick_device("cpu", 0), keep_freed=True):
-        trainer = Trainer(cfg, run_dir)
-        try:
-            trainer.train()
-        finally:
-            trainer.close({})
-    return trainer
+    return train_here(cfg, run_dir)
 
 
 def val_loss(trainer, model) -> float:

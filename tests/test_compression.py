@@ -21,19 +21,9 @@ def hf_dir(corpus, cache_dir, tmp_path_factory):
 
 def trained(cfg, run_dir):
     """Train `cfg` in this process; the Trainer after its last step (its model inspectable)."""
-    from effitrain.distributed import pick_device
-    from effitrain.runtime import job_runtime
-    from effitrain.train import Trainer
+    from effitrain.train import train_here
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with job_runtime(seed=cfg.seed, deterministic=cfg.deterministic, tf32=False, device=pick_device("cpu", 0),
-                     keep_freed=True):
-        trainer = Trainer(cfg, run_dir)
-        try:
-            trainer.train()
-        finally:
-            trainer.close({})
-    return trainer
+    return train_here(cfg, run_dir)
 
 
 def test_list_selection_gives_each_method_its_own_keys(tiny):

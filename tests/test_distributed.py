@@ -54,19 +54,26 @@ def _single_run(tmp_path_factory, name: str, *overrides: str) -> Path:
     return only_run_dir(cwd / "outputs")
 
 
+def _data_parallel_sweep(tmp_path_factory, name: str, base: list[str], layouts: list[str]) -> dict[str, Path]:
+    """One sweep of 2-rank layouts x AC none/full, global batch 4 = 2 per rank x 2 ranks: layout[+ac] -> run dir."""
+    cwd = tmp_path_factory.mktemp(name)
+    train_ok(cwd, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", f"parallel={','.join(layouts)}",
+             "parallel.activation_checkpointing=none,full")
+    jobs = _sweep_jobs(cwd)
+    out = {}
+    for layout in layouts:
+        out[layout] = jobs[f"parallel={layout} parallel.activation_checkpointing=none"]
+        out[f"{layout}+ac"] = jobs[f"parallel={layout} parallel.activation_checkpointing=full"]
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(base, tmp_path_factory) -> dict[str, Path]:
     """The runs the default tests compare, name -> run directory: single, ddp(2) and fsdp(2) each with and without
     full activation checkpointing, tp(2) with sequence parallel, ddp with gradient accumulation."""
     assert "model.dropout=" not in " ".join(base)  # 0 by default: the layouts must compute the same function
     out = {"single": _single_run(tmp_path_factory, "single", *base, "batch_size=4")}
-    two = tmp_path_factory.mktemp("dp")  # global batch 4 = 2 per rank x 2 ranks
-    train_ok(two, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp",
-             "parallel.activation_checkpointing=none,full")
-    jobs = _sweep_jobs(two)
-    for layout in ("ddp", "fsdp"):
-        out[layout] = jobs[f"parallel={layout} parallel.activation_checkpointing=none"]
-        out[f"{layout}+ac"] = jobs[f"parallel={layout} parallel.activation_checkpointing=full"]
+    out |= _data_parallel_sweep(tmp_path_factory, "dp", base, ["ddp", "fsdp"])
     # one TP group of 2 ranks reads the whole batch of 4
     out["tp+sp"] = _single_run(tmp_path_factory, "tp", *base, "batch_size=4", "launcher.nproc_per_node=2",
                                "parallel=tp", "parallel.sequence_parallel=true")
@@ -81,13 +88,7 @@ def more_runs(base, tmp_path_factory) -> dict[str, Path]:
     """The extended run's layouts: gpt2, fsdp-zero2 and hsdp (with and without AC), every TP plan with and
     without sequence parallel for llama and gpt2, fsdp with gradient accumulation."""
     out = {"gpt2": _single_run(tmp_path_factory, "gpt2", *base, "batch_size=4", "model=gpt2-124m")}
-    two = tmp_path_factory.mktemp("more-dp")
-    train_ok(two, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=fsdp-zero2,hsdp",
-             "parallel.activation_checkpointing=none,full")
-    jobs = _sweep_jobs(two)
-    for layout in ("fsdp-zero2", "hsdp"):
-        out[layout] = jobs[f"parallel={layout} parallel.activation_checkpointing=none"]
-        out[f"{layout}+ac"] = jobs[f"parallel={layout} parallel.activation_checkpointing=full"]
+    out |= _data_parallel_sweep(tmp_path_factory, "more-dp", base, ["fsdp-zero2", "hsdp"])
     tp = tmp_path_factory.mktemp("more-tp")
     train_ok(tp, "-m", *base, "batch_size=4", "launcher.nproc_per_node=2", "model=tiny,gpt2-124m",
              "parallel=tp,fsdp-tp", "parallel.sequence_parallel=false,true")

@@ -355,6 +355,13 @@ def run(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
             (launcher.max_restarts) always do.
         on_eval: Trainer.on_eval hooks (a search's pruning).
     """
+    trainer = train_here(cfg, run_dir, resume=resume, on_eval=on_eval)
+    return runs.read_summary(run_dir) if trainer.world.is_main else {}
+
+
+def train_here(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> Trainer:
+    """`run` in this process, returning the Trainer after its last step: its model and converters stay
+    inspectable (tests, benchmarks)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
@@ -367,7 +374,7 @@ def run(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
             extra = trainer.train()
         finally:  # a failed in-process run (sweep job, test, reproduce) must not leave a process group behind
             trainer.close(extra)
-    return runs.read_summary(run_dir) if trainer.world.is_main else {}
+    return trainer
 
 
 def main(args: list[str] | None = None) -> None:
