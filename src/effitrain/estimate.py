@@ -288,7 +288,7 @@ def model_state_bytes(n_params: int, *, stage: int, dp: int, mixed: bool = True,
 
 
 def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int, sp: bool,
-                               dropout: bool) -> int:
+                               dropout: bool, attn_trains: bool = True, mlp_trains: bool = True) -> int:
     """Bytes one block saves for backward per token (Korthikanti et al.'s accounting, for effitrain's blocks).
 
     Args:
@@ -298,6 +298,8 @@ def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int
         tp: tensor-parallel degree (splits heads and the MLP width).
         sp: sequence parallel (also splits the norms' saved tensors).
         dropout: dropout > 0 (one byte of mask per element at each residual dropout).
+        attn_trains, mlp_trains: a weight of the attention's input projections / of the MLP trains (LoRA
+            adapters count). A frozen Linear saves no input: its input gradient needs the weight only.
     """
     h, hkv, inter, a = s.hidden, s.hidden // s.heads * s.kv_heads, s.intermediate, s.heads
     split = 1 / tp
@@ -310,25 +312,26 @@ def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int
     if s.family == "llama":
         norm = 4 * h + residual * h  # RMSNorm: its input (or fp32 copy) and the normalised fp32/param-dtype tensor
         norm_out = residual  # weight * normalised, in the residual dtype
-        attn = (linear_inputs(3, norm_out) + split * (compute * (2 * h + 2 * hkv) + compute * h + 4 * a))
-        mlp = linear_inputs(2, norm_out) + split * 4 * compute * inter  # gate (silu input), silu out, up, product
+        attn = (attn_trains * linear_inputs(3, norm_out) + split * (compute * (2 * h + 2 * hkv) + compute * h + 4 * a))
+        # gate (silu input), silu out, up, and their product (down_proj's input)
+        mlp = mlp_trains * (linear_inputs(2, norm_out) + split * compute * inter) + split * 3 * compute * inter
     else:  # gpt2: LayerNorm runs in fp32 under autocast and saves its input; gelu_new (tanh form) saves four tensors
         norm = 4 * h
         norm_out = 4
-        attn = linear_inputs(3, norm_out) + split * (compute * 3 * h + compute * h + compute * h + 4 * a)
-        mlp = linear_inputs(1, norm_out) + split * 5 * compute * inter
+        attn = attn_trains * linear_inputs(3, norm_out) + split * (compute * 3 * h + compute * h + compute * h + 4 * a)
+        mlp = mlp_trains * (linear_inputs(1, norm_out) + split * compute * inter) + split * 4 * compute * inter
     masks = 2 * h if dropout else 0
     return int(norm_split * 2 * norm + attn + mlp + masks)
 
 
-def head_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int) -> dict[str, int]:
+def head_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int, head_trains: bool = True) -> dict[str, int]:
     """Saved tensors of the final norm and head input, and the loss's largest backward moment (per token).
 
     Cross entropy (fp32 under autocast) saves the log-softmax output; its backward holds that output, the
     gradient from nll_loss and the gradient it produces at once: three fp32 vocab-wide tensors. Under TP the
     vocab-sharded logits are gathered for the loss."""
     v = s.vocab
-    saved = (4 + residual) * s.hidden + (residual if residual == compute else compute) * s.hidden
+    saved = (4 + residual) * s.hidden + head_trains * (residual if residual == compute else compute) * s.hidden
     return {"final_norm_head_input": int(saved), "loss_backward": 3 * 4 * v + (compute * v // tp if tp > 1 else 0)}
 
 
@@ -394,12 +397,16 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     tokens = cfg.batch_size * cfg.data.seq_len  # per micro-step and rank
     # FSDP's MixedPrecisionPolicy computes with bf16/fp16 parameters, so the residual stream is in that dtype too
     residual = compute if fsdp and cfg.precision.kind != "fp32" else p_bytes
+    trains = _what_trains(s)
     per_layer = activation_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp,
                                            sp=bool(getattr(cfg.parallel, "sequence_parallel", False)),
-                                           dropout=cfg.model.dropout > 0)
-    saved, recompute = block_activations(s, per_layer=per_layer, mode=cfg.parallel.activation_checkpointing,
+                                           dropout=cfg.model.dropout > 0, attn_trains=trains["attn"],
+                                           mlp_trains=trains["mlp"])
+    # blocks before the first trained parameter (freeze with frozen embeddings) save nothing: no gradient passes
+    saving = replace(s, layers=s.layers - trains["untouched_blocks"])
+    saved, recompute = block_activations(saving, per_layer=per_layer, mode=cfg.parallel.activation_checkpointing,
                                          every=cfg.parallel.ac_every, residual=residual)
-    head = head_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp)
+    head = head_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp, head_trains=trains["head"])
     mem["activations"] = (saved + head["final_norm_head_input"]) * tokens
     mem["activation_recompute"] = recompute * tokens
     mem["logits_and_loss"] = head["loss_backward"] * tokens
@@ -415,7 +422,7 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     # the head's (tied) weight gradient appears at the start of backward, before the gradients of the blocks
     # (under FSDP it is the root's unsharded gradient, counted above)
     head_grad = 0 if fsdp else sum(n for p, n in zip(s.params, numels, strict=True)
-                                   if p.kind in ("embedding", "head")) * p_bytes
+                                   if p.kind in ("embedding", "head") and p.trainable) * p_bytes
 
     static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0) + sum(
         mem.get(k, 0) for k in ("pruning_masks", "teacher_parameters", "powersgd_error_feedback"))
@@ -466,6 +473,25 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                     mfu_source=mfu_source, peak_flops_per_device=peak, peak_flops_source=peak_source,
                     step_time_s=step_time, tokens_per_s=tps, tokens_per_day=tps * 86400 if tps else None,
                     time_for_run_s=step_time * cfg.max_steps if step_time else None, notes=notes)
+
+
+def _what_trains(s: Shape) -> dict:
+    """Which parts of the model have a trained parameter (LoRA adapters count for the Linear they adapt), and how
+    many leading blocks have none with nothing trained before them."""
+    import re
+
+    def block(p: Param) -> int | None:
+        m = re.search(r"\.(?:layers|h)\.(\d+)\.", p.name)
+        return int(m.group(1)) if m else None
+
+    trained = [p for p in s.params if p.trainable]
+    attn = ("q_proj", "k_proj", "v_proj", "c_attn")
+    first = min((b if (b := block(p)) is not None else (-1 if p.kind in ("embedding", "position") else s.layers))
+                for p in trained) if trained else s.layers
+    return {"attn": any(block(p) is not None and any(f".{a}." in p.name for a in attn) for p in trained),
+            "mlp": any(block(p) is not None and ".mlp." in p.name for p in trained),
+            "head": any(p.kind == "head" or (s.tied and p.kind == "embedding") for p in trained),
+            "untouched_blocks": max(first, 0)}
 
 
 def _compression_memory(s: Shape, numels: list[int], *, fsdp: bool, d: Degrees, p_bytes: int, n_trained: int,
