@@ -117,6 +117,24 @@ def test_training_starts_from_an_export_and_from_a_checkpoint(trained, corpus, c
     assert abs(firsts[0]["loss"] - fresh) > 1e-3
 
 
+def test_a_run_directory_teaches_a_student(trained, corpus, cache_dir, tmp_path):
+    """compression.distill.teacher=RUN_DIR: the run's latest checkpoint is exported once (RUN_DIR/export/step-6)
+    and distils into a new run on its tokenizer; estimate counts its parameters from the saved config."""
+    from conftest import compose
+    from effitrain.estimate import estimate
+    from effitrain.train import train_here
+
+    run_dir = tmp_path / "teacher"
+    shutil.copytree(trained("llama"), run_dir)
+    overrides = tiny_overrides(corpus, cache_dir, "max_steps=2", "compression=[distill]",
+                               f"compression.distill.teacher={run_dir}", f"data.tokenizer={run_dir}/tokenizer.json")
+    student = train_here(compose(overrides), tmp_path / "student")
+    assert (run_dir / "export" / "step-6" / "config.json").is_file()
+    assert read_metrics(tmp_path / "student")[-1]["teacher_flops_per_step"] > 0
+    teacher_params = sum(p.numel() for p in student.state.converters.converters[-1].teacher.parameters())
+    assert estimate(compose(overrides), timing=False).memory["teacher_parameters"] == 4 * teacher_params
+
+
 def test_eval_of_a_run_directory_gives_its_final_validation_loss(trained, corpus, cache_dir, tmp_path):
     """`effitrain eval RUN_DIR` exports the latest checkpoint and evaluates it: on the run's own data settings, the
     validation loss the run logged at its last step."""

@@ -169,6 +169,7 @@ def test_pruning_continues_its_schedule_and_masks_from_disk(tiny, tmp_path):
 @pytest.mark.parametrize("extra", [
     ["optimizer=adamw"], ["optimizer=sgd"], ["optimizer=adafactor"], ["optimizer=adamw-8bit"], ["optimizer=muon"],
     ["optimizer=zero1", "parallel=ddp"], ["precision=bf16-pure"], ["precision=bf16-pure", "optimizer=adamw-8bit"],
+    ["compression=[share-layers]"],  # two blocks, one module: DCP saves and loads the shared tensors once
 ], ids=lambda o: "+".join(x.split("=")[1] for x in o))
 def test_every_optimizer_continues_bit_for_bit_from_disk(extra, tiny, tmp_path):
     """Save after step 1 (DCP on disk), load into a fresh Trainer, train step 2: the same loss, grad norm and lr as 2

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from effitrain.errors import UsageError
 from effitrain.parallel import FSDP_STRATEGIES, Degrees, offloads, parallel_degrees
@@ -149,10 +150,30 @@ def model_shape(model_cfg, *, vocab: int, seq_len: int, compression=None) -> Sha
         params = [replace(p, pruned=p.name in pruned) for p in params]
     teacher = 0
     if "distill" in kinds and compression.distill.teacher:
-        teacher = sum(p.numel() for p in pretrained_on_meta(compression.distill.teacher).parameters())
+        teacher = _teacher_params(Path(compression.distill.teacher).expanduser())
     return Shape(**_dimensions(model.config), vocab=vocab, seq_len=seq_len, params=params, flops_per_token=flops,
                  teacher_params=teacher,
                  error_feedback="grad_powersgd" in kinds and bool(compression.grad_powersgd.error_feedback))
+
+
+def _teacher_params(path: Path) -> int:
+    """A teacher's parameters: from its config.json, or an effitrain run directory's saved config (nothing loaded)."""
+    from effitrain.models.build import build_model, pretrained_on_meta
+
+    if (path / "config.json").is_file():
+        return sum(p.numel() for p in pretrained_on_meta(path).parameters())
+    from effitrain.compose import load_run_config
+
+    cfg = load_run_config(path, allow_rendezvous=True)
+    run_vocab = vocab_size(cfg.data) if cfg.data.tokenizer else _tokenizer_vocab(path / "tokenizer.json")
+    model = build_model(cfg.model, vocab_size=run_vocab, max_seq_len=cfg.data.seq_len, meta=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _tokenizer_vocab(path: Path) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).get_vocab_size()
 
 
 def _dimensions(config) -> dict:

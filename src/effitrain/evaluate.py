@@ -35,19 +35,12 @@ def eval_command(args: list[str]) -> int:
 
 
 def _model_dir(path: Path) -> Path:
-    """The HF directory to load: `path` itself, or a run directory's latest checkpoint exported (once, into
-    RUN_DIR/export/step-N, where `effitrain export` puts it too)."""
-    if (path / "config.json").is_file():
-        if not (path / "tokenizer.json").is_file():
-            raise UsageError(f"{path}: no tokenizer.json beside config.json (eval tokenizes with the model's own)")
-        return path
-    if (path / ".hydra" / "config.yaml").is_file():
-        from effitrain.export import _run_parts, export_run
+    """The HF directory to load: `path` itself, or a run directory's latest checkpoint exported once."""
+    from effitrain.export import model_dir
 
-        _, checkpoint, _ = _run_parts(path, step=None)
-        out = path / "export" / checkpoint.name
-        return out if (out / "config.json").is_file() else export_run(path, out=out)
-    raise UsageError(f"{path}: neither an HF model directory (config.json + tokenizer.json) nor a run directory")
+    if (path / "config.json").is_file() and not (path / "tokenizer.json").is_file():
+        raise UsageError(f"{path}: no tokenizer.json beside config.json (eval tokenizes with the model's own)")
+    return model_dir(path)
 
 
 def evaluate_model(cfg) -> dict:

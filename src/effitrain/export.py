@@ -69,6 +69,18 @@ def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = Non
     return out
 
 
+def model_dir(path: Path) -> Path:
+    """A Hugging Face model directory for `path`: itself, or a run directory's latest checkpoint exported once into
+    RUN_DIR/export/step-N (where `effitrain export` puts it) -- what eval and a distillation teacher load."""
+    if (path / "config.json").is_file():
+        return path
+    if (path / ".hydra" / "config.yaml").is_file():
+        _, checkpoint, _ = _run_parts(path, step=None)
+        out = path / "export" / checkpoint.name
+        return out if (out / "config.json").is_file() else export_run(path, out=out)
+    raise UsageError(f"{path}: neither an HF model directory (config.json + tokenizer.json) nor a run directory")
+
+
 def restore_model(cfg, checkpoint: Path, *, vocab_size: int):
     """(model, converters): effitrain's model of the run (CPU, unwrapped) converted by the run's compression methods
     (their modules carry the checkpoint's parameter names; precision's change none), with the checkpoint's weights."""

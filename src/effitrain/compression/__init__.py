@@ -100,7 +100,7 @@ class Prune2of4:
 class Distill:
     name: str = "distill"
     kind: str = "distill"
-    teacher: Optional[str] = None  # a local Hugging Face model directory with the run's tokenizer.json
+    teacher: Optional[str] = None  # a local Hugging Face model directory with the run's tokenizer.json, or a run dir
     alpha: float = 0.5  # loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)
     temperature: float = 2.0
 
@@ -205,10 +205,12 @@ def _check_prune_2of4(c) -> None:
 def _check_distill(c) -> None:
     from pathlib import Path
 
-    _need(c.teacher is not None, "compression=distill needs compression.distill.teacher=<local HF model directory>")
-    _need((Path(c.teacher).expanduser() / "config.json").is_file(),
-          f"compression.distill.teacher={c.teacher}: no config.json there (give a local Hugging Face model "
-          "directory, e.g. one effitrain export wrote)")
+    _need(c.teacher is not None, "compression=distill needs compression.distill.teacher=<local HF model directory "
+          "or effitrain run directory>")
+    teacher = Path(c.teacher).expanduser()
+    _need((teacher / "config.json").is_file() or (teacher / ".hydra" / "config.yaml").is_file(),
+          f"compression.distill.teacher={c.teacher}: neither a Hugging Face model directory (config.json) nor an "
+          "effitrain run directory (.hydra/config.yaml)")
     _need(0 <= c.alpha <= 1, f"compression.distill.alpha={c.alpha} must lie in [0, 1]")
     _need(c.temperature > 0, f"compression.distill.temperature={c.temperature} must be > 0")
 

@@ -2,8 +2,9 @@
 
 loss = (1 - alpha) CE(student) + alpha T^2 KL(softmax(teacher / T) || softmax(student / T)). The LM loss already
 holds CE, so the term added here is alpha (T^2 KL - CE). The teacher is a local Hugging Face model directory that
-holds the run's tokenizer (checked); it runs in eval mode under no_grad, inside the step's autocast, in the run's
-parameter dtype, and under FSDP sharded like the student. Its forward FLOPs are reported apart
+holds the run's tokenizer (checked), or an effitrain run directory (its latest checkpoint, exported once into
+RUN_DIR/export/step-N by local rank 0 at the first step); it runs in eval mode under no_grad, inside the step's
+autocast, in the run's parameter dtype, and under FSDP sharded like the student. Its forward FLOPs are reported apart
 (`teacher_flops_per_step`, per device): the student's MFU stays the student's.
 """
 
@@ -36,6 +37,18 @@ def check_tokenizer(teacher_dir: Path, run_tokenizer: Path | None) -> None:
                          "the teacher's tokenizer.json)")
 
 
+def _exported(run_dir: Path, world) -> Path:
+    """A run directory's model as an HF directory: local rank 0 exports it (once: later runs find it), the node's
+    other ranks wait and read it."""
+    from effitrain.distributed import barrier
+    from effitrain.export import model_dir
+
+    if world.local_rank == 0:
+        model_dir(run_dir)
+    barrier(world)
+    return model_dir(run_dir)
+
+
 class Distill(ModelConverter):
     def __init__(self, *, teacher: str, alpha: float, temperature: float, context):
         self.path, self.alpha, self.t, self.context = Path(teacher).expanduser(), alpha, temperature, context
@@ -52,6 +65,8 @@ class Distill(ModelConverter):
         from effitrain.parallel.build import apply_parallel
 
         ctx = self.context
+        if not (self.path / "config.json").is_file():
+            self.path = _exported(self.path, ctx.world)
         teacher = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, attn_implementation="sdpa",
                                                        dtype=ctx.precision.param_dtype)
         if teacher.get_input_embeddings().num_embeddings < ctx.vocab_size:
