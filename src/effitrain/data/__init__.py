@@ -2,11 +2,13 @@
 
 Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: each source's
 files and documents, streamed; listing, fingerprint, split), tokens (BPE + streaming cache build), progress,
-prepare (the entry point), loader (sampler, batches, prefetch).
+prepare (the entry point), loader (sampler, batches, prefetch), near_dup (MinHash LSH for data.clean; it needs the
+`data` extra: `pip install effitrain[data]`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -28,6 +30,10 @@ class CleanConfig:
     # digits, ASCII punctuation, whitespace): binary decoded as replacement characters, symbol soup
     max_line_chars: int = 1000  # drop documents with a longer line (minified or generated files)
     max_repeated_lines: float = 0.5  # drop documents where more than this share of non-blank lines repeats one
+    near_dup_threshold: Optional[float] = None  # drop a document whose word-shingle Jaccard similarity to an earlier
+    # kept one is at least this (MinHash LSH, datasketch; e.g. 0.8); None = off: it needs the `data` extra
+    near_dup_num_perm: int = 128  # MinHash permutations: more estimate the similarity better, cost more time/memory
+    near_dup_shingle_words: int = 5  # a shingle is this many consecutive words (lowercased, split on whitespace)
 
 
 @dataclass
@@ -81,12 +87,32 @@ def check(cfg) -> None:
         raise UsageError("data.clean: min_chars >= 0, max_line_chars > 0, and max_non_text and max_repeated_lines "
                          f"between 0 and 1, please (got {c.min_chars}, {c.max_line_chars}, {c.max_non_text}, "
                          f"{c.max_repeated_lines})")
+    _check_near_dup(c)
     if cfg.tokenizer_sample_mb <= 0:
         raise UsageError(f"data.tokenizer_sample_mb={cfg.tokenizer_sample_mb} must be positive")
     if cfg.source != "stdlib":
         resolve_paths(source=cfg.source, paths=list(cfg.paths))
     if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_file():
         raise UsageError(f"data.tokenizer={cfg.tokenizer}: no such tokenizer.json file")
+
+
+def _check_near_dup(c) -> None:
+    if c.near_dup_threshold is None:
+        return
+    if not c.enabled:
+        raise UsageError(f"data.clean.near_dup_threshold={c.near_dup_threshold} has no effect without "
+                         "data.clean.enabled=true")
+    if not 0 < c.near_dup_threshold <= 1 or c.near_dup_num_perm < 16 or c.near_dup_shingle_words < 1:
+        raise UsageError("data.clean: near_dup_threshold in (0, 1], near_dup_num_perm >= 16 and near_dup_shingle_words "
+                         f">= 1, please (got {c.near_dup_threshold}, {c.near_dup_num_perm}, "
+                         f"{c.near_dup_shingle_words})")
+    require_extra("datasketch", what="data.clean.near_dup_threshold")
+
+
+def require_extra(module: str, *, what: str) -> None:
+    """A one-line UsageError when `module` (of the `data` extra) is not installed; found without importing it."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs the {module} package: pip install effitrain[data]")
 
 
 class DataError(UsageError):
