@@ -2,8 +2,8 @@
 
 Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: each source's
 files and documents, streamed; listing, fingerprint, split), tokens (BPE + streaming cache build), progress,
-prepare (the entry point), loader (sampler, batches, prefetch), near_dup (MinHash LSH for data.clean; it needs the
-`data` extra: `pip install effitrain[data]`).
+prepare (the entry point), loader (sampler, batches, prefetch), hf (local files through Hugging Face `datasets`),
+near_dup (MinHash LSH for data.clean). The last two need the `data` extra (`pip install effitrain[data]`).
 """
 
 from __future__ import annotations
@@ -73,6 +73,15 @@ class JsonlData(DataBase):
     field: str = "text"  # which key of each record holds the document
 
 
+@GROUP.option("datasets")
+@dataclass
+class DatasetsData(DataBase):
+    name: str = "datasets"
+    source: str = "datasets"
+    paths: List[str] = field(default_factory=list)  # .parquet/.arrow/.json/.jsonl/.csv files or directories of them
+    field: str = "text"  # which column holds the document
+
+
 @GROUP.checks
 def check(cfg) -> None:
     if cfg.seq_len <= 0:
@@ -88,6 +97,8 @@ def check(cfg) -> None:
                          f"between 0 and 1, please (got {c.min_chars}, {c.max_line_chars}, {c.max_non_text}, "
                          f"{c.max_repeated_lines})")
     _check_near_dup(c)
+    if cfg.source == "datasets":
+        require_extra("datasets", what="data=datasets")
     if cfg.tokenizer_sample_mb <= 0:
         raise UsageError(f"data.tokenizer_sample_mb={cfg.tokenizer_sample_mb} must be positive")
     if cfg.source != "stdlib":
@@ -120,13 +131,15 @@ class DataError(UsageError):
 
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
+# data=datasets: the `datasets` builder of each suffix (the suffix names the format)
+DATASETS_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
 def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
     """The files named by data.paths (directories expanded), checked to exist and hold data."""
     if not paths:
         raise DataError(f"data={source} needs data.paths=[file_or_dir,...]; none given")
-    suffixes = {".jsonl", ".json"} if source == "jsonl" else TEXT_SUFFIXES
+    suffixes = {"jsonl": {".jsonl", ".json"}, "datasets": set(DATASETS_BUILDERS)}.get(source, TEXT_SUFFIXES)
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -135,6 +148,9 @@ def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
         found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes) if path.is_dir() else [path]
         if not found:
             raise DataError(f"data.paths: {raw} holds no {'/'.join(sorted(suffixes))} files")
+        if source == "datasets" and path.suffix not in suffixes and not path.is_dir():
+            raise DataError(f"data.paths: {raw}: data=datasets reads {'/'.join(sorted(suffixes))} files (the suffix "
+                            "names the format)")
         files.extend(found)
     if sum(f.stat().st_size for f in files) == 0:
         raise DataError(f"data.paths: {', '.join(paths)} {'is' if len(paths) == 1 else 'are'} empty")

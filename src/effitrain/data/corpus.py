@@ -85,6 +85,18 @@ def jsonl_corpus(cfg) -> Corpus:
                   reader=f"jsonl:{cfg.field}")
 
 
+@GROUP.builder("datasets")
+def datasets_corpus(cfg) -> Corpus:
+    """Local parquet/arrow/json/csv files through Hugging Face `datasets` (data/hf.py; imported only to read)."""
+    def read(file: SourceFile) -> Iterator[Document]:
+        from effitrain.data.hf import read_rows
+
+        return read_rows(file, cfg.field)
+
+    return Corpus(_named_files(cfg.source, list(cfg.paths)), read=read, file_per_document=False,
+                  reader=f"datasets:{cfg.field}")
+
+
 @GROUP.builder("stdlib")
 def stdlib_corpus(cfg) -> Corpus:
     root = Path(sysconfig.get_paths()["stdlib"])
