@@ -18,6 +18,7 @@ from effitrain.errors import UsageError
 
 _SEED = 1  # of the MinHash permutations: fixed, so the same corpus and settings remove the same documents
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier combining the word hashes of a shingle
+_BATCH = 8192  # shingles per update: datasketch permutes a batch as a [batch, num_perm] array (4 MiB at 128)
 
 
 def _datasketch():
@@ -74,5 +75,6 @@ class NearDuplicates:
     def _minhash(self, shingles: np.ndarray):
         t = self._template
         sig = type(t)(num_perm=len(t), seed=_SEED, permutations=t.permutations, scheme=t.scheme, hashfunc=int)
-        sig.update_batch(shingles)  # the hashes are ours: datasketch permutes them and keeps the minima
+        for start in range(0, len(shingles), _BATCH):  # the hashes are ours: datasketch permutes them, keeps minima
+            sig.update_batch(shingles[start:start + _BATCH])
         return sig
