@@ -1,9 +1,10 @@
 """The `data` group: corpus -> tokenizer -> token cache (memmap) -> resumable sharded sampler -> batches.
 
+Two modules need the `data` extra (`pip install effitrain[data]`) and are imported only when used: hf (data=datasets:
+local files through Hugging Face `datasets`) and near_dup (MinHash LSH for data.clean.near_dup_threshold).
 Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: each source's
 files and documents, streamed; listing, fingerprint, split), tokens (BPE + streaming cache build), progress,
-prepare (the entry point), loader (sampler, batches, prefetch), hf (local files through Hugging Face `datasets`),
-near_dup (MinHash LSH for data.clean). The last two need the `data` extra (`pip install effitrain[data]`).
+prepare (the entry point), loader (sampler, batches, prefetch).
 """
 
 from __future__ import annotations
@@ -64,15 +65,6 @@ class TextData(DataBase):
     paths: List[str] = field(default_factory=list)  # files or directories (their *.txt, *.md, *.rst, *.py)
 
 
-@GROUP.option("jsonl")
-@dataclass
-class JsonlData(DataBase):
-    name: str = "jsonl"
-    source: str = "jsonl"
-    paths: List[str] = field(default_factory=list)  # .jsonl/.json files or directories of them
-    field: str = "text"  # which key of each record holds the document
-
-
 @GROUP.option("datasets")
 @dataclass
 class DatasetsData(DataBase):
@@ -80,6 +72,15 @@ class DatasetsData(DataBase):
     source: str = "datasets"
     paths: List[str] = field(default_factory=list)  # .parquet/.arrow/.json/.jsonl/.csv files or directories of them
     field: str = "text"  # which column holds the document
+
+
+@GROUP.option("jsonl")
+@dataclass
+class JsonlData(DataBase):
+    name: str = "jsonl"
+    source: str = "jsonl"
+    paths: List[str] = field(default_factory=list)  # .jsonl/.json files or directories of them
+    field: str = "text"  # which key of each record holds the document
 
 
 @GROUP.checks
@@ -91,14 +92,14 @@ def check(cfg) -> None:
     if cfg.vocab_size < 260:
         raise UsageError(f"data.vocab_size={cfg.vocab_size} is too small: a byte-level BPE needs at least 260 "
                          "(256 bytes + merges)")
+    _check_near_dup(cfg.clean)
+    if cfg.source == "datasets":
+        require_extra("datasets", what="data=datasets")
     c = cfg.clean
     if c.min_chars < 0 or c.max_line_chars <= 0 or not 0 <= c.max_non_text <= 1 or not 0 <= c.max_repeated_lines <= 1:
         raise UsageError("data.clean: min_chars >= 0, max_line_chars > 0, and max_non_text and max_repeated_lines "
                          f"between 0 and 1, please (got {c.min_chars}, {c.max_line_chars}, {c.max_non_text}, "
                          f"{c.max_repeated_lines})")
-    _check_near_dup(c)
-    if cfg.source == "datasets":
-        require_extra("datasets", what="data=datasets")
     if cfg.tokenizer_sample_mb <= 0:
         raise UsageError(f"data.tokenizer_sample_mb={cfg.tokenizer_sample_mb} must be positive")
     if cfg.source != "stdlib":
