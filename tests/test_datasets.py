@@ -56,6 +56,14 @@ def test_a_directory_gives_every_table_in_it(files):
         "docs.arrow:1", "docs.csv:1", "docs.jsonl:1", "docs.parquet:1"]
 
 
+def test_a_file_name_with_glob_characters_is_that_file(files, tmp_path):
+    """`datasets` takes data_files as glob patterns: `part[1]*.csv` unescaped would be part1-other.csv."""
+    (tmp_path / "part[1]*.csv").write_text((files / "docs.csv").read_text())
+    (tmp_path / "part1-other.csv").write_text("text\nsomething else\n")
+    docs = load_documents(DatasetsData(paths=[str(tmp_path / "part[1]*.csv")]))
+    assert len(docs) == 20 and docs[0].name == "part[1]*.csv:1"
+
+
 def _documents(tokens, eos) -> list[tuple]:
     """The token cache's documents (train and validation), each as its ids up to EOS, sorted."""
     ids = np.concatenate([np.asarray(tokens.train), np.asarray(tokens.val)]).tolist()

@@ -9,6 +9,7 @@ A file that cannot be read, or lacks the column, is one line naming it (DataErro
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
@@ -42,8 +43,9 @@ def read_rows(file: SourceFile, field: str) -> Iterator[Document]:
     row = 0
     try:
         with tempfile.TemporaryDirectory(prefix="effitrain-datasets-") as scratch:
-            rows = datasets.load_dataset(builder, data_files=[str(file.path)], split="train", streaming=True,
-                                         cache_dir=scratch)
+            # data_files are glob patterns: escaped, a name with [ ] * ? is that one file, not a pattern
+            rows = datasets.load_dataset(builder, data_files=[glob.escape(str(file.path))], split="train",
+                                         streaming=True, cache_dir=scratch)
             for batch in rows.iter(batch_size=_BATCH_ROWS):
                 if field not in batch:
                     raise DataError(f"{file.path}: no column {field!r} (its columns: {', '.join(batch)}; set "
