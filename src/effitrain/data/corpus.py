@@ -91,7 +91,7 @@ def datasets_corpus(cfg) -> Corpus:
     def read(file: SourceFile) -> Iterator[Document]:
         from effitrain.data.hf import read_rows
 
-        return read_rows(file, cfg.field)
+        return (Document(name, text) for name, text in read_rows(file.path, name=file.name, field=cfg.field))
 
     return Corpus(_named_files(cfg.source, list(cfg.paths)), read=read, file_per_document=False,
                   reader=f"datasets:{cfg.field}")

@@ -13,10 +13,10 @@ import glob
 import logging
 import os
 import tempfile
+from pathlib import Path
 from typing import Iterator
 
 from effitrain.data import DATASETS_BUILDERS, DataError, UsageError
-from effitrain.data.corpus import Document, SourceFile
 
 _BATCH_ROWS = 1000  # rows per batch read: Arrow's columnar batches, a few MB of text for typical documents
 
@@ -36,28 +36,28 @@ def _datasets():
     return datasets
 
 
-def read_rows(file: SourceFile, field: str) -> Iterator[Document]:
-    """The documents of one local file, row by row, streamed in batches."""
-    builder = DATASETS_BUILDERS[file.path.suffix]
+def read_rows(path: Path, *, name: str, field: str) -> Iterator[tuple[str, str]]:
+    """(document name, text) of each row of the local file `path` (named `name` in the corpus), streamed in batches."""
+    builder = DATASETS_BUILDERS[path.suffix]
     datasets = _datasets()
     row = 0
     try:
         with tempfile.TemporaryDirectory(prefix="effitrain-datasets-") as scratch:
             # data_files are glob patterns: escaped, a name with [ ] * ? is that one file, not a pattern
-            rows = datasets.load_dataset(builder, data_files=[glob.escape(str(file.path))], split="train",
+            rows = datasets.load_dataset(builder, data_files=[glob.escape(str(path))], split="train",
                                          streaming=True, cache_dir=scratch)
             for batch in rows.iter(batch_size=_BATCH_ROWS):
                 if field not in batch:
-                    raise DataError(f"{file.path}: no column {field!r} (its columns: {', '.join(batch)}; set "
+                    raise DataError(f"{path}: no column {field!r} (its columns: {', '.join(batch)}; set "
                                     "data.field to the column holding the text)")
                 for text in batch[field]:
                     row += 1
                     if text is None:
-                        raise DataError(f"{file.path}: row {row}: {field!r} is null")
-                    yield Document(f"{file.name}:{row}", str(text))
+                        raise DataError(f"{path}: row {row}: {field!r} is null")
+                    yield f"{name}:{row}", str(text)
     except DataError:
         raise
     except Exception as e:  # Arrow, pandas, fsspec and datasets each raise their own kinds: one line naming the file
         where = f" after row {row}" if row else ""
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{file.path}: cannot read as {builder}{where} ({message})") from None
+        raise DataError(f"{path}: cannot read as {builder}{where} ({message})") from None
