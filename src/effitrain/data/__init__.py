@@ -1,7 +1,5 @@
 """The `data` group: corpus -> tokenizer -> token cache (memmap) -> resumable sharded sampler -> batches.
 
-Two modules need the `data` extra (`pip install effitrain[data]`) and are imported only when used: hf (data=datasets:
-local files through Hugging Face `datasets`) and near_dup (MinHash LSH for data.clean.near_dup_threshold).
 Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: each source's
 files and documents, streamed; listing, fingerprint, split), tokens (BPE + streaming cache build), progress,
 prepare (the entry point), loader (sampler, batches, prefetch).
@@ -9,7 +7,6 @@ prepare (the entry point), loader (sampler, batches, prefetch).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -68,6 +65,8 @@ class TextData(DataBase):
 @GROUP.option("datasets")
 @dataclass
 class DatasetsData(DataBase):
+    """Local tables through Hugging Face `datasets` (data/hf.py; the `data` extra, imported only to read)."""
+
     name: str = "datasets"
     source: str = "datasets"
     paths: List[str] = field(default_factory=list)  # .parquet/.arrow/.json/.jsonl/.csv files or directories of them
@@ -123,6 +122,8 @@ def _check_near_dup(c) -> None:
 
 def require_extra(module: str, *, what: str) -> None:
     """A one-line UsageError when `module` (of the `data` extra) is not installed; found without importing it."""
+    import importlib.util
+
     if importlib.util.find_spec(module) is None:
         raise UsageError(f"{what} needs the {module} package: pip install effitrain[data]")
 
