@@ -33,7 +33,7 @@ def test_every_option_composes_and_checks(group, option, corpus, jsonl_corpus, c
     if group in ("data", "model"):  # keep the option's own values, not the tiny run's
         overrides = [o for o in overrides if not o.startswith(f"{group}.") and not o.startswith(f"{group}=")]
         if group == "data" and option != "stdlib":
-            overrides.append(f"data.paths=[{jsonl_corpus if option == 'jsonl' else corpus}]")
+            overrides.append(f"data.paths=[{jsonl_corpus if option in ('jsonl', 'datasets') else corpus}]")
     companions = [c.format(hf=tmp_path) for c in COMPANIONS.get((group, option), COMPANIONS.get(group, []))]
     cfg = compose([*overrides, f"{group}={option}", *companions])
     if group in cfg and "name" in cfg[group]:

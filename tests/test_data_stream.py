@@ -161,3 +161,17 @@ def test_bad_data_from_the_command_line_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"effitrain: error: {path}:4: not valid JSON (Expecting value)"]
     assert [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+def test_the_same_files_read_by_another_source_or_field_are_another_corpus(tmp_path):
+    """The listing names the reader: data=text on a .jsonl file (one document), then data=jsonl (a document per
+    line), then another data.field, each read anew rather than handed the cache the first built."""
+    path = _jsonl(tmp_path / "docs.jsonl", [json.dumps({"text": f"text number {i} " * 20, "title": f"title {i} " * 20})
+                                            for i in range(30)])
+    seen = []
+    for source, field in (("text", None), ("jsonl", "text"), ("jsonl", "title")):
+        extra = [f"data.field={field}"] if field else []
+        data = prepare_data(compose([f"data={source}", f"data.paths=[{path}]", f"data.cache_dir={tmp_path / 'c'}",
+                                     "data.vocab_size=300", *extra]).data)
+        seen.append((data.num_documents, data.fingerprint))
+    assert [n for n, _ in seen] == [1, 30, 30] and len({f for _, f in seen}) == 3

@@ -50,7 +50,7 @@ RUNS = [
      "parallel.activation_checkpointing=selective", "schedule.warmup_ratio=0.5"],
     ["model=gpt2-124m", "data=jsonl", "precision=bf16", "parallel=ddp", "optimizer=adafactor", "schedule=constant"],
     ["data=stdlib", "precision=fp16", "parallel=fsdp", "optimizer=sgd", "schedule=linear"],
-    ["parallel=hsdp", "parallel.dp_replicate=1", "schedule=wsd"],
+    ["parallel=hsdp", "parallel.dp_replicate=1", "schedule=wsd", "data=datasets"],
     ["parallel=tp", "schedule=inverse-sqrt", "checkpoint=async"],
     ["parallel=fsdp-tp", "parallel.tp=1"],
     ["optimizer=muon", "checkpoint=off", "compression=[prune-2of4,share-layers]"],
@@ -82,7 +82,7 @@ def test_every_schema_key_is_read(reads, corpus, jsonl_corpus, cache_dir, tmp_pa
         base = tiny_overrides(corpus, cache_dir, "max_steps=2", "eval_every=2")
         if "data=stdlib" in extra:  # the embedded corpus has no paths
             base = [o for o in base if not o.startswith("data.paths")]
-        data = [f"data.paths=[{jsonl_corpus}]"] if "data=jsonl" in extra else []
+        data = [f"data.paths=[{jsonl_corpus}]"] if {"data=jsonl", "data=datasets"} & set(extra) else []
         cfg = compose([*base, *data, *extra])
         kinds = {group.name: _kind_key(group, cfg) for group in GROUPS}
         reads.clear()

@@ -28,6 +28,10 @@ class CleanConfig:
     # digits, ASCII punctuation, whitespace): binary decoded as replacement characters, symbol soup
     max_line_chars: int = 1000  # drop documents with a longer line (minified or generated files)
     max_repeated_lines: float = 0.5  # drop documents where more than this share of non-blank lines repeats one
+    near_dup_threshold: Optional[float] = None  # drop a document whose word-shingle Jaccard similarity to an earlier
+    # kept one is at least this (MinHash LSH, datasketch; e.g. 0.8); None = off: it needs the `data` extra
+    near_dup_num_perm: int = 128  # MinHash permutations: more estimate the similarity better, cost more time/memory
+    near_dup_shingle_words: int = 5  # a shingle is this many consecutive words (lowercased, split on whitespace)
 
 
 @dataclass
@@ -58,6 +62,17 @@ class TextData(DataBase):
     paths: List[str] = field(default_factory=list)  # files or directories (their *.txt, *.md, *.rst, *.py)
 
 
+@GROUP.option("datasets")
+@dataclass
+class DatasetsData(DataBase):
+    """Local tables through Hugging Face `datasets` (data/hf.py; the `data` extra, imported only to read)."""
+
+    name: str = "datasets"
+    source: str = "datasets"
+    paths: List[str] = field(default_factory=list)  # .parquet/.arrow/.json/.jsonl/.csv files or directories of them
+    field: str = "text"  # which column holds the document
+
+
 @GROUP.option("jsonl")
 @dataclass
 class JsonlData(DataBase):
@@ -76,6 +91,9 @@ def check(cfg) -> None:
     if cfg.vocab_size < 260:
         raise UsageError(f"data.vocab_size={cfg.vocab_size} is too small: a byte-level BPE needs at least 260 "
                          "(256 bytes + merges)")
+    _check_near_dup(cfg.clean)
+    if cfg.source == "datasets":
+        require_extra("datasets", what="data=datasets")
     c = cfg.clean
     if c.min_chars < 0 or c.max_line_chars <= 0 or not 0 <= c.max_non_text <= 1 or not 0 <= c.max_repeated_lines <= 1:
         raise UsageError("data.clean: min_chars >= 0, max_line_chars > 0, and max_non_text and max_repeated_lines "
@@ -89,18 +107,41 @@ def check(cfg) -> None:
         raise UsageError(f"data.tokenizer={cfg.tokenizer}: no such tokenizer.json file")
 
 
+def _check_near_dup(c) -> None:
+    if c.near_dup_threshold is None:
+        return
+    if not c.enabled:
+        raise UsageError(f"data.clean.near_dup_threshold={c.near_dup_threshold} has no effect without "
+                         "data.clean.enabled=true")
+    if not 0 < c.near_dup_threshold <= 1 or c.near_dup_num_perm < 16 or c.near_dup_shingle_words < 1:
+        raise UsageError("data.clean: near_dup_threshold in (0, 1], near_dup_num_perm >= 16 and near_dup_shingle_words "
+                         f">= 1, please (got {c.near_dup_threshold}, {c.near_dup_num_perm}, "
+                         f"{c.near_dup_shingle_words})")
+    require_extra("datasketch", what="data.clean.near_dup_threshold")
+
+
+def require_extra(module: str, *, what: str) -> None:
+    """A one-line UsageError when `module` (of the `data` extra) is not installed; found without importing it."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs the {module} package: pip install effitrain[data]")
+
+
 class DataError(UsageError):
     """Bad data input: reported as one line, exit code 2."""
 
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
+# data=datasets: the `datasets` builder of each suffix (the suffix names the format)
+DATASETS_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
 def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
     """The files named by data.paths (directories expanded), checked to exist and hold data."""
     if not paths:
         raise DataError(f"data={source} needs data.paths=[file_or_dir,...]; none given")
-    suffixes = {".jsonl", ".json"} if source == "jsonl" else TEXT_SUFFIXES
+    suffixes = {"jsonl": {".jsonl", ".json"}, "datasets": set(DATASETS_BUILDERS)}.get(source, TEXT_SUFFIXES)
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -109,6 +150,9 @@ def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
         found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes) if path.is_dir() else [path]
         if not found:
             raise DataError(f"data.paths: {raw} holds no {'/'.join(sorted(suffixes))} files")
+        if source == "datasets" and path.suffix not in suffixes and not path.is_dir():
+            raise DataError(f"data.paths: {raw}: data=datasets reads {'/'.join(sorted(suffixes))} files (the suffix "
+                            "names the format)")
         files.extend(found)
     if sum(f.stat().st_size for f in files) == 0:
         raise DataError(f"data.paths: {', '.join(paths)} {'is' if len(paths) == 1 else 'are'} empty")

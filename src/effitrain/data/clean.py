@@ -1,8 +1,9 @@
-"""Cleaning while the corpus streams: exact duplicates (normalised text hash) and quality filters, each removed
-document counted by its reason with a few examples, for data_report.json.
+"""Cleaning while the corpus streams: quality filters, exact duplicates (normalised text hash) and near duplicates
+(MinHash LSH, data/near_dup.py; off unless data.clean.near_dup_threshold is set), each removed document counted by
+its reason with a few examples, for data_report.json.
 
-The filters look at one document at a time (the duplicate filter keeps 16 bytes per distinct document), so
-cleaning keeps preparation's memory bound. Near duplicates (MinHash LSH) are not implemented.
+The filters look at one document at a time; the duplicate filters keep 16 bytes (exact) and a signature (near) per
+kept document, never its text, so cleaning keeps preparation's memory bound by the number of documents.
 """
 
 from __future__ import annotations
@@ -24,20 +25,31 @@ class Cleaner:
 
     def __init__(self, cfg):
         self.cfg, self.seen = cfg, set()
+        self.near = None
+        if cfg.near_dup_threshold is not None:
+            from effitrain.data.near_dup import NearDuplicates  # datasketch: imported only when asked for
+
+            self.near = NearDuplicates(threshold=cfg.near_dup_threshold, num_perm=cfg.near_dup_num_perm,
+                                       shingle_words=cfg.near_dup_shingle_words)
         self.documents = self.kept = 0
         self.removed: dict[str, int] = {}
         self.examples: dict[str, list[dict]] = {}
 
     def reason(self, doc: Document) -> str | None:
         self.documents += 1
-        why = self._why(doc.text)
+        why, similar = self._why(doc.text), None
+        if why is None and self.near is not None and (similar := self.near.match(doc.name, doc.text)):
+            why = "near_duplicate"
         if why is None:
             self.kept += 1
             return None
         self.removed[why] = self.removed.get(why, 0) + 1
         shown = self.examples.setdefault(why, [])
         if len(shown) < _EXAMPLES:
-            shown.append({"name": doc.name, "text": doc.text[:_EXAMPLE_CHARS]})
+            example = {"name": doc.name, "text": doc.text[:_EXAMPLE_CHARS]}
+            if similar:  # which kept document it resembles, and how much
+                example |= {"similar_to": similar[0], "jaccard": similar[1]}
+            shown.append(example)
         return why
 
     def _why(self, text: str) -> str | None:

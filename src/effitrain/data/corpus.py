@@ -43,6 +43,7 @@ class Corpus:
     files: list[SourceFile]
     read: Callable[[SourceFile], Iterator[Document]]
     file_per_document: bool  # each file is one document named like the file (the split is known before reading)
+    reader: str  # how files become documents (source and its options): the same files read otherwise differ
 
     def documents(self, files: Iterable[SourceFile] | None = None) -> Iterator[Document]:
         for file in self.files if files is None else files:
@@ -52,8 +53,8 @@ class Corpus:
         return sum(f.path.stat().st_size for f in self.files)
 
     def listing(self) -> str:
-        """sha256 over (name, size, mtime) of every file: a stat per file, no reading."""
-        h = hashlib.sha256()
+        """sha256 over the reader and (name, size, mtime) of every file: a stat per file, no reading."""
+        h = hashlib.sha256(f"{self.reader}\0".encode())
         for f in self.files:
             st = f.path.stat()
             h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
@@ -72,7 +73,7 @@ def load_documents(cfg) -> list[Document]:
 
 @GROUP.builder("text")
 def text_corpus(cfg) -> Corpus:
-    return Corpus(_named_files(cfg.source, list(cfg.paths)), read=_read_text, file_per_document=True)
+    return Corpus(_named_files(cfg.source, list(cfg.paths)), read=_read_text, file_per_document=True, reader="text")
 
 
 @GROUP.builder("jsonl")
@@ -80,7 +81,20 @@ def jsonl_corpus(cfg) -> Corpus:
     def read(file: SourceFile) -> Iterator[Document]:
         return _jsonl_documents(file, cfg.field)
 
-    return Corpus(_named_files(cfg.source, list(cfg.paths)), read=read, file_per_document=False)
+    return Corpus(_named_files(cfg.source, list(cfg.paths)), read=read, file_per_document=False,
+                  reader=f"jsonl:{cfg.field}")
+
+
+@GROUP.builder("datasets")
+def datasets_corpus(cfg) -> Corpus:
+    """Local parquet/arrow/json/csv files through Hugging Face `datasets` (data/hf.py; imported only to read)."""
+    def read(file: SourceFile) -> Iterator[Document]:
+        from effitrain.data.hf import read_rows
+
+        return (Document(name, text) for name, text in read_rows(file.path, name=file.name, field=cfg.field))
+
+    return Corpus(_named_files(cfg.source, list(cfg.paths)), read=read, file_per_document=False,
+                  reader=f"datasets:{cfg.field}")
 
 
 @GROUP.builder("stdlib")
@@ -93,7 +107,7 @@ def stdlib_corpus(cfg) -> Corpus:
     files = [SourceFile(str(p.relative_to(root)), p) for p in sorted(paths)]
     # the topics module last, as its topics: listed by its file, so the listing still covers it
     files.append(SourceFile("pydoc_data.topics", root / _TOPICS))
-    return Corpus(files, read=_read_stdlib, file_per_document=False)
+    return Corpus(files, read=_read_stdlib, file_per_document=False, reader="stdlib")
 
 
 def _read_stdlib(file: SourceFile) -> Iterator[Document]:

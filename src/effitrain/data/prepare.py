@@ -1,9 +1,10 @@
 """prepare_data: corpus -> token cache, found from the corpus's listing without reading it once it is built.
 
 `cache_dir/listings/<listing+settings>.json` remembers which cache (keyed by content fingerprint + settings) a
-listing of (name, size, mtime) per file produced: a second run stats the files, opens the memmaps, and reads no
-document. A changed file changes its size or mtime, so the listing misses and the corpus is read (and, when its
-content is unchanged after all, lands on the same cache).
+listing of (name, size, mtime) per file and the reader (source, data.field) produced: a second run stats the files,
+opens the memmaps, and reads no document. A changed file changes its size or mtime, so the listing misses and the
+corpus is read (and, when its content is unchanged after all, lands on the same cache); the same files read by
+another source are another listing.
 """
 
 from __future__ import annotations

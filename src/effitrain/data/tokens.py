@@ -45,6 +45,8 @@ def settings_of(cfg) -> dict:
     tok = _file_sha(Path(cfg.tokenizer).expanduser()) if cfg.tokenizer else f"bpe{cfg.vocab_size}"
     clean = {key: cfg.clean[key] for key in ("exact_duplicates", "min_chars", "max_non_text", "max_line_chars",
                                              "max_repeated_lines")}
+    if cfg.clean.near_dup_threshold is not None:  # only then: caches cleaned without it keep their keys
+        clean |= {key: cfg.clean[key] for key in ("near_dup_threshold", "near_dup_num_perm", "near_dup_shingle_words")}
     return {"version": _CACHE_VERSION, "tokenizer": tok, "val_fraction": cfg.val_fraction,
             "tokenizer_sample_mb": cfg.tokenizer_sample_mb if not cfg.tokenizer else None,
             "clean": clean if cfg.clean.enabled else None}
