@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from effitrain import runs
+from effitrain import export, runs
 from effitrain.checkpoint import GROUP as CHECKPOINT
 from effitrain.checkpoint.layout import default_root, latest, resolve
 from effitrain.compose import GROUP_NAMES
@@ -81,7 +81,8 @@ def build_parts(cfg, *, world, vocab_size: int, tokenizer: Path | None = None) -
     precision = build_precision(cfg.precision, device=world.device)
     context = Context(seed=cfg.seed, world=world, parallel=cfg.parallel, precision=precision, vocab_size=vocab_size,
                       tokenizer=tokenizer, seq_len=cfg.data.seq_len,
-                      tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.data.seq_len)
+                      tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.data.seq_len,
+                      model_dir=export.model_dir)
     converters = ConverterChain([*precision.converters, *build_compression(cfg.compression, context=context)])
     model = apply_parallel(converters.convert(model), cfg=cfg.parallel, world=world, precision=precision,
                            init=partial(init_weights, cfg=cfg.model, seed=cfg.seed))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # importing the method modules registers their builders
 from effitrain.compression import GROUP, ORDER, distill, grad, lora, prune, qat, share  # noqa: F401
@@ -27,6 +28,8 @@ class Context:
         tokenizer: the run's tokenizer.json (distill checks the teacher's against it), or None where unknown.
         seq_len: tokens per sequence.
         tokens_per_step: tokens one rank processes per optimizer step.
+        model_dir: `path -> an HF model directory` (export.model_dir: a run directory's latest checkpoint,
+            exported once); distill loads a run-directory teacher through it.
     """
 
     seed: int
@@ -37,6 +40,7 @@ class Context:
     tokenizer: Path | None = None
     seq_len: int = 0
     tokens_per_step: int = 0
+    model_dir: Callable[[Path], Path] | None = None
 
 
 def build_compression(cfg, *, context: Context) -> list[ModelConverter]:

@@ -37,16 +37,15 @@ def check_tokenizer(teacher_dir: Path, run_tokenizer: Path | None) -> None:
                          "the teacher's tokenizer.json)")
 
 
-def _exported(run_dir: Path, world) -> Path:
-    """A run directory's model as an HF directory: local rank 0 exports it (once: later runs find it), the node's
-    other ranks wait and read it."""
+def _exported(run_dir: Path, ctx) -> Path:
+    """A run directory's model as an HF directory (ctx.model_dir: exported once, later runs find it): local rank 0
+    exports, the node's other ranks wait and read it."""
     from effitrain.distributed import barrier
-    from effitrain.export import model_dir
 
-    if world.local_rank == 0:
-        model_dir(run_dir)
-    barrier(world)
-    return model_dir(run_dir)
+    if ctx.world.local_rank == 0:
+        ctx.model_dir(run_dir)
+    barrier(ctx.world)
+    return ctx.model_dir(run_dir)
 
 
 class Distill(ModelConverter):
@@ -66,7 +65,7 @@ class Distill(ModelConverter):
 
         ctx = self.context
         if not (self.path / "config.json").is_file():
-            self.path = _exported(self.path, ctx.world)
+            self.path = _exported(self.path, ctx)
         teacher = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, attn_implementation="sdpa",
                                                        dtype=ctx.precision.param_dtype)
         if teacher.get_input_embeddings().num_embeddings < ctx.vocab_size:
