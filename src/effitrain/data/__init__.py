@@ -2,14 +2,14 @@
 
 Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: each source's
 files and documents, streamed; listing, fingerprint, split), tokens (BPE + streaming cache build), progress,
-prepare (the entry point), loader (sampler, batches, prefetch).
+prepare (the entry point), loader (sampler, batches, prefetch), mix (data=mix: several sources by weight).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from effitrain.errors import UsageError
 from effitrain.registry import Group
@@ -67,6 +67,16 @@ class JsonlData(DataBase):
     field: str = "text"  # which key of each record holds the document
 
 
+@GROUP.option("mix")
+@dataclass
+class MixData(DataBase):
+    name: str = "mix"
+    source: str = "mix"
+    # name -> {option: stdlib|text|jsonl, weight: >= 0, that option's own keys (paths, field)}; the other keys
+    # here (vocab_size, seq_len, val_fraction, clean, ...) hold for every source
+    sources: Dict[str, Any] = field(default_factory=dict)
+
+
 @GROUP.checks
 def check(cfg) -> None:
     if cfg.seq_len <= 0:
@@ -83,7 +93,11 @@ def check(cfg) -> None:
                          f"{c.max_repeated_lines})")
     if cfg.tokenizer_sample_mb <= 0:
         raise UsageError(f"data.tokenizer_sample_mb={cfg.tokenizer_sample_mb} must be positive")
-    if cfg.source != "stdlib":
+    if cfg.source == "mix":
+        from effitrain.data.mix import check_sources
+
+        check_sources(cfg)
+    elif cfg.source != "stdlib":
         resolve_paths(source=cfg.source, paths=list(cfg.paths))
     if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_file():
         raise UsageError(f"data.tokenizer={cfg.tokenizer}: no such tokenizer.json file")

@@ -185,3 +185,6 @@ def split(docs: list[Document], val_fraction: float) -> tuple[list[Document], li
     val = [d for d in docs if is_validation(d, val_fraction)]
     train = [d for d in docs if not is_validation(d, val_fraction)]
     return train, val
+
+
+from effitrain.data import mix as _mix  # noqa: E402, F401  registers data=mix's builder (it builds on the above)
