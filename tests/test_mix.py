@@ -172,3 +172,14 @@ def test_a_mixed_run_resumes_bit_for_bit_from_disk(mixed, tmp_path):
     keys = ("step", "loss", "grad_norm", "lr", "val_loss", "val_loss/code", "val_loss/docs")
     assert [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "second")] == \
         [{k: r.get(k) for k in keys} for r in read_metrics(whole)][2:]
+
+
+def test_a_bad_line_in_one_source_names_the_source_and_the_line(corpus, docs, tmp_path):
+    from effitrain.data import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"body": "fine " * 40}) + "\n" + '{"body": "cut' + "\n")
+    overrides = [o.replace(str(docs), str(bad)) for o in _mix(corpus, tmp_path / "cache", docs)]
+    with pytest.raises(DataError, match=rf"^data\.sources\.docs: {bad}:2: not valid JSON"):
+        prepare_run_data(compose(overrides).data)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]  # no cache half-built

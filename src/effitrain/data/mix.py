@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +223,7 @@ def _shared_bpe(cfg, sources: dict) -> Path:
     from effitrain.data.corpus import build_corpus
     from effitrain.data.tokens import settings_of, train_bpe
 
-    corpora = {name: build_corpus(sub) for name, (_, sub) in sources.items()}
+    corpora = {name: _naming(name, build_corpus(sub)) for name, (_, sub) in sources.items()}
     own = {name: {k: v for k, v in sub.items() if k not in _SHARED} for name, (_, sub) in sources.items()}
     key = [settings_of(cfg), [[name, c.listing(), str(own[name])] for name, c in corpora.items()]]
     path = (Path(cfg.cache_dir).expanduser() / "tokenizers" /
@@ -250,6 +250,15 @@ class _named:
         if self.name is not None and isinstance(error, DataError):
             raise DataError(f"data.sources.{self.name}: {error}") from None
         return False
+
+
+def _naming(name: str, corpus):
+    """`corpus` whose bad data (a DataError while reading) names the source too."""
+    def read(file):
+        with _named(name):
+            yield from corpus.read(file)
+
+    return replace(corpus, read=read)
 
 
 def _source_seed(seed: int, name: str) -> int:
