@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from effitrain.data import GROUP, DataError, resolve_paths
+from effitrain.data import GROUP, DataError, resolve_paths, source_configs
 
 # Parts of the stdlib that are bulky, generated or not representative prose/code.
 _STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
@@ -68,6 +68,12 @@ def build_corpus(cfg) -> Corpus:
 def load_documents(cfg) -> list[Document]:
     """Every document of the corpus in memory, in order (small corpora and tests; the pipeline streams)."""
     return list(build_corpus(cfg).documents())
+
+
+@GROUP.builder("mix")
+def mix_corpora(cfg) -> dict[str, Corpus]:
+    """data=mix: {name: Corpus} of its sources, each built by its option's builder (data.mix prepares them)."""
+    return {name: build_corpus(sub) for name, (_, sub) in source_configs(cfg).items()}
 
 
 @GROUP.builder("text")
@@ -185,6 +191,3 @@ def split(docs: list[Document], val_fraction: float) -> tuple[list[Document], li
     val = [d for d in docs if is_validation(d, val_fraction)]
     train = [d for d in docs if not is_validation(d, val_fraction)]
     return train, val
-
-
-from effitrain.data import mix as _mix  # noqa: E402, F401  registers data=mix's builder (it builds on the above)

@@ -1,10 +1,11 @@
 """data=mix: several corpora in one run, each drawn in proportion to its weight, all sharing one tokenizer.
 
-`data.sources` maps a source name to `{option, weight, <that option's own keys>}` (text: paths; jsonl: paths,
-field); the mix's other keys (vocab_size, seq_len, val_fraction, clean, cache_dir, ...) hold for every source. Each
-source is prepared exactly as its option alone would be, given the mix's tokenizer (`data.tokenizer`, or a BPE
-trained on an equal share of `data.tokenizer_sample_mb` from each source, cached by the sources' listings), so each
-keeps its own token cache: changing the weights re-tokenizes nothing.
+`data.sources` (schema MixData, checked by source_configs, both in data/__init__.py) maps a source name to
+`{option, weight, <that option's own keys>}` (text: paths; jsonl: paths, field); the mix's other keys (vocab_size,
+seq_len, val_fraction, clean, cache_dir, ...) hold for every source. Each source is prepared exactly as its option
+alone would be, given the mix's tokenizer (`data.tokenizer`, or a BPE trained on an equal share of
+`data.tokenizer_sample_mb` from each source, cached by the sources' listings), so each keeps its own token cache:
+changing the weights re-tokenizes nothing.
 
 Sampling stays a pure function of the sample's index g in the run (so of seed, step, micro-step and rank): g lies
 in block g // BLOCK, which holds each source's count (the largest-remainder split of BLOCK by the weights) in an
@@ -19,89 +20,14 @@ import hashlib
 import json
 import math
 import os
-import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from effitrain.data import GROUP, DataBase, DataError
-from effitrain.errors import UsageError, explain
+from effitrain.data import SHARED_KEYS, DataError, source_configs
 
 BLOCK = 4096  # samples per block: the realised shares are the weights' within 1/BLOCK over whole blocks
-_SHARED = [f.name for f in fields(DataBase) if f.name not in ("name", "source")]  # the mix's keys, every source's
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a metric key (val_loss/<name>) and an override path segment
-
-
-def source_configs(cfg) -> dict[str, tuple[float, object]]:
-    """{name: (weight, the source's own data config)} of a data=mix config, sorted by name (the order of the
-    sampler's blocks and the tokenizer's sample, whatever order the config lists them in). Bad input: UsageError.
-
-    Args:
-        cfg: the `data` config group (data=mix).
-    """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    sources = cfg.sources
-    if not sources:
-        raise UsageError("data=mix needs data.sources: name -> {option, weight, ...}, e.g. "
-                         "data.sources.code={option:stdlib,weight:0.7} "
-                         "data.sources.docs={option:text,weight:0.3,paths:[docs]}")
-    shared = {key: cfg[key] for key in _SHARED}
-    out = {}
-    for name in sorted(sources, key=str):
-        where, entry = f"data.sources.{name}", sources[name]
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise UsageError(f"data.sources: source name {name!r} must be letters, digits, - and _ (it names the "
-                             "metric val_loss/<name>)")
-        if not OmegaConf.is_dict(entry):
-            raise UsageError(f"{where}={entry!r} must be a mapping {{option: ..., weight: ..., ...}}")
-        option = entry.get("option")
-        kinds = [kind for kind in GROUP.schemas if kind != "mix"]
-        if option not in kinds:
-            raise UsageError(f"{where}.option={option!r} is not one of: {', '.join(kinds)}")
-        weight = entry.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                or weight < 0:
-            raise UsageError(f"{where}.weight={weight!r} must be a finite number >= 0 (its share of the training "
-                             "windows is weight / the sum of the weights)")
-        schema = GROUP.schemas[option]
-        own = [f.name for f in fields(schema) if f.name not in _SHARED and f.name not in ("name", "source")]
-        for key in entry:
-            if key not in ("option", "weight", *own):
-                hint = f"; {key} is the whole mix's: set data.{key}" if key in _SHARED else ""
-                raise UsageError(f"unknown key {f'{where}.{key}'!r}: a {option} source has option, weight"
-                                 f"{''.join(', ' + k for k in own)}{hint}")
-        try:
-            node = OmegaConf.merge(OmegaConf.structured(schema),
-                                   shared | {"name": name} | {key: entry[key] for key in own if key in entry})
-        except OmegaConfBaseException as e:
-            e.full_key = f"{where}.{e.full_key}" if e.full_key else where
-            raise UsageError(explain(e)) from None
-        out[name] = (float(weight), node)
-    if sum(weight for weight, _ in out.values()) <= 0:
-        raise UsageError(f"data.sources: the weights sum to 0 ({', '.join(out)}); give at least one a weight > 0")
-    return out
-
-
-def check_sources(cfg) -> None:
-    """data=mix: its sources (source_configs) and each source's own checks (paths exist and hold data)."""
-    from effitrain.data import check
-
-    for name, (_, sub) in source_configs(cfg).items():
-        try:
-            check(sub)
-        except UsageError as e:
-            raise type(e)(f"data.sources.{name}: {e}") from None
-
-
-@GROUP.builder("mix")
-def mix_corpora(cfg) -> dict:
-    """{name: Corpus} of a data=mix config's sources (each its option's builder)."""
-    from effitrain.data.corpus import build_corpus
-
-    return {name: build_corpus(sub) for name, (_, sub) in source_configs(cfg).items()}
 
 
 @dataclass(frozen=True)
@@ -224,7 +150,7 @@ def _shared_bpe(cfg, sources: dict) -> Path:
     from effitrain.data.tokens import settings_of, train_bpe
 
     corpora = {name: _naming(name, build_corpus(sub)) for name, (_, sub) in sources.items()}
-    own = {name: {k: v for k, v in sub.items() if k not in _SHARED} for name, (_, sub) in sources.items()}
+    own = {name: {k: v for k, v in sub.items() if k not in SHARED_KEYS} for name, (_, sub) in sources.items()}
     key = [settings_of(cfg), [[name, c.listing(), str(own[name])] for name, c in corpora.items()]]
     path = (Path(cfg.cache_dir).expanduser() / "tokenizers" /
             hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] / "tokenizer.json")
