@@ -23,6 +23,7 @@ COMPANIONS = {
     ("compression", "prune-magnitude"): ["max_steps=90"],
     ("compression", "lora"): ["model.pretrained={hf}"],  # a directory with a config.json (not loaded here)
     ("compression", "distill"): ["compression.distill.teacher={hf}"],
+    ("data", "mix"): ["data.sources.code={{option:text,weight:1,paths:[{corpus}]}}"],
 }
 
 
@@ -32,9 +33,10 @@ def test_every_option_composes_and_checks(group, option, corpus, jsonl_corpus, c
     overrides = tiny_overrides(corpus, cache_dir)
     if group in ("data", "model"):  # keep the option's own values, not the tiny run's
         overrides = [o for o in overrides if not o.startswith(f"{group}.") and not o.startswith(f"{group}=")]
-        if group == "data" and option != "stdlib":
+        if group == "data" and option not in ("stdlib", "mix"):
             overrides.append(f"data.paths=[{jsonl_corpus if option in ('jsonl', 'datasets') else corpus}]")
-    companions = [c.format(hf=tmp_path) for c in COMPANIONS.get((group, option), COMPANIONS.get(group, []))]
+    chosen = COMPANIONS.get((group, option), COMPANIONS.get(group, []))
+    companions = [c.format(hf=tmp_path, corpus=corpus) for c in chosen]
     cfg = compose([*overrides, f"{group}={option}", *companions])
     if group in cfg and "name" in cfg[group]:
         assert cfg[group].name == option

@@ -60,6 +60,8 @@ RUNS = [
     ["compression=[distill,qat-int4]", "compression.distill.teacher={hf}"],
     ["compression=[prune-magnitude,freeze]", "compression.prune_magnitude.end_step=2"],
     ["precision=fp8", "device=cpu"],  # refused on the CPU: its keys are read before the device check
+    ["data=mix", "data.sources.a={{option:text,weight:1,paths:[{corpus}]}}",
+     "data.sources.b={{option:jsonl,weight:1,paths:[{jsonl}],field:text}}"],
 ]
 
 
@@ -78,9 +80,9 @@ def test_every_schema_key_is_read(reads, corpus, jsonl_corpus, cache_dir, tmp_pa
     multi = {g.name for g in GROUPS if g.multi}
     read_by_kind: dict[str, set[str]] = {}
     for i, extra in enumerate(RUNS):
-        extra = [e.format(hf=hf) for e in extra]
+        extra = [e.format(hf=hf, corpus=corpus, jsonl=jsonl_corpus) for e in extra]
         base = tiny_overrides(corpus, cache_dir, "max_steps=2", "eval_every=2")
-        if "data=stdlib" in extra:  # the embedded corpus has no paths
+        if "data=stdlib" in extra or "data=mix" in extra:  # no data.paths: the embedded corpus, a mix's sources
             base = [o for o in base if not o.startswith("data.paths")]
         data = [f"data.paths=[{jsonl_corpus}]"] if {"data=jsonl", "data=datasets"} & set(extra) else []
         cfg = compose([*base, *data, *extra])

@@ -81,7 +81,21 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
     for group in GROUPS:
         for kind, schema in group.schemas.items():
-            store.store(group=group.schema_group, name=kind, node=schema)
+            store.store(group=group.schema_group, name=kind, node=_schema_node(schema))
+
+
+def _schema_node(schema: type):
+    """A kind's schema as Hydra composes it: a field typed Dict holds names the user chooses (data.sources), not
+    schema keys, so `data.sources.docs={...}` adds an entry without `+`; every other key stays closed."""
+    import typing
+
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(schema)
+    for key, hint in typing.get_type_hints(schema).items():
+        if typing.get_origin(hint) is dict:
+            OmegaConf.set_struct(node[key], False)
+    return node
 
 
 def normalize(args: list[str]) -> list[str]:
@@ -137,6 +151,7 @@ def compose_all(overrides: list[str], *, multirun: bool = False, hydra: bool = F
             jobs = [[o.input_line for o in task]]
         for job in jobs:
             _check_options(parser.parse_overrides(job))
+            _check_repeated_keys(job)
             try:  # what Hydra's launcher composes for the job (its hydra overrides first, as load_sweep_config does)
                 cfg = compose(config_name="train", overrides=[*settings, *job], return_hydra_config=hydra)
             except (HydraException, OmegaConfBaseException) as e:
@@ -279,6 +294,28 @@ def _check_options(parsed) -> None:
         if (o.key_or_group in GROUP_NAMES and o.is_add() is False or o.key_or_group == PRESETS) and not o.is_delete():
             for option in _selected(o.key_or_group, o.get_value_element_as_str()):
                 _check_option(o.key_or_group, option)
+
+
+def _check_repeated_keys(overrides: list[str]) -> None:
+    """A dict value that names a key twice (`data.sources={a:{...},a:{...}}`): Hydra would keep the last silently."""
+    from antlr4 import CommonTokenStream, InputStream
+    from hydra.grammar.gen.OverrideLexer import OverrideLexer
+    from hydra.grammar.gen.OverrideParser import OverrideParser
+
+    def repeated(node) -> str | None:
+        if isinstance(node, OverrideParser.DictContainerContext):
+            keys = [c.dictKey().getText() for c in node.getChildren()
+                    if isinstance(c, OverrideParser.DictKeyValuePairContext)]
+            twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            if twice is not None:
+                return twice
+        return next(filter(None, map(repeated, node.getChildren() if hasattr(node, "getChildren") else ())), None)
+
+    for line in overrides:
+        if "{" in line:  # parsed once already (compose_all): no syntax errors left
+            key = repeated(OverrideParser(CommonTokenStream(OverrideLexer(InputStream(line)))).override())
+            if key is not None:
+                raise UsageError(f"{line.split('=', 1)[0]}: the key {key!r} appears twice in one value; name each once")
 
 
 def _selected(group: str, value: str) -> list[str]:

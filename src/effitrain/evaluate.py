@@ -28,6 +28,9 @@ def eval_command(args: list[str]) -> int:
         raise UsageError("eval sets data.tokenizer and model.pretrained to the model's own; do not override them")
     cfg = compose_one([*overrides, f"data.tokenizer={model_dir / 'tokenizer.json'}", f"model.pretrained={model_dir}"])
     check_all(cfg)
+    if cfg.data.source == "mix":
+        raise UsageError("eval reads one data option: evaluate a mix's sources one at a time (e.g. data=text "
+                         "data.paths=[docs]); a training run reports val_loss/<source> itself")
     result = evaluate_model(cfg)
     print(format_table(model_dir, cfg, result))
     print(json.dumps(result))

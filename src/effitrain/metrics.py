@@ -286,6 +286,7 @@ def format_line(r: dict, total: int) -> str:
         parts.append(f"scale {r['loss_scale']:.0f}")
     if "val_loss" in r:
         parts.append(f"val_loss {r['val_loss']:.4f} ppl {r['val_ppl']:.1f}")
+    parts += [f"{key} {value:.4f}" for key, value in r.items() if key.startswith("val_loss/")]  # data=mix
     parts += [f"{key} {value:.3f}" for key, value in r.items() if key.startswith("task/")]
     return " | ".join(parts)
 

@@ -84,7 +84,8 @@ def git_state() -> dict:
         return {"git_commit": None, "git_dirty": None}
 
 
-def write_env(run_dir: Path, *, world, data, peak_flops, peak_flops_source: str, num_params: int) -> None:
+def write_env(run_dir: Path, *, world, data: dict, peak_flops, peak_flops_source: str, num_params: int) -> None:
+    """env.json; `data`: the data's fields (RunData.env: fingerprint, token counts, a mix's realised mixture)."""
     import torch
     import transformers
 
@@ -94,9 +95,7 @@ def write_env(run_dir: Path, *, world, data, peak_flops, peak_flops_source: str,
         "cuda": torch.version.cuda, "transformers": transformers.__version__, "host": socket.gethostname(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type, "world_size": world.size, "cpu_threads": torch.get_num_threads(),
-        "data_fingerprint": data.fingerprint, "data_documents": data.num_documents,
-        "train_tokens": int(len(data.tokens.train)), "val_tokens": int(len(data.tokens.val)),
-        "vocab_size": data.tokens.vocab_size, "num_params": num_params,
+        **data, "num_params": num_params,
         "peak_flops": peak_flops, "peak_flops_source": peak_flops_source, "argv": sys.argv,
         **git_state(),
     }

@@ -13,6 +13,7 @@ The loop saves on the checkpoint group's cadence, stops cleanly on SIGTERM/SIGUS
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -33,13 +34,13 @@ from effitrain.checkpoint.layout import default_root, latest, resolve
 from effitrain.compose import GROUP_NAMES
 from effitrain.compression.build import Context, build_compression
 from effitrain.converters import ConverterChain
-from effitrain.data.loader import Prefetcher, TrainBatches, WindowSampler, validation_batches
-from effitrain.data.prepare import prepare_data
+from effitrain.data.loader import Prefetcher, TrainBatches
+from effitrain.data.mix import prepare_run_data
 from effitrain.distributed import any_rank, barrier, close_world, init_world, pick_device
 from effitrain.errors import Diverged, Preempted
 from effitrain.flops import model_flops_per_token, peak_flops
 from effitrain.logs import setup_logging
-from effitrain.loop import evaluate, train_step
+from effitrain.loop import train_step
 from effitrain.metrics import MemoryMeter, PendingStep, Recorder, StepBuffer, StepClock, build_sinks, throughput
 from effitrain.models.build import build_model, count_params, init_weights
 from effitrain.optim.build import build_optimizer
@@ -113,8 +114,8 @@ class Trainer:
         self.world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
         setup_logging(run_dir, rank=self.world.rank)
         self._build_data()
-        self.parts = build_parts(cfg, world=self.world, vocab_size=self.data.tokens.vocab_size,
-                                 tokenizer=self.data.tokens.directory / "tokenizer.json")
+        self.parts = build_parts(cfg, world=self.world, vocab_size=self.data.vocab_size,
+                                 tokenizer=self.data.tokenizer_dir / "tokenizer.json")
         self.state, self.precision = self.parts.state, self.parts.precision
         self.checkpoint_root = default_root(run_dir, getattr(cfg.checkpoint, "dir", None))
         self.checkpointer = CHECKPOINT.builder_of(cfg.checkpoint.kind)(
@@ -157,19 +158,18 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, world = self.cfg, self.world
         if world.local_rank == 0:  # one builder per node; the others wait for its cache
-            self.data = prepare_data(cfg.data)
+            self.data = prepare_run_data(cfg.data)
         barrier(world)
         if world.local_rank != 0:
-            self.data = prepare_data(cfg.data)
+            self.data = prepare_run_data(cfg.data)
         self.shard = data_parallel_shard(cfg.parallel, world=world)  # TP ranks of one group share a batch
-        sampler = WindowSampler(self.data.tokens.train, seq_len=cfg.data.seq_len, seed=cfg.seed)
-        self.batches = TrainBatches(sampler, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
+        self.sampler = self.data.sampler(seq_len=cfg.data.seq_len, seed=cfg.seed)  # data=mix: by the weights
+        self.batches = TrainBatches(self.sampler, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
                                     shard=self.shard)
-        self.val_batches = validation_batches(self.data.tokens.val, seq_len=cfg.data.seq_len,
-                                              batch_size=cfg.batch_size, num_batches=cfg.eval_batches,
-                                              shard=self.shard)
+        self.val_batches = self.data.validation(seq_len=cfg.data.seq_len, batch_size=cfg.batch_size,
+                                                num_batches=cfg.eval_batches, shard=self.shard)  # {source: batches}
         self.tasks = TaskSuite(list(cfg.eval.tasks), max_items=cfg.eval.task_items,
-                               tokenizer_dir=self.data.tokens.directory)
+                               tokenizer_dir=self.data.tokenizer_dir)
 
     def _build_meters(self) -> None:
         cfg, world = self.cfg, self.world
@@ -185,18 +185,20 @@ class Trainer:
         if world.is_main:
             sinks = build_sinks(cfg.logging, run_dir=self.run_dir, total_steps=cfg.max_steps,
                                 resumed_at=self.state.step if self.kept_records else 0)
-            runs.write_env(self.run_dir, world=world, data=self.data, peak_flops=self.peak,
+            data_env = self.data.env(self.sampler, samples=cfg.max_steps * self.batches.global_batch,
+                                     seq_len=cfg.data.seq_len)
+            runs.write_env(self.run_dir, world=world, data=data_env, peak_flops=self.peak,
                            peak_flops_source=self.peak_source, num_params=self.parts.num_params)
             # the run directory carries its tokenizer: export and sample need no corpus and no cache
-            shutil.copy2(self.data.tokens.directory / "tokenizer.json", self.run_dir / "tokenizer.json")
-            shutil.copy(self.data.tokens.directory / "data_report.json", self.run_dir)  # what data.clean removed
+            shutil.copy2(self.data.tokenizer_dir / "tokenizer.json", self.run_dir / "tokenizer.json")
+            (self.run_dir / "data_report.json").write_text(json.dumps(self.data.report(), indent=2))  # data.clean's
         self.recorder = Recorder(sinks)
         self.recorder.records = list(self.kept_records)  # a resumed run's summary spans all its steps
         options = " ".join(f"{group}={cfg[group].name}" for group in GROUP_NAMES if "name" in cfg[group])
         log.info(f"run {cfg.name}: {options}")
         log.info(f"model {cfg.model.name}: {self.parts.num_params / 1e6:.2f}M parameters, "
                  f"{self.parts.flops_per_token / 1e6:.1f} MFLOPs/token | data {cfg.data.name}: "
-                 f"{len(self.data.tokens.train):,} train tokens, vocab {self.data.tokens.vocab_size}")
+                 f"{self.data.train_tokens:,} train tokens, vocab {self.data.vocab_size}")
         log.info(f"global batch {self.batches.global_batch} sequences = {self.tokens_per_step:,} tokens per optimizer "
                  f"step ({cfg.batch_size} x {self.shard.world} data-parallel ranks x {cfg.grad_accum_steps} accum x "
                  f"{cfg.data.seq_len}) | device {world.device} | peak {_fmt_flops(self.peak)} ({self.peak_source})")
@@ -254,8 +256,7 @@ class Trainer:
         t3 = time.perf_counter()
         extra = {}
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            extra["val_loss"], extra["val_ppl"] = evaluate(state.model, self.val_batches, precision=self.precision,
-                                                           device=world.device)
+            extra |= self.data.evaluate(state.model, self.val_batches, precision=self.precision, device=world.device)
             extra |= self.tasks.scores(state.model, max_len=cfg.data.seq_len, precision=self.precision,
                                        device=world.device)
         t4 = time.perf_counter()

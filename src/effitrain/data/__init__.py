@@ -1,17 +1,20 @@
 """The `data` group: corpus -> tokenizer -> token cache (memmap) -> resumable sharded sampler -> batches.
 
-Schemas and checks here (no torch, so the CLI checks paths at once); modules: corpus (the builders: each source's
-files and documents, streamed; listing, fingerprint, split), tokens (BPE + streaming cache build), progress,
-prepare (the entry point), loader (sampler, batches, prefetch).
+Schemas and checks here (no torch, so the CLI checks paths and a mix's sources at once); modules: corpus (the
+builders: each source's files and documents, streamed; listing, fingerprint, split), tokens (BPE + streaming cache
+build), progress, prepare (the entry point), loader (sampler, batches, prefetch), mix (data=mix: the run's data of
+several sources by weight, its sampler and per-source validation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
-from effitrain.errors import UsageError
+from effitrain.errors import UsageError, explain
 from effitrain.registry import Group
 
 GROUP = Group("data", key="source", builders="effitrain.data.corpus")
@@ -82,6 +85,16 @@ class JsonlData(DataBase):
     field: str = "text"  # which key of each record holds the document
 
 
+@GROUP.option("mix")
+@dataclass
+class MixData(DataBase):
+    name: str = "mix"
+    source: str = "mix"
+    # name -> {option: stdlib|text|jsonl, weight: >= 0, that option's own keys (paths, field)}; the other keys
+    # here (vocab_size, seq_len, val_fraction, clean, ...) hold for every source
+    sources: Dict[str, Any] = field(default_factory=dict)
+
+
 @GROUP.checks
 def check(cfg) -> None:
     if cfg.seq_len <= 0:
@@ -101,7 +114,9 @@ def check(cfg) -> None:
                          f"{c.max_repeated_lines})")
     if cfg.tokenizer_sample_mb <= 0:
         raise UsageError(f"data.tokenizer_sample_mb={cfg.tokenizer_sample_mb} must be positive")
-    if cfg.source != "stdlib":
+    if cfg.source == "mix":
+        check_sources(cfg)
+    elif cfg.source != "stdlib":
         resolve_paths(source=cfg.source, paths=list(cfg.paths))
     if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_file():
         raise UsageError(f"data.tokenizer={cfg.tokenizer}: no such tokenizer.json file")
@@ -157,3 +172,69 @@ def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
     if sum(f.stat().st_size for f in files) == 0:
         raise DataError(f"data.paths: {', '.join(paths)} {'is' if len(paths) == 1 else 'are'} empty")
     return files
+
+
+# data=mix: the keys of the whole mix (every source's); a source has its option's others
+SHARED_KEYS = [f.name for f in fields(DataBase) if f.name not in ("name", "source")]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a metric key (val_loss/<name>) and an override path segment
+
+
+def source_configs(cfg) -> dict[str, tuple[float, object]]:
+    """{name: (weight, the source's own data config)} of a data=mix config, sorted by name (the order of the
+    sampler's blocks and the tokenizer's sample, whatever order the config lists them in). Bad input: UsageError.
+
+    Args:
+        cfg: the `data` config group (data=mix).
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    sources = cfg.sources
+    if not sources:
+        raise UsageError("data=mix needs data.sources: name -> {option, weight, ...}, e.g. "
+                         "data.sources.code={option:stdlib,weight:0.7} "
+                         "data.sources.docs={option:text,weight:0.3,paths:[docs]}")
+    shared = {key: cfg[key] for key in SHARED_KEYS}
+    out = {}
+    for name in sorted(sources, key=str):
+        where, entry = f"data.sources.{name}", sources[name]
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise UsageError(f"data.sources: source name {name!r} must be letters, digits, - and _ (it names the "
+                             "metric val_loss/<name>)")
+        if not OmegaConf.is_dict(entry):
+            raise UsageError(f"{where}={entry!r} must be a mapping {{option: ..., weight: ..., ...}}")
+        option = entry.get("option")
+        kinds = [kind for kind in GROUP.schemas if kind != "mix"]
+        if option not in kinds:
+            raise UsageError(f"{where}.option={option!r} is not one of: {', '.join(kinds)}")
+        weight = entry.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight < 0:
+            raise UsageError(f"{where}.weight={weight!r} must be a finite number >= 0 (its share of the training "
+                             "windows is weight / the sum of the weights)")
+        schema = GROUP.schemas[option]
+        own = [f.name for f in fields(schema) if f.name not in SHARED_KEYS and f.name not in ("name", "source")]
+        for key in entry:
+            if key not in ("option", "weight", *own):
+                hint = f"; {key} is the whole mix's: set data.{key}" if key in SHARED_KEYS else ""
+                raise UsageError(f"unknown key {f'{where}.{key}'!r}: a {option} source has option, weight"
+                                 f"{''.join(', ' + k for k in own)}{hint}")
+        try:
+            node = OmegaConf.merge(OmegaConf.structured(schema),
+                                   shared | {"name": name} | {key: entry[key] for key in own if key in entry})
+        except OmegaConfBaseException as e:
+            e.full_key = f"{where}.{e.full_key}" if e.full_key else where
+            raise UsageError(explain(e)) from None
+        out[name] = (float(weight), node)
+    if sum(weight for weight, _ in out.values()) <= 0:
+        raise UsageError(f"data.sources: the weights sum to 0 ({', '.join(out)}); give at least one a weight > 0")
+    return out
+
+
+def check_sources(cfg) -> None:
+    """data=mix: its sources (source_configs) and each source's own checks (paths exist and hold data)."""
+    for name, (_, sub) in source_configs(cfg).items():
+        try:
+            check(sub)
+        except UsageError as e:
+            raise type(e)(f"data.sources.{name}: {e}") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from effitrain.data import GROUP, DataError, resolve_paths
+from effitrain.data import GROUP, DataError, resolve_paths, source_configs
 
 # Parts of the stdlib that are bulky, generated or not representative prose/code.
 _STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
@@ -69,6 +69,12 @@ def build_corpus(cfg) -> Corpus:
 def load_documents(cfg) -> list[Document]:
     """Every document of the corpus in memory, in order (small corpora and tests; the pipeline streams)."""
     return list(build_corpus(cfg).documents())
+
+
+@GROUP.builder("mix")
+def mix_corpora(cfg) -> dict[str, Corpus]:
+    """data=mix: {name: Corpus} of its sources, each built by its option's builder (data.mix prepares them)."""
+    return {name: build_corpus(sub) for name, (_, sub) in source_configs(cfg).items()}
 
 
 @GROUP.builder("text")

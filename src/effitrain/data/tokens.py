@@ -76,7 +76,7 @@ def build_cache(root: Path, corpus: Corpus, cfg, settings: dict) -> Path:
     tmp.mkdir()
     try:
         started = time.perf_counter()
-        tok, sample_bytes = (_load_given(cfg.tokenizer), 0) if cfg.tokenizer else _train_bpe(corpus, cfg)
+        tok, sample_bytes = (_load_given(cfg.tokenizer), 0) if cfg.tokenizer else train_bpe([corpus], cfg)
         cleaner = Cleaner(cfg.clean) if cfg.clean.enabled else None
         meta = _encode_corpus(tmp, tok, corpus, cfg.val_fraction, cleaner)
         report = cleaner.report() if cleaner else {"enabled": False, "documents": meta["documents"]}
@@ -101,8 +101,9 @@ def load_tokenizer(directory: Path):
     return Tokenizer.from_file(str(directory / "tokenizer.json"))
 
 
-def _train_bpe(corpus: Corpus, cfg):
-    """A byte-level BPE trained on a deterministic sample of about data.tokenizer_sample_mb of training text."""
+def train_bpe(corpora: list[Corpus], cfg):
+    """A byte-level BPE trained on a deterministic sample of about data.tokenizer_sample_mb of training text, an equal
+    share of it from each corpus (data=mix trains one for all its sources); (tokenizer, bytes sampled)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -110,14 +111,15 @@ def _train_bpe(corpus: Corpus, cfg):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    budget = int(cfg.tokenizer_sample_mb * 1e6)
-    sample = _Sample(corpus, budget=budget, val_fraction=cfg.val_fraction,
-                     cleaner=Cleaner(cfg.clean) if cfg.clean.enabled else None)
-    with Progress("tokenizer sample", total_bytes=min(budget, sample.total)) as progress:
-        tok.train_from_iterator(sample.texts(progress), trainer=trainer)
-    if sample.taken == 0:
+    budget = int(cfg.tokenizer_sample_mb * 1e6) // len(corpora)
+    samples = [_Sample(corpus, budget=budget, val_fraction=cfg.val_fraction,
+                       cleaner=Cleaner(cfg.clean) if cfg.clean.enabled else None) for corpus in corpora]
+    with Progress("tokenizer sample", total_bytes=sum(min(budget, s.total) for s in samples)) as progress:
+        tok.train_from_iterator((text for s in samples for text in s.texts(progress)), trainer=trainer)
+    taken = sum(s.taken for s in samples)
+    if taken == 0:
         raise DataError(f"data={cfg.name}: the corpus is empty{' after data.clean' if cfg.clean.enabled else ''}")
-    return tok, sample.taken
+    return tok, taken
 
 
 class _Sample:
