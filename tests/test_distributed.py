@@ -145,6 +145,7 @@ def test_fsdp_grad_accumulation_matches_bigger_batch(runs, more_runs):
     _assert_close(losses(runs["fsdp"]), losses(more_runs["fsdp-accum"]), what="fsdp 2 x b=1 vs 1 x b=2")
 
 
+@pytest.mark.extended  # reproduce itself is in the default run (tests/test_runs.py, tests/test_export.py)
 def test_reproduce_relaunches_the_same_world(runs, tmp_path):
     """reproduce of a 2-rank fsdp sweep job: same launch shape, fp32 on CPU, so bit-for-bit."""
     result = run_cli("reproduce", str(runs["fsdp"]), cwd=tmp_path)

@@ -183,3 +183,24 @@ def test_a_bad_line_in_one_source_names_the_source_and_the_line(corpus, docs, tm
     with pytest.raises(DataError, match=rf"^data\.sources\.docs: {bad}:2: not valid JSON"):
         prepare_run_data(compose(overrides).data)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]  # no cache half-built
+
+
+def test_eval_of_a_mix_reports_each_source_as_alone(mixed, corpus, cache_dir, docs, tmp_path):
+    """`effitrain eval` on data=mix: val_loss/<source> is what evaluating that source alone gives, val_loss their
+    weighted mean, and a val_bpb per source."""
+    from effitrain.evaluate import evaluate_model
+    from effitrain.models.build import build_model, init_weights
+
+    cfg, _ = mixed
+    data = prepare_run_data(cfg.data)
+    hf = tmp_path / "hf"
+    model = build_model(cfg.model, vocab_size=data.vocab_size, max_seq_len=cfg.data.seq_len)
+    init_weights(model, cfg=cfg.model, seed=3)
+    model.save_pretrained(hf)
+    tokenizer = data.tokenizer_dir / "tokenizer.json"
+    own = [f"model.pretrained={hf}", f"data.tokenizer={tokenizer}", "device=cpu"]
+    result = evaluate_model(compose([*_mix(corpus, cache_dir, docs), *own]))
+    alone = evaluate_model(compose([*tiny_overrides(corpus, cache_dir), *own]))
+    assert result["val_loss/code"] == pytest.approx(alone["val_loss"], rel=1e-6)
+    assert result["val_loss"] == pytest.approx(0.75 * result["val_loss/code"] + 0.25 * result["val_loss/docs"])
+    assert result["val_bpb/code"] == pytest.approx(alone["val_bpb"], rel=1e-6) and result["val_bpb/docs"] > 0

@@ -28,9 +28,6 @@ def eval_command(args: list[str]) -> int:
         raise UsageError("eval sets data.tokenizer and model.pretrained to the model's own; do not override them")
     cfg = compose_one([*overrides, f"data.tokenizer={model_dir / 'tokenizer.json'}", f"model.pretrained={model_dir}"])
     check_all(cfg)
-    if cfg.data.source == "mix":
-        raise UsageError("eval reads one data option: evaluate a mix's sources one at a time (e.g. data=text "
-                         "data.paths=[docs]); a training run reports val_loss/<source> itself")
     result = evaluate_model(cfg)
     print(format_table(model_dir, cfg, result))
     print(json.dumps(result))
@@ -47,26 +44,35 @@ def _model_dir(path: Path) -> Path:
 
 
 def evaluate_model(cfg) -> dict:
-    """{'val_loss', 'val_ppl', 'val_bpb', 'task/<name>'...} of cfg.model.pretrained on cfg.data's validation split."""
-    from effitrain.data.loader import Shard, validation_batches
-    from effitrain.data.prepare import prepare_data
+    """{'val_loss', 'val_ppl', 'val_bpb', 'task/<name>'...} of cfg.model.pretrained on cfg.data's validation split;
+    for data=mix also 'val_loss/<source>' and 'val_bpb/<source>' (val_loss: weighted by the sources' weights, as a
+    mixed run reports it)."""
+    from effitrain.data.loader import Shard
+    from effitrain.data.mix import prepare_run_data
     from effitrain.data.tokens import load_tokenizer
     from effitrain.distributed import pick_device
-    from effitrain.loop import evaluate
     from effitrain.models.build import build_model
     from effitrain.precision.build import build_precision
     from effitrain.tasks import load_task, task_accuracy
 
     device = pick_device(cfg.device, 0)
-    data = prepare_data(cfg.data)
-    tokenizer = load_tokenizer(data.tokens.directory)
-    model = build_model(cfg.model, vocab_size=data.tokens.vocab_size, max_seq_len=cfg.data.seq_len).to(device)
+    data = prepare_run_data(cfg.data)
+    tokenizer = load_tokenizer(data.tokenizer_dir)
+    model = build_model(cfg.model, vocab_size=data.vocab_size, max_seq_len=cfg.data.seq_len).to(device)
     precision = build_precision(cfg.precision, device=device)
-    batches = validation_batches(data.tokens.val, seq_len=cfg.data.seq_len, batch_size=cfg.batch_size,
-                                 num_batches=cfg.eval_batches, shard=Shard())
-    val_loss, val_ppl = evaluate(model, batches, precision=precision, device=device)
-    result = {"val_loss": val_loss, "val_ppl": val_ppl, "val_bpb": bits_per_byte(val_loss, batches, tokenizer),
-              "val_tokens": sum(b[:, 1:].numel() for b in batches)}
+    sets = data.validation(seq_len=cfg.data.seq_len, batch_size=cfg.batch_size, num_batches=cfg.eval_batches,
+                           shard=Shard())
+    result = data.evaluate(model, sets, precision=precision, device=device)
+    if data.mixed:  # per source; overall their weighted mean, as val_loss
+        per_source = {name: bits_per_byte(result[f"val_loss/{name}"], batches, tokenizer)
+                      for name, batches in sets.items()}
+        result |= {f"val_bpb/{name}": bpb for name, bpb in per_source.items()}
+        weighted = [(data.weights[name], bpb) for name, bpb in per_source.items() if data.weights[name] > 0]
+        result["val_bpb"] = (None if any(bpb is None for _, bpb in weighted) else
+                             sum(w * bpb for w, bpb in weighted) / sum(w for w, _ in weighted))
+    else:
+        result["val_bpb"] = bits_per_byte(result["val_loss"], next(iter(sets.values())), tokenizer)
+    result["val_tokens"] = sum(b[:, 1:].numel() for batches in sets.values() for b in batches)
     for spec in cfg.eval.tasks:
         task = load_task(spec, max_items=cfg.eval.task_items)
         result[f"task/{task.name}"] = task_accuracy(model, tokenizer, task, max_len=cfg.data.seq_len,
