@@ -18,10 +18,10 @@ from conftest import assert_losses_close, only_run_dir, read_metrics, run_cli, t
 
 STEPS = 16
 COMPARED = ("step", "loss", "grad_norm", "lr", "loss_scale", "skipped_steps", "val_loss")
+FP16 = ["precision=fp16", f"precision.init_scale={2.0**24!r}"]  # overflows at first: skipped steps carry over
 LAYOUTS = {
     "single": [],
-    "fp16": ["precision=fp16", f"precision.init_scale={2.0**24!r}"],  # overflows at first: skipped steps carry over
-    "ddp": ["parallel=ddp", "launcher.nproc_per_node=2"],
+    "ddp-fp16": ["parallel=ddp", "launcher.nproc_per_node=2", *FP16],  # ddp(2) and the fp16 scaler in one run
     "fsdp": ["parallel=fsdp", "launcher.nproc_per_node=2"],
 }
 
@@ -94,11 +94,7 @@ def reference(tmp_path_factory, corpus, cache_dir):
     return get
 
 
-# The default run kills and resumes the single-process run. The rest are extended: ddp's resume is also the
-# restarted worker group's below, fsdp's checkpoint is resumed at world sizes 1 and 3 below, and fp16's scaler
-# state continues bit for bit through disk in tests/test_train.py.
-@pytest.mark.parametrize("layout", [pytest.param(layout, marks=[pytest.mark.extended] if layout != "single" else [])
-                                    for layout in LAYOUTS])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sigkill_then_resume_is_bit_identical(layout, reference, corpus, cache_dir, tmp_path):
     run_dir, logged = _killed_then_resumed(tmp_path, _overrides(corpus, cache_dir, *LAYOUTS[layout]))
     assert _compared(run_dir) == _compared(reference(layout)), f"killed after {logged} logged steps"
@@ -106,7 +102,7 @@ def test_sigkill_then_resume_is_bit_identical(layout, reference, corpus, cache_d
     assert resumes[0]["from_step"] >= 8
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["final_loss"] == read_metrics(reference(layout))[-1]["loss"]
-    if layout == "fp16":
+    if "precision=fp16" in LAYOUTS[layout]:
         assert read_metrics(run_dir)[-1]["skipped_steps"] >= 1
 
 
@@ -164,14 +160,14 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(reference,
 def test_a_restarted_worker_group_resumes_from_its_checkpoint(reference, corpus, cache_dir, tmp_path):
     """launcher.max_restarts=1 and one ddp worker killed mid-run: the agent restarts both workers, which continue
     from the latest checkpoint -- every step exactly once, identical to the uninterrupted run."""
-    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir, *LAYOUTS["ddp"]), "launcher.max_restarts=1")
+    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir, *LAYOUTS["ddp-fp16"]), "launcher.max_restarts=1")
     _wait_for(lambda: _checkpoint(tmp_path, 8), proc, tmp_path)
     workers = _workers(proc.pid)
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     run_dir = _run_dir(tmp_path)
-    assert _compared(run_dir) == _compared(reference("ddp"))
+    assert _compared(run_dir) == _compared(reference("ddp-fp16"))
     assert "resumed from" in (run_dir / "train.log").read_text()
 
 
