@@ -30,6 +30,17 @@ def peak_cache(tmp_path_factory):
         os.environ[PEAK_CACHE_ENV] = before
 
 
+@pytest.fixture(autouse=True)
+def no_launch_mark(monkeypatch):
+    """Tests that call cli.main in this process leave its launch-time mark in os.environ; remove it around each
+    test, so no later in-process run (or CLI subprocess, which inherits it) counts its startup from that moment."""
+    from effitrain.runs import LAUNCH_TIME_ENV
+
+    monkeypatch.delenv(LAUNCH_TIME_ENV, raising=False)
+    yield
+    os.environ.pop(LAUNCH_TIME_ENV, None)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One token cache for the whole session (built once per corpus, as in real use)."""

@@ -20,7 +20,14 @@ def test_help_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
 
 
-def test_startup_is_logged_and_summarised(tiny, tmp_path):
+def test_startup_is_logged_and_summarised(tiny, tmp_path, monkeypatch):
+    import time
+
+    from effitrain.runs import LAUNCH_TIME_ENV
+
+    # the command starts now (the CLI marks it so; without a mark a run counts from its process's start, and this
+    # pytest worker -- or an earlier in-process cli.main of another test -- may have started long ago)
+    monkeypatch.setenv(LAUNCH_TIME_ENV, repr(time.time()))
     summary = run(compose(tiny("max_steps=1")), tmp_path)
     assert 0 < summary["startup_s"] < 600
     assert "startup:" in (tmp_path / "train.log").read_text()
