@@ -43,3 +43,11 @@ def machine() -> str:
     name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")), platform.processor())
     return f"{name}, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
+
+
+def report(rows: list[tuple[str, str]], result: dict, out: Path, *, width: int) -> None:
+    """Print a label/value table (values right-aligned in `width`) and write `result` as JSON to `out`."""
+    for label, value in rows:
+        print(f"{label:<24} {value:>{width}}")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")

@@ -25,6 +25,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from _effitrain_run import report
+
 _CHILD = r"""
 import json, logging, resource, sys, time
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -147,10 +149,7 @@ def main() -> None:
         rows += [(f"{probe['profile_mb']:.1f} MB: encode_batch_fast", f"{probe['encode_batch_fast_s']:.2f} s"),
                  ("  python side", f"{probe['python_side_s']:.2f} s"),
                  ("  encode_batch (before)", f"{probe['encode_batch_s']:.2f} s")]
-    for label, value in rows:
-        print(f"{label:<24} {value:>16}")
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    report(rows, result, args.out, width=16)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ bench_near_dup.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _effitrain_run import report
 from effitrain.data.near_dup import NearDuplicates
 
 
@@ -55,10 +55,7 @@ def main() -> None:
             ("documents/s", f"{result['documents_per_s']:,.0f}"), ("MB/s", f"{result['mb_per_s']:.2f}"),
             ("KiB per kept document", f"{result['kib_per_kept_document']:.2f}"),
             ("load (1 min)", f"{result['loadavg_1m']:.1f}")]
-    for label, value in rows:
-        print(f"{label:<24} {value:>22}")
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    report(rows, result, args.out, width=22)
 
 
 if __name__ == "__main__":
