@@ -6,7 +6,9 @@ run 3 optimizer steps of random tokens (loop.train_step). The measure is allocat
 profiler's memory events (`profile_memory=True`) record every CPU allocation and free with the running total of
 bytes allocated while it records; one profiler session spans all configs of a process, and a config's peak is the
 highest total in its third step (a steady-state step: optimizer state exists, zero_grad freed the gradients) less
-the total just before its build began, compared with the estimate's peak (the max over ranks). On CUDA: the
+the total just before its build began, plus the weights transformers left as views of a memory-mapped
+.safetensors file (a LoRA base, a teacher: no allocator event records them), compared with the estimate's peak
+(the max over ranks). On CUDA: the
 allocator's own peak (torch.cuda.max_memory_allocated) over the third step.
 
     python scripts/bench_estimate.py [--quick | --compression] [--json bench_estimate.json] [--md FILE]
@@ -104,7 +106,7 @@ def worker(config_file: Path, out: Path) -> None:
     from effitrain.train import build_parts
 
     configs = json.loads(config_file.read_text())
-    cuda_peaks, rank = [], 0
+    cuda_peaks, mapped, rank = [], [], 0
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for k, overrides in enumerate(configs):
             with record_function(f"bench_config_{k}"):
@@ -117,6 +119,7 @@ def worker(config_file: Path, out: Path) -> None:
                                          generator=gen) for _ in range(STEPS)]
                 parts = build_parts(cfg, world=world, vocab_size=cfg.data.vocab_size)
                 state = parts.state
+                mapped.append(_file_backed_tensor_bytes())
                 for i, batch in enumerate(batches):
                     if world.device.type == "cuda":
                         torch.cuda.synchronize()
@@ -128,9 +131,39 @@ def worker(config_file: Path, out: Path) -> None:
                     cuda_peaks.append(torch.cuda.max_memory_allocated())
                 del parts, state, batches
                 gc.collect()
-    peaks = cuda_peaks or _profiled_peaks(prof, len(configs))
+    peaks = cuda_peaks or [p + m for p, m in zip(_profiled_peaks(prof, len(configs)), mapped, strict=True)]
     out.with_name(f"{out.stem}.rank{rank}.json").write_text(json.dumps({"peak_bytes": peaks}))
     close_world()
+
+
+def _file_backed_tensor_bytes() -> int:
+    """Bytes of live CPU tensors whose storage is a memory-mapped .safetensors file.
+
+    transformers loads a Hugging Face directory's weights on CPU as views of the mmapped file (a LoRA base, a
+    distillation teacher): memory the process holds (its RSS, as page cache) that no allocator event records, so
+    the profiler's total misses it. Counted once per storage and added to the config's measured peak."""
+    import gc
+
+    import torch
+
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+                continue
+            ptr = storage.data_ptr()
+            if any(a <= ptr < b for a, b in ranges):
+                storages[ptr] = storage.nbytes()
+    return sum(storages.values())
 
 
 STEPS = 3  # the last is measured: optimizer state exists and zero_grad freed the gradients, as in every later step

@@ -309,7 +309,8 @@ def model_state_bytes(n_params: int, *, stage: int, dp: int, mixed: bool = True,
 
 
 def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int, sp: bool,
-                               dropout: bool, attn_trains: bool = True, mlp_trains: bool = True) -> int:
+                               dropout: bool, attn_trains: bool = True, mlp_trains: bool = True,
+                               norms_train: bool = True) -> int:
     """Bytes one block saves for backward per token (Korthikanti et al.'s accounting, for effitrain's blocks).
 
     Args:
@@ -321,6 +322,8 @@ def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int
         dropout: dropout > 0 (one byte of mask per element at each residual dropout).
         attn_trains, mlp_trains: a weight of the attention's input projections / of the MLP trains (LoRA
             adapters count). A frozen Linear saves no input: its input gradient needs the weight only.
+        norms_train: the blocks' norm weights train. A frozen RMSNorm weight saves no normalised tensor (only a
+            weight gradient needs it), so under LoRA and freeze a norm keeps its input alone.
     """
     h, hkv, inter, a = s.hidden, s.hidden // s.heads * s.kv_heads, s.intermediate, s.heads
     split = 1 / tp
@@ -331,7 +334,7 @@ def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int
         return source * h if source == compute else consumers * compute * h
 
     if s.family == "llama":
-        norm = 4 * h + residual * h  # RMSNorm: its input (or fp32 copy) and the normalised fp32/param-dtype tensor
+        norm = 4 * h + norms_train * residual * h  # RMSNorm: its input (or fp32 copy) and the normalised tensor
         norm_out = residual  # weight * normalised, in the residual dtype
         attn = (attn_trains * linear_inputs(3, norm_out) + split * (compute * (2 * h + 2 * hkv) + compute * h + 4 * a))
         # gate (silu input), silu out, up, and their product (down_proj's input)
@@ -345,14 +348,16 @@ def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int
     return int(norm_split * 2 * norm + attn + mlp + masks)
 
 
-def head_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int, head_trains: bool = True) -> dict[str, int]:
+def head_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int, head_trains: bool = True,
+                         final_norm_trains: bool = True) -> dict[str, int]:
     """Saved tensors of the final norm and head input, and the loss's largest backward moment (per token).
 
     Cross entropy (fp32 under autocast) saves the log-softmax output; its backward holds that output, the
     gradient from nll_loss and the gradient it produces at once: three fp32 vocab-wide tensors. Under TP the
     vocab-sharded logits are gathered for the loss."""
     v = s.vocab
-    saved = (4 + residual) * s.hidden + head_trains * (residual if residual == compute else compute) * s.hidden
+    normalised = residual if final_norm_trains or s.family != "llama" else 0  # see activation_bytes_per_token
+    saved = (4 + normalised) * s.hidden + head_trains * (residual if residual == compute else compute) * s.hidden
     return {"final_norm_head_input": int(saved), "loss_backward": 3 * 4 * v + (compute * v // tp if tp > 1 else 0)}
 
 
@@ -422,12 +427,13 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     per_layer = activation_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp,
                                            sp=bool(getattr(cfg.parallel, "sequence_parallel", False)),
                                            dropout=cfg.model.dropout > 0, attn_trains=trains["attn"],
-                                           mlp_trains=trains["mlp"])
+                                           mlp_trains=trains["mlp"], norms_train=trains["norms"])
     # blocks before the first trained parameter (freeze with frozen embeddings) save nothing: no gradient passes
     saving = replace(s, layers=s.layers - trains["untouched_blocks"])
     saved, recompute = block_activations(saving, per_layer=per_layer, mode=cfg.parallel.activation_checkpointing,
                                          every=cfg.parallel.ac_every, residual=residual)
-    head = head_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp, head_trains=trains["head"])
+    head = head_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp, head_trains=trains["head"],
+                                final_norm_trains=trains["final_norm"])
     mem["activations"] = (saved + head["final_norm_head_input"]) * tokens
     mem["activation_recompute"] = recompute * tokens
     mem["logits_and_loss"] = head["loss_backward"] * tokens
@@ -512,6 +518,8 @@ def _what_trains(s: Shape) -> dict:
     return {"attn": any(block(p) is not None and any(f".{a}." in p.name for a in attn) for p in trained),
             "mlp": any(block(p) is not None and ".mlp." in p.name for p in trained),
             "head": any(p.kind == "head" or (s.tied and p.kind == "embedding") for p in trained),
+            "norms": any(block(p) is not None and p.kind == "norm" for p in trained),
+            "final_norm": any(block(p) is None and p.kind == "norm" for p in trained),
             "untouched_blocks": max(first, 0)}
 
 
