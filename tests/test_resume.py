@@ -94,7 +94,8 @@ def reference(tmp_path_factory, corpus, cache_dir):
     return get
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# single-process SIGKILL + resume is also what the kill-during-save and the SIGTERM tests below do
+@pytest.mark.parametrize("layout", [pytest.param("single", marks=pytest.mark.extended), "ddp-fp16", "fsdp"])
 def test_sigkill_then_resume_is_bit_identical(layout, reference, corpus, cache_dir, tmp_path):
     run_dir, logged = _killed_then_resumed(tmp_path, _overrides(corpus, cache_dir, *LAYOUTS[layout]))
     assert _compared(run_dir) == _compared(reference(layout)), f"killed after {logged} logged steps"
@@ -246,24 +247,28 @@ def test_disk_full_is_one_line_and_the_previous_checkpoint_stays(reference, tmp_
     assert _compared(run_dir) == _compared(reference("single"))
 
 
-def test_nan_policy_abort_stops_in_one_line_and_skip_goes_on(corpus, cache_dir, tmp_path):
+def test_nan_policy_abort_stops_in_one_line_and_skip_goes_on(corpus, cache_dir, tmp_path, monkeypatch, capsys):
     """An lr of 1e30 blows the weights up after step 1, so every later gradient norm is non-finite: abort stops after
     nan_patience such steps (none applied) with one line, exit 1, the step-1 checkpoint kept; skip trains on and
-    counts them."""
+    counts them. In-process (`cli.main`, the command's own code path; a single-process run needs no launch)."""
+    from effitrain.cli import main
+
     base = tiny_overrides(corpus, cache_dir, "max_steps=8", "optimizer.lr=1e30", "schedule=constant",
                           "schedule.warmup_steps=0")
     (tmp_path / "abort").mkdir()
-    result = run_cli("train", *base, "nan_patience=3", "checkpoint.every=1", "checkpoint.keep_last=0",
-                     cwd=tmp_path / "abort")
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "not finite for 3 consecutive steps (2-4; none was applied)" in result.stderr
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path / "abort")
+    with pytest.raises(SystemExit) as stopped:  # the command's exit: sys.exit(1) inside the Hydra job
+        main(["train", *base, "nan_patience=3", "checkpoint.every=1", "checkpoint.keep_last=0"])
+    assert stopped.value.code == 1
+    stderr = capsys.readouterr().err
+    assert "not finite for 3 consecutive steps (2-4; none was applied)" in stderr
+    assert "Traceback" not in stderr
     run_dir = only_run_dir(tmp_path / "abort" / "outputs")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-1"]
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["skipped_steps"] == 3
     (tmp_path / "skip").mkdir()
-    result = run_cli("train", *base, "nan_policy=skip", "checkpoint=off", cwd=tmp_path / "skip")
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.chdir(tmp_path / "skip")
+    assert main(["train", *base, "nan_policy=skip", "checkpoint=off"]) == 0, capsys.readouterr().err[-3000:]
     assert read_metrics(only_run_dir(tmp_path / "skip" / "outputs"))[-1]["skipped_steps"] == 7
 
