@@ -53,9 +53,8 @@ def train(overrides: list[str], run_dir: Path):
 
 
 def val_loss(trainer, model) -> float:
-    from effitrain.loop import evaluate
-
-    return evaluate(model, trainer.val_batches, precision=trainer.precision, device=torch.device("cpu"))[0]
+    return trainer.data.evaluate(model, trainer.val_batches, precision=trainer.precision,
+                                 device=torch.device("cpu"))["val_loss"]
 
 
 def optimizer_bytes(optimizer) -> int:
@@ -82,7 +81,7 @@ def save_hf(trainer, out: Path) -> Path:
     """The trained model as a local HF directory with the run's tokenizer (a teacher, a pretrained model)."""
     model = trainer.state.converters.export(trainer.state.model)
     model.save_pretrained(out)
-    shutil.copy(trainer.data.tokens.directory / "tokenizer.json", out / "tokenizer.json")
+    shutil.copy(trainer.data.tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
     return out
 
 
@@ -93,7 +92,7 @@ def row(name: str, trainer, exported, tmp: Path, **extra) -> dict:
             "total_params": sum(p.numel() for p in exported.parameters()),
             "optimizer_state_bytes": optimizer_bytes(trainer.state.optimizer),
             "export_bytes": export_bytes(exported, tmp / f"{name}.pt"),
-            "tokens_per_s": tokens_per_s(exported, trainer.data.tokens.vocab_size), **extra}
+            "tokens_per_s": tokens_per_s(exported, trainer.data.vocab_size), **extra}
 
 
 def main() -> None:

@@ -158,8 +158,22 @@ def test_distill_from_a_teacher_dir(tmp_path, tiny, hf_dir):
                   tmp_path / "a")
     records = read_metrics(tmp_path / "a")
     assert all(r["teacher_flops_per_step"] > 0 for r in records)
-    teacher = run.state.converters.converters[-1].teacher
+    distill = run.state.converters.converters[-1]
+    teacher = distill.teacher
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    # the step's loss is (1 - alpha) CE + alpha T^2 KL(teacher || student), computed here from scratch
+    from effitrain.loop import lm_loss
+
+    batch = torch.randint(0, run.data.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = lm_loss(run.state.model, batch, run.state.converters)
+        s = run.state.model(input_ids=batch[:, :-1]).logits.flatten(0, 1)
+        t = teacher(input_ids=batch[:, :-1]).logits[..., :s.shape[-1]].flatten(0, 1)
+    temp, alpha = distill.t, distill.alpha
+    ce = torch.nn.functional.cross_entropy(s, batch[:, 1:].flatten())
+    p_t, log_p_t, log_p_s = (t / temp).softmax(-1), (t / temp).log_softmax(-1), (s / temp).log_softmax(-1)
+    kl = (p_t * (log_p_t - log_p_s)).sum(-1).mean()
+    torch.testing.assert_close(got, (1 - alpha) * ce + alpha * temp ** 2 * kl)
 
 
 def test_distill_refuses_a_teacher_with_another_tokenizer(tmp_path, tiny, hf_dir):

@@ -5,7 +5,8 @@ calls the chain at fixed points and never learns their names:
 
     convert(model)              before parallel wrapping, in place (FSDP then shards what the transform made)
     comm_hook(model)            after DDP wrapping: register a gradient communication hook
-    loss_term(logits, batch)    an extra loss added to the LM loss (distillation, regularisers), or None
+    loss_term(logits, batch, lm_loss)  an extra loss added to the LM loss (distillation, regularisers), or None;
+                                lm_loss is the step's cross entropy (a term that needs it reuses its graph)
     post_optimizer_hook(model)  after each optimizer step (re-apply masks, refresh scales), fp16-skipped ones too
     state_dict_transform(sd)    on the model state dict before save/export (drop or rename what the transform added)
     export(model)               on the unwrapped, fully loaded model before it is written as a Hugging Face model
@@ -31,7 +32,7 @@ class ModelConverter:
     def comm_hook(self, model: nn.Module) -> None:
         pass
 
-    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor | None:
+    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor, lm_loss: torch.Tensor) -> torch.Tensor | None:
         return None
 
     def post_optimizer_hook(self, model: nn.Module) -> None:
@@ -68,8 +69,9 @@ class ConverterChain(ModelConverter):
         for c in self.converters:
             c.comm_hook(model)
 
-    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor | None:
-        terms = [t for c in self.converters if (t := c.loss_term(logits=logits, batch=batch)) is not None]
+    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor, lm_loss: torch.Tensor) -> torch.Tensor | None:
+        terms = [t for c in self.converters if (t := c.loss_term(logits=logits, batch=batch, lm_loss=lm_loss))
+                 is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
     def post_optimizer_hook(self, model: nn.Module) -> None:

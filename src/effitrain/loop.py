@@ -27,7 +27,7 @@ def lm_loss(model: nn.Module, batch: torch.Tensor, converters: ModelConverter | 
     the converters add (distillation, regularisers)."""
     logits = model(input_ids=batch[:, :-1]).logits
     loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-    extra = converters.loss_term(logits=logits, batch=batch) if converters is not None else None
+    extra = converters.loss_term(logits=logits, batch=batch, lm_loss=loss) if converters is not None else None
     return loss if extra is None else loss + extra
 
 

@@ -1,7 +1,8 @@
 """Knowledge distillation: a frozen teacher's softened distribution as a second target.
 
 loss = (1 - alpha) CE(student) + alpha T^2 KL(softmax(teacher / T) || softmax(student / T)). The LM loss already
-holds CE, so the term added here is alpha (T^2 KL - CE). The teacher is a local Hugging Face model directory that
+holds CE, so the term added here is alpha (T^2 KL - CE), with that same CE (not a second cross entropy: one
+log-softmax of vocab x tokens saved, not two). The teacher is a local Hugging Face model directory that
 holds the run's tokenizer (checked), or an effitrain run directory (its latest checkpoint, exported once into
 RUN_DIR/export/step-N by local rank 0 at the first step); it runs in eval mode under no_grad, inside the step's
 autocast, in the run's parameter dtype, and under FSDP sharded like the student. Its forward FLOPs are reported apart
@@ -78,7 +79,7 @@ class Distill(ModelConverter):
             return apply_parallel(teacher, cfg=ctx.parallel, world=ctx.world, precision=ctx.precision)
         return teacher.to(ctx.world.device)
 
-    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor | None:
+    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor, lm_loss: torch.Tensor) -> torch.Tensor | None:
         if self.teacher is None:
             self.teacher = self._load()
         with torch.no_grad():
@@ -86,8 +87,7 @@ class Distill(ModelConverter):
         s = F.log_softmax(logits.float() / self.t, dim=-1).flatten(0, 1)
         t = F.log_softmax(teacher_logits.float() / self.t, dim=-1).flatten(0, 1)
         kl = F.kl_div(s, t, log_target=True, reduction="batchmean")
-        ce = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        return self.alpha * (self.t ** 2 * kl - ce)
+        return self.alpha * (self.t ** 2 * kl - lm_loss)
 
     def metrics(self) -> dict:
         return {"teacher_flops_per_step": self.flops_per_step}
