@@ -9,6 +9,7 @@ several sources by weight, its sampler and per-source validation).
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -162,16 +163,31 @@ def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
         path = Path(raw).expanduser()
         if not path.exists():
             raise DataError(f"data.paths: {raw} does not exist")
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes) if path.is_dir() else [path]
+        found = _files_under(path, suffixes) if path.is_dir() else [path]
         if not found:
             raise DataError(f"data.paths: {raw} holds no {'/'.join(sorted(suffixes))} files")
         if source == "datasets" and path.suffix not in suffixes and not path.is_dir():
             raise DataError(f"data.paths: {raw}: data=datasets reads {'/'.join(sorted(suffixes))} files (the suffix "
                             "names the format)")
         files.extend(found)
-    if sum(f.stat().st_size for f in files) == 0:
+    if not any(os.stat(f).st_size for f in files):  # stops at the first file with bytes
         raise DataError(f"data.paths: {', '.join(paths)} {'is' if len(paths) == 1 else 'are'} empty")
     return files
+
+
+def _files_under(root: Path, suffixes: set[str]) -> list[Path]:
+    """The regular files under root with one of the suffixes, in Path order (rglob's files, sorted), from one
+    scandir per directory: DirEntry knows file from directory without a stat, so a cached run over 70,000 files
+    lists them in a fraction of a second. Symlinked directories are not entered (as rglob does not)."""
+    found, stack = [], [str(root)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif os.path.splitext(entry.name)[1] in suffixes and entry.is_file():
+                    found.append(entry.path)
+    return [Path(f) for f in sorted(found, key=lambda f: f.split(os.sep))]  # by parts, as Paths compare
 
 
 # data=mix: the keys of the whole mix (every source's); a source has its option's others

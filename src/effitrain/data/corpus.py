@@ -56,7 +56,7 @@ class Corpus:
         """sha256 over the reader and (name, size, mtime) of every file: a stat per file, no reading."""
         h = hashlib.sha256(f"{self.reader}\0".encode())
         for f in self.files:
-            st = f.path.stat()
+            st = os.stat(f.path)
             h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         return h.hexdigest()
 
@@ -134,17 +134,16 @@ def _read_text(file: SourceFile) -> Iterator[Document]:
 
 
 def _named_files(source: str, paths: list[str]) -> list[SourceFile]:
-    return [SourceFile(_relative_name(f, paths), f) for f in resolve_paths(source=source, paths=paths)]
+    """Each file named relative to the data.paths directory that holds it (else by its own name): the split and
+    the fingerprint then depend on the corpus, not on where it lies on disk. String prefixes, not
+    Path.relative_to: the files come from those directories' own paths, and a cached run names every file."""
+    prefixes = [str(root).rstrip(os.sep) + os.sep for raw in paths if (root := Path(raw).expanduser()).is_dir()]
 
+    def name(file: Path) -> str:
+        text = str(file)
+        return next((text[len(p):] for p in prefixes if text.startswith(p)), file.name)
 
-def _relative_name(file: Path, paths: list[str]) -> str:
-    """A document's name relative to the data.paths entry that found it: the split and the fingerprint
-    then depend on the corpus, not on where it lies on disk."""
-    for raw in paths:
-        root = Path(raw).expanduser()
-        if root.is_dir() and file.is_relative_to(root):
-            return str(file.relative_to(root))
-    return file.name
+    return [SourceFile(name(f), f) for f in resolve_paths(source=source, paths=paths)]
 
 
 def _jsonl_documents(file: SourceFile, field: str) -> Iterator[Document]:
