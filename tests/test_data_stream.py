@@ -175,3 +175,21 @@ def test_the_same_files_read_by_another_source_or_field_are_another_corpus(tmp_p
                                      "data.vocab_size=300", *extra]).data)
         seen.append((data.num_documents, data.fingerprint))
     assert [n for n, _ in seen] == [1, 30, 30] and len({f for _, f in seen}) == 3
+
+
+def test_the_file_listing_is_rglobs_in_path_order(tmp_path):
+    """The scandir listing a cached run builds finds what `rglob` + `is_file` + suffix found, in Path order (by parts:
+    `a/x.py` before `a-b/x.py`, which string order would swap), without entering symlinked directories."""
+    from effitrain.data import TEXT_SUFFIXES, _files_under
+
+    root = tmp_path / "corpus"
+    for name in ("a/x.py", "a-b/x.py", "a/b/c.md", "z.txt", "a/notes.rst", "a/data.bin", "B/up.py", "a/.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    (root / "a" / "dir.py").mkdir()  # a directory with a text suffix is not a file
+    os.symlink(root / "a", root / "linked")  # rglob does not enter it either
+    os.mkfifo(root / "pipe.txt")  # not a regular file
+    expected = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    assert _files_under(root, TEXT_SUFFIXES) == expected
+    names = [p.relative_to(root).as_posix() for p in expected]
+    assert names.index("a/x.py") < names.index("a-b/x.py") and "linked/x.py" not in names and "a/.py" not in names
