@@ -158,9 +158,9 @@ def _file_backed_tensor_bytes() -> int:
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
             try:
                 storage = obj.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+                ptr = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):  # subclasses without a plain storage, FSDP's freed ones
                 continue
-            ptr = storage.data_ptr()
             if any(a <= ptr < b for a, b in ranges):
                 storages[ptr] = storage.nbytes()
     return sum(storages.values())

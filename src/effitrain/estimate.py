@@ -20,8 +20,9 @@ reports (`flops.model_flops_per_token`), in seconds, for any size. Memory is cou
 - compression: frozen parameters (freeze, LoRA's base weights) have no gradients, optimizer state or DDP buckets;
   LoRA's adapters (rank x (in + out) per targeted Linear) are trainable parameters of their own; shared blocks
   (share-layers) are stored once; pruning keeps a bool mask per pruned weight element; a distillation teacher's
-  parameters sit beside the student's (sharded like it under FSDP) and the loss keeps three fp32 vocab x tokens
-  tensors (both log-softmaxes and cross entropy's); PowerSGD's error feedback is one fp32 copy of the gradients.
+  parameters sit beside the student's (sharded like it under FSDP), the KL keeps both fp32 log-softmaxes for
+  backward, and building it (the step's peak) holds the student's logits and kl_div's three vocab-wide
+  temporaries on top of the cross entropy's log-softmax; PowerSGD's error feedback is one fp32 copy of the gradients.
   QAT's fake-quantized weight copies live one Linear at a time and are not counted;
 - FSDP's gathered parameters: the root's (embeddings, final norm, head) stay gathered through forward and
   backward, plus two blocks at a time (one computing, one prefetched), or every block with reshard_after_forward
@@ -467,12 +468,16 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     if offloads(cfg.parallel):
         step = 0
     moments = {"backward start": backward, "backward recompute": recompute_moment, "optimizer step": step}
+    if "distill_logits" in mem:  # building the KL: the cross entropy's saved log-softmax is there already
+        ce_saved = 4 * s.vocab * tokens
+        moments["distill loss"] = static + mem["activations"] + ce_saved + mem["distill_logits"] \
+            + mem["distill_loss_transients"] + gathered_now
     phase = max(moments, key=moments.get)
     # what is live at the peak, for "the biggest item" of the fit check
     compression = ["pruning_masks", "teacher_parameters", "powersgd_error_feedback"]
     live = {"forward/backward": ["parameters", "optimizer_state", "ddp_buckets", "activations", "logits_and_loss",
                                  "fsdp_gathered_params", "fsdp_unsharded_grads", "activation_recompute",
-                                 "distill_logits", *compression],
+                                 "distill_logits", "distill_loss_transients", *compression],
             "optimizer step": ["parameters", "optimizer_state", "ddp_buckets", "gradients", "optimizer_temporaries",
                                *compression]}
     candidates = live["optimizer step" if phase == "optimizer step" else "forward/backward"]
@@ -533,7 +538,11 @@ def _compression_memory(s: Shape, numels: list[int], *, fsdp: bool, d: Degrees, 
         mem["pruning_masks"] = masked  # one bool per element of this rank's piece of each pruned weight
     if s.teacher_params:
         mem["teacher_parameters"] = math.ceil(s.teacher_params / (d.dp_shard if fsdp else 1)) * p_bytes
-        mem["distill_logits"] = 3 * s.vocab * tokens * 4  # student and teacher log-softmax, cross entropy's
+        # kept for backward: the student's and the teacher's log-softmax at temperature T
+        mem["distill_logits"] = 2 * s.vocab * tokens * 4
+        # while the KL is built (measured peak of a distill step, in its forward): the student's logits, and
+        # kl_div's exp(t), t - s and their product
+        mem["distill_loss_transients"] = 4 * s.vocab * tokens * 4
     if s.error_feedback:
         mem["powersgd_error_feedback"] = n_trained * 4
     return mem

@@ -82,10 +82,10 @@ class Distill(ModelConverter):
     def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor, lm_loss: torch.Tensor) -> torch.Tensor | None:
         if self.teacher is None:
             self.teacher = self._load()
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch[:, :-1]).logits[..., :logits.shape[-1]]
         s = F.log_softmax(logits.float() / self.t, dim=-1).flatten(0, 1)
-        t = F.log_softmax(teacher_logits.float() / self.t, dim=-1).flatten(0, 1)
+        with torch.no_grad():  # no name holds the teacher's logits: freed once divided (one vocab x tokens less)
+            t = F.log_softmax(self.teacher(input_ids=batch[:, :-1]).logits[..., :logits.shape[-1]].float() / self.t,
+                              dim=-1).flatten(0, 1)
         kl = F.kl_div(s, t, log_target=True, reduction="batchmean")
         return self.alpha * (self.t ** 2 * kl - lm_loss)
 
