@@ -119,7 +119,6 @@ def worker(config_file: Path, out: Path) -> None:
                                          generator=gen) for _ in range(STEPS)]
                 parts = build_parts(cfg, world=world, vocab_size=cfg.data.vocab_size)
                 state = parts.state
-                mapped.append(_file_backed_tensor_bytes())
                 for i, batch in enumerate(batches):
                     if world.device.type == "cuda":
                         torch.cuda.synchronize()
@@ -129,6 +128,7 @@ def worker(config_file: Path, out: Path) -> None:
                                    grad_clip=cfg.grad_clip, no_sync=parts.no_sync, converters=state.converters)
                 if world.device.type == "cuda":
                     cuda_peaks.append(torch.cuda.max_memory_allocated())
+                mapped.append(_file_backed_tensor_bytes())  # after the steps: a teacher loads at the first one
                 del parts, state, batches
                 gc.collect()
     peaks = cuda_peaks or [p + m for p, m in zip(_profiled_peaks(prof, len(configs)), mapped, strict=True)]
