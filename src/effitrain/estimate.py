@@ -91,6 +91,10 @@ class Shape:
     def root_params(self) -> int:
         return self.num_params - self.block_params()
 
+    def trained_root_params(self) -> int:
+        """Trainable parameters outside the blocks (embeddings, final norm, head): frozen ones get no gradient."""
+        return sum(p.numel for p in self.params if p.trainable and ".layers." not in p.name and ".h." not in p.name)
+
 
 @dataclass
 class Estimate:
@@ -445,8 +449,8 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
         blocks = s.layers if not cfg.parallel.reshard_after_forward else min(2, s.layers)
         gathered = (s.root_params() + blocks * per_block) // d.tp
         mem["fsdp_gathered_params"] = gathered * gather_bytes
-        # the root's unsharded gradients wait for its reduce-scatter at the end of backward
-        mem["fsdp_unsharded_grads"] = (s.root_params() // d.tp) * 4
+        # the root's unsharded gradients wait for its reduce-scatter at the end of backward (frozen ones have none)
+        mem["fsdp_unsharded_grads"] = (s.trained_root_params() // d.tp) * 4
     # the head's (tied) weight gradient appears at the start of backward, before the gradients of the blocks
     # (under FSDP it is the root's unsharded gradient, counted above)
     head_grad = 0 if fsdp else sum(n for p, n in zip(s.params, numels, strict=True)
