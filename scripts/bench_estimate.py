@@ -12,6 +12,7 @@ the total just before its build began, plus the weights transformers left as vie
 allocator's own peak (torch.cuda.max_memory_allocated) over the third step.
 
     python scripts/bench_estimate.py [--quick | --compression] [--json bench_estimate.json] [--md FILE]
+        [--only KEY=VALUE,...] [--alone N]
 
 Grid: 2 model sizes x batch x seq x AC none/full x single/ddp/fsdp(2) x fp32/bf16 (--quick: a subset;
 --compression: the d128-L4 model under each compression method that changes memory -- freeze, share-layers,
@@ -239,6 +240,12 @@ def main() -> None:
     parser.add_argument("--compression", action="store_true", help="the compression methods' grid instead")
     parser.add_argument("--json", default="bench_estimate.json")
     parser.add_argument("--md", default=None, help="also write the markdown table here")
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE,...",
+                        help="keep the grid points matching all these fields (repeatable: any of them), "
+                             "e.g. --only model=d128-L4,batch=4,seq=64,ac=full,layout=fsdp")
+    parser.add_argument("--alone", type=int, default=0, metavar="N",
+                        help="measure each config N times, each in a fresh launch of its own (not sharing one "
+                             "profiled process with the other configs): how repeatable a row is")
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -246,8 +253,14 @@ def main() -> None:
         return
     tmp = tempfile.TemporaryDirectory()  # the compression grid's model directory, kept until the end
     points = list(compression_grid(Path(tmp.name)) if args.compression else grid(args.quick))
+    if args.only:
+        wanted = [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in args.only]
+        points = [p for p in points if any(all(str(p.get(k)) == v for k, v in w.items()) for w in wanted)]
     measured: dict[int, int] = {}
-    for nproc in sorted({nproc_of(p["overrides"]) for p in points}):
+    if args.alone:
+        points = [p for p in points for _ in range(args.alone)]
+        measured = {i: measure([p["overrides"]], nproc=nproc_of(p["overrides"]))[0] for i, p in enumerate(points)}
+    for nproc in sorted({nproc_of(p["overrides"]) for p in points}) if not args.alone else []:
         index = [i for i, p in enumerate(points) if nproc_of(p["overrides"]) == nproc]
         measured |= dict(zip(index, measure([points[i]["overrides"] for i in index], nproc=nproc), strict=True))
     rows = []
