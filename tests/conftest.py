@@ -93,6 +93,15 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
                           timeout=timeout, env=full_env)
 
 
+def cli_in_process(capsys, *args: str) -> tuple[int, str]:
+    """`effitrain ARGS` through cli.main in this process (the command's own code, no interpreter start): (exit code,
+    what it wrote to stderr). For commands that stop before any launch: refusals, bad input."""
+    from effitrain.cli import main
+
+    capsys.readouterr()  # drop what earlier calls printed
+    return main(list(args)), capsys.readouterr().err
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import only_run_dir, read_metrics, run_cli, tiny_overrides
+from conftest import cli_in_process, only_run_dir, read_metrics, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,7 @@ def test_export_options_and_refusals(trained, tmp_path, capsys):
     for args, message in [(["--step", "4"], "no complete checkpoint of step 4"),
                           (["--dtype", "fp8"], "--dtype fp8: choose one of fp32, bf16"),
                           (["--out", str(out)], "exists; give a new directory")]:
-        capsys.readouterr()
-        code, stderr = main(["export", str(run_dir), *args]), capsys.readouterr().err
+        code, stderr = cli_in_process(capsys, "export", str(run_dir), *args)
         assert code == 2 and message in stderr and stderr.count("\n") == 1, (args, stderr)
 
 
@@ -200,8 +199,6 @@ def test_a_foreign_checkpoint_cannot_run_code(trained, tmp_path, capsys):
     resume and export refuse it in one line, and the payload never ran."""
     import torch.distributed.checkpoint as dcp
 
-    from effitrain.cli import main
-
     for part in ("metadata", "entry"):
         run_dir = tmp_path / part
         shutil.copytree(trained("llama"), run_dir)
@@ -222,8 +219,7 @@ def test_a_foreign_checkpoint_cannot_run_code(trained, tmp_path, capsys):
         for verb in (["resume", str(run_dir), "max_steps=8"], ["export", str(run_dir), "--out", str(tmp_path / "x")]):
             if part == "entry" and verb[0] == "export":
                 continue  # export reads the model only; the byte entry is resume's
-            capsys.readouterr()
-            code, stderr = main(verb), capsys.readouterr().err  # in this process: what would run, would run here
+            code, stderr = cli_in_process(capsys, *verb)  # in this process: what would run, would run here
             assert code == 2 and stderr.count("\n") == 1, stderr
             assert not marker.exists()
 

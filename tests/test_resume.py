@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_losses_close, only_run_dir, read_metrics, run_cli, tiny_overrides
+from conftest import assert_losses_close, cli_in_process, only_run_dir, read_metrics, run_cli, tiny_overrides
 
 STEPS = 16
 COMPARED = ("step", "loss", "grad_norm", "lr", "loss_scale", "skipped_steps", "val_loss")
@@ -207,16 +207,13 @@ def test_a_preemption_signal_saves_and_exits_75(sig, layout, extra, reference, c
 def test_resume_raises_max_steps_and_refuses_what_it_cannot_do(reference, tmp_path, capsys):
     """A finished run continues with max_steps raised (metrics go on from the next step); resume refuses to swap an
     option, to change the model, an unknown key, and a run that is already complete."""
-    from effitrain.cli import main
-
     run_dir = tmp_path / "run"
     _copy_run(reference("single"), run_dir, keep_step=STEPS)
     for args, message in [([], f"is complete at step {STEPS}"),
                           (["model=gpt2-124m"], "keeps its model option"),
                           (["model.hidden_size=64"], "the checkpoint's weights fix the model"),
                           (["max_stepz=40"], "unknown key 'max_stepz'")]:
-        code = main(["resume", str(run_dir), *args])  # in this process: the refusals come before any launch
-        stderr = capsys.readouterr().err
+        code, stderr = cli_in_process(capsys, "resume", str(run_dir), *args)  # the refusals come before any launch
         assert code == 2 and message in stderr and stderr.count("\n") == 1, (args, stderr)
     result = run_cli("resume", str(run_dir), f"max_steps={STEPS + 4}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
