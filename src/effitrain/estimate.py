@@ -86,14 +86,19 @@ class Shape:
         return sum(p.numel for p in self.params)
 
     def block_params(self) -> int:
-        return sum(p.numel for p in self.params if ".layers." in p.name or ".h." in p.name)
+        return sum(p.numel for p in self.params if _in_block(p.name))
 
     def root_params(self) -> int:
         return self.num_params - self.block_params()
 
     def trained_root_params(self) -> int:
         """Trainable parameters outside the blocks (embeddings, final norm, head): frozen ones get no gradient."""
-        return sum(p.numel for p in self.params if p.trainable and ".layers." not in p.name and ".h." not in p.name)
+        return sum(p.numel for p in self.params if p.trainable and not _in_block(p.name))
+
+
+def _in_block(name: str) -> bool:
+    """A parameter of one of the repeated blocks (llama's model.layers.N, gpt2's transformer.h.N)."""
+    return ".layers." in name or ".h." in name
 
 
 @dataclass
