@@ -257,12 +257,13 @@ def main() -> None:
         wanted = [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in args.only]
         points = [p for p in points if any(all(str(p.get(k)) == v for k, v in w.items()) for w in wanted)]
     measured: dict[int, int] = {}
-    if args.alone:
+    if args.alone:  # each repeat a launch of its own
         points = [p for p in points for _ in range(args.alone)]
         measured = {i: measure([p["overrides"]], nproc=nproc_of(p["overrides"]))[0] for i, p in enumerate(points)}
-    for nproc in sorted({nproc_of(p["overrides"]) for p in points}) if not args.alone else []:
-        index = [i for i, p in enumerate(points) if nproc_of(p["overrides"]) == nproc]
-        measured |= dict(zip(index, measure([points[i]["overrides"] for i in index], nproc=nproc), strict=True))
+    else:  # one launch per world size, all its configs in one profiled process
+        for nproc in sorted({nproc_of(p["overrides"]) for p in points}):
+            index = [i for i, p in enumerate(points) if nproc_of(p["overrides"]) == nproc]
+            measured |= dict(zip(index, measure([points[i]["overrides"] for i in index], nproc=nproc), strict=True))
     rows = []
     print(f"{'model':<8} {'b':>3} {'seq':>4} {'AC':<5} {'layout':<7} {'prec':<5} {'compression':<15} "
           f"{'estimated MiB':>13} {'measured MiB':>13} {'error':>7}  peak moment")
