@@ -193,3 +193,55 @@ def test_the_file_listing_is_rglobs_in_path_order(tmp_path):
     assert _files_under(root, TEXT_SUFFIXES) == expected
     names = [p.relative_to(root).as_posix() for p in expected]
     assert names.index("a/x.py") < names.index("a-b/x.py") and "linked/x.py" not in names and "a/.py" not in names
+
+
+_AWKWARD = ["it's they'll I'd 3.14159 x=1;y+=2\r\n\ttab", "  leading spaces\n\n\n    trailing   ",
+            "émigré 中文 🙂 naïve", "a literal <|endoftext|> inside", "", "\x00\x01 control", "ends in spaces   "]
+
+
+def test_the_fast_encoder_gives_tokenizers_ids_for_the_bpe_effitrain_trains(tmp_path):
+    """data/encode.py encodes with tiktoken only because its ids equal tokenizers' own: checked on ~4 MB of the
+    stdlib with a BPE of the default vocabulary trained as every run trains it, plus awkward strings."""
+    from effitrain.data.corpus import build_corpus
+    from effitrain.data.encode import BulkEncoder
+    from effitrain.data.tokens import train_bpe
+
+    cfg = compose([f"data.cache_dir={tmp_path}", "data.tokenizer_sample_mb=2"]).data
+    tok, _ = train_bpe([build_corpus(cfg)], cfg)
+    texts = [d.text for d in load_documents(cfg)[::3]][:400] + _AWKWARD
+    assert sum(map(len, texts)) > 3e6
+    with BulkEncoder(tok) as encoder:
+        assert encoder.tiktoken is not None
+        fast = encoder.encode(texts)
+    slow = tok.encode_batch_fast(texts)
+    assert [ids.tolist() for ids in fast] == [e.ids for e in slow]
+
+
+def test_other_tokenizers_keep_tokenizers_encoder(tmp_path):
+    """A prefix space, a normalizer or another model would tokenize otherwise than tiktoken: tokenizers encodes."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    from effitrain.data.encode import BulkEncoder
+
+    data = prepare_data(compose([f"data.cache_dir={tmp_path}", "data.vocab_size=300"]).data)
+    spec = json.loads(load_tokenizer(data.tokens.directory).to_str())
+    prefix = Tokenizer.from_str(json.dumps(spec))
+    prefix.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    lower = Tokenizer.from_str(json.dumps(spec))
+    lower.normalizer = normalizers.Lowercase()
+    for tok in (prefix, lower):
+        with BulkEncoder(tok) as encoder:
+            assert encoder.tiktoken is None
+            expected = [e.ids for e in tok.encode_batch_fast(_AWKWARD)]
+            assert [ids.tolist() for ids in encoder.encode(_AWKWARD)] == expected
+
+
+def test_lone_surrogates_from_json_are_read_as_the_fingerprint_reads_them(tmp_path):
+    """A JSON "\\ud800" escape makes a str that tokenizers refuses (a traceback before): it is tokenized as "?"."""
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "one \\ud800 two"}\n' * 3)
+    data = prepare_data(compose(["data=jsonl", f"data.paths=[{path}]", f"data.cache_dir={tmp_path / 'cache'}",
+                                 "data.vocab_size=300"]).data)
+    tok = load_tokenizer(data.tokens.directory)
+    stream = [*np.asarray(data.tokens.train), *np.asarray(data.tokens.val)]
+    assert tok.decode([int(i) for i in stream], skip_special_tokens=False).count("one ? two") == 3

@@ -1,7 +1,7 @@
 """Tokenizer (BPE trained on a bounded sample of the corpus, or a given tokenizer.json) and the token cache.
 
-Building streams: a reader thread reads documents chunk by chunk while the tokenizer encodes the previous chunk
-on every core, and the ids are appended to the train/val files as they come, so memory holds a few chunks,
+Building streams: a reader thread reads documents chunk by chunk while the previous chunk is encoded on every core
+(data/encode.py), and the ids are appended to the train/val files as they come, so memory holds a few chunks,
 never the corpus. It is built in a temporary directory renamed into place when complete, so a crash or a bad
 line never leaves half a cache; the directory's name is keyed by the content fingerprint and the settings.
 """
@@ -23,6 +23,7 @@ import numpy as np
 
 from effitrain.data.clean import Cleaner
 from effitrain.data.corpus import Corpus, DataError, Document, in_tokenizer_sample, is_validation
+from effitrain.data.encode import BulkEncoder
 from effitrain.data.progress import Progress
 
 EOS = "<|endoftext|>"
@@ -150,10 +151,10 @@ class _Sample:
             if self.taken >= self.budget:
                 return
             if doc.text and not (self.cleaner and self.cleaner.reason(doc)):
-                size = len(doc.text.encode("utf-8", errors="replace"))
-                self.taken += size
-                progress.advance(documents=1, nbytes=size)
-                yield doc.text
+                text, raw = _utf8(doc.text)
+                self.taken += len(raw)
+                progress.advance(documents=1, nbytes=len(raw))
+                yield text
 
 
 def _load_given(path: str):
@@ -173,25 +174,24 @@ def _encode_corpus(directory: Path, tok, corpus: Corpus, val_fraction: float, cl
     chunks: queue.Queue = queue.Queue(maxsize=_CHUNKS_AHEAD)
     reader = _Reader(corpus, chunks, val_fraction, cleaner)
     counts = {"train": [0, 0], "val": [0, 0]}  # tokens, bytes
+    end = np.asarray([eos], dtype=np.uint32)
     with (directory / "train.bin").open("wb") as out_train, (directory / "val.bin").open("wb") as out_val, \
-            Progress("tokenizing", total_bytes=corpus.total_bytes()) as progress:
+            Progress("tokenizing", total_bytes=corpus.total_bytes()) as progress, BulkEncoder(tok) as encoder:
         reader.start()
         try:
             while (chunk := chunks.get()) is not None:
                 if isinstance(chunk, BaseException):
                     raise chunk
-                encodings = tok.encode_batch_fast([item.text for item in chunk])
+                encoded = encoder.encode([item.text for item in chunk])
                 for part, out in (("train", out_train), ("val", out_val)):
-                    ids: list[int] = []
-                    for item, enc in zip(chunk, encodings, strict=True):
-                        if item.val == (part == "val"):
-                            ids += enc.ids
-                            ids.append(eos)
-                            counts[part][1] += item.nbytes
-                    np.asarray(ids, dtype=dtype).tofile(out)
-                    counts[part][0] += len(ids)
+                    mine = [(item, ids) for item, ids in zip(chunk, encoded, strict=True)
+                            if item.val == (part == "val")]
+                    if mine:
+                        np.concatenate([a for _, ids in mine for a in (ids, end)]).astype(dtype).tofile(out)
+                    counts[part][0] += sum(len(ids) + 1 for _, ids in mine)
+                    counts[part][1] += sum(item.nbytes for item, _ in mine)
                 progress.advance(documents=len(chunk), nbytes=sum(item.nbytes for item in chunk),
-                                 tokens=sum(len(e.ids) + 1 for e in encodings))
+                                 tokens=sum(len(ids) + 1 for ids in encoded))
         finally:
             reader.stop()
     if reader.kept == 0 or counts["train"][0] + counts["val"][0] == reader.kept:
@@ -227,14 +227,14 @@ class _Reader(threading.Thread):
         try:
             chunk, size = [], 0
             for doc in self.corpus.documents():
-                raw = doc.text.encode("utf-8", errors="replace")
+                text, raw = _utf8(doc.text)
                 for piece in (doc.name.encode(), b"\0", raw, b"\0"):  # as corpus.fingerprint hashes
                     self.sha.update(piece)
                 self.documents += 1
                 if self.cleaner is not None and self.cleaner.reason(doc):  # still in the fingerprint: the raw corpus
                     continue
                 self.kept += 1
-                chunk.append(_Item(doc.text, len(raw), is_validation(doc, self.val_fraction)))
+                chunk.append(_Item(text, len(raw), is_validation(doc, self.val_fraction)))
                 size += len(raw)
                 if size >= _CHUNK_BYTES:
                     self._put(chunk)
@@ -256,6 +256,16 @@ class _Reader(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join()
+
+
+def _utf8(text: str) -> tuple[str, bytes]:
+    """`text` and its UTF-8 bytes. Lone surrogates (a JSON "\\ud800" escape) become "?" in both, as the fingerprint
+    reads them: tokenizers refuses such a string and tiktoken would replace them otherwise."""
+    try:
+        return text, text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", errors="replace")
+        return raw.decode("utf-8"), raw
 
 
 def _hold_out_tail(directory: Path, dtype: np.dtype, val_fraction: float) -> tuple[int, int]:
