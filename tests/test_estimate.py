@@ -78,6 +78,25 @@ def test_memory_model_structure():
     assert base.flops_per_step == base.flops_per_token * 4 * 128
 
 
+def test_fsdp_block_buffers_and_what_gloo_keeps():
+    """A block's backward under FSDP holds its unsharded gradients and the previous block's reduce-scatter input
+    (on gloo, with gloo's copy of it) and, on 2 CPU ranks, the reduce-scatter copies gloo's two threads keep of
+    finished work; DDP (it broadcasts the initial weights in place) and one process have none of it."""
+    from effitrain.estimate import model_shape
+
+    two = ["batch_size=4", "launcher.nproc_per_node=2"]
+    single = _estimate(*SMALL, "batch_size=4")
+    ddp = _estimate(*SMALL, *two, "parallel=ddp")
+    fsdp = _estimate(*SMALL, *two, "parallel=fsdp")
+    bf16 = _estimate(*SMALL, *two, "parallel=fsdp", "precision=bf16")
+    assert not {"gloo_held", "fsdp_block_reduce"} & (set(single.memory) | set(ddp.memory))
+    shape = model_shape(compose(SMALL).model, vocab=2048, seq_len=128)
+    block, root = shape.trained_block_params() // shape.layers, shape.trained_root_params()
+    assert fsdp.memory["fsdp_block_reduce"] == block * (4 + 2 * 4)
+    assert bf16.memory["fsdp_block_reduce"] == block * (2 + 2 * 4)  # bf16 gradients, reduced in fp32
+    assert fsdp.memory["gloo_held"] == 2 * max(block, root) * 4
+
+
 def test_estimate_matches_a_measured_step():
     """The estimated peak of a real step, measured at the allocator (profiler memory events), within 10%."""
     import bench_estimate

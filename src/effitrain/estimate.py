@@ -26,16 +26,22 @@ reports (`flops.model_flops_per_token`), in seconds, for any size. Memory is cou
   QAT's fake-quantized weight copies live one Linear at a time and are not counted;
 - FSDP's gathered parameters: the root's (embeddings, final norm, head) stay gathered through forward and
   backward, plus two blocks at a time (one computing, one prefetched), or every block with reshard_after_forward
-  false.
+  false; a block's backward also holds its unsharded gradients and the previous block's reduce-scatter input (on
+  gloo, with gloo's copy of it);
+- on CPU (gloo) under FSDP: the reduce-scatter copies gloo's two worker threads keep of finished work, which one
+  launch has at its peak and the next may not.
 
-The peak is the larger of two moments of a steady-state step (gradients are freed by zero_grad(set_to_none)):
-the start of backward (model states, all saved activations, the loss's backward buffers) and the optimizer step
-(model states, gradients and the update's temporaries: foreach kernels build one fp32 temporary per parameter).
+The peak is the largest of the moments of a steady-state step (gradients are freed by zero_grad(set_to_none)):
+the start of backward (model states, all saved activations, the loss's backward buffers), the recompute of a
+checkpointed block, the first block's backward (the later blocks' gradients exist, one block's activations are
+left) and the optimizer step (model states, gradients and the update's temporaries: foreach kernels build one fp32
+temporary per parameter).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -91,14 +97,22 @@ class Shape:
     def root_params(self) -> int:
         return self.num_params - self.block_params()
 
+    def trained_block_params(self) -> int:
+        return sum(p.numel for p in self.params if p.trainable and _in_block(p.name))
+
     def trained_root_params(self) -> int:
         """Trainable parameters outside the blocks (embeddings, final norm, head): frozen ones get no gradient."""
         return sum(p.numel for p in self.params if p.trainable and not _in_block(p.name))
 
 
+def _block_of(name: str) -> int | None:
+    """The index of the repeated block a parameter belongs to (llama's model.layers.N, gpt2's transformer.h.N)."""
+    m = re.search(r"\.(?:layers|h)\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
 def _in_block(name: str) -> bool:
-    """A parameter of one of the repeated blocks (llama's model.layers.N, gpt2's transformer.h.N)."""
-    return ".layers." in name or ".h." in name
+    return _block_of(name) is not None
 
 
 @dataclass
@@ -111,6 +125,7 @@ class Estimate:
     activations_per_layer: int
     peak_bytes: int
     peak_phase: str
+    moments: dict[str, int]  # bytes live at each moment of the step the peak is the largest of
     biggest: str
     flops_per_token: float
     flops_per_step: float
@@ -456,19 +471,28 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
         mem["fsdp_gathered_params"] = gathered * gather_bytes
         # the root's unsharded gradients wait for its reduce-scatter at the end of backward (frozen ones have none)
         mem["fsdp_unsharded_grads"] = (s.trained_root_params() // d.tp) * 4
+        mem["fsdp_block_reduce"] = _fsdp_block_reduce(s, cfg, d=d, grad_bytes=gather_bytes)
     # the head's (tied) weight gradient appears at the start of backward, before the gradients of the blocks
     # (under FSDP it is the root's unsharded gradient, counted above)
     head_grad = 0 if fsdp else sum(n for p, n in zip(s.params, numels, strict=True)
                                    if p.kind in ("embedding", "head") and p.trainable) * p_bytes
 
+    if held := _gloo_held(s, cfg, fsdp=fsdp, d=d):
+        mem["gloo_held"] = held
     static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0) + sum(
-        mem.get(k, 0) for k in ("pruning_masks", "teacher_parameters", "powersgd_error_feedback"))
+        mem.get(k, 0) for k in ("pruning_masks", "teacher_parameters", "powersgd_error_feedback", "gloo_held"))
     if offloads(cfg.parallel):
         static = 0
     gathered_now = mem.get("fsdp_gathered_params", 0) + mem.get("fsdp_unsharded_grads", 0)
     backward = static + mem["activations"] + mem["logits_and_loss"] + mem.get("distill_logits", 0) + gathered_now \
         + head_grad
-    recompute_moment = static + mem["activations"] + mem["activation_recompute"] + gathered_now + head_grad
+    recompute_moment = static + mem["activations"] + mem["activation_recompute"] + gathered_now \
+        + mem.get("fsdp_block_reduce", 0) + head_grad
+    # the first block's backward, the last of the pass: the later blocks' gradients exist by then (sharded under
+    # FSDP) and only the first block's activations are left
+    first_block = static + _first_block_activations(saving, per_layer, cfg.parallel.activation_checkpointing,
+                                                    residual) * tokens + mem["activation_recompute"] \
+        + _later_block_grads(s, numels, p_bytes) + gathered_now + mem.get("fsdp_block_reduce", 0) + head_grad
     # foreach updates build ~one fp32 temporary per parameter; fused CUDA kernels and torchao's per-tensor steps none
     fused = getattr(cfg.optimizer, "implementation", "auto") in ("fused", "loop") or kind == "adamw-8bit" or (
         getattr(cfg.optimizer, "implementation", "auto") == "auto" and (gpu or _device(cfg)) != "cpu")
@@ -476,19 +500,21 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     step = static + mem["gradients"] + mem["optimizer_temporaries"]
     if offloads(cfg.parallel):
         step = 0
-    moments = {"backward start": backward, "backward recompute": recompute_moment, "optimizer step": step}
+    moments = {"backward start": backward, "backward recompute": recompute_moment, "backward, first block": first_block,
+               "optimizer step": step}
     if "distill_logits" in mem:  # building the KL: the cross entropy's saved log-softmax is there already
         ce_saved = 4 * s.vocab * tokens
         moments["distill loss"] = static + mem["activations"] + ce_saved + mem["distill_logits"] \
             + mem["distill_loss_transients"] + gathered_now
     phase = max(moments, key=moments.get)
     # what is live at the peak, for "the biggest item" of the fit check
-    compression = ["pruning_masks", "teacher_parameters", "powersgd_error_feedback"]
+    held_throughout = ["pruning_masks", "teacher_parameters", "powersgd_error_feedback", "gloo_held"]
     live = {"forward/backward": ["parameters", "optimizer_state", "ddp_buckets", "activations", "logits_and_loss",
-                                 "fsdp_gathered_params", "fsdp_unsharded_grads", "activation_recompute",
-                                 "distill_logits", "distill_loss_transients", *compression],
+                                 "fsdp_gathered_params", "fsdp_unsharded_grads", "fsdp_block_reduce",
+                                 "activation_recompute",
+                                 "distill_logits", "distill_loss_transients", *held_throughout],
             "optimizer step": ["parameters", "optimizer_state", "ddp_buckets", "gradients", "optimizer_temporaries",
-                               *compression]}
+                               *held_throughout]}
     candidates = live["optimizer step" if phase == "optimizer step" else "forward/backward"]
     biggest = max((k for k in candidates if k in mem), key=mem.get)
 
@@ -509,6 +535,7 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                             "degrees": asdict(d)},
                     num_params=s.num_params, memory=mem, activations_per_layer=per_layer * tokens,
                     peak_bytes=int(moments[phase]), peak_phase=phase, biggest=biggest,
+                    moments={k: int(v) for k, v in moments.items()},
                     flops_per_token=s.flops_per_token, flops_per_step=flops_step,
                     tokens_per_step=tokens * d.dp * cfg.grad_accum_steps, world_size=ws, mfu=mfu_used,
                     mfu_source=mfu_source, peak_flops_per_device=peak, peak_flops_source=peak_source,
@@ -516,14 +543,47 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                     time_for_run_s=step_time * cfg.max_steps if step_time else None, notes=notes)
 
 
+def _fsdp_block_reduce(s: Shape, cfg, *, d: Degrees, grad_bytes: int) -> int:
+    """What a block's backward holds under FSDP2 besides its gathered parameters: its own unsharded gradients, the
+    previous block's reduce-scatter still in flight (its input, in the reduce dtype) and, on gloo (CPU), the copy
+    of that input gloo reduce-scatters from (profiler allocation events of a 2-rank d128-L4 step)."""
+    block = s.trained_block_params() // max(s.layers, 1) // d.tp
+    reduce_bytes = BYTES[getattr(cfg.precision, "reduce_dtype", "float32")]  # fp32/tf32: no policy, fp32
+    copies = 2 if _device(cfg) == "cpu" else 1
+    return block * (grad_bytes + copies * reduce_bytes)
+
+
+def _gloo_held(s: Shape, cfg, *, fsdp: bool, d: Degrees) -> int:
+    """On CPU, where the ranks talk over gloo: each of gloo's two worker threads keeps the last work it ran, with
+    its tensors, until it is given another; under FSDP each can keep a reduce-scatter's copy of its input (a
+    block's or the root's gradients). Whether they are there at the peak changes from launch to launch (the
+    profiler's allocation events of 2-rank d128-L4 steps: BENCHMARKS.md "Estimate vs measured"); this counts them.
+    (DDP's initial broadcast would leave a flat copy of the weights the same way: effitrain broadcasts in place.)"""
+    if _device(cfg) != "cpu" or not fsdp or d.dp * d.tp == 1:
+        return 0
+    unit = max(s.trained_block_params() // max(s.layers, 1), s.trained_root_params()) // d.tp
+    return 2 * unit * BYTES[getattr(cfg.precision, "reduce_dtype", "float32")]
+
+
+def _first_block_activations(s: Shape, per_layer: int, mode: str, residual: int) -> int:
+    """Bytes per token the first block still holds at its backward: its input when checkpointed (every mode but
+    none checkpoints block 0), else everything it saved; nothing when no gradient passes through it."""
+    if s.layers == 0:
+        return 0
+    return per_layer if mode == "none" else residual * s.hidden
+
+
+def _later_block_grads(s: Shape, numels: list[int], p_bytes: int) -> int:
+    """Gradient bytes of the trained parameters of blocks 1.. on this rank (sharded under FSDP)."""
+    return sum(n for p, n in zip(s.params, numels, strict=True)
+               if p.trainable and (_block_of(p.name) or 0) > 0) * p_bytes
+
+
 def _what_trains(s: Shape) -> dict:
     """Which parts of the model have a trained parameter (LoRA adapters count for the Linear they adapt), and how
     many leading blocks have none with nothing trained before them."""
-    import re
-
     def block(p: Param) -> int | None:
-        m = re.search(r"\.(?:layers|h)\.(\d+)\.", p.name)
-        return int(m.group(1)) if m else None
+        return _block_of(p.name)
 
     trained = [p for p in s.params if p.trainable]
     attn = ("q_proj", "k_proj", "v_proj", "c_attn")
@@ -660,8 +720,10 @@ def fit_verdict(est: Estimate, *, free_bytes: int) -> str | None:
              "gradients": "parallel=fsdp (shards them) or precision=bf16-pure",
              "optimizer_temporaries": "optimizer.implementation=fused (no foreach temporaries)",
              "ddp_buckets": "parallel=fsdp (no full gradient buckets)",
+             "gloo_held": "CUDA devices (NCCL keeps no copies of finished work)",
              "fsdp_gathered_params": "parallel.reshard_after_forward=true, or more FSDP ranks",
-             "fsdp_unsharded_grads": "more FSDP ranks"}
+             "fsdp_unsharded_grads": "more FSDP ranks",
+             "fsdp_block_reduce": "more FSDP ranks"}
     return (f"the estimated peak {est.peak_bytes / GiB:.2f} GiB per rank exceeds the {free_bytes / GiB:.2f} GiB free "
             f"on the device; the biggest item is {est.biggest} ({est.memory[est.biggest] / GiB:.2f} GiB): "
             f"{fixes[est.biggest]} (effitrain estimate shows the breakdown)")
