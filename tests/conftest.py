@@ -99,7 +99,11 @@ def cli_in_process(capsys, *args: str) -> tuple[int, str]:
     from effitrain.cli import main
 
     capsys.readouterr()  # drop what earlier calls printed
-    return main(list(args)), capsys.readouterr().err
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own exit on a bad option, as the command would exit
+        code = e.code
+    return code, capsys.readouterr().err
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

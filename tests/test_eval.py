@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import compose, read_metrics, run_cli
+from conftest import cli_in_process, compose, read_metrics, run_cli
 from effitrain.data import DataError
 from effitrain.tasks import Item, Task, _score, _tokens, load_task, read_task_file
 
@@ -119,14 +119,14 @@ def test_eval_verb_reports_loss_perplexity_bpb_and_task_accuracy(hf_dir, corpus,
     assert "val_bpb" in proc.stdout and "task/next-line" in proc.stdout
 
 
-def test_eval_refuses_what_it_cannot_evaluate(tmp_path, hf_dir):
+def test_eval_refuses_what_it_cannot_evaluate(tmp_path, hf_dir, capsys):
     (tmp_path / "run" / ".hydra").mkdir(parents=True)
     (tmp_path / "run" / ".hydra" / "config.yaml").write_text("{}")
     proc = run_cli("eval", str(tmp_path / "run"), cwd=tmp_path)
     assert proc.returncode == 2 and "does not match effitrain's config schema" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
-    proc = run_cli("eval", str(hf_dir), f"data.tokenizer={hf_dir / 'tokenizer.json'}", cwd=tmp_path)
-    assert proc.returncode == 2 and "do not override them" in proc.stderr
+    code, stderr = cli_in_process(capsys, "eval", str(hf_dir), f"data.tokenizer={hf_dir / 'tokenizer.json'}")
+    assert code == 2 and "do not override them" in stderr and stderr.count("\n") == 1
 
 
 def test_training_scores_eval_tasks_at_each_evaluation(tiny, tmp_path, corpus):

@@ -224,7 +224,7 @@ def test_a_foreign_checkpoint_cannot_run_code(trained, tmp_path, capsys):
             assert not marker.exists()
 
 
-def test_a_foreign_config_cannot_reach_out(trained, tmp_path):
+def test_a_foreign_config_cannot_reach_out(trained, tmp_path, capsys):
     """A saved config that would connect to a rendezvous elsewhere, or read this machine's environment through an
     interpolation, is refused in one line (the rendezvous unless --allow-rendezvous)."""
     from effitrain.compose import load_run_config
@@ -238,8 +238,8 @@ def test_a_foreign_config_cannot_reach_out(trained, tmp_path):
         shutil.copytree(trained("llama"), run_dir)
         saved = run_dir / ".hydra" / "config.yaml"
         saved.write_text(edit(saved.read_text()))
-        for verb in ("reproduce", "resume"):
-            result = run_cli(verb, str(run_dir), cwd=tmp_path)
-            assert result.returncode == 2 and message in result.stderr, (verb, result.stderr)
+        for verb in ("reproduce", "resume"):  # in this process: refused before anything launches
+            code, stderr = cli_in_process(capsys, verb, str(run_dir))
+            assert code == 2 and message in stderr and stderr.count("\n") == 1, (verb, stderr)
         if name == "rdzv":
             assert load_run_config(run_dir, allow_rendezvous=True).launcher.nnodes == 2
