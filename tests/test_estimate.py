@@ -91,7 +91,7 @@ def test_fsdp_block_buffers_and_what_gloo_keeps():
     bf16 = _estimate(*SMALL, *two, "parallel=fsdp", "precision=bf16")
     assert not {"gloo_held", "fsdp_block_reduce"} & (set(single.memory) | set(ddp.memory))
     shape = model_shape(compose(SMALL).model, vocab=2048, seq_len=128)
-    block, root = shape.trained_block_params() // shape.layers, shape.trained_root_params()
+    block, root = shape.trained_params_per_block(), shape.trained_root_params()
     assert fsdp.memory["fsdp_block_reduce"] == block * (4 + 2 * 4)
     assert bf16.memory["fsdp_block_reduce"] == block * (2 + 2 * 4)  # bf16 gradients, reduced in fp32
     assert fsdp.memory["gloo_held"] == 2 * max(block, root) * 4

@@ -97,8 +97,8 @@ class Shape:
     def root_params(self) -> int:
         return self.num_params - self.block_params()
 
-    def trained_block_params(self) -> int:
-        return sum(p.numel for p in self.params if p.trainable and _in_block(p.name))
+    def trained_params_per_block(self) -> int:
+        return sum(p.numel for p in self.params if p.trainable and _in_block(p.name)) // max(self.layers, 1)
 
     def trained_root_params(self) -> int:
         """Trainable parameters outside the blocks (embeddings, final norm, head): frozen ones get no gradient."""
@@ -547,10 +547,13 @@ def _fsdp_block_reduce(s: Shape, cfg, *, d: Degrees, grad_bytes: int) -> int:
     """What a block's backward holds under FSDP2 besides its gathered parameters: its own unsharded gradients, the
     previous block's reduce-scatter still in flight (its input, in the reduce dtype) and, on gloo (CPU), the copy
     of that input gloo reduce-scatters from (profiler allocation events of a 2-rank d128-L4 step)."""
-    block = s.trained_block_params() // max(s.layers, 1) // d.tp
-    reduce_bytes = BYTES[getattr(cfg.precision, "reduce_dtype", "float32")]  # fp32/tf32: no policy, fp32
     copies = 2 if _device(cfg) == "cpu" else 1
-    return block * (grad_bytes + copies * reduce_bytes)
+    return s.trained_params_per_block() // d.tp * (grad_bytes + copies * _reduce_bytes(cfg))
+
+
+def _reduce_bytes(cfg) -> int:
+    """Bytes per element of FSDP's reduce-scatter: the precision's reduce_dtype; fp32/tf32 have no policy: fp32."""
+    return BYTES[getattr(cfg.precision, "reduce_dtype", "float32")]
 
 
 def _gloo_held(s: Shape, cfg, *, fsdp: bool, d: Degrees) -> int:
@@ -561,8 +564,8 @@ def _gloo_held(s: Shape, cfg, *, fsdp: bool, d: Degrees) -> int:
     (DDP's initial broadcast would leave a flat copy of the weights the same way: effitrain broadcasts in place.)"""
     if _device(cfg) != "cpu" or not fsdp or d.dp * d.tp == 1:
         return 0
-    unit = max(s.trained_block_params() // max(s.layers, 1), s.trained_root_params()) // d.tp
-    return 2 * unit * BYTES[getattr(cfg.precision, "reduce_dtype", "float32")]
+    unit = max(s.trained_params_per_block(), s.trained_root_params()) // d.tp
+    return 2 * unit * _reduce_bytes(cfg)
 
 
 def _first_block_activations(s: Shape, per_layer: int, mode: str, residual: int) -> int:
