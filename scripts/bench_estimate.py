@@ -8,16 +8,18 @@ bytes allocated while it records; one profiler session spans all configs of a pr
 highest total in its fourth step (a steady-state step: optimizer state exists, zero_grad freed the gradients) less
 the total just before its build began, plus the weights transformers left as views of a memory-mapped
 .safetensors file (a LoRA base, a teacher: no allocator event records them), compared with the estimate's peak
-(the max over ranks). On CUDA: the
-allocator's own peak (torch.cuda.max_memory_allocated) over the fourth step. The multi-rank launch runs
-`--launches` times (3) and a row compares with the highest of its peaks, the one a run must fit: on gloo what the
-worker threads still hold of finished work (up to one flat copy of the weights under DDP) changes from launch to
-launch; the lowest is reported beside it.
+(the max over ranks). The running total counts frees made on every thread (c10's
+`caffe2_report_cpu_memory_usage` flag, set in each worker): gloo's worker threads free the tensors of finished
+collectives, and without the flag the total never dropped by them. On CUDA: the allocator's own peak
+(torch.cuda.max_memory_allocated) over the fourth step. `--launches N` launches the multi-rank configs N times
+(default 1) and a row compares with the highest of its peaks, the lowest reported beside it: how repeatable the
+measure is.
 
-    python scripts/bench_estimate.py [--quick | --compression] [--json bench_estimate.json] [--md FILE]
+    python scripts/bench_estimate.py [--quick | --compression | --tp] [--json bench_estimate.json] [--md FILE]
         [--only KEY=VALUE,...] [--alone N] [--launches N]
 
-Grid: 2 model sizes x batch x seq x AC none/full x single/ddp/fsdp(2) x fp32/bf16 (--quick: a subset;
+Grid: 2 model sizes x batch x seq x AC none/full x single/ddp/fsdp(2) x fp32/bf16 (--quick: a subset; --tp: tp(2)
+with sequence parallel off/on x batch x seq x AC x precision at d128-L4;
 --compression: the d128-L4 model under each compression method that changes memory -- freeze, share-layers,
 prune-magnitude, LoRA and distill from a model directory made here, PowerSGD under ddp(2) -- single and fsdp(2)
 where the method runs there). Prints a table (estimated, measured, error) and writes JSON and a markdown table.
@@ -54,6 +56,19 @@ def grid(quick: bool):
                      f"parallel.activation_checkpointing={ac}", *LAYOUTS[layout], f"precision={precision}",
                      "device=cpu"]
         yield {"model": model, "batch": batch, "seq": seq, "ac": ac, "layout": layout, "precision": precision,
+               "overrides": overrides}
+
+
+def tp_grid():
+    """Tensor parallel over 2 ranks, with and without sequence parallel: the d128-L4 model (4 heads, MLP 384 split
+    in two) x (batch, seq) x AC none/full x fp32/bf16."""
+    for (batch, seq), ac, sp, precision in itertools.product(SHAPES, ("none", "full"), (False, True),
+                                                             ("fp32", "bf16")):
+        layout = "tp+sp" if sp else "tp"
+        overrides = [*MODELS["d128-L4"], f"batch_size={batch}", f"data.seq_len={seq}", "data.vocab_size=2048",
+                     f"parallel.activation_checkpointing={ac}", "parallel=tp", "launcher.nproc_per_node=2",
+                     f"parallel.sequence_parallel={str(sp).lower()}", f"precision={precision}", "device=cpu"]
+        yield {"model": "d128-L4", "batch": batch, "seq": seq, "ac": ac, "layout": layout, "precision": precision,
                "overrides": overrides}
 
 
@@ -109,6 +124,7 @@ def worker(config_file: Path, out: Path) -> None:
     from effitrain.runtime import seed_everything
     from effitrain.train import build_parts
 
+    _book_every_threads_frees()
     configs = json.loads(config_file.read_text())
     cuda_peaks, mapped, rank = [], [], 0
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -138,6 +154,24 @@ def worker(config_file: Path, out: Path) -> None:
     peaks = cuda_peaks or [p + m for p, m in zip(_profiled_peaks(prof, len(configs)), mapped, strict=True)]
     out.with_name(f"{out.stem}.rank{rank}.json").write_text(json.dumps({"peak_bytes": peaks}))
     close_world()
+
+
+def _book_every_threads_frees() -> None:
+    """Make the profiler's running total of CPU bytes subtract frees made on any thread, not only its own.
+
+    c10's CPU memory reporter books an allocation or a free only on a thread the profiler records, unless its
+    `caffe2_report_cpu_memory_usage` flag is on. A tensor whose last reference one of gloo's worker threads drops
+    (the tensors of a finished collective: FSDP's reduce-scatter inputs, DDP's flat broadcast of the weights) was
+    then never subtracted, and the total drifted up by a different amount in each launch: 2-rank FSDP at d128-L4
+    read 11.4 -> 33.3 MiB over 12 steps with a flat RSS, 15.63 MiB in every step with the flag on. The flag has
+    no Python setter; it is a plain exported bool of libc10 (it also makes c10 log each allocation at INFO, below
+    the default log level)."""
+    import ctypes
+
+    import torch
+
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
 
 
 def _file_backed_tensor_bytes() -> int:
@@ -243,6 +277,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a subset of the grid")
     parser.add_argument("--compression", action="store_true", help="the compression methods' grid instead")
+    parser.add_argument("--tp", action="store_true", help="the tensor-parallel grid instead (2 ranks, SP off/on)")
     parser.add_argument("--json", default="bench_estimate.json")
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE,...",
@@ -251,16 +286,16 @@ def main() -> None:
     parser.add_argument("--alone", type=int, default=0, metavar="N",
                         help="measure each config N times, each in a fresh launch of its own (not sharing one "
                              "profiled process with the other configs): how repeatable a row is")
-    parser.add_argument("--launches", type=int, default=3, metavar="N",
-                        help="launch the multi-rank configs N times and compare with the highest peak: what gloo's "
-                             "worker threads still hold at the peak changes from launch to launch (default 3)")
+    parser.add_argument("--launches", type=int, default=1, metavar="N",
+                        help="launch the multi-rank configs N times and compare with the highest peak, the lowest "
+                             "beside it: how repeatable the measure is (default 1)")
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(Path(args.worker[1]), Path(args.worker[0]))
         return
     tmp = tempfile.TemporaryDirectory()  # the compression grid's model directory, kept until the end
-    points = list(compression_grid(Path(tmp.name)) if args.compression else grid(args.quick))
+    points = list(compression_grid(Path(tmp.name)) if args.compression else tp_grid() if args.tp else grid(args.quick))
     if args.only:
         wanted = [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in args.only]
         points = [p for p in points if any(all(str(p.get(k)) == v for k, v in w.items()) for w in wanted)]

@@ -24,12 +24,10 @@ reports (`flops.model_flops_per_token`), in seconds, for any size. Memory is cou
   backward, and building it (the step's peak) holds the student's logits and kl_div's three vocab-wide
   temporaries on top of the cross entropy's log-softmax; PowerSGD's error feedback is one fp32 copy of the gradients.
   QAT's fake-quantized weight copies live one Linear at a time and are not counted;
-- FSDP's gathered parameters: the root's (embeddings, final norm, head) stay gathered through forward and
-  backward, plus two blocks at a time (one computing, one prefetched), or every block with reshard_after_forward
-  false; a block's backward also holds its unsharded gradients and the previous block's reduce-scatter input (on
-  gloo, with gloo's copy of it);
-- on CPU (gloo) under FSDP: the reduce-scatter copies gloo's two worker threads keep of finished work, which one
-  launch has at its peak and the next may not.
+- FSDP's gathered parameters: the root's (embeddings, final norm, head), plus two blocks at a time (one
+  computing, one prefetched), or every block with reshard_after_forward false; with it (effitrain sets it on the
+  root too) nothing is gathered when backward starts at the loss; a block's backward also holds its unsharded
+  gradients and the previous block's reduce-scatter input.
 
 The peak is the largest of the moments of a steady-state step (gradients are freed by zero_grad(set_to_none)):
 the start of backward (model states, all saved activations, the loss's backward buffers), the recompute of a
@@ -477,14 +475,15 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     head_grad = 0 if fsdp else sum(n for p, n in zip(s.params, numels, strict=True)
                                    if p.kind in ("embedding", "head") and p.trainable) * p_bytes
 
-    if held := _gloo_held(s, cfg, fsdp=fsdp, d=d):
-        mem["gloo_held"] = held
+    # the loss is computed after the model's forward returned: with reshard_after_forward (effitrain sets it on the
+    # root too) nothing is gathered then, nor when backward starts at the loss, until the head's backward
+    at_loss = mem["fsdp_gathered_params"] if fsdp and not cfg.parallel.reshard_after_forward else 0
     static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0) + sum(
-        mem.get(k, 0) for k in ("pruning_masks", "teacher_parameters", "powersgd_error_feedback", "gloo_held"))
+        mem.get(k, 0) for k in ("pruning_masks", "teacher_parameters", "powersgd_error_feedback"))
     if offloads(cfg.parallel):
         static = 0
     gathered_now = mem.get("fsdp_gathered_params", 0) + mem.get("fsdp_unsharded_grads", 0)
-    backward = static + mem["activations"] + mem["logits_and_loss"] + mem.get("distill_logits", 0) + gathered_now \
+    backward = static + mem["activations"] + mem["logits_and_loss"] + mem.get("distill_logits", 0) + at_loss \
         + head_grad
     recompute_moment = static + mem["activations"] + mem["activation_recompute"] + gathered_now \
         + mem.get("fsdp_block_reduce", 0) + head_grad
@@ -505,10 +504,10 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     if "distill_logits" in mem:  # building the KL: the cross entropy's saved log-softmax is there already
         ce_saved = 4 * s.vocab * tokens
         moments["distill loss"] = static + mem["activations"] + ce_saved + mem["distill_logits"] \
-            + mem["distill_loss_transients"] + gathered_now
+            + mem["distill_loss_transients"] + at_loss
     phase = max(moments, key=moments.get)
     # what is live at the peak, for "the biggest item" of the fit check
-    held_throughout = ["pruning_masks", "teacher_parameters", "powersgd_error_feedback", "gloo_held"]
+    held_throughout = ["pruning_masks", "teacher_parameters", "powersgd_error_feedback"]
     live = {"forward/backward": ["parameters", "optimizer_state", "ddp_buckets", "activations", "logits_and_loss",
                                  "fsdp_gathered_params", "fsdp_unsharded_grads", "fsdp_block_reduce",
                                  "activation_recompute",
@@ -544,28 +543,15 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
 
 
 def _fsdp_block_reduce(s: Shape, cfg, *, d: Degrees, grad_bytes: int) -> int:
-    """What a block's backward holds under FSDP2 besides its gathered parameters: its own unsharded gradients, the
-    previous block's reduce-scatter still in flight (its input, in the reduce dtype) and, on gloo (CPU), the copy
-    of that input gloo reduce-scatters from (profiler allocation events of a 2-rank d128-L4 step)."""
-    copies = 2 if _device(cfg) == "cpu" else 1
-    return s.trained_params_per_block() // d.tp * (grad_bytes + copies * _reduce_bytes(cfg))
+    """What a block's backward holds under FSDP2 besides its gathered parameters: its own unsharded gradients and
+    the previous block's reduce-scatter input (in the reduce dtype), which FSDP2 keeps until the next
+    reduce-scatter is issued (profiler allocation events of a 2-rank d128-L4 step)."""
+    return s.trained_params_per_block() // d.tp * (grad_bytes + _reduce_bytes(cfg))
 
 
 def _reduce_bytes(cfg) -> int:
     """Bytes per element of FSDP's reduce-scatter: the precision's reduce_dtype; fp32/tf32 have no policy: fp32."""
     return BYTES[getattr(cfg.precision, "reduce_dtype", "float32")]
-
-
-def _gloo_held(s: Shape, cfg, *, fsdp: bool, d: Degrees) -> int:
-    """On CPU, where the ranks talk over gloo: each of gloo's two worker threads keeps the last work it ran, with
-    its tensors, until it is given another; under FSDP each can keep a reduce-scatter's copy of its input (a
-    block's or the root's gradients). Whether they are there at the peak changes from launch to launch (the
-    profiler's allocation events of 2-rank d128-L4 steps: BENCHMARKS.md "Estimate vs measured"); this counts them.
-    (DDP's initial broadcast would leave a flat copy of the weights the same way: effitrain broadcasts in place.)"""
-    if _device(cfg) != "cpu" or not fsdp or d.dp * d.tp == 1:
-        return 0
-    unit = max(s.trained_params_per_block(), s.trained_root_params()) // d.tp
-    return 2 * unit * _reduce_bytes(cfg)
 
 
 def _first_block_activations(s: Shape, per_layer: int, mode: str, residual: int) -> int:
@@ -723,7 +709,6 @@ def fit_verdict(est: Estimate, *, free_bytes: int) -> str | None:
              "gradients": "parallel=fsdp (shards them) or precision=bf16-pure",
              "optimizer_temporaries": "optimizer.implementation=fused (no foreach temporaries)",
              "ddp_buckets": "parallel=fsdp (no full gradient buckets)",
-             "gloo_held": "CUDA devices (NCCL keeps no copies of finished work)",
              "fsdp_gathered_params": "parallel.reshard_after_forward=true, or more FSDP ranks",
              "fsdp_unsharded_grads": "more FSDP ranks",
              "fsdp_block_reduce": "more FSDP ranks"}

@@ -317,18 +317,10 @@ def apply_ddp(model: nn.Module, *, world) -> nn.Module:
 
     # no buffer broadcast before each forward: the only buffers (rotary frequencies) are constants. torch 2.13
     # renamed the switch (and warns at the old name); older releases only have broadcast_buffers.
-    accepts = inspect.signature(DistributedDataParallel.__init__).parameters
-    kwargs = {"forward_sync_buffers": False} if "forward_sync_buffers" in accepts else {"broadcast_buffers": False}
-    if torch.distributed.get_backend() == "gloo" and "init_sync" in accepts:
-        # a gloo worker thread keeps the last work it ran, with its tensors, until it is given another. DDP's own
-        # initial sync broadcasts a flat copy of all the weights, which a receiving rank then kept for the whole
-        # run in about half of 2-rank CPU launches (profiler allocation events; BENCHMARKS.md "Estimate vs
-        # measured"). Broadcast in place, tensor by tensor: there is no copy to keep.
-        for tensor in [*model.parameters(), *model.buffers()]:
-            torch.distributed.broadcast(tensor.data, src=0)
-        kwargs["init_sync"] = False
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                                   **kwargs)
+                                   **no_sync)
 
 
 def _materialise(model: nn.Module, *, device: torch.device, init) -> nn.Module:
