@@ -1,17 +1,17 @@
 """`effitrain estimate` against reality: the estimated peak memory per rank vs the measured one, over a grid.
 
 The configs run in fresh processes (one process for the single-process ones, 2 gloo ranks through torchrun for
-ddp and fsdp) that build the model, optimizer and layout exactly as `effitrain train` does (train.build_parts) and
-run 4 optimizer steps of random tokens (loop.train_step). The measure is allocator-level, not RSS: the torch
+ddp, fsdp and tp) that build the model, optimizer and layout exactly as `effitrain train` does (train.build_parts) and
+run 6 optimizer steps of random tokens (loop.train_step). The measure is allocator-level, not RSS: the torch
 profiler's memory events (`profile_memory=True`) record every CPU allocation and free with the running total of
 bytes allocated while it records; one profiler session spans all configs of a process, and a config's peak is the
-highest total in its fourth step (a steady-state step: optimizer state exists, zero_grad freed the gradients) less
+highest total in its steps 4-6 (steady-state steps: optimizer state exists, zero_grad freed the gradients) less
 the total just before its build began, plus the weights transformers left as views of a memory-mapped
 .safetensors file (a LoRA base, a teacher: no allocator event records them), compared with the estimate's peak
 (the max over ranks). The running total counts frees made on every thread (c10's
 `caffe2_report_cpu_memory_usage` flag, set in each worker): gloo's worker threads free the tensors of finished
 collectives, and without the flag the total never dropped by them. On CUDA: the allocator's own peak
-(torch.cuda.max_memory_allocated) over the fourth step. `--launches N` launches the multi-rank configs N times
+(torch.cuda.max_memory_allocated) over steps 4-6. `--launches N` launches the multi-rank configs N times
 (default 1) and a row compares with the highest of its peaks, the lowest reported beside it: how repeatable the
 measure is.
 
@@ -110,7 +110,7 @@ def worker(config_file: Path, out: Path) -> None:
     """One rank: for each config, build as train does and run STEPS steps, all inside one profiler session.
 
     The CPU reporter's running total counts every allocation made while the profiler is on, minus its frees, so a
-    config's peak is the highest total in its last step minus the total just before its build started (what
+    config's peak is the highest total in its measured steps minus the total just before its build started (what
     earlier configs left behind, freed or not, cancels out)."""
     import gc
 
@@ -140,7 +140,7 @@ def worker(config_file: Path, out: Path) -> None:
                 parts = build_parts(cfg, world=world, vocab_size=cfg.data.vocab_size)
                 state = parts.state
                 for i, batch in enumerate(batches):
-                    if world.device.type == "cuda":
+                    if world.device.type == "cuda" and i == MEASURED.start:
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                     with record_function(f"bench_config_{k}_step_{i}"):
@@ -204,13 +204,18 @@ def _file_backed_tensor_bytes() -> int:
     return sum(storages.values())
 
 
-# the last is measured: optimizer state exists and zero_grad freed the gradients, as in every later step, and
-# PowerSGD (start_iter 2, the least torch allows with error feedback) has compressed once: its error feedback exists
-STEPS = 4
+# steps 4-6 are measured, a config's peak the highest of them (a run must fit its highest step): optimizer state
+# exists and zero_grad freed the gradients, as in every later step, and PowerSGD (start_iter 2, the least torch
+# allows with error feedback) has compressed once: its error feedback exists. One step is not enough: under TP a
+# vocab shard of the logits outlives its async all-gather in some steps and not others (4 MiB of 38 at d128-L4
+# batch 8 x 128)
+STEPS = 6
+MEASURED = range(3, STEPS)
 
 
 def _profiled_peaks(prof, count: int) -> list[int]:
-    """Per config: the highest running total of CPU bytes allocated in its last step, less the total at its start."""
+    """Per config: the highest running total of CPU bytes allocated in its measured steps, less the total at its
+    start."""
     import torch
 
     allocation = torch._C._profiler._EventType.Allocation
@@ -227,7 +232,8 @@ def _profiled_peaks(prof, count: int) -> list[int]:
     peaks = []
     for k in range(count):
         begin = ranges[f"bench_config_{k}"][0]
-        start, end = ranges[f"bench_config_{k}_step_{STEPS - 1}"]
+        start = ranges[f"bench_config_{k}_step_{MEASURED.start}"][0]
+        end = ranges[f"bench_config_{k}_step_{STEPS - 1}"][1]
         baseline = ([t for ts, t in totals if ts < begin] or [0])[-1]
         inside = [t for ts, t in totals if start <= ts <= end] + [t for ts, t in totals if ts < start][-1:]
         peaks.append(max(inside) - baseline)
