@@ -31,7 +31,7 @@ def trained(tmp_path_factory, corpus, cache_dir):
     return get
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.extended)])  # 36 s: CI time
 def test_export_loads_in_plain_transformers_with_identical_logits(family, trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
