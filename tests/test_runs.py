@@ -35,6 +35,7 @@ def test_sweep_summary_has_one_row_per_job(sweep_dir):
     assert "precision=bf16" in stdout and "final_val_loss" in stdout
 
 
+@pytest.mark.extended  # 35 s, CI time; reproduce of a run is in the default run (tests/test_export.py)
 def test_reproduce_sweep_job_is_identical_then_detects_divergence(sweep_dir, tmp_path):
     directory, _ = sweep_dir
     job = directory / "0"  # fp32 on CPU: must match bit-for-bit
