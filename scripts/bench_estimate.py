@@ -166,12 +166,17 @@ def _book_every_threads_frees() -> None:
     read 11.4 -> 33.3 MiB over 12 steps with a flat RSS, 15.63 MiB in every step with the flag on. The flag has
     no Python setter; it is a plain exported bool of libc10 (it also makes c10 log each allocation at INFO, below
     the default log level)."""
+    cpu_memory_report_flag().value = True
+
+
+def cpu_memory_report_flag():
+    """c10's `caffe2_report_cpu_memory_usage` flag, as a ctypes bool in libc10 (read and set through `.value`)."""
     import ctypes
 
     import torch
 
     lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
-    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    return ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage")
 
 
 def _file_backed_tensor_bytes() -> int:
@@ -213,19 +218,23 @@ STEPS = 6
 MEASURED = range(3, STEPS)
 
 
+def profiled_events(prof) -> list:
+    """Every event of a finished profiler session, nested ones (an op's allocations) included."""
+    def walk(events):
+        for e in events:
+            yield e
+            yield from walk(e.children)
+
+    return list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+
+
 def _profiled_peaks(prof, count: int) -> list[int]:
     """Per config: the highest running total of CPU bytes allocated in its measured steps, less the total at its
     start."""
     import torch
 
     allocation = torch._C._profiler._EventType.Allocation
-
-    def walk(events):
-        for e in events:
-            yield e
-            yield from walk(e.children)
-
-    events = list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+    events = profiled_events(prof)
     ranges = {e.name: (e.start_time_ns, e.end_time_ns) for e in events if e.name.startswith("bench_config_")}
     totals = sorted((e.start_time_ns, e.extra_fields.total_allocated) for e in events
                     if e.tag == allocation and e.extra_fields.device.type == "cpu")

@@ -113,17 +113,14 @@ def test_estimate_matches_a_measured_step():
 def test_the_measure_books_frees_made_on_other_threads():
     """gloo's worker threads free the tensors of finished collectives; the profiler's running total must drop by
     them too, or a multi-rank measure drifts up step by step (it did: 11.4 -> 33.3 MiB over 12 FSDP steps)."""
-    import ctypes
     import threading
-    from pathlib import Path
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     import bench_estimate
 
-    flag = ctypes.c_bool.in_dll(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so")),
-                                "FLAGS_caffe2_report_cpu_memory_usage")
+    flag = bench_estimate.cpu_memory_report_flag()
     before = flag.value
     bench_estimate._book_every_threads_frees()
     try:
@@ -135,12 +132,7 @@ def test_the_measure_books_frees_made_on_other_threads():
             torch.ones(16)
     finally:
         flag.value = before
-    def walk(events):
-        for e in events:
-            yield e
-            yield from walk(e.children)
-
-    totals = [e.extra_fields.total_allocated for e in walk(prof.profiler.kineto_results.experimental_event_tree())
+    totals = [e.extra_fields.total_allocated for e in bench_estimate.profiled_events(prof)
               if e.tag == torch._C._profiler._EventType.Allocation]
     assert totals[0] >= 4 << 20 and totals[-1] < 1 << 20, totals
 
