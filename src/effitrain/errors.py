@@ -1,5 +1,10 @@
-"""The exceptions the CLI turns into one line and an exit code: bad input (2), and a run that stopped on purpose
-before its last step (preempted: 75, diverged: 1)."""
+"""The exceptions the CLI turns into one line and an exit code: bad input (2), a run that stopped on purpose before
+its last step (preempted: 75, diverged: 1, interrupted twice: 130), and an I/O failure (74: disk full, a file that
+cannot be written) -- never mistaken for bad input."""
+
+from __future__ import annotations
+
+import errno
 
 
 class UsageError(ValueError):
@@ -13,8 +18,8 @@ class RunStopped(Exception):
 
 
 class Preempted(RunStopped):
-    """SIGTERM/SIGUSR1 (SLURM's warning before it kills a job): the step finished, a checkpoint was saved.
-    Exit code 75 (EX_TEMPFAIL, "try again"): a requeue script tests for it and runs `effitrain resume RUN_DIR`."""
+    """SIGTERM/SIGUSR1 (SLURM's warning before it kills a job) or a first Ctrl-C: the step finished, a checkpoint was
+    saved. Exit code 75 (EX_TEMPFAIL, "try again"): a requeue script tests for it and runs `effitrain resume RUN_DIR`."""
 
     exit_code = 75
 
@@ -25,21 +30,51 @@ class Diverged(RunStopped):
     exit_code = 1
 
 
-STOPS = {cls.__name__: cls for cls in (UsageError, Preempted, Diverged)}  # what a worker reports by name
+class Interrupted(RunStopped):
+    """A second Ctrl-C: stopped at once, without saving (the latest complete checkpoint stays resumable). 130 is the
+    shell's code for a process ended by SIGINT."""
+
+    exit_code = 130
+
+
+class IOFailure(RunStopped):
+    """The disk is full, or a file could not be written or read back: not bad input, so not exit 2. Exit code 74
+    (EX_IOERR); what was complete before stays."""
+
+    exit_code = 74
+
+
+STOPS = {cls.__name__: cls for cls in (UsageError, RunStopped, Preempted, Diverged, Interrupted, IOFailure)}
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def io_failure(error: OSError, path=None, *, doing: str = "") -> IOFailure:
+    """An OSError as one IOFailure line: "disk full at PATH" for ENOSPC/EDQUOT/EFBIG, else the OS's own words."""
+    where = path if path is not None else getattr(error, "filename", None) or "?"
+    if getattr(error, "errno", None) in _FULL:
+        what = f"disk full at {where} ([Errno {error.errno}] {error.strerror})"
+    else:
+        what = f"{where}: {error.strerror or first_line(error)}"
+    return IOFailure(f"{doing}: {what}" if doing else what)
 
 
 def stop_report(error: Exception) -> dict:
-    """What a worker process returns for a stop its launcher must re-raise (exceptions do not cross processes)."""
-    return {"effitrain_stop": type(error).__name__, "message": str(error)}
+    """What a worker process returns for a stop its launcher must re-raise (exceptions do not cross processes): the
+    nearest class the launcher knows (a ModelError is a UsageError there), with the worker's own message."""
+    known = next(cls for cls in type(error).__mro__ if cls.__name__ in STOPS and STOPS[cls.__name__] is cls)
+    return {"effitrain_stop": known.__name__, "message": str(error), "exit_code": getattr(error, "exit_code", 2)}
 
 
 def raise_reported(result) -> None:
     """Re-raise a worker's stop_report, if `result` is one."""
     if isinstance(result, dict) and "effitrain_stop" in result:
-        raise STOPS[result["effitrain_stop"]](result["message"])
+        error = STOPS.get(result["effitrain_stop"], RunStopped)(result["message"])
+        if isinstance(error, RunStopped):
+            error.exit_code = result.get("exit_code", error.exit_code)
+        raise error
 
 
-def first_line(e: Exception) -> str:
+def first_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
