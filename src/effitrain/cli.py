@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from effitrain.compose import GROUP_NAMES, PRESETS, compose_all, config_dir, group_options, normalize
-from effitrain.errors import RunStopped, UsageError
+from effitrain.errors import Interrupted, IOFailure, RunStopped, UsageError, as_io_failure
+from effitrain.rundir import claim_for_hydra, release_claims
 
 # Hydra flags that print help: nothing is composed, so nothing needs validating first.
 _HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
@@ -45,18 +46,37 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     verb, rest = argv[0], argv[1:]
+    failed = True  # what this command claimed is undone unless it ends in a result (0, 1, 3) or a stop (75)
     try:
         if verb == "train":
-            return train(rest)
-        if verb in _HANDLERS:
-            return _HANDLERS[verb](rest)
-        raise UsageError(f"unknown verb {verb!r}; use one of: {', '.join(_VERBS)} (effitrain --help lists them)")
+            code = train(rest)
+        elif verb in _HANDLERS:
+            code = _HANDLERS[verb](rest)
+        else:
+            raise UsageError(f"unknown verb {verb!r}; use one of: {', '.join(_VERBS)} (effitrain --help lists them)")
+        failed = False
+        return code
     except UsageError as e:
         print(f"effitrain: error: {e}", file=sys.stderr)
         return 2
-    except RunStopped as e:  # preempted (75) or diverged (1): the run's own one line, no traceback
+    except RunStopped as e:  # preempted (75), diverged (1), interrupted (130), I/O (74): one line, no traceback
+        failed = isinstance(e, (Interrupted, IOFailure))
         print(f"effitrain: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the disk or the file system (full, read-only): its own code, not bad input
+        failure = as_io_failure(e)
+        if failure is e:
+            raise
+        print(f"effitrain: {failure}", file=sys.stderr)
+        return failure.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (composing, loading data): nothing to save
+        print("effitrain: interrupted (Ctrl-C)", file=sys.stderr)
+        return Interrupted.exit_code
+    except SystemExit as e:  # the Hydra task's own exit: it undid what a failed run made itself
+        failed = False
+        raise e
+    finally:
+        release_claims(undo=failed)
 
 
 def usage() -> str:
@@ -92,10 +112,15 @@ def train(args: list[str]) -> int:
         from effitrain.estimate import fit_check
 
         overrides = [a for a in args if not a.startswith("-") and a not in ("job", "hydra", "all")]
-        for cfg in compose_all(overrides, multirun=bool(flags & {"-m", "--multirun"})):
+        multirun = bool(flags & {"-m", "--multirun"})
+        first = None
+        for cfg in compose_all(overrides, multirun=multirun, hydra=True):
+            first = first or cfg
             if not flags & _PRINT_FLAGS:
                 check_all(cfg)
                 fit_check(cfg)  # CUDA only: the memory estimate against the GPU's free memory
+        if not flags & _PRINT_FLAGS:  # checked: now the directory, before Hydra writes anything into it
+            args = claim_for_hydra(first, args, multirun=multirun)
     return _run_hydra(args)
 
 
@@ -125,30 +150,40 @@ def _hydra_task(cfg) -> dict:
     from effitrain.sweep import finished_before, one_line, record_outcome, resuming
     from effitrain.trials import eval_hooks, pruned
 
+    from effitrain.checkpoint.layout import default_root
+    from effitrain.errors import Diverged, as_io_failure
+    from effitrain.rundir import claim_of
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     if sweeping and (summary := finished_before(run_dir)) is not None:
         return summary
+    claim = claim_of(run_dir, continuing=sweeping and resuming())  # a sweep's job directory is claimed here
     try:
         return launch(cfg, run_dir, resume=sweeping and resuming(), on_eval=eval_hooks(hydra_cfg))
-    except Exception as e:
-        if sweeping and not isinstance(e, Preempted):  # preempted: the whole sweep is being stopped
+    except (Exception, KeyboardInterrupt) as e:
+        e = as_io_failure(e)
+        if sweeping and not isinstance(e, (Preempted, Interrupted, KeyboardInterrupt)):  # those stop the sweep
             status = "pruned" if pruned(e) else "failed"
             record_outcome(run_dir, status, one_line(e))
             print(f"effitrain: job {hydra_cfg.job.num} {status}: {one_line(e)}", file=sys.stderr)
             return {"status": status, "reason": one_line(e)}
-        if isinstance(e, UsageError):  # found only once data was read: still one line, no run directory left
-            import shutil
-
-            if not any(run_dir.glob("checkpoints/step-*")):  # a run that saved something is kept (e.g. disk full)
-                shutil.rmtree(run_dir, ignore_errors=True)
+        if not sweeping and not isinstance(e, (Preempted, Diverged)):  # stops, not failures: their steps are results
+            # only what this invocation made goes; a run with a complete checkpoint stays whole (resumable)
+            claim.undo(checkpoints=default_root(run_dir, cfg.checkpoint.get("dir")))
+        if isinstance(e, UsageError):  # found only once data was read: still one line
             print(f"effitrain: error: {e}", file=sys.stderr)
             sys.exit(2)
         if isinstance(e, RunStopped):
             print(f"effitrain: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+        if isinstance(e, KeyboardInterrupt):
+            print("effitrain: interrupted (Ctrl-C)", file=sys.stderr)
+            sys.exit(Interrupted.exit_code)
         raise
+    finally:
+        claim.release()
 
 
 def _parse(args: list[str], *, usage: str, positional: int, flags: dict[str, type]) -> tuple[list[str], dict]:

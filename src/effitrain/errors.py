@@ -58,6 +58,15 @@ def io_failure(error: OSError, path=None, *, doing: str = "") -> IOFailure:
     return IOFailure(f"{doing}: {what}" if doing else what)
 
 
+def as_io_failure(error: BaseException) -> BaseException:
+    """An OSError of the disk or the file system (full, read-only, an I/O error, no permission) as an IOFailure
+    line; any other exception as it is."""
+    io = {*_FULL, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR, errno.EISDIR}
+    if isinstance(error, OSError) and getattr(error, "errno", None) in io:
+        return io_failure(error)
+    return error
+
+
 def stop_report(error: Exception) -> dict:
     """What a worker process returns for a stop its launcher must re-raise (exceptions do not cross processes): the
     nearest class the launcher knows (a ModelError is a UsageError there), with the worker's own message."""

@@ -17,6 +17,8 @@ measured against) with the same torchao configs. Either loads in plain transform
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -54,18 +56,23 @@ def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = Non
     hf.config.use_cache = True  # training turns the KV cache off; generation wants it
     eos = tokenizer.token_to_id(EOS)
     hf.generation_config.update(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, use_cache=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if base is None:
-        hf.save_pretrained(tmp, safe_serialization=True)
-    else:
-        write_quantized(hf, tmp, base)
-    _save_tokenizer(run_dir / "tokenizer.json", tmp, max_length=cfg.data.seq_len)
-    (tmp / "effitrain.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "step": manifest["step"],
-                                                    "config_hash": manifest.get("config_hash"), "dtype": dtype,
-                                                    "quantized": _quantized_name(cfg, quantize)}))
-    tmp.rename(out)
+    # a directory of this process's own (never `X.tmp` that someone may keep), removed again if the export fails
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        if base is None:
+            hf.save_pretrained(tmp, safe_serialization=True)
+        else:
+            write_quantized(hf, tmp, base)
+        _save_tokenizer(run_dir / "tokenizer.json", tmp, max_length=cfg.data.seq_len)
+        (tmp / "effitrain.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "step": manifest["step"],
+                                                        "config_hash": manifest.get("config_hash"), "dtype": dtype,
+                                                        "quantized": _quantized_name(cfg, quantize)}))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -77,7 +84,11 @@ def model_dir(path: Path) -> Path:
     if (path / ".hydra" / "config.yaml").is_file():
         _, checkpoint, _ = _run_parts(path, step=None)
         out = path / "export" / checkpoint.name
-        return out if (out / "config.json").is_file() else export_run(path, out=out)
+        if (out / "config.json").is_file():
+            return out
+        logging.getLogger("effitrain").warning(f"{path}: exporting {checkpoint.name} once into {out} (eval and "
+                                               "distillation load the Hugging Face directory from there)")
+        return export_run(path, out=out)
     raise UsageError(f"{path}: neither an HF model directory (config.json + tokenizer.json) nor a run directory")
 
 

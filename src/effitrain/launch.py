@@ -147,23 +147,48 @@ def _preempted_or(run_dir: Path) -> RunStopped:
 
 
 class _forwarding_preemption_signals:
-    """SIGUSR1 (SLURM's `--signal`) reaching the launching process goes on to the workers, which save and stop;
-    the elastic agent forwards SIGTERM itself."""
+    """SIGUSR1 (SLURM's `--signal`) reaching the launching process goes on to the workers, which save and stop; the
+    elastic agent forwards SIGTERM itself. Ctrl-C is effitrain's, not the agent's (which would pass SIGINT on, and
+    a worker that also got the terminal's own SIGINT would count two and stop without saving): the first goes on
+    as SIGUSR1 (finish the step, save, 75), the second as two SIGINTs (stop at once, 130)."""
+
+    AGENT_SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"
 
     def __enter__(self):
         import signal
         import threading
 
-        self.previous = None
+        self.previous, self.interrupts = {}, 0
+        self.agent_signals = os.environ.get(self.AGENT_SIGNALS)
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGUSR1, lambda *_: _signal_descendants(signal.SIGUSR1))
+            os.environ[self.AGENT_SIGNALS] = "SIGTERM,SIGHUP,SIGQUIT"
+            self.previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1,
+                                                           lambda *_: _signal_descendants(signal.SIGUSR1)),
+                             signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt)}
         return self
+
+    def _interrupt(self, *_):
+        import signal
+
+        self.interrupts += 1
+        if self.interrupts == 1:
+            log.warning("Ctrl-C: the workers stop after this step (saving a checkpoint first); Ctrl-C again to stop "
+                        "at once, without saving")
+            _signal_descendants(signal.SIGUSR1)
+        else:
+            _signal_descendants(signal.SIGINT)
+            _signal_descendants(signal.SIGINT)
 
     def __exit__(self, *exc):
         import signal
 
-        if self.previous is not None:
-            signal.signal(signal.SIGUSR1, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.previous:
+            if self.agent_signals is None:
+                os.environ.pop(self.AGENT_SIGNALS, None)
+            else:
+                os.environ[self.AGENT_SIGNALS] = self.agent_signals
 
 
 def descendants(root: int) -> list[tuple[int, int, bytes]]:

@@ -56,7 +56,7 @@ def setup_logging(run_dir: Path, *, rank: int) -> None:
         root.removeHandler(handler)
         handler.close()
     root.setLevel(logging.INFO)
-    file = logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"rank_{rank}.log"))
+    file = _NoFollowFileHandler(run_dir / ("train.log" if rank == 0 else f"rank_{rank}.log"))
     file.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
     root.addHandler(file)
     if rank == 0:
@@ -69,6 +69,15 @@ def setup_logging(run_dir: Path, *, rank: int) -> None:
     for noisy in ("torch.distributed", "transformers", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_import_noise()
+
+
+class _NoFollowFileHandler(logging.FileHandler):
+    """A log file appended to, never through a symlink (a received run directory's `train.log -> ~/.bashrc`)."""
+
+    def _open(self):
+        from effitrain.rundir import open_append
+
+        return open_append(Path(self.baseFilename))
 
 
 # Warnings torchao's import prints on a machine without its CUDA kernels or Triton, and torch 2.13's deprecation of

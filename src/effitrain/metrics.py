@@ -226,12 +226,20 @@ def build_sinks(cfg, *, run_dir: Path, total_steps: int, resumed_at: int = 0) ->
 
 
 class JsonlSink:
+    """metrics.jsonl: each record one write() of one whole line (O_APPEND, unbuffered), so a kill leaves whole lines
+    and at most one cut last line (which readers skip); never opened through a symlink."""
+
     def __init__(self, path: Path, *, append: bool = False):
-        # a rerun into the same directory replaces, never splices; a resumed one continues what was kept
-        self._f = path.open("a" if append else "w", buffering=1)
+        import os
+
+        from effitrain.rundir import open_append
+
+        if not append and (path.exists() or path.is_symlink()):
+            os.unlink(path)  # a fresh run's file replaces (never splices); a resumed one continues what was kept
+        self._f = open_append(path, binary=True)
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write((json.dumps(record) + "\n").encode())
 
     def close(self) -> None:
         self._f.close()

@@ -20,9 +20,7 @@ def reproduce_run(original: Path, *, rtol: float, exact: bool = False, from_step
     """Rerun, compare with the original's metrics.jsonl, print the verdict; the exit code."""
     from effitrain.checks import check_all
     from effitrain.compose import load_run_config
-    from effitrain.launch import launch
-    from effitrain.logs import console
-    from effitrain.runs import DIVERGED, IDENTICAL, compare_records, read_records, reproduce_dir
+    from effitrain.runs import read_records, reproduce_dir
 
     cfg = load_run_config(original, allow_rendezvous=allow_rendezvous)
     reference = read_records(original)
@@ -30,7 +28,24 @@ def reproduce_run(original: Path, *, rtol: float, exact: bool = False, from_step
         raise UsageError(f"{original} has no metrics.jsonl to compare against (did the run finish?)")
     check_all(cfg)
     source = _checkpoint_at(original, cfg, from_step) if from_step is not None else None
-    run_dir = reproduce_dir(original)
+    claim = reproduce_dir(original)
+    try:
+        return _rerun(original, cfg, claim.run_dir, reference, source=source, rtol=rtol, exact=exact,
+                      from_step=from_step)
+    except (Exception, KeyboardInterrupt):
+        claim.undo()  # only what this invocation made (a complete checkpoint keeps it whole)
+        raise
+    finally:
+        claim.release()
+
+
+def _rerun(original: Path, cfg, run_dir: Path, reference: list[dict], *, source, rtol: float, exact: bool,
+           from_step: int | None) -> int:
+    from effitrain.launch import launch
+    from effitrain.logs import console
+    from effitrain.rundir import write_file
+    from effitrain.runs import DIVERGED, IDENTICAL, compare_records, read_records
+
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):  # the new run is itself reproducible
         if (original / ".hydra" / name).is_file():
             shutil.copy2(original / ".hydra" / name, run_dir / ".hydra" / name)
@@ -42,7 +57,7 @@ def reproduce_run(original: Path, *, rtol: float, exact: bool = False, from_step
     verdict, code = compare_records(reference, read_records(run_dir), rtol=rtol, after_step=from_step or 0)
     if exact and code != IDENTICAL:
         code = DIVERGED
-    (run_dir / "reproduce.json").write_text(json.dumps(
+    write_file(run_dir / "reproduce.json", json.dumps(
         {"original": str(original), "verdict": verdict, "exit_code": code, "matched": code != DIVERGED,
          "rtol": rtol, "exact": exact, "from_step": from_step}, indent=2))
     console().print(f"reproduce {original} -> {run_dir}: {verdict}", soft_wrap=True)  # one line, for grep

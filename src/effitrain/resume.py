@@ -8,6 +8,7 @@ directory someone sent is data: see compose.load_run_config and checkpoint.store
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_rendezvous: bool = 
     from effitrain.checks import check_all
     from effitrain.compose import apply_overrides, load_run_config
     from effitrain.launch import launch
+    from effitrain.rundir import RunClaim, open_append, write_file
 
     cfg = apply_overrides(load_run_config(run_dir, allow_rendezvous=allow_rendezvous), overrides)
     check_all(cfg)
@@ -34,9 +36,20 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_rendezvous: bool = 
     if step >= cfg.max_steps:
         raise UsageError(f"{run_dir} is complete at step {step} = max_steps; raise it to train on "
                          f"(effitrain resume {run_dir} max_steps={2 * cfg.max_steps})")
-    if overrides:  # the run directory's config stays the one that produced its later steps
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    with (run_dir / "resumes.jsonl").open("a") as f:
-        f.write(json.dumps({"from_step": step, "overrides": overrides, "time": time.time()}) + "\n")
-    launch(cfg, run_dir, resume=True)
+    claim = RunClaim(run_dir, mode="adopt")  # one writer: a second resume (or a train) into it is refused
+    saved = run_dir / ".hydra" / "config.yaml"
+    before = saved.read_bytes()
+    try:
+        if overrides:  # the run directory's config stays the one that produced its later steps
+            write_file(saved, OmegaConf.to_yaml(cfg))
+        launch(cfg, run_dir, resume=True)
+    except UsageError:  # refused before a step was taken: the run directory stays as it was
+        if overrides:
+            write_file(saved, before)
+        raise
+    finally:
+        claim.release()
+        if not isinstance(sys.exc_info()[1], UsageError):
+            with open_append(run_dir / "resumes.jsonl") as f:
+                f.write(json.dumps({"from_step": step, "overrides": overrides, "time": time.time()}) + "\n")
     return 0

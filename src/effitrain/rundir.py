@@ -12,11 +12,13 @@ No torch here: the CLI claims before anything starts.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import time
 import uuid
@@ -37,21 +39,29 @@ class RunClaim:
 
     Args:
         run_dir: the run (or sweep) directory.
-        continuing: the directory may already hold an effitrain run (resume, a restarted worker, a resumed sweep).
+        mode: "new" -- a new or empty directory only (train, reproduce, a sweep's job); "continue" -- also one that
+            holds an effitrain run (a restarted torchrun worker, a search's stable sweep directory); "adopt" -- the
+            run directory the user named to continue (resume, a resumed sweep), already read as a run's: an earlier
+            run's files are its own, and it gets an identity if it had none.
         lock: take the one-writer lock (the launching process; workers run under their launcher's lock).
     """
 
-    def __init__(self, run_dir: Path, *, continuing: bool = False, lock: bool = True):
+    def __init__(self, run_dir: Path, *, mode: str = "new", lock: bool = True):
         self.run_dir = Path(run_dir)
         self.created_dir = False
         self.before: set[str] = set()
         self._lock_fd: int | None = None
-        self._claim(continuing)
-        if lock:
-            self._lock()
+        try:
+            self._claim(mode)
+            if lock:
+                self._lock()
+        except BaseException:
+            if self.created_dir:  # refused or failed after making it: the new directory goes again
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     # --- claiming -------------------------------------------------------------------------------------------------
-    def _claim(self, continuing: bool) -> None:
+    def _claim(self, mode: str) -> None:
         d = self.run_dir
         if d.is_symlink():
             raise UsageError(f"run directory {d} is a symlink; give the directory itself")
@@ -67,16 +77,15 @@ class RunClaim:
             else:
                 self.created_dir = True
         self.before = _entries(d)
-        foreign = self.before - {META, f"{META}/{RUN_FILE}", f"{META}/{LOCK_FILE}", ".hydra",
-                                 ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml"}
         ours = run_id(d) is not None
-        if self.before and not ours:
-            example = sorted(self.before)[0]
-            raise UsageError(f"{d} already holds files effitrain did not write (e.g. {example!r}); a run writes only "
-                             "into a new or empty directory: choose another hydra.run.dir")
-        if ours and foreign and not continuing:
+        # Hydra writes .hydra/ into a sweep's job directory before effitrain's task runs: that much is allowed
+        written = self.before - {META, f"{META}/{RUN_FILE}", f"{META}/{LOCK_FILE}", *_HYDRA_FILES}
+        if mode != "adopt" and written and not ours:
+            raise UsageError(f"{d} already holds files effitrain did not write (e.g. {sorted(written)[0]!r}); a run "
+                             "writes only into a new or empty directory: choose another directory")
+        if mode == "new" and ours and written:
             raise UsageError(f"{d} holds the effitrain run {run_id(d)}: continue it with effitrain resume {d}, or "
-                             "choose another hydra.run.dir for a new run")
+                             "choose another directory for a new run")
         if not ours:
             self._write_identity()
 
@@ -111,19 +120,24 @@ class RunClaim:
         self._lock_fd = fd
 
     def release(self) -> None:
-        if self._lock_fd is not None:
+        if self._lock_fd is not None:  # an emptied lock file is a released one; a holder left in it died holding it
+            try:
+                os.ftruncate(self._lock_fd, 0)
+            except OSError:  # a full disk cannot refuse a truncation; a gone directory can
+                pass
             os.close(self._lock_fd)  # closing drops the flock; the file stays (it belongs to the run)
             self._lock_fd = None
 
     # --- failure --------------------------------------------------------------------------------------------------
-    def undo(self) -> list[str]:
-        """After a failure: remove what this invocation created, unless the directory now holds a complete
-        checkpoint (then everything stays: the run is resumable). The removed entries (relative paths)."""
+    def undo(self, *, checkpoints: Path | None = None) -> list[str]:
+        """After a failure: remove what this invocation created, unless the run now holds a result -- a complete
+        checkpoint (in `checkpoints` too, where checkpoint.dir points elsewhere) or a finished run's summary.json
+        (a sweep's job): then everything stays, resumable. The removed entries (relative paths)."""
         from effitrain.checkpoint.layout import complete_checkpoints
 
         self.release()
         d = self.run_dir
-        if not d.is_dir() or complete_checkpoints(d / "checkpoints"):
+        if not d.is_dir() or _holds_results(d) or (checkpoints is not None and complete_checkpoints(checkpoints)):
             return []
         new = sorted(_entries(d) - self.before, key=lambda p: p.count("/"), reverse=True)
         if self.created_dir and not self.before - {META, f"{META}/{RUN_FILE}", f"{META}/{LOCK_FILE}"}:
@@ -139,6 +153,20 @@ class RunClaim:
             except OSError:
                 pass
         return new
+
+
+def _holds_results(d: Path) -> bool:
+    """A complete checkpoint (step-N/ with its manifest) or a summary.json anywhere below d."""
+    from effitrain.checkpoint.layout import MANIFEST, STEP_NAME
+
+    for root, _, files in os.walk(d):
+        name = os.path.basename(root)
+        if "summary.json" in files or (MANIFEST in files and STEP_NAME.fullmatch(name)):
+            return True
+    return False
+
+
+_HYDRA_FILES = {".hydra", ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml"}
 
 
 def _entries(d: Path) -> set[str]:
@@ -171,6 +199,66 @@ def _alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# --- the claims of this process: made by the CLI before Hydra runs, used by the task Hydra calls -----------------
+
+_CLAIMS: dict[str, RunClaim] = {}
+
+
+def claim_for_hydra(cfg, args: list[str], *, multirun: bool) -> list[str]:
+    """Claim the run (or sweep) directory of a checked `effitrain train` before Hydra writes into it; the arguments
+    with the directory pinned, so Hydra uses exactly the one claimed (its default names the second: two runs
+    started in one second would share it)."""
+    from omegaconf import OmegaConf
+
+    from effitrain.sweep import resuming
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(OmegaConf.select(cfg, key))
+    stable = multirun and OmegaConf.select(cfg, "hydra.sweeper.sweep_dir", default=None) is not None
+    if not any(a.startswith(f"{key}=") for a in args) and not stable:
+        path = _unused(path)
+        args = [*args, f"{key}={_quoted(str(path))}"]
+    mode = "adopt" if multirun and resuming() else "continue" if stable else "new"
+    _register(path, mode=mode)
+    return args
+
+
+def claim_of(run_dir: Path, *, continuing: bool) -> RunClaim:
+    """The claim this process holds on run_dir (a single run: the CLI's), or a new one (a sweep's job directory)."""
+    return _CLAIMS.get(os.path.realpath(run_dir)) or _register(run_dir, mode="adopt" if continuing else "new")
+
+
+def _register(path: Path, *, mode: str) -> RunClaim:
+    """Claim and remember, with Ctrl-C held back meanwhile: a directory made must be known before an interrupt can
+    ask for it to be undone."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        claim = _CLAIMS[os.path.realpath(path)] = RunClaim(path, mode=mode)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return claim
+
+
+def release_claims(*, undo: bool = False) -> None:
+    """Let go of this process's claims; after a failure (`undo`), remove what they made first."""
+    for claim in _CLAIMS.values():
+        claim.undo() if undo else claim.release()
+    _CLAIMS.clear()
+
+
+def _unused(path: Path) -> Path:
+    candidate, k = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate, k = path.with_name(f"{path.name}-{k}"), k + 1
+    return candidate
+
+
+def _quoted(value: str) -> str:
+    """A value as one quoted Hydra override string (a comma or a space in it would otherwise split it)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def run_id(run_dir: Path) -> str | None:
@@ -218,8 +306,16 @@ def write_file(path: Path, data: str | bytes) -> None:
 def open_append(path: Path, *, binary: bool = False):
     """A run file opened for appending, refusing a symlink (O_NOFOLLOW: ELOOP) -- a received directory's
     `train.log -> ~/.bashrc` is not written through. Raises OSError."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    return os.fdopen(fd, "ab" if binary else "a", encoding=None if binary else "utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"{path} is a symlink: effitrain writes a run's files only as files of the run "
+                             "directory, never through a link (remove it)") from None
+        raise
+    if binary:  # unbuffered: each write() is one system call, so one line is written whole
+        return os.fdopen(fd, "ab", buffering=0)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def inside(root: Path, path: Path) -> bool:

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from effitrain.rundir import write_file
+
 LAUNCH_TIME_ENV = "EFFITRAIN_LAUNCH_TIME"  # set by the CLI at entry; inherited by workers
 
 
@@ -40,21 +42,26 @@ def new_run_dir(cfg, overrides: list[str]) -> Path:
     run_dir = Path(OmegaConf.select(cfg, "hydra.run.dir"))
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    OmegaConf.save(job, run_dir / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra)}), run_dir / ".hydra" / "hydra.yaml")
+    write_file(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(job))
+    write_file(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    write_file(run_dir / ".hydra" / "hydra.yaml",
+               OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra)})))
     return run_dir
 
 
-def reproduce_dir(original: Path, outputs: Path = Path("outputs")) -> Path:
-    """outputs/<date>/<time>_reproduce-<original name>, never an existing directory (made, with .hydra/)."""
+def reproduce_dir(original: Path, outputs: Path = Path("outputs")):
+    """A claim (effitrain.rundir.RunClaim) on outputs/<date>/<time>_reproduce-<original name>, never an existing
+    directory (made, with .hydra/)."""
+    from effitrain.rundir import RunClaim
+
     stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
     base = outputs / f"{stamp}_reproduce-{original.resolve().name}"
     candidate, k = base, 1
-    while candidate.exists():
+    while candidate.exists() or candidate.is_symlink():
         candidate, k = base.with_name(f"{base.name}-{k}"), k + 1
-    (candidate / ".hydra").mkdir(parents=True)
-    return candidate
+    claim = RunClaim(candidate)
+    (candidate / ".hydra").mkdir()
+    return claim
 
 
 def config_hash(cfg) -> str:
@@ -99,14 +106,14 @@ def write_env(run_dir: Path, *, world, data: dict, peak_flops, peak_flops_source
         "peak_flops": peak_flops, "peak_flops_source": peak_flops_source, "argv": sys.argv,
         **git_state(),
     }
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    write_file(run_dir / "env.json", json.dumps(env, indent=2))
 
 
 def write_summary(run_dir: Path, recorder, *, warmup_steps: int, extra: dict) -> None:
     from effitrain.metrics import summarize
 
     summary = summarize(recorder.records, warmup_steps=warmup_steps) | extra
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_file(run_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -157,7 +164,7 @@ PREEMPTED = "preempted.json"  # written by rank 0 when a signal stopped the run 
 
 
 def write_preempted(run_dir: Path, *, step: int, message: str) -> None:
-    (run_dir / PREEMPTED).write_text(json.dumps({"step": step, "message": message}))
+    write_file(run_dir / PREEMPTED, json.dumps({"step": step, "message": message}))
 
 
 def read_preempted(run_dir: Path) -> dict | None:
@@ -182,10 +189,7 @@ def read_records(run_dir: Path) -> list[dict]:
 def truncate_metrics(run_dir: Path, *, step: int) -> list[dict]:
     """Keep metrics.jsonl's records up to `step` (a resumed run writes the steps after it again); the kept ones."""
     kept = [r for r in read_records(run_dir) if r["step"] <= step]
-    path = Path(run_dir) / "metrics.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    write_file(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 

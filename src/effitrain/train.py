@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -37,7 +36,7 @@ from effitrain.converters import ConverterChain
 from effitrain.data.loader import Prefetcher, TrainBatches
 from effitrain.data.mix import prepare_run_data
 from effitrain.distributed import any_rank, barrier, close_world, init_world, pick_device
-from effitrain.errors import Diverged, Preempted
+from effitrain.errors import Diverged, Interrupted, Preempted
 from effitrain.flops import model_flops_per_token, peak_flops
 from effitrain.logs import setup_logging
 from effitrain.loop import train_step
@@ -48,6 +47,7 @@ from effitrain.parallel import offloads
 from effitrain.parallel.build import apply_parallel, data_parallel_shard, gradient_sync_skipper
 from effitrain.precision.build import Precision, build_precision
 from effitrain.profiling import StepProfiler
+from effitrain.rundir import RunClaim, write_file
 from effitrain.runtime import job_runtime
 from effitrain.schedule.build import build_scheduler
 from effitrain.state import TrainState
@@ -190,8 +190,8 @@ class Trainer:
             runs.write_env(self.run_dir, world=world, data=data_env, peak_flops=self.peak,
                            peak_flops_source=self.peak_source, num_params=self.parts.num_params)
             # the run directory carries its tokenizer: export and sample need no corpus and no cache
-            shutil.copy2(self.data.tokenizer_dir / "tokenizer.json", self.run_dir / "tokenizer.json")
-            (self.run_dir / "data_report.json").write_text(json.dumps(self.data.report(), indent=2))  # data.clean's
+            write_file(self.run_dir / "tokenizer.json", (self.data.tokenizer_dir / "tokenizer.json").read_bytes())
+            write_file(self.run_dir / "data_report.json", json.dumps(self.data.report(), indent=2))  # data.clean's
         self.recorder = Recorder(sinks)
         self.recorder.records = list(self.kept_records)  # a resumed run's summary spans all its steps
         options = " ".join(f"{group}={cfg[group].name}" for group in GROUP_NAMES if "name" in cfg[group])
@@ -221,7 +221,7 @@ class Trainer:
         self._nonfinite = 0  # consecutive steps whose gradient norm was not finite
         self._nan_policy, self._nan_patience = cfg.nan_policy, cfg.nan_patience
         start = time.perf_counter()
-        with StopSignals() as stop:
+        with StopSignals(self.run_dir) as stop:
             for step in range(state.step + 1, last + 1):
                 self._step(step, prefetch)
                 profiler.step()
@@ -322,13 +322,15 @@ class Trainer:
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (SLURM sends one before it kills a job) ask the loop to stop after the current step;
-    the previous handlers come back when the loop ends. Only the main thread can own signal handlers."""
+    """SIGTERM, SIGUSR1 (SLURM sends one before it kills a job) and a first Ctrl-C (SIGINT) ask the loop to stop after
+    the current step (save, exit 75); a second Ctrl-C stops at once (Interrupted, exit 130: the latest complete
+    checkpoint stays the one to resume from). The previous handlers come back when the loop ends. Only the main
+    thread can own signal handlers."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self):
-        self.requested, self.previous = False, {}
+    def __init__(self, run_dir: Path):
+        self.requested, self.previous, self.run_dir, self.interrupts = False, {}, run_dir, 0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -336,8 +338,14 @@ class StopSignals:
         return self
 
     def _request(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:  # raised between two Python operations; a save in flight stays a .tmp
+                raise Interrupted(f"interrupted twice: stopped at once without saving; effitrain resume "
+                                  f"{self.run_dir} continues from the latest complete checkpoint")
         if not self.requested:
-            log.warning(f"{signal.Signals(signum).name}: stopping after this step (saving a checkpoint first)")
+            again = " (Ctrl-C again to stop at once, without saving)" if signum == signal.SIGINT else ""
+            log.warning(f"{signal.Signals(signum).name}: stopping after this step (saving a checkpoint first){again}")
         self.requested = True
 
     def __exit__(self, *exc):
@@ -410,12 +418,20 @@ def main(args: list[str] | None = None) -> None:
 def _shared_run_dir(cfg, overrides: list[str]) -> Path:
     """Rank 0 makes the run directory; every rank gets its path (ranks may start in different seconds)."""
     import torch.distributed as dist
+    from omegaconf import OmegaConf
 
     world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
-    box = [str(runs.new_run_dir(cfg, overrides)) if world.is_main else None]
+    box = [None]
+    if world.is_main:  # rank 0 holds the directory for the job's life: new, empty, or its own run (a restart)
+        global _CLAIM
+        _CLAIM = RunClaim(Path(OmegaConf.select(cfg, "hydra.run.dir")), mode="continue")
+        box = [str(runs.new_run_dir(cfg, overrides))]
     if world.distributed:
         dist.broadcast_object_list(box, src=0)
     return Path(box[0])
+
+
+_CLAIM: RunClaim | None = None  # rank 0's hold on the run directory of `python -m effitrain.train`
 
 
 if __name__ == "__main__":

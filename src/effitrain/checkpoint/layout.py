@@ -13,7 +13,8 @@ from pathlib import Path
 from effitrain.errors import UsageError
 
 MANIFEST = "manifest.json"
-_STEP = re.compile(r"step-(\d+)")
+STEP_NAME = re.compile(r"step-(\d+)")  # a complete checkpoint's directory name (step-N.tmp is one being written)
+_STEP = STEP_NAME
 
 
 class CheckpointError(UsageError):

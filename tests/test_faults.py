@@ -1,0 +1,247 @@
+"""Faults a user meets, through the real command: a run directory that already holds the user's files, a failure
+(bad input found late, Ctrl-C, a full disk, SIGKILL) -- the user's files survive every one, and a run deletes only
+what it made; one writer per run directory; run files are never written through a symlink; Ctrl-C saves like
+SIGTERM, twice stops at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_in_process, read_metrics, run_cli, tiny_overrides
+
+USER_FILES = {"thesis.tex": "\\section{Results}\n", "data/notes.md": "do not lose me\n"}
+
+
+def _user_dir(path: Path) -> Path:
+    for rel, text in USER_FILES.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    return path
+
+
+def _intact(path: Path) -> bool:
+    found = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    return found == set(USER_FILES) and all((path / rel).read_text() == text for rel, text in USER_FILES.items())
+
+
+def _one_line(stderr: str) -> bool:
+    return stderr.strip().count("\n") == 0 and "Traceback" not in stderr
+
+
+def _overrides(corpus, cache_dir, *extra) -> list[str]:
+    return tiny_overrides(corpus, cache_dir, "max_steps=8", "eval_every=4", "checkpoint.every=2",
+                          "logging.every=1", *extra)
+
+
+def _start(cwd: Path, *args: str) -> subprocess.Popen:
+    """`effitrain ARGS` in its own process group (a terminal's Ctrl-C reaches the group), output to files in cwd."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, env=env,
+                            stdout=(cwd / "stdout.txt").open("w"), stderr=(cwd / "stderr.txt").open("w"),
+                            start_new_session=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, cwd: Path, *, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, (proc.returncode, (cwd / "stderr.txt").read_text()[-3000:])
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def _complete(run_dir: Path, step: int) -> bool:
+    return (run_dir / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
+
+
+def test_a_directory_holding_user_files_is_refused_before_anything_is_written(tiny, tmp_path, capsys, monkeypatch):
+    """hydra.run.dir naming the user's directory, the working directory itself, or a file: one line, exit 2, and
+    the directory exactly as it was (no .hydra/, no train.log)."""
+    home = _user_dir(tmp_path / "thesis")
+    (tmp_path / "a-file").write_text("keep")
+    monkeypatch.chdir(home)
+    for target, message in [(str(home), "already holds files effitrain did not write"),
+                            (".", "already holds files effitrain did not write"),
+                            (str(tmp_path / "a-file"), "is an existing file")]:
+        code, stderr = cli_in_process(capsys, "train", *tiny(), f"hydra.run.dir={target}")
+        assert code == 2 and message in stderr and _one_line(stderr), (target, stderr)
+        assert _intact(home), sorted(home.rglob("*"))
+    assert (tmp_path / "a-file").read_text() == "keep"
+
+
+def test_a_failure_removes_only_what_this_run_made(corpus, cache_dir, tmp_path):
+    """A late failure (the distillation teacher has no tokenizer.json, found only once the run builds it) in a
+    directory that existed empty: what the run wrote goes, the directory and its neighbours stay."""
+    home = _user_dir(tmp_path / "home")
+    run_dir = home / "run"
+    run_dir.mkdir()
+    teacher = home / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    result = run_cli("train", *_overrides(corpus, cache_dir, "compression=distill",
+                                          f"compression.distill.teacher={teacher}"),
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and _one_line(result.stderr), result.stderr[-3000:]
+    assert "no tokenizer.json" in result.stderr
+    assert run_dir.is_dir() and not any(run_dir.iterdir())  # it was empty before: empty again, not removed
+    (teacher / "config.json").unlink()
+    teacher.rmdir()
+    run_dir.rmdir()
+    assert _intact(home)
+
+
+def test_two_runs_in_one_directory_the_second_is_refused(corpus, cache_dir, tmp_path):
+    """While a run writes its directory, `effitrain resume` of it is refused with the holder's pid and host; the
+    first run's files stay valid (every metrics line parses)."""
+    run_dir = tmp_path / "run"
+    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir, "max_steps=400", "checkpoint.every=2"),
+                  f"hydra.run.dir={run_dir}")
+    _wait_for(lambda: _complete(run_dir, 2), proc, tmp_path)
+    second = run_cli("resume", str(run_dir), "max_steps=800", cwd=tmp_path)
+    still_running = proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) in (0, 75)
+    assert still_running, "the first run ended before the second started: nothing was tested"
+    assert second.returncode == 2 and f"is in use by pid {proc.pid}" in second.stderr, second.stderr[-2000:]
+    assert _one_line(second.stderr)
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, len(read_metrics(run_dir)) + 1))
+    assert "resumes.jsonl" not in os.listdir(run_dir)  # the refused resume wrote nothing
+
+
+def test_first_ctrl_c_saves_and_exits_75_then_resume_finishes(corpus, cache_dir, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) after a checkpoint: the step finishes, a
+    checkpoint of it is saved, one line and exit 75; resume finishes the run with every step exactly once."""
+    run_dir = tmp_path / "run"
+    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir, "max_steps=4000", "checkpoint.every=2"),
+                  f"hydra.run.dir={run_dir}")
+    _wait_for(lambda: _complete(run_dir, 2), proc, tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 75, (tmp_path / "stderr.txt").read_text()[-3000:]
+    stderr = (tmp_path / "stderr.txt").read_text()
+    stopped = read_metrics(run_dir)[-1]["step"]
+    assert f"stopped by a signal after step {stopped}" in stderr and "Traceback" not in stderr
+    assert _complete(run_dir, stopped)
+    result = run_cli("resume", str(run_dir), f"max_steps={stopped + 2}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, stopped + 3))
+
+
+def test_ctrl_c_before_the_first_step_removes_the_new_run_directory(corpus, cache_dir, tmp_path):
+    """Ctrl-C while the run starts (nothing trained, nothing saved): exit 130, one line, no run directory left."""
+    home = _user_dir(tmp_path / "home")
+    run_dir = home / "run"
+    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir), f"hydra.run.dir={run_dir}")
+    _wait_for(lambda: (run_dir / ".effitrain" / "run.json").is_file(), proc, tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "interrupted" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not run_dir.exists() and _intact(home)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """The loop's signal handling itself: one SIGINT asks for a stop after the step, a second raises Interrupted
+    (exit code 130) at once."""
+    from effitrain.errors import Interrupted
+    from effitrain.train import StopSignals
+
+    with pytest.raises(Interrupted, match="interrupted twice") as stopped:
+        with StopSignals(tmp_path) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert stop.requested
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert stopped.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+
+
+def _tmpfs(path: Path, size: str):
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("this machine cannot mount a small tmpfs (needs root)")
+    return path
+
+
+def test_a_full_disk_is_its_own_exit_code_and_keeps_the_last_checkpoint(corpus, cache_dir, tmp_path):
+    """A 1.2 MB file system: step-2's checkpoint fits, step-4's does not. One line naming the disk as full, exit 74
+    (not 2: this is no bad input), and the run directory stays, step-2 in it, resumable once there is space."""
+    disk = _tmpfs(tmp_path / "disk", "1200k")
+    try:
+        run_dir = disk / "run"
+        result = run_cli("train", *_overrides(corpus, cache_dir), f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert result.returncode == 74, result.stderr[-3000:]
+        assert "disk full at" in result.stderr and _one_line(result.stderr), result.stderr
+        assert _complete(run_dir, 2) and not (run_dir / "checkpoints" / "step-4.tmp").exists()
+        moved = tmp_path / "run"
+        subprocess.run(["cp", "-a", str(run_dir), str(moved)], check=True)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+    result = run_cli("resume", str(moved), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(moved)] == list(range(1, 9))
+
+
+def test_run_files_are_never_written_through_a_symlink(corpus, cache_dir, tmp_path):
+    """A received run directory whose env.json, summary.json and metrics.jsonl are symlinks to files elsewhere:
+    resuming it replaces the links, never the targets; a train.log link is refused in one line."""
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *_overrides(corpus, cache_dir, "max_steps=4"), f"hydra.run.dir={run_dir}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    targets = {}
+    for name in ("env.json", "summary.json", "metrics.jsonl"):
+        target = tmp_path / f"target-{name}"
+        target.write_text("precious\n")
+        (run_dir / name).unlink()
+        (run_dir / name).symlink_to(target)
+        targets[name] = target
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.jsonl").symlink_to(targets["metrics.jsonl"])
+    result = run_cli("resume", str(run_dir), "max_steps=6", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(t.read_text() == "precious\n" for t in targets.values())
+    assert not any((run_dir / name).is_symlink() for name in targets)
+    log_target = tmp_path / "bashrc"
+    log_target.write_text("precious\n")
+    (run_dir / "train.log").unlink()
+    (run_dir / "train.log").symlink_to(log_target)
+    result = run_cli("resume", str(run_dir), "max_steps=8", cwd=tmp_path)
+    assert result.returncode == 2 and "is a symlink" in result.stderr and _one_line(result.stderr), result.stderr
+    assert log_target.read_text() == "precious\n"
+
+
+def test_a_worker_error_is_the_same_one_line_as_in_one_process(corpus, cache_dir, tmp_path):
+    """An error raised inside each worker of a 2-rank run (a distillation teacher without the run's tokenizer)
+    reaches the user as the one line a single-process run prints, exit 2."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    lines = []
+    for extra in ([], ["parallel=ddp", "launcher.nproc_per_node=2"]):
+        result = run_cli("train", *_overrides(corpus, cache_dir, "compression=distill",
+                                              f"compression.distill.teacher={teacher}", *extra), cwd=tmp_path)
+        assert result.returncode == 2 and _one_line(result.stderr), result.stderr[-3000:]
+        lines.append(result.stderr.strip())
+    assert lines[0] == lines[1]
+    assert not list(tmp_path.glob("outputs/*/*"))
+
+
+def test_metrics_lines_are_whole(corpus, cache_dir, tmp_path):
+    """metrics.jsonl is written one whole line per write: every line of a finished run parses."""
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *_overrides(corpus, cache_dir, "max_steps=4"), f"hydra.run.dir={run_dir}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
