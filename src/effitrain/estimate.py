@@ -185,9 +185,9 @@ def _teacher_params(path: Path) -> int:
 
     if (path / "config.json").is_file():
         return sum(p.numel() for p in pretrained_on_meta(path).parameters())
-    from effitrain.compose import load_run_config
+    from effitrain.received import load_run_config
 
-    cfg = load_run_config(path, allow_rendezvous=True)
+    cfg = load_run_config(path, allow_external=True)  # read for its shape: nothing is launched
     run_vocab = vocab_size(cfg.data) if cfg.data.tokenizer else _tokenizer_vocab(path / "tokenizer.json")
     model = build_model(cfg.model, vocab_size=run_vocab, max_seq_len=cfg.data.seq_len, meta=True)
     return sum(p.numel() for p in model.parameters())
