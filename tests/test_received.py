@@ -85,7 +85,7 @@ def test_a_rendezvous_needs_the_flag(tmp_path):
     assert "launcher.rdzv_endpoint=evil.example:29500" in sweep_command(sweep, allow_external=True)
 
 
-@pytest.mark.parametrize("storage", ["postgresql://user@evil.example/db", "sqlite:////tmp/elsewhere/optuna.db",
+@pytest.mark.parametrize("storage", ["mysql://user@evil.example/db", "sqlite:////tmp/elsewhere/optuna.db",
                                      "sqlite:///{sweep}/../optuna.db", "sqlite:///{sweep}/optuna.db?mode=ro"])
 def test_an_optuna_storage_outside_the_sweep_needs_the_flag(tmp_path, capsys, storage):
     from effitrain.received import sweep_command
@@ -98,11 +98,16 @@ def test_an_optuna_storage_outside_the_sweep_needs_the_flag(tmp_path, capsys, st
     assert sweep_command(sweep, allow_external=True)[-1] == f"hydra.sweep.dir={sweep}"
 
 
-def test_the_storage_url_is_refused_through_the_real_command(tmp_path):
-    sweep = foreign_sweep(tmp_path / "sweep", hydra=("hydra/sweeper=optuna", "hydra.sweeper.storage=${name}"),
-                          task=["seed=choice(1,2)", *TASK[1:], "name=postgresql:"])  # the resolved value counts
+def test_the_storage_url_is_refused_through_the_real_command(tmp_path, capsys):
+    sweep = foreign_sweep(tmp_path / "sweep", hydra=("hydra/sweeper=optuna",
+                                                     "hydra.sweeper.storage=postgresql://user@evil.example/db"),
+                          task=["seed=choice(1,2)", *TASK[1:]])
     out = run_cli("resume", str(sweep), cwd=tmp_path)
-    refused(out.returncode, out.stderr, "hydra.sweeper.storage='postgresql:'", FLAG)
+    refused(out.returncode, out.stderr, "hydra.sweeper.storage='postgresql://user@evil.example/db'", FLAG)
+    sweep = foreign_sweep(tmp_path / "interpolated", hydra=("hydra/sweeper=optuna", "hydra.sweeper.storage=${name}"),
+                          task=["seed=choice(1,2)", *TASK[1:], "name=postgresql:"])  # the resolved value counts
+    code, stderr = cli_in_process(capsys, "resume", str(sweep))
+    refused(code, stderr, "hydra.sweeper.storage='postgresql:'", FLAG)
 
 
 def test_what_stays_inside_passes_without_the_flag(tmp_path):
