@@ -73,6 +73,16 @@ def test_what_could_run_code_is_refused_even_with_the_flag(tmp_path, capsys, hyd
     assert [p.name for p in sweep.iterdir()] == ["multirun.yaml"]
 
 
+@pytest.mark.parametrize("text, message", [
+    ("- seed=1\n", "has no saved command"), ("hydra: [1]\n", "has no saved command"),
+    ("hydra:\n  overrides:\n    hydra: []\n    task: [1]\n", "has no saved command"),
+    ("hydra: {overrides: {hydra: [], task: [\"seed=1\"]\n", "is not a readable config")])
+def test_a_damaged_multirun_yaml_is_one_line(tmp_path, capsys, text, message):
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "multirun.yaml").write_text(text)
+    refused(*cli_in_process(capsys, "resume", str(tmp_path / "sweep")), message)
+
+
 def test_a_rendezvous_needs_the_flag(tmp_path):
     """A task override that would join a rendezvous elsewhere: refused through the real command; with the flag the
     command passes the checks (not run here: it would connect)."""
@@ -189,6 +199,8 @@ def test_a_run_dirs_own_places_pass(tmp_path, capsys):
     run_dir = foreign_run(tmp_path / "run-new-cache", f"data.cache_dir={tmp_path / 'new'}")
     code, stderr = cli_in_process(capsys, "reproduce", str(run_dir))
     refused(code, stderr, "writes its token cache outside", FLAG)
+    (run_dir / ".hydra" / "config.yaml").write_text("- a list\n")
+    refused(*cli_in_process(capsys, "resume", str(run_dir)), "is not a config (a mapping")
 
 
 def test_name_is_one_file_name(tmp_path, capsys):

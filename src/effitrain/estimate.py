@@ -670,6 +670,8 @@ def newest_matching_run(cfg, outputs: str = "outputs") -> tuple[str, float] | No
 
     from omegaconf import OmegaConf
 
+    from effitrain.received import saved_config
+
     want = {k: OmegaConf.to_container(OmegaConf.select(cfg, k)) if OmegaConf.is_config(OmegaConf.select(cfg, k))
             else OmegaConf.select(cfg, k) for k in MATCH_KEYS}
     runs = sorted(Path(outputs).glob("**/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -678,7 +680,7 @@ def newest_matching_run(cfg, outputs: str = "outputs") -> tuple[str, float] | No
         if not saved.is_file():
             continue
         try:
-            got = OmegaConf.load(saved)
+            got = OmegaConf.create(saved_config(saved))  # a run someone sent may sit in outputs/ too: no resolver
             if all(_plain(OmegaConf.select(got, k)) == want[k] for k in MATCH_KEYS):
                 value = json.loads(summary.read_text()).get("median_mfu_pct")
                 if value:

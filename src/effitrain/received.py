@@ -44,9 +44,6 @@ def load_run_config(run_dir: Path, *, allow_external: bool = False):
     beyond the run directory (check_reach) needs `allow_external` (the CLI's --allow-external). A caller that only
     reads the config (export, estimate) launches nothing and passes allow_external=True.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     from effitrain.compose import typed
 
     saved = run_dir / ".hydra" / "config.yaml"
@@ -54,17 +51,34 @@ def load_run_config(run_dir: Path, *, allow_external: bool = False):
         raise UsageError(f"{run_dir} is not a directory (give a run directory such as outputs/<date>/<time>_run)")
     if not saved.is_file():
         raise UsageError(f"{run_dir} has no saved config (.hydra/config.yaml); give a directory effitrain train wrote")
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
-    except (OmegaConfBaseException, ValueError) as e:
-        raise UsageError(f"{saved} is not a readable config: {_first_line(e)}") from None
-    _refuse_resolvers(raw, where=saved)
+    raw = saved_config(saved)
     try:
         cfg = typed(raw)
     except UsageError as e:
         raise UsageError(f"{saved} does not match effitrain's config schema: {e}") from None
     check_reach(cfg, run_dir, allow_external=allow_external, where=saved)
     return cfg
+
+
+def saved_config(saved: Path) -> dict:
+    """A saved config file as plain data, nothing resolved; one that calls a resolver anywhere is refused."""
+    raw = _read(saved)
+    if not isinstance(raw, dict):
+        raise UsageError(f"{saved} is not a config (a mapping of keys to values)")
+    _refuse_resolvers(raw, where=saved)
+    return raw
+
+
+def _read(saved: Path):
+    """A YAML file as plain data, nothing resolved."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as e:
+        raise UsageError(f"{saved} is not a readable config: {_first_line(e)}") from None
 
 
 def sweep_command(sweep_dir: Path, *, allow_external: bool = False) -> list[str]:
@@ -140,14 +154,9 @@ def _never(where: Path, line: str, what: str) -> UsageError:
 def _saved_overrides(saved: Path) -> list[str]:
     """hydra.overrides.hydra + hydra.overrides.task of multirun.yaml, unresolved: nothing else in it is used (the
     rest is Hydra's record of what it composed, _target_s and `${now:...}` included)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
-    except (OmegaConfBaseException, ValueError) as e:
-        raise UsageError(f"{saved} is not a readable config: {_first_line(e)}") from None
-    overrides = (raw.get("hydra") or {}).get("overrides") if isinstance(raw, dict) else None
+    raw = _read(saved)
+    hydra = raw.get("hydra") if isinstance(raw, dict) else None
+    overrides = hydra.get("overrides") if isinstance(hydra, dict) else None
     lists = [overrides.get(part) for part in ("hydra", "task")] if isinstance(overrides, dict) else [None]
     if not all(isinstance(x, list) and all(isinstance(o, str) for o in x) for x in lists):
         raise UsageError(f"{saved} has no saved command (hydra.overrides.hydra and .task, lists of overrides); "
