@@ -83,8 +83,8 @@ def _read(saved: Path):
 
 def sweep_command(sweep_dir: Path, *, allow_external: bool = False) -> list[str]:
     """The arguments that made SWEEP_DIR (multirun.yaml's Hydra and task overrides), into SWEEP_DIR, once they pass
-    the policy above. Composing the jobs to check them runs nothing: Hydra instantiates only the sweeper, and
-    the allow-list leaves effitrain's own."""
+    the policy above. Composing the jobs to check them runs nothing: Hydra instantiates only the sweeper, which the
+    allow-list leaves Hydra's basic one or effitrain's Optuna one."""
     from effitrain.compose import compose_all
 
     saved = sweep_dir / "multirun.yaml"
@@ -107,7 +107,7 @@ def check_reach(cfg, root: Path, *, allow_external: bool, where: Path) -> None:
     launcher = cfg.launcher
     if launcher.nnodes > 1 or launcher.rdzv_endpoint is not None:
         raise _refuse(where, f"asks for a multi-node rendezvous (launcher.nnodes={launcher.nnodes}, "
-                       f"launcher.rdzv_endpoint={launcher.rdzv_endpoint})")
+                      f"launcher.rdzv_endpoint={launcher.rdzv_endpoint})")
     if cfg.checkpoint.get("dir") and not _inside(cfg.checkpoint.dir, root):
         raise _refuse(where, f"keeps its checkpoints outside {root} (checkpoint.dir={cfg.checkpoint.dir})")
     cache = Path(cfg.data.cache_dir).expanduser()
@@ -115,7 +115,7 @@ def check_reach(cfg, root: Path, *, allow_external: bool, where: Path) -> None:
     # for any run; a directory of the sender's choosing it would create or fill is another matter
     if not (_inside(cache, root) or cache == Path(DataBase.cache_dir).expanduser() or (cache / "listings").is_dir()):
         raise _refuse(where, f"writes its token cache outside {root} (data.cache_dir={cfg.data.cache_dir}, not an "
-                       "effitrain cache on this machine)")
+                      "effitrain cache on this machine)")
 
 
 def _check_sweep_reach(hydra_cfg, sweep_dir: Path, *, allow_external: bool, where: Path) -> None:
@@ -127,7 +127,7 @@ def _check_sweep_reach(hydra_cfg, sweep_dir: Path, *, allow_external: bool, wher
     storage = hydra_cfg.sweeper.get("storage")
     if storage is not None and not _sqlite_inside(str(storage), sweep_dir):
         raise _refuse(where, f"keeps its Optuna study in hydra.sweeper.storage={storage!r}, not a sqlite file inside "
-                       f"{sweep_dir}")
+                      f"{sweep_dir}")
 
 
 def _sqlite_inside(url: str, root: Path) -> bool:
