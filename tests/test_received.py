@@ -62,6 +62,8 @@ def test_a_callback_payload_is_refused_and_never_runs(tmp_path):
     (("+hydra.job.env_set.LD_PRELOAD=x.so",), TASK, "is not a Hydra setting effitrain documents"),
     (("hydra/launcher=slurm", "hydra.launcher.setup=[touch_x]"), TASK, "is not a Hydra setting effitrain documents"),
     (("hydra/job_logging=default",), TASK, "is not a Hydra setting effitrain documents"),
+    (('++hydra.sweeper.params.hydra.job.env_set.LD_PRELOAD="x.so"',), TASK[1:],  # a searched key is a job's override
+     "is not a Hydra setting effitrain documents"),
     (("hydra/sweeper@hydra.launcher=optuna",), TASK, "places a config at another package"),
     ((), [*TASK, "model=../../../x"], "unknown model option"),  # Hydra would read ../../../x.yaml of theirs
 ])

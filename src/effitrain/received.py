@@ -199,8 +199,10 @@ def _checked_key(line: str, *, where: Path) -> str:
 def _check_setting(o, line: str, *, where: Path) -> None:
     key = o.key_or_group
     value = None if o.is_sweep_override() else o.get_value_element_as_str()
+    # a searched key becomes an override of each job: a Hydra key there would escape the allow-list
+    searched = key.startswith(PARAMS_PREFIX) and not key[len(PARAMS_PREFIX):].startswith("hydra")
     if (value in ALLOWED_OPTIONS.get(key, ()) or (key == "hydra.mode" and value == "MULTIRUN")
-            or key in ALLOWED_SETTINGS or key.startswith(PARAMS_PREFIX)):
+            or key in ALLOWED_SETTINGS or searched):
         return
     raise _never(where, line, "is not a Hydra setting effitrain documents for sweeps (hydra/sweeper, hydra/launcher, "
                         "hydra.sweeper.<key>, hydra.sweeper.params.<key>, hydra.launcher.<slurm key>, hydra.sweep.dir)")
