@@ -226,8 +226,8 @@ def test_a_foreign_checkpoint_cannot_run_code(trained, tmp_path, capsys):
 
 def test_a_foreign_config_cannot_reach_out(trained, tmp_path, capsys):
     """A saved config that would connect to a rendezvous elsewhere, or read this machine's environment through an
-    interpolation, is refused in one line (the rendezvous unless --allow-rendezvous)."""
-    from effitrain.compose import load_run_config
+    interpolation, is refused in one line (the rendezvous unless --allow-external)."""
+    from effitrain.received import load_run_config
 
     for name, edit, message in [
             ("rdzv", lambda t: t.replace("nnodes: 1", "nnodes: 2").replace("rdzv_endpoint: null",
@@ -242,4 +242,4 @@ def test_a_foreign_config_cannot_reach_out(trained, tmp_path, capsys):
             code, stderr = cli_in_process(capsys, verb, str(run_dir))
             assert code == 2 and message in stderr and stderr.count("\n") == 1, (verb, stderr)
         if name == "rdzv":
-            assert load_run_config(run_dir, allow_rendezvous=True).launcher.nnodes == 2
+            assert load_run_config(run_dir, allow_external=True).launcher.nnodes == 2

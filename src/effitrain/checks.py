@@ -6,6 +6,7 @@ Each check raises UsageError with one line: what is wrong and what would be righ
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from effitrain.compose import GROUPS
@@ -45,9 +46,34 @@ def check_run(cfg) -> None:
     _need(cfg.nan_patience > 0, f"nan_patience={cfg.nan_patience} must be a positive integer")
     _need(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} is not one of: auto, cpu, cuda")
     _need(cfg.eval.task_items > 0, f"eval.task_items={cfg.eval.task_items} must be a positive integer")
+    check_names(cfg)
     from effitrain.tasks import check_specs
 
     check_specs(list(cfg.eval.tasks))
+
+
+def check_names(cfg) -> None:
+    """Strings that become part of a path or of a line in a run's files. `name` ends the run (and sweep) directory's
+    name (hydra.run.dir) and starts its log: a path separator would put the run in another directory, a newline
+    would forge a log line, a NUL no file system takes. Each option's name is in that log line; an eval task file's
+    stem names its metric (data.sources names are checked with the mix, data.source_configs)."""
+    name = cfg.name
+    _need(name not in ("", ".", "..") and not any(c in "/\\" for c in name) and _one_line(name),
+          f"name={name!r} names the run directory and its log lines: use a name without a path separator (/ or \\), "
+          "newline or other control character (and not empty, . or ..)")
+    for group in GROUPS:
+        for path, node in group.nodes(cfg[group.name]).items():
+            label = str(node.get("name") or "")
+            _need(_one_line(label), f"{'.'.join(filter(None, (group.name, path, 'name')))}={label!r} is written into "
+                                    "the run's log: no newline or other control character")
+    for spec in cfg.eval.tasks:
+        _need(_one_line(spec), f"eval.tasks: {spec!r} names a task file and its metric: no newline or other control "
+                               "character")
+
+
+def _one_line(text: str) -> bool:
+    """No control character (newline, carriage return, NUL, escape...): the text stays one line of one file name."""
+    return not any(unicodedata.category(c) == "Cc" for c in text)
 
 
 def check_precision_device(precision, *, device: str) -> None:

@@ -19,7 +19,8 @@ _HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--s
 # Hydra flags that print the composed config: it must compose, but nothing trains (paths need not exist yet).
 _PRINT_FLAGS = {"--cfg", "-c", "--package", "-p", "--resolve"}
 _VERBS = {"train": "compose the config groups, launch the workers, train, write the run directory",
-          "resume": "continue RUN_DIR in place from its latest checkpoint [key=value...] (e.g. max_steps=500)",
+          "resume": "continue RUN_DIR in place from its latest checkpoint [key=value...] (e.g. max_steps=500), or the "
+                    "unfinished jobs of SWEEP_DIR [--allow-external: what a received directory reaches beyond it]",
           "reproduce": "rerun RUN_DIR from its saved config, compare every step (exit 0 identical, 3 within "
                        "tolerance, 1 diverged) [--rtol X] [--exact] [--from-step K]",
           "export": "write a Hugging Face model directory from a checkpoint [--step N] [--out DIR] [--dtype fp32|bf16] "
@@ -100,10 +101,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def train(args: list[str]) -> int:
-    from effitrain.sweep import resume_arguments
+def train(args: list[str], *, allow_external: bool = False) -> int:
+    from effitrain.received import FLAG
+    from effitrain.sweep import RESUME_KEY, resume_arguments
 
-    args = resume_arguments(normalize(args))
+    if FLAG in args:  # the one flag of train's own: it is about the sweep directory sweep.resume= reads
+        if not any(a.startswith(RESUME_KEY) for a in args):
+            raise UsageError(f"{FLAG} allows what a directory someone else made asks for: give it with "
+                             "sweep.resume=SWEEP_DIR (or effitrain resume DIR); your own overrides need no flag")
+        args, allow_external = [a for a in args if a != FLAG], True
+    args = resume_arguments(normalize(args), allow_external=allow_external)
     flags = {a for a in args if a.startswith("-")}
     if flags & {"-m", "--multirun"} and flags & _PRINT_FLAGS:
         raise UsageError("--cfg/--package print one composed config: drop -m/--multirun to use them")
@@ -217,25 +224,25 @@ def _parse(args: list[str], *, usage: str, positional: int, flags: dict[str, typ
 def resume(args: list[str]) -> int:
     from effitrain.resume import resume_run
 
-    usage = "effitrain resume RUN_DIR [key=value...] [--allow-rendezvous] | SWEEP_DIR"
+    usage = "effitrain resume RUN_DIR [key=value...] [--allow-external] | SWEEP_DIR [--allow-external]"
     if not args or args[0].startswith("-"):
         raise UsageError(f"resume needs a run directory; usage: {usage}")
-    if (Path(args[0]) / "multirun.yaml").is_file():  # a sweep: its own command again, finished jobs skipped
-        if len(args) > 1:
-            raise UsageError(f"effitrain resume SWEEP_DIR reruns the sweep's own command; drop {' '.join(args[1:])}")
-        return train([f"sweep.resume={args[0]}"])
-    rest, opts = _parse(args, usage=usage, positional=1, flags={"allow_rendezvous": bool})
+    rest, opts = _parse(args, usage=usage, positional=1, flags={"allow_external": bool})
+    if (Path(rest[0]) / "multirun.yaml").is_file():  # a sweep: its own command again, finished jobs skipped
+        if len(rest) > 1:
+            raise UsageError(f"effitrain resume SWEEP_DIR reruns the sweep's own command; drop {' '.join(rest[1:])}")
+        return train([f"sweep.resume={rest[0]}"], **opts)
     return resume_run(Path(rest[0]), rest[1:], **opts)
 
 
 def reproduce(args: list[str]) -> int:
     from effitrain.reproduce import reproduce_run
 
-    usage = "effitrain reproduce RUN_DIR [--rtol X] [--exact] [--from-step K] [--allow-rendezvous]"
+    usage = "effitrain reproduce RUN_DIR [--rtol X] [--exact] [--from-step K] [--allow-external]"
     if not args or args[0].startswith("-"):
         raise UsageError(f"reproduce needs a run directory: {usage}")
     rest, opts = _parse(args, usage=usage, positional=1,
-                        flags={"rtol": float, "exact": bool, "from_step": int, "allow_rendezvous": bool})
+                        flags={"rtol": float, "exact": bool, "from_step": int, "allow_external": bool})
     if len(rest) != 1:
         raise UsageError(f"unexpected arguments {' '.join(rest[1:])!r}; usage: {usage}")
     return reproduce_run(Path(rest[0]), rtol=opts.pop("rtol", 1e-3), **opts)

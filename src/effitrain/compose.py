@@ -150,7 +150,7 @@ def compose_all(overrides: list[str], *, multirun: bool = False, hydra: bool = F
                 raise UsageError(f"{sweep.input_line} is a sweep: add -m to run each value, or quote a string value")
             jobs = [[o.input_line for o in task]]
         for job in jobs:
-            _check_options(parser.parse_overrides(job))
+            check_options(parser.parse_overrides(job))
             _check_repeated_keys(job)
             try:  # what Hydra's launcher composes for the job (its hydra overrides first, as load_sweep_config does)
                 cfg = compose(config_name="train", overrides=[*settings, *job], return_hydra_config=hydra)
@@ -220,53 +220,6 @@ def _merged(schema: type, values: dict, *, prefix: str):
         raise UsageError(_explain(e)) from None
 
 
-def load_run_config(run_dir: Path, *, allow_rendezvous: bool = False):
-    """RUN_DIR's saved config (.hydra/config.yaml), typed against today's schemas (nothing is composed anew).
-
-    A run directory may come from someone else, so its config is data, never instructions to this machine:
-    interpolations that call a resolver (`${oc.env:...}`, `${now:...}`) are refused, not resolved, and a
-    multi-node rendezvous (launcher.nnodes > 1, launcher.rdzv_endpoint) needs `allow_rendezvous` (the CLI's
-    --allow-rendezvous) before effitrain would connect anywhere.
-    """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir} is not a directory (give a run directory such as outputs/<date>/<time>_run)")
-    if not saved.is_file():
-        raise UsageError(f"{run_dir} has no saved config (.hydra/config.yaml); give a directory effitrain train wrote")
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
-    except (OmegaConfBaseException, ValueError) as e:
-        raise UsageError(f"{saved} is not a readable config: {_first_line(e)}") from None
-    _refuse_resolvers(raw, where=saved)
-    try:
-        cfg = typed(raw)
-    except UsageError as e:
-        raise UsageError(f"{saved} does not match effitrain's config schema: {e}") from None
-    if not allow_rendezvous and (cfg.launcher.nnodes > 1 or cfg.launcher.rdzv_endpoint is not None):
-        raise UsageError(f"{saved} asks for a multi-node rendezvous (launcher.nnodes={cfg.launcher.nnodes}, "
-                         f"launcher.rdzv_endpoint={cfg.launcher.rdzv_endpoint}); effitrain connects to it only "
-                         "with --allow-rendezvous")
-    return cfg
-
-
-def _refuse_resolvers(node, *, where: Path, key: str = "") -> None:
-    """A string calling an OmegaConf resolver (`${name:...}`) in a saved config: one line, nothing resolved."""
-    import re
-
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _refuse_resolvers(v, where=where, key=f"{key}.{k}" if key else str(k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            _refuse_resolvers(v, where=where, key=f"{key}[{i}]")
-    elif isinstance(node, str) and re.search(r"\$\{[^}]*:", node):
-        raise UsageError(f"{where}: {key}={node!r} calls a resolver; a saved config is data, so effitrain resolves "
-                         "none (write the value itself)")
-
-
 def apply_overrides(cfg, overrides: list[str]):
     """`key=value` overrides on a loaded run config (resume: e.g. max_steps=500). The run's options stay its
     own: selecting another option of a group (`model=llama-150m`) or changing the model is refused."""
@@ -288,7 +241,7 @@ def apply_overrides(cfg, overrides: list[str]):
     return typed(OmegaConf.to_container(merged))
 
 
-def _check_options(parsed) -> None:
+def check_options(parsed) -> None:
     """Options chosen for the groups (and presets) exist: a clearer line than Hydra's missing-config error."""
     for o in parsed:
         if (o.key_or_group in GROUP_NAMES and o.is_add() is False or o.key_or_group == PRESETS) and not o.is_delete():

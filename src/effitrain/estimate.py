@@ -185,9 +185,9 @@ def _teacher_params(path: Path) -> int:
 
     if (path / "config.json").is_file():
         return sum(p.numel() for p in pretrained_on_meta(path).parameters())
-    from effitrain.compose import load_run_config
+    from effitrain.received import load_run_config
 
-    cfg = load_run_config(path, allow_rendezvous=True)
+    cfg = load_run_config(path, allow_external=True)  # read for its shape: nothing is launched
     run_vocab = vocab_size(cfg.data) if cfg.data.tokenizer else _tokenizer_vocab(path / "tokenizer.json")
     model = build_model(cfg.model, vocab_size=run_vocab, max_seq_len=cfg.data.seq_len, meta=True)
     return sum(p.numel() for p in model.parameters())
@@ -670,6 +670,8 @@ def newest_matching_run(cfg, outputs: str = "outputs") -> tuple[str, float] | No
 
     from omegaconf import OmegaConf
 
+    from effitrain.received import saved_config
+
     want = {k: OmegaConf.to_container(OmegaConf.select(cfg, k)) if OmegaConf.is_config(OmegaConf.select(cfg, k))
             else OmegaConf.select(cfg, k) for k in MATCH_KEYS}
     runs = sorted(Path(outputs).glob("**/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -678,7 +680,7 @@ def newest_matching_run(cfg, outputs: str = "outputs") -> tuple[str, float] | No
         if not saved.is_file():
             continue
         try:
-            got = OmegaConf.load(saved)
+            got = OmegaConf.create(saved_config(saved))  # a run someone sent may sit in outputs/ too: no resolver
             if all(_plain(OmegaConf.select(got, k)) == want[k] for k in MATCH_KEYS):
                 value = json.loads(summary.read_text()).get("median_mfu_pct")
                 if value:

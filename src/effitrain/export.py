@@ -189,10 +189,11 @@ def sample_text(path: Path, prompt: str, *, tokens: int = 64, temperature: float
 def _run_parts(run_dir: Path, *, step: int | None):
     """(config, checkpoint dir, tokenizer) of a run directory."""
     from effitrain.checkpoint.layout import default_root, resolve
-    from effitrain.compose import load_run_config
+    from effitrain.received import load_run_config
 
-    # nothing is launched from here: a saved rendezvous is harmless, so it needs no confirmation
-    cfg = load_run_config(run_dir, allow_rendezvous=True)
+    # nothing is launched from here (the model is read from its checkpoint, which loads without running code): a
+    # rendezvous or cache elsewhere in the config is never reached, so it needs no confirmation
+    cfg = load_run_config(run_dir, allow_external=True)
     if cfg.checkpoint.kind == "off":
         raise UsageError(f"{run_dir} was trained with checkpoint=off: it saved no model to export")
     checkpoint = resolve(default_root(run_dir, cfg.checkpoint.dir), step=step)

@@ -16,13 +16,13 @@ from effitrain.errors import UsageError
 
 
 def reproduce_run(original: Path, *, rtol: float, exact: bool = False, from_step: int | None = None,
-                  allow_rendezvous: bool = False) -> int:
+                  allow_external: bool = False) -> int:
     """Rerun, compare with the original's metrics.jsonl, print the verdict; the exit code."""
     from effitrain.checks import check_all
-    from effitrain.compose import load_run_config
+    from effitrain.received import load_run_config
     from effitrain.runs import read_records, reproduce_dir
 
-    cfg = load_run_config(original, allow_rendezvous=allow_rendezvous)
+    cfg = load_run_config(original, allow_external=allow_external)
     reference = read_records(original)
     if not reference:
         raise UsageError(f"{original} has no metrics.jsonl to compare against (did the run finish?)")

@@ -2,7 +2,7 @@
 
 The saved config is the run's (overrides may change plain keys, e.g. raise max_steps so a WSD schedule's stable
 phase extends); metrics.jsonl keeps the steps up to the checkpoint and continues from the next one. A run
-directory someone sent is data: see compose.load_run_config and checkpoint.store (nothing in it runs code).
+directory someone sent is data: see effitrain.received and checkpoint.store (nothing in it runs code).
 """
 
 from __future__ import annotations
@@ -15,17 +15,19 @@ from pathlib import Path
 from effitrain.errors import UsageError
 
 
-def resume_run(run_dir: Path, overrides: list[str], *, allow_rendezvous: bool = False) -> int:
+def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = False) -> int:
     """Resume RUN_DIR; the exit code (0: the run reached max_steps)."""
     from omegaconf import OmegaConf
 
     from effitrain.checkpoint.layout import default_root, latest, read_manifest
     from effitrain.checks import check_all
-    from effitrain.compose import apply_overrides, load_run_config
+    from effitrain.compose import apply_overrides
     from effitrain.launch import launch
+    from effitrain.received import load_run_config
     from effitrain.rundir import RunClaim, open_append, write_file
 
-    cfg = apply_overrides(load_run_config(run_dir, allow_rendezvous=allow_rendezvous), overrides)
+    # what the saved config asks for is checked there; the user's own overrides are the user's to give
+    cfg = apply_overrides(load_run_config(run_dir, allow_external=allow_external), overrides)
     check_all(cfg)
     if cfg.checkpoint.kind == "off":
         raise UsageError(f"{run_dir} was trained with checkpoint=off: it has nothing to resume from")

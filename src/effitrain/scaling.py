@@ -102,13 +102,13 @@ class Job:
 
 def read_job(job_dir: Path, *, params: str) -> Job | None:
     """A finished job: its parameter count (from its saved config, on the meta device), evaluations and FLOPs."""
-    from effitrain.compose import load_run_config
     from effitrain.estimate import model_shape
+    from effitrain.received import load_run_config
 
     metrics, env = job_dir / "metrics.jsonl", job_dir / "env.json"
     if not (metrics.is_file() and env.is_file()):
         return None
-    cfg = load_run_config(job_dir)
+    cfg = load_run_config(job_dir, allow_external=True)  # read for the model's shape: nothing is launched
     vocab = json.loads(env.read_text())["vocab_size"]
     shape = model_shape(cfg.model, vocab=vocab, seq_len=cfg.data.seq_len)
     n = shape.num_params if params == "total" else sum(

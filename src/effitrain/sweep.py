@@ -9,7 +9,8 @@ summary.json there, prints the table and writes compare/ (effitrain.compare).
 
 A sweep is resumed (`effitrain resume SWEEP_DIR`, or the sweep's command with `sweep.resume=SWEEP_DIR`) by running
 its saved command (multirun.yaml) again into the same directory: a job that finished (summary.json) is skipped, an
-unfinished one continues from its latest checkpoint (or from step 0 when it saved none).
+unfinished one continues from its latest checkpoint (or from step 0 when it saved none). The saved command is
+replayed only once it passes effitrain.received's policy (nothing in it may run code or reach out unasked).
 """
 
 from __future__ import annotations
@@ -59,30 +60,18 @@ def finished_before(job_dir: Path) -> dict | None:
     return None
 
 
-def sweep_command(sweep_dir: Path) -> list[str]:
-    """The arguments that made sweep_dir (its multirun.yaml: Hydra's overrides and the task's), into sweep_dir."""
-    from omegaconf import OmegaConf
-
-    from effitrain.errors import UsageError
-
-    saved = sweep_dir / "multirun.yaml"
-    if not saved.is_file():
-        raise UsageError(f"{sweep_dir} is not a sweep directory (no multirun.yaml; effitrain train -m writes one)")
-    overrides = OmegaConf.load(saved).hydra.overrides
-    settings = [o for o in overrides.hydra if not o.startswith("hydra.sweep.dir=")]
-    return ["-m", *settings, *overrides.task, f"hydra.sweep.dir={sweep_dir}"]
-
-
-def resume_arguments(args: list[str]) -> list[str]:
+def resume_arguments(args: list[str], *, allow_external: bool = False) -> list[str]:
     """A sweep's arguments with `sweep.resume=SWEEP_DIR`: SWEEP_DIR's own command (the other arguments must be it,
-    or nothing), marked as a resumed sweep. Arguments without it come back as they are."""
+    or nothing), marked as a resumed sweep. Arguments without it come back as they are. The saved command is
+    checked like anything read from a directory someone else may have made (effitrain.received)."""
     from effitrain.errors import UsageError
+    from effitrain.received import sweep_command
 
     given = [a for a in args if a.startswith(RESUME_KEY)]
     if not given:
         return args
     sweep_dir = Path(given[-1][len(RESUME_KEY):])
-    command = sweep_command(sweep_dir)
+    command = sweep_command(sweep_dir, allow_external=allow_external)
 
     def key(arguments):
         return sorted(a for a in arguments if a not in ("-m", "--multirun") and not a.startswith(
