@@ -103,7 +103,7 @@ def usage() -> str:
 
 def train(args: list[str], *, allow_external: bool = False) -> int:
     from effitrain.received import FLAG
-    from effitrain.sweep import RESUME_KEY, resume_arguments
+    from effitrain.sweep import RESUME_KEY, resume_arguments, resuming
 
     if FLAG in args:  # the one flag of train's own: it is about the sweep directory sweep.resume= reads
         if not any(a.startswith(RESUME_KEY) for a in args):
@@ -127,7 +127,7 @@ def train(args: list[str], *, allow_external: bool = False) -> int:
                 check_all(cfg)
                 fit_check(cfg)  # CUDA only: the memory estimate against the GPU's free memory
         if not flags & _PRINT_FLAGS:  # checked: now the directory, before Hydra writes anything into it
-            args = claim_for_hydra(first, args, multirun=multirun)
+            args = claim_for_hydra(first, args, multirun=multirun, resuming=resuming())
     return _run_hydra(args)
 
 

@@ -206,13 +206,11 @@ def _alive(pid) -> bool:
 _CLAIMS: dict[str, RunClaim] = {}
 
 
-def claim_for_hydra(cfg, args: list[str], *, multirun: bool) -> list[str]:
+def claim_for_hydra(cfg, args: list[str], *, multirun: bool, resuming: bool) -> list[str]:
     """Claim the run (or sweep) directory of a checked `effitrain train` before Hydra writes into it; the arguments
     with the directory pinned, so Hydra uses exactly the one claimed (its default names the second: two runs
-    started in one second would share it)."""
+    started in one second would share it). `resuming`: a resumed sweep (sweep.resume=), whose directory it is."""
     from omegaconf import OmegaConf
-
-    from effitrain.sweep import resuming
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     path = Path(OmegaConf.select(cfg, key))
@@ -220,7 +218,7 @@ def claim_for_hydra(cfg, args: list[str], *, multirun: bool) -> list[str]:
     if not any(a.startswith(f"{key}=") for a in args) and not stable:
         path = _unused(path)
         args = [*args, f"{key}={_quoted(str(path))}"]
-    mode = "adopt" if multirun and resuming() else "continue" if stable else "new"
+    mode = "adopt" if multirun and resuming else "continue" if stable else "new"
     _register(path, mode=mode)
     return args
 
