@@ -146,9 +146,10 @@ class Estimate:
 def vocab_size(data_cfg) -> int:
     """The vocabulary the run will have: a given tokenizer's, else the BPE size it trains."""
     if data_cfg.tokenizer:
-        from tokenizers import Tokenizer
+        from effitrain.data import read_tokenizer
 
-        return Tokenizer.from_file(str(data_cfg.tokenizer)).get_vocab_size()
+        path = Path(data_cfg.tokenizer).expanduser()
+        return read_tokenizer(path, what=f"data.tokenizer={data_cfg.tokenizer}").get_vocab_size()
     return data_cfg.vocab_size
 
 
@@ -194,9 +195,9 @@ def _teacher_params(path: Path) -> int:
 
 
 def _tokenizer_vocab(path: Path) -> int:
-    from tokenizers import Tokenizer
+    from effitrain.data import read_tokenizer
 
-    return Tokenizer.from_file(str(path)).get_vocab_size()
+    return read_tokenizer(path).get_vocab_size()
 
 
 def _dimensions(config) -> dict:
