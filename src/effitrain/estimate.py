@@ -666,10 +666,11 @@ MATCH_KEYS = ("model", "precision", "parallel", "optimizer", "batch_size", "data
 def newest_matching_run(cfg, outputs: str = "outputs") -> tuple[str, float] | None:
     """(run directory, median MFU %) of the newest finished run under `outputs` with the same model, precision,
     layout, optimizer, batch, sequence and world size; None if there is none."""
-    import json
     from pathlib import Path
 
     from omegaconf import OmegaConf
+
+    from effitrain.runs import read_summary
 
     want = {k: OmegaConf.to_container(OmegaConf.select(cfg, k)) if OmegaConf.is_config(OmegaConf.select(cfg, k))
             else OmegaConf.select(cfg, k) for k in MATCH_KEYS}
@@ -681,7 +682,7 @@ def newest_matching_run(cfg, outputs: str = "outputs") -> tuple[str, float] | No
         try:
             got = OmegaConf.load(saved)
             if all(_plain(OmegaConf.select(got, k)) == want[k] for k in MATCH_KEYS):
-                value = json.loads(summary.read_text()).get("median_mfu_pct")
+                value = read_summary(summary.parent).get("median_mfu_pct")
                 if value:
                     return str(summary.parent), float(value)
         except Exception:  # an unreadable or foreign run directory is not a match

@@ -49,7 +49,8 @@ class GPT2Model(ModelBase):
 
 
 # what transformers' from_pretrained reads weights from (single file or sharded index)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 @GROUP.checks
