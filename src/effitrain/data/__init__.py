@@ -119,8 +119,31 @@ def check(cfg) -> None:
         check_sources(cfg)
     elif cfg.source != "stdlib":
         resolve_paths(source=cfg.source, paths=list(cfg.paths))
+    check_cache_dir(cfg.cache_dir)
     if cfg.tokenizer:  # parsed now: a damaged one is one line before any run directory exists
         read_tokenizer(Path(cfg.tokenizer).expanduser(), what=f"data.tokenizer={cfg.tokenizer}")
+
+
+def check_cache_dir(cache_dir: str) -> None:
+    """data.cache_dir can hold a cache: its nearest existing directory takes a new entry (tried: a scratch directory
+    made and removed, since os.access says yes to root even on /proc or a read-only mount). Found here, one line,
+    before any run directory; not a traceback when the first worker builds the cache."""
+    import errno
+    import tempfile
+
+    from effitrain.errors import io_failure
+
+    path = Path(cache_dir).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"data.cache_dir={cache_dir}: {existing} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".effitrain-probe-", dir=existing))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise io_failure(e, existing, doing=f"data.cache_dir={cache_dir}") from None
+        raise DataError(f"data.cache_dir={cache_dir}: cannot make a cache in {existing} ({e.strerror}); give a "
+                        "writable directory") from None
 
 
 def read_tokenizer(path: Path, *, what: str | None = None):
