@@ -103,7 +103,8 @@ def write_run(path: Path, tiny, *, steps: int = 3) -> Path:
 
     (path / ".hydra").mkdir(parents=True)
     OmegaConf.save(compose(tiny()), path / ".hydra" / "config.yaml")
-    records = [{"step": s, "loss": 6.0 - s / 10, "tokens_per_s": 100.0, "step_time_s": 0.1} for s in range(1, steps + 1)]
+    records = [{"step": s, "loss": 6.0 - s / 10, "tokens_per_s": 100.0, "step_time_s": 0.1}
+               for s in range(1, steps + 1)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (path / "summary.json").write_text(json.dumps({"final_val_loss": 5.5, "median_tokens_per_s": 100.0}))
     return path
