@@ -29,7 +29,8 @@ COMPANIONS = {
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_checks(group, option, corpus, jsonl_corpus, cache_dir, tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # what the checks read: a config that parses,
+    (tmp_path / "model.safetensors").write_bytes(b"")  # and a weights file (not loaded here)
     overrides = tiny_overrides(corpus, cache_dir)
     if group in ("data", "model"):  # keep the option's own values, not the tiny run's
         overrides = [o for o in overrides if not o.startswith(f"{group}.") and not o.startswith(f"{group}=")]

@@ -51,17 +51,13 @@ class Run:
 def load_run(run_dir: Path) -> Run:
     from omegaconf import OmegaConf
 
-    from effitrain.runs import job_outcome
+    from effitrain.runs import job_outcome, read_records, read_summary
 
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise UsageError(f"{run_dir} is not a run directory (no .hydra/config.yaml)")
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-        if metrics.exists() else []
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    return Run(run_dir, _flatten(OmegaConf.to_container(OmegaConf.load(saved))), records, summary,
-               job_outcome(run_dir)[0])
+    return Run(run_dir, _flatten(OmegaConf.to_container(OmegaConf.load(saved))), read_records(run_dir),
+               read_summary(run_dir), job_outcome(run_dir)[0])
 
 
 def _flatten(node, prefix: str = "") -> dict:

@@ -146,9 +146,10 @@ class Estimate:
 def vocab_size(data_cfg) -> int:
     """The vocabulary the run will have: a given tokenizer's, else the BPE size it trains."""
     if data_cfg.tokenizer:
-        from tokenizers import Tokenizer
+        from effitrain.data import read_tokenizer
 
-        return Tokenizer.from_file(str(data_cfg.tokenizer)).get_vocab_size()
+        path = Path(data_cfg.tokenizer).expanduser()
+        return read_tokenizer(path, what=f"data.tokenizer={data_cfg.tokenizer}").get_vocab_size()
     return data_cfg.vocab_size
 
 
@@ -194,9 +195,9 @@ def _teacher_params(path: Path) -> int:
 
 
 def _tokenizer_vocab(path: Path) -> int:
-    from tokenizers import Tokenizer
+    from effitrain.data import read_tokenizer
 
-    return Tokenizer.from_file(str(path)).get_vocab_size()
+    return read_tokenizer(path).get_vocab_size()
 
 
 def _dimensions(config) -> dict:
@@ -665,12 +666,12 @@ MATCH_KEYS = ("model", "precision", "parallel", "optimizer", "batch_size", "data
 def newest_matching_run(cfg, outputs: str = "outputs") -> tuple[str, float] | None:
     """(run directory, median MFU %) of the newest finished run under `outputs` with the same model, precision,
     layout, optimizer, batch, sequence and world size; None if there is none."""
-    import json
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
     from effitrain.received import saved_config
+    from effitrain.runs import read_summary
 
     want = {k: OmegaConf.to_container(OmegaConf.select(cfg, k)) if OmegaConf.is_config(OmegaConf.select(cfg, k))
             else OmegaConf.select(cfg, k) for k in MATCH_KEYS}
@@ -682,7 +683,7 @@ def newest_matching_run(cfg, outputs: str = "outputs") -> tuple[str, float] | No
         try:
             got = OmegaConf.create(saved_config(saved))  # a run someone sent may sit in outputs/ too: no resolver
             if all(_plain(OmegaConf.select(got, k)) == want[k] for k in MATCH_KEYS):
-                value = json.loads(summary.read_text()).get("median_mfu_pct")
+                value = read_summary(summary.parent).get("median_mfu_pct")
                 if value:
                     return str(summary.parent), float(value)
         except Exception:  # an unreadable or foreign run directory is not a match

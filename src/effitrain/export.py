@@ -26,6 +26,7 @@ from effitrain.errors import UsageError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 QUANTIZE = ("int8", "int4")
+DEFAULT_TOKENS = 64  # sample's continuation when --tokens is not given (fewer if the context is shorter)
 
 
 def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = None, dtype: str = "fp32",
@@ -161,29 +162,56 @@ def to_transformers(model):
     return hf.eval()
 
 
-def sample_text(path: Path, prompt: str, *, tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
+def sample_text(path: Path, prompt: str, *, tokens: int | None = None, temperature: float = 0.0, seed: int = 0) -> str:
     """The prompt and a continuation of it by the model of a run directory (its latest checkpoint) or of a
     Hugging Face directory: greedy at temperature 0, else sampled at that temperature."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    if tokens < 1 or temperature < 0:
+    from effitrain.models import check_hf_dir
+    from effitrain.models.build import load_pretrained
+
+    if (tokens is not None and tokens < 1) or temperature < 0:
         raise UsageError(f"--tokens {tokens} must be >= 1 and --temperature {temperature} >= 0")
     if (path / "config.json").is_file():  # a Hugging Face directory (e.g. one effitrain export wrote)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
         tokenizer = _tokenizer(path / "tokenizer.json")
+        ids = _prompt_ids(tokenizer, prompt)
+        tokens = _new_tokens(check_hf_dir(path, what=str(path)), prompt=len(ids), tokens=tokens)  # before loading
+        model = load_pretrained(path, what=str(path), dtype=torch.float32).eval()
     else:
         cfg, checkpoint, tokenizer = _run_parts(path, step=None)
+        ids = _prompt_ids(tokenizer, prompt)
         model = load_trained_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
-    ids = tokenizer.encode(prompt).ids
-    if not ids:
-        raise UsageError("the prompt is empty after tokenization; give some text")
+        tokens = _new_tokens(model.config.to_dict(), prompt=len(ids), tokens=tokens)
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=temperature > 0,
                              temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
                              pad_token_id=tokenizer.token_to_id("<|endoftext|>"))
     return tokenizer.decode(out[0].tolist())
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise UsageError("the prompt is empty after tokenization; give some text")
+    return ids
+
+
+def _new_tokens(config: dict, *, prompt: int, tokens: int | None) -> int:
+    """How many tokens to generate: --tokens, or by default DEFAULT_TOKENS cut to what fits the model's context.
+    A --tokens past the context is refused, not clamped: past its trained positions a model's text is noise (GPT-2
+    has no position embedding there at all), and a silently shorter answer would hide that it could not be met."""
+    context = config.get("max_position_embeddings") or config.get("n_positions")
+    if context is None:  # a family without a fixed context: as asked
+        return tokens or DEFAULT_TOKENS
+    if prompt >= context:
+        raise UsageError(f"the prompt is {prompt} tokens; the model's context is {context}: shorten the prompt")
+    if tokens is None:
+        return min(DEFAULT_TOKENS, context - prompt)
+    if prompt + tokens > context:
+        raise UsageError(f"--tokens {tokens} with a {prompt}-token prompt exceeds the model's context of {context} "
+                         f"tokens; give --tokens {context - prompt} or fewer")
+    return tokens
 
 
 def _run_parts(run_dir: Path, *, step: int | None):
@@ -201,11 +229,11 @@ def _run_parts(run_dir: Path, *, step: int | None):
 
 
 def _tokenizer(path: Path):
-    from tokenizers import Tokenizer
+    from effitrain.data import read_tokenizer
 
     if not path.is_file():
         raise UsageError(f"{path.parent} has no tokenizer.json (runs save theirs at start)")
-    return Tokenizer.from_file(str(path))
+    return read_tokenizer(path)
 
 
 def _save_tokenizer(source: Path, out: Path, *, max_length: int) -> None:

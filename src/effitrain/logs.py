@@ -56,7 +56,7 @@ def setup_logging(run_dir: Path, *, rank: int) -> None:
         root.removeHandler(handler)
         handler.close()
     root.setLevel(logging.INFO)
-    file = _NoFollowFileHandler(run_dir / ("train.log" if rank == 0 else f"rank_{rank}.log"))
+    file = RunLogHandler(run_dir / ("train.log" if rank == 0 else f"rank_{rank}.log"))
     file.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
     root.addHandler(file)
     if rank == 0:
@@ -71,13 +71,37 @@ def setup_logging(run_dir: Path, *, rank: int) -> None:
     quiet_import_noise()
 
 
-class _NoFollowFileHandler(logging.FileHandler):
-    """A log file appended to, never through a symlink (a received run directory's `train.log -> ~/.bashrc`)."""
+class RunLogHandler(logging.FileHandler):
+    """train.log / rank_<k>.log. A write the disk refuses (full, or over a size limit) stops the run as one
+    I/O-failure line, exit 74: logging's own handleError would print a traceback per record and train on unlogged.
+    After that the handler writes nothing (the error's own cleanup logs too)."""
 
-    def _open(self):
+    failed = False
+
+    def _open(self):  # never through a symlink (a received run directory's `train.log -> ~/.bashrc`)
         from effitrain.rundir import open_append
 
         return open_append(Path(self.baseFilename))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        from effitrain.errors import io_failure
+
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        self.failed = True
+        raise io_failure(error, self.baseFilename, doing="writing the log") from None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the flush of what the full disk refused, again: already reported
+            if not self.failed:
+                raise
 
 
 # Warnings torchao's import prints on a machine without its CUDA kernels or Triton, and torch 2.13's deprecation of

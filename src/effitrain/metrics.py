@@ -9,6 +9,7 @@ with one collective; each step still gets its own record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from effitrain.errors import io_failure
+from effitrain.rundir import open_append
 from effitrain.logs import GROUP
 
 log = logging.getLogger("effitrain")
@@ -226,20 +229,32 @@ def build_sinks(cfg, *, run_dir: Path, total_steps: int, resumed_at: int = 0) ->
 
 
 class JsonlSink:
-    """metrics.jsonl: each record one write() of one whole line (O_APPEND, unbuffered), so a kill leaves whole lines
-    and at most one cut last line (which readers skip); never opened through a symlink."""
+    """metrics.jsonl, one whole line per record. A write the disk refuses (full, or over a size limit) is undone to
+    the last whole line and stops the run as an I/O failure (exit 74): one line, not a traceback, not bad input."""
 
     def __init__(self, path: Path, *, append: bool = False):
-        import os
-
-        from effitrain.rundir import open_append
-
-        if not append and (path.exists() or path.is_symlink()):
-            os.unlink(path)  # a fresh run's file replaces (never splices); a resumed one continues what was kept
-        self._f = open_append(path, binary=True)
+        self.path = path
+        # unbuffered: each record is one write of its own, so a failed one is the current record, never an
+        # earlier one left waiting in a buffer; a rerun replaces, never splices; a resume continues what was kept
+        try:
+            if not append and (path.exists() or path.is_symlink()):
+                os.unlink(path)
+            self._f = open_append(path, binary=True)  # never through a symlink
+            self._f.seek(0, os.SEEK_END)  # tell() is where a refused write is cut back to
+        except OSError as e:
+            raise io_failure(e, path, doing="opening the metrics file") from None
 
     def write(self, record: dict) -> None:
-        self._f.write((json.dumps(record) + "\n").encode())
+        line = (json.dumps(record) + "\n").encode()
+        end = self._f.tell()
+        try:
+            done = 0
+            while done < len(line):  # a raw write may take part of it
+                done += self._f.write(line[done:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self._f.truncate(end)  # frees what the cut line took: the file ends at its last whole record
+            raise io_failure(e, self.path, doing="writing metrics") from None
 
     def close(self) -> None:
         self._f.close()

@@ -8,6 +8,7 @@ to the original's parent (`reproduce_dir`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -16,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from effitrain.errors import UsageError, io_failure
 from effitrain.rundir import write_file
 
+log = logging.getLogger("effitrain")
 LAUNCH_TIME_ENV = "EFFITRAIN_LAUNCH_TIME"  # set by the CLI at entry; inherited by workers
 
 
@@ -117,8 +120,21 @@ def write_summary(run_dir: Path, recorder, *, warmup_steps: int, extra: dict) ->
 
 
 def read_summary(run_dir: Path) -> dict:
-    path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(Path(run_dir) / "summary.json", default={})
+
+
+def read_json(path: Path, *, default=None):
+    """A JSON file of a run directory (summary.json, env.json, ...), `default` when there is none: the one reader of
+    them, so a damaged one is one line naming it wherever it is read (compare, scaling-fit, sweeps), not a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise UsageError(f"{path} is damaged, not JSON ({e})") from None
+    except OSError as e:
+        raise io_failure(e, path, doing="reading") from None
 
 
 def read_losses(run_dir: Path) -> list[float]:
@@ -168,22 +184,38 @@ def write_preempted(run_dir: Path, *, step: int, message: str) -> None:
 
 
 def read_preempted(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / PREEMPTED
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(Path(run_dir) / PREEMPTED)
 
 
 def read_records(run_dir: Path) -> list[dict]:
-    """Every step record of metrics.jsonl (a line cut short by a kill is dropped)."""
+    """Every step record of metrics.jsonl. A last line cut short (a run killed mid-write) is left out with a warning;
+    a damaged line with records after it is an error, not a silent cut (resume would rewrite the file without them)."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    if not path.is_file():
         return []
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError as e:
+        raise io_failure(e, path, doing="reading") from None
     records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            break  # the last line of a killed run may be half-written; nothing follows it
+    for number, line in enumerate(lines, 1):
+        record = _record(line)
+        if record is not None:
+            records.append(record)
+        elif number < len(lines):
+            raise UsageError(f"{path}: line {number} of {len(lines)} is damaged, not a JSON record: {line[:60]!r}")
+        else:
+            log.warning("%s: its last line is cut short (a run stopped mid-write); read the %d records before it",
+                        path, len(records))
     return records
+
+
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def truncate_metrics(run_dir: Path, *, step: int) -> list[dict]:
@@ -202,7 +234,7 @@ def job_outcome(job_dir: Path) -> tuple[str, str | None]:
     if (job_dir / "summary.json").exists():
         return "ok", None
     if (job_dir / STATUS_FILE).exists():
-        outcome = json.loads((job_dir / STATUS_FILE).read_text())
+        outcome = read_json(job_dir / STATUS_FILE)
         return outcome["status"], outcome["reason"]
     return "failed", "no summary.json: the job stopped before it finished"
 

@@ -12,7 +12,6 @@ at least 4 points and are null with 3.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,16 +103,17 @@ def read_job(job_dir: Path, *, params: str) -> Job | None:
     """A finished job: its parameter count (from its saved config, on the meta device), evaluations and FLOPs."""
     from effitrain.estimate import model_shape
     from effitrain.received import load_run_config
+    from effitrain.runs import read_json, read_records
 
     metrics, env = job_dir / "metrics.jsonl", job_dir / "env.json"
     if not (metrics.is_file() and env.is_file()):
         return None
     cfg = load_run_config(job_dir, allow_external=True)  # read for the model's shape: nothing is launched
-    vocab = json.loads(env.read_text())["vocab_size"]
+    vocab = read_json(env)["vocab_size"]
     shape = model_shape(cfg.model, vocab=vocab, seq_len=cfg.data.seq_len)
     n = shape.num_params if params == "total" else sum(
         p.numel for p in shape.params if p.kind not in ("embedding", "head", "position"))
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_records(job_dir)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.data.seq_len * _dp(cfg)
     curve = [(shape.flops_per_token * tokens_per_step * r["step"], r["val_loss"]) for r in records
              if r.get("val_loss") is not None]

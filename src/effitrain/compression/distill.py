@@ -31,11 +31,24 @@ def check_tokenizer(teacher_dir: Path, run_tokenizer: Path | None) -> None:
                          "checked against the run's (copy the tokenizer it was trained with there)")
     if run_tokenizer is None:
         return
-    a, b = (json.loads(p.read_text())["model"] for p in (theirs, run_tokenizer))
+    a, b = (_tokenizer_model(p) for p in (theirs, run_tokenizer))
     if a.get("vocab") != b.get("vocab") or a.get("merges") != b.get("merges"):
         raise UsageError(f"compression.distill.teacher={teacher_dir}: its tokenizer.json differs from the run's "
                          f"({run_tokenizer}); teacher and student must share a tokenizer (set data.tokenizer to "
                          "the teacher's tokenizer.json)")
+
+
+def _tokenizer_model(path: Path) -> dict:
+    """The "model" part (vocab, merges) of a tokenizer.json; a damaged one is one DataError line naming it."""
+    from effitrain.data import DataError
+
+    try:
+        model = json.loads(path.read_bytes())["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: {e})") from None
+    if not isinstance(model, dict):
+        raise DataError(f"{path} is not a readable tokenizer.json (its \"model\" is not an object)")
+    return model
 
 
 def _exported(run_dir: Path, ctx) -> Path:
@@ -58,17 +71,16 @@ class Distill(ModelConverter):
 
     def _load(self) -> nn.Module:
         """Built at the first step, not at convert(): an export rebuilds the converters and needs no teacher."""
-        from transformers import AutoModelForCausalLM
-
         from effitrain.flops import model_flops_per_token
+        from effitrain.models.build import load_pretrained
         from effitrain.parallel import FSDP_STRATEGIES
         from effitrain.parallel.build import apply_parallel
 
         ctx = self.context
         if not (self.path / "config.json").is_file():
             self.path = _exported(self.path, ctx)
-        teacher = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, attn_implementation="sdpa",
-                                                       dtype=ctx.precision.param_dtype)
+        teacher = load_pretrained(self.path, what=f"compression.distill.teacher={self.path}",
+                                  dtype=ctx.precision.param_dtype)
         if teacher.get_input_embeddings().num_embeddings < ctx.vocab_size:
             raise UsageError(f"compression.distill.teacher has {teacher.get_input_embeddings().num_embeddings} "
                              f"embeddings; the run's tokenizer has {ctx.vocab_size} tokens")

@@ -119,8 +119,53 @@ def check(cfg) -> None:
         check_sources(cfg)
     elif cfg.source != "stdlib":
         resolve_paths(source=cfg.source, paths=list(cfg.paths))
-    if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_file():
-        raise UsageError(f"data.tokenizer={cfg.tokenizer}: no such tokenizer.json file")
+    check_cache_dir(cfg.cache_dir)
+    if cfg.tokenizer:  # parsed now: a damaged one is one line before any run directory exists
+        read_tokenizer(Path(cfg.tokenizer).expanduser(), what=f"data.tokenizer={cfg.tokenizer}")
+
+
+def check_cache_dir(cache_dir: str) -> None:
+    """data.cache_dir can hold a cache: its nearest existing directory takes a new entry (tried: a scratch directory
+    made and removed, since os.access says yes to root even on /proc or a read-only mount). Found here, one line,
+    before any run directory; not a traceback when the first worker builds the cache."""
+    import errno
+    import tempfile
+
+    from effitrain.errors import io_failure
+
+    path = Path(cache_dir).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"data.cache_dir={cache_dir}: {existing} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".effitrain-probe-", dir=existing))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise io_failure(e, existing, doing=f"data.cache_dir={cache_dir}") from None
+        raise DataError(f"data.cache_dir={cache_dir}: cannot make a cache in {existing} ({e.strerror}); give a "
+                        "writable directory") from None
+
+
+def read_tokenizer(path: Path, *, what: str | None = None):
+    """The tokenizer of a tokenizer.json; a damaged or missing one is one DataError line naming it (the Rust
+    library raises a bare Exception with only its parser's words), a disk that fails is an I/O failure."""
+    from tokenizers import Tokenizer
+
+    from effitrain.errors import first_line, io_failure
+
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataError(f"{what or path}: no such tokenizer.json file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what or path}: not a readable tokenizer.json ({e.reason})") from None
+    except OSError as e:
+        raise io_failure(e, path, doing="reading the tokenizer") from None
+    try:
+        return Tokenizer.from_str(raw)
+    except Exception as e:  # tokenizers raises plain Exception for every parse error
+        where = f"{what}: {path}" if what else str(path)
+        raise DataError(f"{where} is not a readable tokenizer.json ({first_line(e)})") from None
 
 
 def _check_near_dup(c) -> None:

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from effitrain.data import read_tokenizer
 from effitrain.data.clean import Cleaner
 from effitrain.data.corpus import Corpus, DataError, Document, in_tokenizer_sample, is_validation
 from effitrain.data.encode import BulkEncoder
@@ -97,9 +98,7 @@ def build_cache(root: Path, corpus: Corpus, cfg, settings: dict) -> Path:
 
 
 def load_tokenizer(directory: Path):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(directory / "tokenizer.json"))
+    return read_tokenizer(directory / "tokenizer.json")
 
 
 def train_bpe(corpora: list[Corpus], cfg):
@@ -158,9 +157,7 @@ class _Sample:
 
 
 def _load_given(path: str):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(path).expanduser()))
+    tok = read_tokenizer(Path(path).expanduser(), what=f"data.tokenizer={path}")
     if tok.token_to_id(EOS) is None:
         tok.add_special_tokens([EOS])
     return tok

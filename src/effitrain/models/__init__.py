@@ -15,6 +15,10 @@ from effitrain.registry import Group
 GROUP = Group("model", key="family", builders="effitrain.models.build")
 
 
+class ModelError(UsageError):
+    """Bad model input: reported as one line, exit code 2."""
+
+
 @dataclass
 class ModelBase:
     name: str = "tiny"
@@ -44,15 +48,46 @@ class GPT2Model(ModelBase):
     family: str = "gpt2"  # learned positions, GELU MLP, LayerNorm with biases
 
 
+# what transformers' from_pretrained reads weights from (single file or sharded index)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
 @GROUP.checks
 def check(cfg) -> None:
+    for key in ("hidden_size", "num_heads", "num_layers"):
+        if cfg[key] <= 0:
+            raise UsageError(f"model.{key}={cfg[key]} must be a positive integer")
+    if cfg.intermediate_size is not None and cfg.intermediate_size <= 0:
+        raise UsageError(f"model.intermediate_size={cfg.intermediate_size} must be a positive integer (or null: "
+                         "the family's default, 4 x hidden_size)")
     if cfg.hidden_size % cfg.num_heads:
         raise UsageError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}")
+    if cfg.family == "llama" and cfg.num_kv_heads is not None and cfg.num_kv_heads < 0:
+        raise UsageError(f"model.num_kv_heads={cfg.num_kv_heads} must be a positive integer (or null: num_heads)")
     if cfg.family == "llama" and cfg.num_kv_heads and cfg.num_heads % cfg.num_kv_heads:
         raise UsageError(f"model.num_heads={cfg.num_heads} is not divisible by model.num_kv_heads={cfg.num_kv_heads}")
-    if cfg.pretrained and not (Path(cfg.pretrained).expanduser() / "config.json").is_file():
-        raise UsageError(f"model.pretrained={cfg.pretrained}: no config.json there "
-                         "(give a local Hugging Face checkpoint dir)")
+    if cfg.pretrained:
+        check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+
+
+def check_hf_dir(path: Path, *, what: str) -> dict:
+    """A local Hugging Face model directory that from_pretrained can read: a config.json that parses and a weights
+    file; its config. Checked here, before any process starts, so a damaged one is one line and no run directory."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{what}: no config.json there (give a local Hugging Face checkpoint dir)")
+    try:
+        parsed = json.loads(config.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ModelError(f"{what}: {config} is damaged ({e})") from None
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ModelError(f"{what}: {config} has no model_type (not a transformers model config)")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(f"{what}: no weights file in {path} (expected one of: {', '.join(WEIGHT_FILES)})")
+    return parsed
 
 
 def kv_heads(cfg) -> int:

@@ -10,12 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from effitrain.errors import UsageError
-from effitrain.models import GROUP
-
-
-class ModelError(UsageError):
-    """Bad model input: reported as one line, exit code 2."""
+from effitrain.models import GROUP, ModelError, check_hf_dir
 
 
 def hf_config(cfg, *, vocab_size: int, max_seq_len: int):
@@ -59,11 +54,8 @@ def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False) -
     from transformers import AutoModelForCausalLM
 
     if cfg.pretrained:
-        path = Path(cfg.pretrained).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.pretrained={cfg.pretrained}: no config.json (give a local HF checkpoint dir)")
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
-                                                     dtype=torch.float32)
+        model = load_pretrained(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}",
+                                dtype=torch.float32)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings "
                              f"but the tokenizer has {vocab_size} tokens (set data.tokenizer to its tokenizer.json)")
@@ -82,14 +74,44 @@ def pretrained_on_meta(path) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: no config.json (give a local HF checkpoint dir)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_hf_dir(path, what=str(path))
+    with _read_as_model_error(path, what=str(path)):
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     if model.config.model_type == "gpt2":
         linearise_gpt2(model)
     return model
+
+
+def load_pretrained(path: Path, *, what: str, dtype: torch.dtype) -> nn.Module:
+    """A local Hugging Face model directory's causal LM (never downloads, never runs the directory's code); a damaged
+    config or weights file is one ModelError line naming `what`, not a transformers traceback."""
+    from transformers import AutoModelForCausalLM
+
+    check_hf_dir(path, what=what)
+    with _read_as_model_error(path, what=what):
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
+                                                    dtype=dtype)
+
+
+# what transformers and safetensors raise on a damaged or incomplete model directory (SafetensorError is neither)
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, KeyError, TypeError, SafetensorError
+
+
+@contextmanager
+def _read_as_model_error(path: Path, *, what: str):
+    from effitrain.errors import first_line, io_failure
+
+    try:
+        yield
+    except _load_errors() as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the disk, not the directory's content: an I/O failure
+            raise io_failure(e, doing=f"reading {what}") from None
+        raise ModelError(f"{what}: cannot load the model in {path} ({first_line(e)})") from None
 
 
 class QKV(nn.Module):

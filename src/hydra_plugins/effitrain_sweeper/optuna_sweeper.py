@@ -9,6 +9,9 @@ the same command continues it: trials a killed sweep left running are marked int
 
 from __future__ import annotations
 
+import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -18,7 +21,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
 
 from effitrain import trials as search
-from effitrain.errors import UsageError
+from effitrain.errors import IOFailure, RunStopped, UsageError
 from effitrain.sweep import record_outcome
 
 
@@ -67,16 +70,27 @@ class OptunaSweeper(Sweeper):
         return jobs
 
     def sweep(self, arguments: list[str]):
+        url = search.storage_url(self.storage, Path(self.config.hydra.sweep.dir))
+        with _one_line_stops(), _storage_errors(url):
+            return self._sweep(arguments, url)
+
+    def _sweep(self, arguments: list[str], url: str):
         import optuna
 
         params, fixed, directions = self._space(arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        made = not sweep_dir.exists()
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:  # the study opens first: a storage that cannot be used leaves no sweep directory behind
+            study = optuna.create_study(
+                study_name=self.study_name, storage=url,
+                sampler=search.build_sampler(self.sampler, seed=self.seed, params=params),
+                pruner=search.build_pruner(self.pruner_cfg), directions=directions, load_if_exists=True)
+        except BaseException:
+            if made:  # only the directory this call made (at most its own optuna.db in it)
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+            raise
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        study = optuna.create_study(
-            study_name=self.study_name, storage=search.storage_url(self.storage, sweep_dir),
-            sampler=search.build_sampler(self.sampler, seed=self.seed, params=params),
-            pruner=search.build_pruner(self.pruner_cfg), directions=directions, load_if_exists=True)
         self._check_same_search(study, params, fixed)
         self._mark_interrupted(study, sweep_dir)
         distributions = {p.key: p.distribution for p in params}
@@ -150,6 +164,41 @@ class OptunaSweeper(Sweeper):
         print(f"study {self.study_name}: {counts} | {what}:")
         for row in rows:
             print("  " + " ".join(f"{k}={v}" for k, v in row.items()))
+
+
+@contextmanager
+def _one_line_stops():
+    """A stop raised in the sweeper (not in a job: the task reports those) as the CLI's one line and exit code.
+    Raised past sweep() it would reach Hydra's handler, which prints a traceback and exits 1."""
+    try:
+        yield
+    except UsageError as e:
+        print(f"effitrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunStopped as e:
+        print(f"effitrain: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+# sqlite result codes of a disk that failed, not of a wrong or damaged file (https://sqlite.org/rescode.html)
+_SQLITE_IO = {"SQLITE_FULL", "SQLITE_IOERR"}
+
+
+@contextmanager
+def _storage_errors(url: str):
+    """The study's storage failing (SQLAlchemy's and sqlite's errors, 80-123 lines of traceback) as one line naming
+    it: a disk that failed is an I/O failure (exit 74); a file that is no database, or cannot be opened, bad input."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except SQLAlchemyError as e:
+        orig = getattr(e, "orig", None)
+        words = str(orig or e).splitlines()[0]
+        if getattr(orig, "sqlite_errorname", "").split("_(")[0] in _SQLITE_IO:
+            raise IOFailure(f"the Optuna storage {url}: {words}") from None
+        raise UsageError(f"the Optuna storage {url} cannot be used: {words} (give hydra.sweeper.storage=sqlite:///"
+                         "PATH of a writable file, or leave it unset for SWEEP_DIR/optuna.db)") from None
 
 
 def _dotted(node: dict, prefix: str = "") -> dict:
