@@ -223,7 +223,8 @@ def _file_size_limit(limit: int):
 
 def test_a_run_whose_metrics_file_hits_a_size_limit_stops_in_one_line_with_whole_records(hf_dir, tiny, tmp_path):
     """Disk full through the real command: no file may grow past 12 kB (tokenizer.json, 9 kB, still fits), so
-    metrics.jsonl (~540 bytes a step) fills up around step 20. Exit 74, one line, every record left whole."""
+    metrics.jsonl (~540 bytes a step) fills up around step 20. Exit 74, one line naming the file; the run saved no
+    checkpoint, so what it made is removed again (the records are whole until then: the /dev/full test above)."""
     run = tmp_path / "run"
     args = tiny("max_steps=200", "eval_every=1000", "checkpoint=off", f"hydra.run.dir={run}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -231,9 +232,7 @@ def test_a_run_whose_metrics_file_hits_a_size_limit_stops_in_one_line_with_whole
                             capture_output=True, text=True, timeout=600, preexec_fn=_file_size_limit(12_000))
     line = one_line(result.stderr)
     assert result.returncode == 74 and f"disk full at {run / 'metrics.jsonl'}" in line, line
-    raw = (run / "metrics.jsonl").read_text()
-    assert raw.endswith("\n") and len(raw) > 0
-    assert [json.loads(r)["step"] for r in raw.splitlines()] == list(range(1, raw.count("\n") + 1))
+    assert not run.exists()
 
 
 def test_a_model_error_in_a_worker_is_the_single_process_line(hf_dir, tiny, tmp_path):

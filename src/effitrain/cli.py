@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (composing, loading data): nothing to save
         print("effitrain: interrupted (Ctrl-C)", file=sys.stderr)
         return Interrupted.exit_code
-    except SystemExit as e:  # the Hydra task's own exit: it undid what a failed run made itself
-        failed = False
+    except SystemExit as e:  # an exit from inside Hydra (the task's, the sweeper's): a result or a stop keeps all
+        failed = e.code not in (None, 0, 1, 3, 75)
         raise e
     finally:
         release_claims(undo=failed)

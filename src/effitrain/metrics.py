@@ -237,9 +237,7 @@ class JsonlSink:
         # unbuffered: each record is one write of its own, so a failed one is the current record, never an
         # earlier one left waiting in a buffer; a rerun replaces, never splices; a resume continues what was kept
         try:
-            if not append and (path.exists() or path.is_symlink()):
-                os.unlink(path)
-            self._f = open_append(path, binary=True)  # never through a symlink
+            self._f = open_append(path, binary=True, truncate=not append)  # never through a symlink
             self._f.seek(0, os.SEEK_END)  # tell() is where a refused write is cut back to
         except OSError as e:
             raise io_failure(e, path, doing="opening the metrics file") from None

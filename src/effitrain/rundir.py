@@ -301,11 +301,13 @@ def write_file(path: Path, data: str | bytes) -> None:
     fsync_dir(path.parent)
 
 
-def open_append(path: Path, *, binary: bool = False):
-    """A run file opened for appending, refusing a symlink (O_NOFOLLOW: ELOOP) -- a received directory's
-    `train.log -> ~/.bashrc` is not written through. Raises OSError."""
+def open_append(path: Path, *, binary: bool = False, truncate: bool = False):
+    """A run file opened for appending (`truncate`: emptied first, as a fresh run's metrics.jsonl), refusing a
+    symlink (O_NOFOLLOW: ELOOP) -- a received directory's `train.log -> ~/.bashrc` is not written through. Raises
+    OSError."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, flags, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UsageError(f"{path} is a symlink: effitrain writes a run's files only as files of the run "

@@ -16,13 +16,15 @@ replayed only once it passes effitrain.received's policy (nothing in it may run 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from effitrain.runs import STATUS_FILE, job_dirs, job_outcome, job_overrides
+from effitrain.rundir import write_file
+from effitrain.runs import STATUS_FILE, job_dirs, job_outcome, job_overrides, read_json
 
 COLUMNS = ("job", "overrides", "status", "final_val_loss", "median_tokens_per_s", "mem_reserved_peak_gib", "reason",
            "run_dir")
@@ -42,7 +44,7 @@ def one_line(error: BaseException) -> str:
 def record_outcome(job_dir: Path, status: str, reason: str) -> None:
     """A job that ended without a summary: failed (a crash, OOM, NaN abort) or pruned (a search stopped it)."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / STATUS_FILE).write_text(json.dumps({"status": status, "reason": reason}, indent=2))
+    write_file(job_dir / STATUS_FILE, json.dumps({"status": status, "reason": reason}, indent=2))
 
 
 def resuming() -> bool:
@@ -55,7 +57,7 @@ def finished_before(job_dir: Path) -> dict | None:
     summary = job_dir / "summary.json"
     if resuming() and summary.exists():
         print(f"effitrain: {job_dir} finished before: skipped")
-        return json.loads(summary.read_text())
+        return read_json(summary)
     (job_dir / STATUS_FILE).unlink(missing_ok=True)
     return None
 
@@ -87,7 +89,7 @@ def job_row(job_dir: Path, *, shared: set[str]) -> dict:
     """One table row from a job directory's saved overrides (those every job shares left out) and outcome."""
     overrides = " ".join(o for o in job_overrides(job_dir) if o not in shared)
     summary_file = job_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    summary = read_json(summary_file) if summary_file.exists() else {}
     status, reason = job_outcome(job_dir)
     return {"job": job_dir.name, "overrides": overrides, "status": status,
             "final_val_loss": summary.get("final_val_loss"), "median_tokens_per_s": summary.get("median_tokens_per_s"),
@@ -98,20 +100,22 @@ def write_sweep_summary(sweep_dir: Path, jobs: list[Path]) -> list[dict]:
     per_job = [set(job_overrides(d)) for d in jobs]
     shared = set.intersection(*per_job) if len(per_job) > 1 else set()
     rows = [job_row(d, shared=shared) for d in jobs]
-    with (sweep_dir / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_file(sweep_dir / "summary.csv", table.getvalue())
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_fmt(row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in rows]
-    (sweep_dir / "summary.md").write_text("\n".join(md) + "\n")
+    write_file(sweep_dir / "summary.md", "\n".join(md) + "\n")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "pruned")}
-    (sweep_dir / "summary.json").write_text(json.dumps({"jobs": len(rows), **counts, "rows": rows}, indent=2))
+    write_file(sweep_dir / "summary.json", json.dumps({"jobs": len(rows), **counts, "rows": rows}, indent=2))
     return rows
 
 
 def print_table(rows: list[dict], sweep_dir: Path) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from effitrain.logs import console
 
@@ -119,7 +123,7 @@ def print_table(rows: list[dict], sweep_dir: Path) -> None:
     for column in COLUMNS[:-1]:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(_fmt(row[c]) for c in COLUMNS[:-1]))
+        table.add_row(*(Text(_fmt(row[c])) for c in COLUMNS[:-1]))  # Text: `data.paths=[x]` is no rich markup
     console().print(table)
     failed = sum(r["status"] == "failed" for r in rows)
     if failed:
