@@ -17,6 +17,7 @@ measured against) with the same torchao configs. Either loads in plain transform
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -176,15 +177,26 @@ def sample_text(path: Path, prompt: str, *, tokens: int = 64, temperature: float
 
 
 def _run_parts(run_dir: Path, *, step: int | None):
-    """(config, checkpoint dir, tokenizer) of a run directory."""
-    from effitrain.checkpoint.layout import default_root, resolve
+    """(config, checkpoint dir, tokenizer) of a run directory: checkpoint `step`, or the run's newest own checkpoint
+    whose every checksum verifies (a newer one that does not is named in a warning)."""
+    from effitrain.checkpoint.layout import CheckpointError, default_root, newest_verified, resolve
     from effitrain.compose import load_run_config
+    from effitrain.rundir import run_id
 
     # nothing is launched from here: a saved rendezvous is harmless, so it needs no confirmation
     cfg = load_run_config(run_dir, allow_rendezvous=True)
     if cfg.checkpoint.kind == "off":
         raise UsageError(f"{run_dir} was trained with checkpoint=off: it saved no model to export")
-    checkpoint = resolve(default_root(run_dir, cfg.checkpoint.dir), step=step)
+    root = default_root(run_dir, cfg.checkpoint.dir)
+    if step is not None:
+        return cfg, resolve(root, step=step), _tokenizer(run_dir / "tokenizer.json")
+    checkpoint, passed = newest_verified(root, run_id(run_dir), deep=True)
+    if checkpoint is None:
+        raise CheckpointError(f"{passed[0]}; and no earlier checkpoint of this run in {root} verifies" if passed
+                              else f"{root} holds no complete checkpoint (step-N/ with manifest.json)")
+    if passed:
+        logging.getLogger("effitrain").warning(f"{passed[0]}; using {checkpoint.name}, the newest checkpoint of "
+                                               f"{run_dir} that verifies")
     return cfg, checkpoint, _tokenizer(run_dir / "tokenizer.json")
 
 
