@@ -84,7 +84,11 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(where.read_bytes())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8; RecursionError: [[[[...
         raise CorruptCheckpoint(f"{where} is not readable JSON ({first_line(e)}): not a complete checkpoint") from None
-    if not isinstance(manifest, dict) or "checksum" not in manifest:
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpoint(f"{where} is not a JSON object: not a complete checkpoint")
+    if "checksum" not in manifest and {"files", "hash", "run_id"} & manifest.keys():
+        raise CorruptCheckpoint(f"{where} has lost its checksum (it changed after it was saved)")
+    if "checksum" not in manifest:
         raise CheckpointError(f"{where} has no checksum: it predates verified checkpoints (or is not effitrain's), so "
                               "it is not loaded")
     if manifest["checksum"] != manifest_checksum(manifest):

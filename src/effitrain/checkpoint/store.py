@@ -184,8 +184,9 @@ class Checkpointer:
             t0 = time.perf_counter()
             files = checksum_files(tmp, sync=True)
             hash_s = time.perf_counter() - t0
+            # every float at most 15 significant digits: a changed digit is a changed value, caught by the checksum
             manifest = self.manifest | {
-                "step": step, "model_only": model_only, "saved_at": time.time(), "save_s": round(seconds, 4),
+                "step": step, "model_only": model_only, "saved_at": round(time.time(), 3), "save_s": round(seconds, 4),
                 "stall_s": round(stall + hash_s, 4), "hash_s": round(hash_s, 4), "hash": HASH,
                 "bytes": sum(f["bytes"] for f in files.values()), "files": files}
             write_file(tmp / MANIFEST, sealed(manifest))  # fsynced, renamed into place, tmp/ fsynced
@@ -196,32 +197,8 @@ class Checkpointer:
             self._failed(step, e)
         log.info(f"checkpoint step-{step}: {manifest['bytes'] / 2**20:.1f} MiB in {seconds:.2f} s, checksums "
                  f"{hash_s:.2f} s (training waited {stall + hash_s:.2f} s) -> {final}")
-        self._rotate()
-
-    def _rotate(self) -> None:
-        """Keep this run's newest `keep_last` checkpoints that verify; delete this run's older ones. Verifying here
-        reads each manifest back and checks every file's size (the checksums were taken from the files on disk
-        after they were fsynced; hashing them again would double the cost for the same page-cache bytes). Another
-        run's checkpoints, and any whose manifest does not verify, are not this run's to delete."""
-        keep = self.cfg.keep_last
-        if keep == 0:
-            return
-        good = 0
-        for _, path in reversed(complete_checkpoints(self.root)):
-            try:
-                manifest = read_manifest(path)
-            except CheckpointError:
-                continue
-            if manifest.get("run_id") != self.run_id:
-                continue
-            if good >= keep:
-                shutil.rmtree(path, ignore_errors=True)
-                continue
-            try:
-                verify(path, manifest, deep=False)
-                good += 1
-            except CorruptCheckpoint as e:
-                log.warning(f"{e}: it does not count towards checkpoint.keep_last={keep}")
+        if self.cfg.keep_last > 0:
+            rotate(self.root, run_id=self.run_id, keep_last=self.cfg.keep_last)
 
     def _failed(self, step: int, error: Exception) -> None:
         """The save failed: remove this save's step-N.tmp, then one line -- an I/O failure (disk full: exit 74) or
@@ -236,6 +213,33 @@ class Checkpointer:
             where = cause.filename or self.root
             raise IOFailure(f"{io_failure(cause, where, doing=what)}; the run stops ({kept})") from None
         raise CheckpointError(f"{what}: {_reason(error)}; the run stops ({kept})") from None
+
+
+def rotate(root: Path, *, run_id: str, keep_last: int) -> list[Path]:
+    """Keep run `run_id`'s newest `keep_last` checkpoints under root that verify; delete its older ones (the deleted).
+
+    Verifying here reads each manifest back and checks every file's size: the checksums were taken from the files
+    on disk after they were fsynced, and hashing them again would double the cost for the same page-cache bytes.
+    Another run's checkpoints, and any whose manifest does not verify, are not this run's to delete; one of this
+    run's that does not verify does not count towards keep_last, so the older good one stays."""
+    good, deleted = 0, []
+    for _, path in reversed(complete_checkpoints(root)):
+        try:
+            manifest = read_manifest(path)
+        except CheckpointError:
+            continue
+        if manifest.get("run_id") != run_id:
+            continue
+        if good >= keep_last:
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+            continue
+        try:
+            verify(path, manifest, deep=False)
+            good += 1
+        except CorruptCheckpoint as e:
+            log.warning(f"{e}: it does not count towards checkpoint.keep_last={keep_last}")
+    return deleted
 
 
 @GROUP.builder("sync")
@@ -317,7 +321,10 @@ def load_checkpoint(state, path: Path, *, world, what: str = "resume") -> dict:
             log.info(f"loading a checkpoint of {manifest['world_size']} ranks on {world.size}: model and optimizer "
                      "reshard; per-rank RNG states stay as seeded")
     verify_s = _load(wanted, path, files=manifest["files"])
-    state.load_checkpoint_state_dict(wanted, rank=world.rank)
+    try:
+        state.load_checkpoint_state_dict(wanted, rank=world.rank)
+    except Exception as e:  # noqa: BLE001 -- entries that verified and unpickled as plain data but not as ours
+        raise CheckpointError(f"{path} does not fit this run: {type(e).__name__}: {_first_line(e)}") from None
     return manifest | {"verify_s": verify_s}
 
 
@@ -336,7 +343,9 @@ def _load(state: dict, path: Path, *, files: dict) -> float:
             raise CorruptCheckpoint(str(refused)) from None
         if refused is not None:
             raise CheckpointError(f"{path}: {refused}; nothing was loaded") from None
-        raise CheckpointError(f"{path} could not be loaded: {_reason(e)}") from None
+        failure = next(iter(_rank_failures(e)), None)
+        why = _reason(e) if failure is None or _os_error(e) else f"{type(failure).__name__}: {_first_line(failure)}"
+        raise CheckpointError(f"{path} could not be loaded: {why}") from None
     except (RuntimeError, OSError, ValueError) as e:  # planning: a key the checkpoint lacks, a shape that differs
         raise CheckpointError(f"{path} does not fit this run: {_first_line(e)}") from None
     return reader.verify_s
@@ -344,8 +353,18 @@ def _load(state: dict, path: Path, *, files: dict) -> float:
 
 # --- loading without unpickling objects -------------------------------------------------------------------------
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's .metadata is a pickle of its own dataclasses: admit those, torch dtypes/sizes/layouts, paths."""
+class _MetadataUnpickler(pickle._Unpickler):
+    """DCP's .metadata is a pickle of its own dataclasses: admit those, torch dtypes/sizes/layouts, paths.
+
+    The pure-Python unpickler, not the C one: the C one sizes its memo table from the index a pickle names, so a
+    crafted 4-byte index asks for gigabytes (MemoryError here, the OOM killer where overcommit lets it through);
+    the Python one keeps a dict and allocates no more than the file holds -- but for BYTEARRAY8, which allocates
+    the length it names before reading, and which DCP's metadata never holds. A .metadata is small (KBs to MBs)."""
+
+    def _no_bytearray(self):
+        raise pickle.UnpicklingError("a DCP checkpoint's metadata never holds a bytearray")
+
+    dispatch = dict(pickle._Unpickler.dispatch) | {pickle.BYTEARRAY8[0]: _no_bytearray}
 
     MODULES = {"torch.distributed.checkpoint.metadata": None,
                "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
@@ -379,8 +398,8 @@ class SafeReader(FileSystemReader):
         try:
             metadata = _MetadataUnpickler(io.BytesIO(data)).load()
         except Exception as e:  # noqa: BLE001 -- a damaged pickle raises nearly anything (struct, Index, Type...)
-            raise CheckpointError(f"{self.path}: not a loadable checkpoint ({_first_line(e)}); nothing was "
-                                  "loaded") from None
+            raise CheckpointError(f"{self.path}: not a loadable checkpoint (.metadata: {type(e).__name__}: "
+                                  f"{_first_line(e)}); nothing was loaded") from None
         _check_metadata(metadata, self.path)
         metadata.storage_meta.load_id = self.load_id
         return metadata
