@@ -137,20 +137,34 @@ def plain_name(name) -> bool:
 
 # --- file checksums --------------------------------------------------------------------------------------------
 
-def file_digest(path: Path, *, sync: bool = False) -> tuple[int, str]:
-    """(bytes, xxh3-128 hex) of the regular file at `path`, never through a symlink nor into a FIFO or device;
-    `sync`: fsync it too (the data reaches the disk before the manifest that vouches for it). Raises OSError."""
+def _open_regular(path: Path):
+    """`path` opened for reading if it is a regular file: never through a symlink, nor into a FIFO (which would
+    block) or a device. Raises OSError."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb", buffering=0) as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+    f = open(fd, "rb", buffering=0)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return f
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of the regular file at `path` (see _open_regular). Raises OSError."""
+    with _open_regular(path) as f:
+        return f.readall()
+
+
+def file_digest(path: Path, *, sync: bool = False) -> tuple[int, str]:
+    """(bytes, xxh3-128 hex) of the regular file at `path`; `sync`: fsync it too (the data reaches the disk before
+    the manifest that vouches for it). Raises OSError."""
+    with _open_regular(path) as f:
         digest, size, buffer = xxhash.xxh3_128(), 0, bytearray(_CHUNK)
         view = memoryview(buffer)
         while n := f.readinto(buffer):
             digest.update(view[:n])
             size += n
         if sync:
-            os.fsync(fd)
+            os.fsync(f.fileno())
     return size, digest.hexdigest()
 
 
@@ -169,9 +183,10 @@ def checksum_files(directory: Path, *, sync: bool) -> dict:
 def verify_file(path: Path, name: str, files: dict, *, deep: bool = True) -> int:
     """Check one file of the checkpoint at `path` against the manifest's `files`: its size, and (`deep`) its
     checksum. The bytes read. Raises CorruptCheckpoint naming the file."""
-    where = path / name
     if name not in files:
-        raise CheckpointError(f"{where} is not among the files its {MANIFEST} vouches for; nothing was loaded")
+        raise CheckpointError(f"{path}: {name!r} is not among the files its {MANIFEST} vouches for; nothing was "
+                              "loaded")
+    where = path / name
     want = files[name]
     try:
         if not deep:
@@ -202,9 +217,8 @@ def verify(path: Path, manifest: dict, *, deep: bool = True) -> None:
 def marker_owner(path: Path) -> str | None:
     """The run id in a checkpoint directory's marker (None: none, unreadable, or a symlink)."""
     try:
-        fd = os.open(path / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            text = f.read(200).decode().strip() if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+        with _open_regular(path / MARKER) as f:
+            text = f.read(200).decode().strip()
     except (OSError, ValueError):
         return None
     return text if re.fullmatch(r"[0-9A-Za-z_-]{1,100}", text) else None

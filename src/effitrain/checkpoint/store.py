@@ -51,6 +51,7 @@ from effitrain.checkpoint.layout import (
     own_checkpoints,
     owner,
     read_manifest,
+    read_regular,
     sealed,
     set_aside,
     step_dir,
@@ -157,8 +158,8 @@ class Checkpointer:
                                   "the way: the run stops; give this run its own checkpoint.dir (or move it away)")
         if self.world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            _mkdir(tmp)
             try:
+                tmp.mkdir(parents=True)
                 _write_marker(tmp, self.run_id)
             except OSError as e:
                 self._failed(step, e)
@@ -420,7 +421,10 @@ class SafeReader(FileSystemReader):
         """The whole file, once its size and checksum match the manifest's (read once, for both)."""
         t0 = time.perf_counter()
         verify_file(Path(self.path), name, self.files, deep=False)  # the size first: never read a huge impostor
-        data = (Path(self.path) / name).read_bytes()
+        try:
+            data = read_regular(Path(self.path) / name)
+        except OSError as e:
+            raise CorruptCheckpoint(f"{Path(self.path) / name} cannot be read ({e.strerror or e})") from None
         if xxhash.xxh3_128_hexdigest(data) != self.files[name][HASH]:
             raise CorruptCheckpoint(f"{Path(self.path) / name}: its {HASH} checksum differs from the manifest's "
                                     "(the file changed after it was saved)")
@@ -464,14 +468,6 @@ def _check_writable(root: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise CheckpointError(f"checkpoint.dir {root} is not writable: {_reason(e)}") from None
-
-
-def _mkdir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True)
-    except OSError as e:
-        raise CheckpointError(f"checkpoint {path.name} could not be made in {path.parent}: {_reason(e)}; "
-                              "the run stops") from None
 
 
 def _barrier() -> None:
