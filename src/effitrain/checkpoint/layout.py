@@ -82,7 +82,7 @@ def read_manifest(path: Path) -> dict:
     try:
         if where.stat().st_size > _MAX_MANIFEST:
             raise CorruptCheckpoint(f"{where}: {where.stat().st_size:,} bytes, not a manifest")
-        manifest = json.loads(where.read_bytes())
+        manifest = json.loads(read_regular(where))  # never through a symlink, nor into a FIFO
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8; RecursionError: [[[[...
         raise CorruptCheckpoint(f"{where} is not readable JSON ({first_line(e)}): not a complete checkpoint") from None
     if not isinstance(manifest, dict):
