@@ -1,4 +1,5 @@
-"""Checkpoint cost: save and load time, bytes on disk, and the stall a save causes, sync vs async, single vs fsdp(2).
+"""Checkpoint cost: save and load time, bytes on disk, the stall a save causes, and the checksums' share of both, sync
+vs async, single vs fsdp(2).
 
     python scripts/bench_checkpoint.py [--steps 8] [--every 2] [--layouts single fsdp] [--json bench_checkpoint.json]
                                        [extra overrides, e.g. model=llama-20m]
@@ -9,6 +10,9 @@ From the run's own records: per save the seconds until complete and the seconds 
 save_s, stall_s; async waits only for planning and the copy to host memory), bytes on disk (all ranks), the load
 time (train.log's "loaded in"), and the median step time of the steps right after a save vs the others (an async
 write competes with training for the same cores). The stall target: async stall < 10% of the sync save time.
+Checksums: per save the seconds rank 0 spent hashing (xxh3-128) and fsyncing every file (manifest.json: hash_s;
+training waits for it, so stall_s includes it; save_s does not), and on load rank 0's seconds verifying the files
+it reads (train.log's "checksums verified in"); targets: each < 10% of the save / the load.
 Prints a table and writes JSON.
 """
 
@@ -40,7 +44,9 @@ def one(layout: str, kind: str, *, steps: int, every: int, extra: list[str], tmp
                             capture_output=True, text=True)
     if resume.returncode != 0:
         raise SystemExit(f"resume failed: {resume.stderr[-2000:]}")
-    load_s = float(re.findall(r"loaded in ([0-9.]+) s", (run_dir / "train.log").read_text())[-1])
+    log = (run_dir / "train.log").read_text()
+    load_s = float(re.findall(r"loaded in ([0-9.]+) s", log)[-1])
+    verify_s = float(re.findall(r"checksums verified in ([0-9.]+) s", log)[-1])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][:steps]
     saved = {m["step"] for m in manifests}
     after = [r["step_time_s"] for r in records if r["step"] - 1 in saved]
@@ -49,6 +55,7 @@ def one(layout: str, kind: str, *, steps: int, every: int, extra: list[str], tmp
             "save_s": statistics.median(m["save_s"] for m in manifests),
             "stall_s": statistics.median(m["stall_s"] for m in manifests),
             "bytes": manifests[-1]["bytes"], "load_s": load_s,
+            "hash_s": statistics.median(m["hash_s"] for m in manifests), "verify_s": verify_s,
             "step_s_after_save": statistics.median(after) if after else None,
             "step_s_other": statistics.median(others) if others else None}
 
@@ -72,15 +79,18 @@ def main() -> None:
     sync = {r["layout"]: r["save_s"] for r in rows if r["kind"] == "sync"}
     for r in rows:
         r["stall_pct_of_sync_save"] = 100.0 * r["stall_s"] / sync[r["layout"]]
+        r["hash_pct_of_sync_save"] = 100.0 * r["hash_s"] / sync[r["layout"]]
+        r["verify_pct_of_load"] = 100.0 * r["verify_s"] / r["load_s"]
     print(f"\ncheckpoint cost on {machine()}: {' '.join(BASE + args.overrides)}, {args.steps} steps, "
           f"a save every {args.every}\n")
-    print("| layout | kind | MiB on disk | save s | training waited s | % of sync save | load s | "
-          "step s after a save | other steps s |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| layout | kind | MiB on disk | save s | training waited s | % of sync save | checksums on save s | "
+          "% of sync save | load s | checksums on load s | % of load | step s after a save | other steps s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['layout']} | {r['kind']} | {r['bytes'] / 2**20:,.0f} | {r['save_s']:.2f} | {r['stall_s']:.2f} | "
-              f"{r['stall_pct_of_sync_save']:.0f} | {r['load_s']:.2f} | {_s(r['step_s_after_save'])} | "
-              f"{_s(r['step_s_other'])} |")
+              f"{r['stall_pct_of_sync_save']:.0f} | {r['hash_s']:.2f} | {r['hash_pct_of_sync_save']:.1f} | "
+              f"{r['load_s']:.2f} | {r['verify_s']:.2f} | {r['verify_pct_of_load']:.1f} | "
+              f"{_s(r['step_s_after_save'])} | {_s(r['step_s_other'])} |")
     Path(args.json).write_text(json.dumps({"machine": machine(), "date": datetime.date.today().isoformat(),
                                            "argv": sys.argv, "rows": rows}, indent=2))
 

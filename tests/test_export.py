@@ -195,9 +195,12 @@ class _Payload:
 
 
 def test_a_foreign_checkpoint_cannot_run_code(trained, tmp_path, capsys):
-    """A step directory whose DCP metadata, or whose byte entry (the trainer state), would run code when unpickled:
-    resume and export refuse it in one line, and the payload never ran."""
+    """A step directory whose DCP metadata, or whose byte entry (the trainer state), would run code when unpickled,
+    its manifest sealed to match (as a sender who knows the format would): resume and export refuse it in one line,
+    and the payload never ran."""
     import torch.distributed.checkpoint as dcp
+
+    from effitrain.checkpoint.layout import checksum_files, sealed
 
     for part in ("metadata", "entry"):
         run_dir = tmp_path / part
@@ -216,6 +219,8 @@ def test_a_foreign_checkpoint_cannot_run_code(trained, tmp_path, capsys):
             shutil.rmtree(step)
             dcp.save(state, checkpoint_id=step, no_dist=True)
             (step / "manifest.json").write_text(manifest)
+        manifest = json.loads((step / "manifest.json").read_text())
+        (step / "manifest.json").write_text(sealed(manifest | {"files": checksum_files(step, sync=False)}))
         for verb in (["resume", str(run_dir), "max_steps=8"], ["export", str(run_dir), "--out", str(tmp_path / "x")]):
             if part == "entry" and verb[0] == "export":
                 continue  # export reads the model only; the byte entry is resume's

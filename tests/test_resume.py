@@ -223,7 +223,7 @@ def test_resume_raises_max_steps_and_refuses_what_it_cannot_do(reference, tmp_pa
 
 def test_disk_full_is_one_line_and_the_previous_checkpoint_stays(reference, tmp_path):
     """A file-size limit (what a full disk looks like to a writer: the write fails) while step-12 is saved: one line,
-    exit 2, no half-written step-12; the step-8 checkpoint resumes afterwards."""
+    exit 74 (an I/O failure, not bad input), no half-written step-12; the step-8 checkpoint resumes afterwards."""
     import resource
 
     run_dir = tmp_path / "run"
@@ -235,8 +235,9 @@ def test_disk_full_is_one_line_and_the_previous_checkpoint_stays(reference, tmp_
 
     result = subprocess.run([sys.executable, "-m", "effitrain.cli", "resume", str(run_dir)], cwd=tmp_path,
                             capture_output=True, text=True, preexec_fn=limited, timeout=600)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "checkpoint step-12 could not be written" in result.stderr and "File too large" in result.stderr
+    assert result.returncode == 74, result.stderr[-3000:]
+    assert "checkpoint step-12 could not be written" in result.stderr and "disk full at" in result.stderr
+    assert "File too large" in result.stderr
     assert "the previous checkpoint step-8 is intact" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-8"]
     result = run_cli("resume", str(run_dir), cwd=tmp_path)

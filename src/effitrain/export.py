@@ -224,7 +224,16 @@ def _run_parts(run_dir: Path, *, step: int | None):
     cfg = load_run_config(run_dir, allow_external=True)
     if cfg.checkpoint.kind == "off":
         raise UsageError(f"{run_dir} was trained with checkpoint=off: it saved no model to export")
-    checkpoint = resolve(default_root(run_dir, cfg.checkpoint.dir), step=step)
+    root = default_root(run_dir, cfg.checkpoint.dir)
+    if step is not None:
+        return cfg, resolve(root, step=step), _tokenizer(run_dir / "tokenizer.json")
+    checkpoint, passed = newest_verified(root, run_id(run_dir), deep=True)
+    if checkpoint is None:
+        raise CheckpointError(f"{passed[0]}; and no earlier checkpoint of this run in {root} verifies" if passed
+                              else f"{root} holds no complete checkpoint (step-N/ with manifest.json)")
+    if passed:
+        logging.getLogger("effitrain").warning(f"{passed[0]}; using {checkpoint.name}, the newest checkpoint of "
+                                               f"{run_dir} that verifies")
     return cfg, checkpoint, _tokenizer(run_dir / "tokenizer.json")
 
 

@@ -52,7 +52,7 @@ def _rerun(original: Path, cfg, run_dir: Path, reference: list[dict], *, source,
     if "dir" in cfg.checkpoint:
         cfg.checkpoint.dir = None  # the reproduction's checkpoints go in its own directory, never the original's
     if source is not None:
-        _link_tree(source, run_dir / "checkpoints" / source.name)
+        _adopt(source, run_dir)
     launch(cfg, run_dir, resume=source is not None)
     verdict, code = compare_records(reference, read_records(run_dir), rtol=rtol, after_step=from_step or 0)
     if exact and code != IDENTICAL:
@@ -75,10 +75,31 @@ def _checkpoint_at(original: Path, cfg, step: int) -> Path:
         raise UsageError(f"--from-step {step}: {e}") from None
 
 
-def _link_tree(source: Path, target: Path) -> None:
+def _adopt(source: Path, run_dir: Path) -> None:
+    """The original's checkpoint as the reproduction's own: its files linked, its manifest sealed anew naming the new
+    run (and the run it came from). A run resumes only its own checkpoints; reproduce --from-step is the explicit
+    way to continue another run's whole state. The files keep their checksums: the load verifies them."""
+    from effitrain.checkpoint.layout import MANIFEST, MARKER, read_manifest, sealed
+    from effitrain.errors import io_failure
+    from effitrain.rundir import ensure_run_id, write_file
+
+    manifest = read_manifest(source)  # checked against its own checksum before its file list is trusted
+    target = run_dir / "checkpoints" / source.name
+    try:
+        new_id = ensure_run_id(run_dir)
+        _link_tree(source, target, skip={MANIFEST, MARKER})
+        write_file(target / MARKER, new_id)
+        write_file(target / MANIFEST, sealed(manifest | {"run_id": new_id, "adopted_from": manifest.get("run_id")}))
+    except OSError as e:
+        raise io_failure(e, target, doing=f"cannot take over {source}") from None
+
+
+def _link_tree(source: Path, target: Path, *, skip: set[str]) -> None:
     """Hard-link the checkpoint's files (no copy of a large checkpoint; a copy across file systems)."""
     target.mkdir(parents=True)
     for f in source.iterdir():
+        if f.name in skip:
+            continue
         try:
             os.link(f, target / f.name)
         except OSError:

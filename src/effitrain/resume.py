@@ -19,25 +19,30 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = Fa
     """Resume RUN_DIR; the exit code (0: the run reached max_steps)."""
     from omegaconf import OmegaConf
 
-    from effitrain.checkpoint.layout import default_root, latest, read_manifest
+    from effitrain.checkpoint.layout import CheckpointError, default_root, newest_verified
     from effitrain.checks import check_all
     from effitrain.compose import apply_overrides
     from effitrain.launch import launch
     from effitrain.received import load_run_config
-    from effitrain.rundir import RunClaim, open_append, write_file
+    from effitrain.rundir import RunClaim, open_append, run_id, write_file
 
     # what the saved config asks for is checked there; the user's own overrides are the user's to give
     cfg = apply_overrides(load_run_config(run_dir, allow_external=allow_external), overrides)
     check_all(cfg)
     if cfg.checkpoint.kind == "off":
         raise UsageError(f"{run_dir} was trained with checkpoint=off: it has nothing to resume from")
-    checkpoint = latest(default_root(run_dir, cfg.checkpoint.dir))
+    # the step it will continue from: its newest own checkpoint whose manifest and file sizes check out (the
+    # checksums are verified by the load itself, which falls back further if one differs)
+    root = default_root(run_dir, cfg.checkpoint.dir)
+    checkpoint, passed = newest_verified(root, run_id(run_dir), deep=False)
+    if checkpoint is None and passed:
+        raise CheckpointError(f"{passed[0]}; and no earlier checkpoint of this run in {root} verifies")
     if checkpoint is None:
         raise UsageError(f"{run_dir} has no complete checkpoint to resume from (none was saved before it stopped)")
-    step = read_manifest(checkpoint)["step"]
+    step = int(checkpoint.name.removeprefix("step-"))
     if step >= cfg.max_steps:
         raise UsageError(f"{run_dir} is complete at step {step} = max_steps; raise it to train on "
-                         f"(effitrain resume {run_dir} max_steps={2 * cfg.max_steps})")
+                         f"(effitrain resume {run_dir} max_steps={2 * step})")
     claim = RunClaim(run_dir, mode="adopt")  # one writer: a second resume (or a train) into it is refused
     saved = run_dir / ".hydra" / "config.yaml"
     before = saved.read_bytes()

@@ -90,13 +90,10 @@ class RunClaim:
             self._write_identity()
 
     def _write_identity(self) -> None:
-        meta = self.run_dir / META
         try:
-            meta.mkdir(exist_ok=True)
-            write_file(meta / RUN_FILE, json.dumps({"run_id": uuid.uuid4().hex, "created": time.time(),
-                                                    "host": socket.gethostname()}))
+            ensure_run_id(self.run_dir)
         except OSError as e:
-            raise io_failure(e, meta, doing="cannot write the run's identity") from None
+            raise io_failure(e, self.run_dir / META, doing="cannot write the run's identity") from None
 
     # --- one writer -----------------------------------------------------------------------------------------------
     def _lock(self) -> None:
@@ -269,6 +266,21 @@ def run_id(run_dir: Path) -> str | None:
         return None
     value = data.get("run_id") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None
+
+
+def ensure_run_id(run_dir: Path) -> str:
+    """The run's id, written first where no claim has written one (a test or benchmark calling train.run, a worker
+    torchrun started from outside, a reproduction): every checkpoint names the run it belongs to. Raises OSError."""
+    found = run_id(run_dir)
+    if found is None:
+        meta = Path(run_dir) / META
+        meta.mkdir(exist_ok=True)
+        write_file(meta / RUN_FILE, json.dumps({"run_id": uuid.uuid4().hex, "created": time.time(),
+                                                "host": socket.gethostname()}))
+        found = run_id(run_dir)
+    if found is None:  # a run.json that is a symlink or unreadable and stays so
+        raise OSError(f"{run_dir / META / RUN_FILE} cannot be read back")
+    return found
 
 
 # --- writing run files ------------------------------------------------------------------------------------------

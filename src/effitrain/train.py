@@ -36,7 +36,7 @@ from effitrain.converters import ConverterChain
 from effitrain.data.loader import Prefetcher, TrainBatches
 from effitrain.data.mix import prepare_run_data
 from effitrain.distributed import any_rank, barrier, close_world, init_world, pick_device
-from effitrain.errors import Diverged, Interrupted, Preempted
+from effitrain.errors import Diverged, Interrupted, Preempted, UsageError
 from effitrain.flops import model_flops_per_token, peak_flops
 from effitrain.logs import setup_logging
 from effitrain.loop import train_step
@@ -113,6 +113,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         self.world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
         setup_logging(run_dir, rank=self.world.rank)
+        self.run_id = _run_identity(run_dir, self.world)
         self._build_data()
         self.parts = build_parts(cfg, world=self.world, vocab_size=self.data.vocab_size,
                                  tokenizer=self.data.tokenizer_dir / "tokenizer.json")
@@ -129,19 +130,22 @@ class Trainer:
         import effitrain
         from effitrain.runs import config_hash
 
-        return {"effitrain_version": effitrain.__version__, "config_hash": config_hash(self.cfg),
+        return {"effitrain_version": effitrain.__version__, "run_id": self.run_id, "config_hash": config_hash(self.cfg),
                 "world_size": self.world.size, "strategy": self.cfg.parallel.strategy}
 
     def _restore(self, resume: bool) -> None:
-        """Load the checkpoint this run continues from; a resumed run keeps its metrics up to that step."""
-        from effitrain.checkpoint.store import load_checkpoint
+        """Load the checkpoint this run continues from (resumed: its own newest that verifies, see
+        store.resume_latest); a resumed run keeps its metrics up to that step."""
+        from effitrain.checkpoint.store import load_checkpoint, resume_latest
 
         self.kept_records: list[dict] = []
-        path = latest(self.checkpoint_root) if resume else None
-        if path is not None:
-            t0 = time.perf_counter()
-            load_checkpoint(self.state, path, world=self.world, what="resume")
-            log.info(f"resumed from {path} at step {self.state.step} (loaded in {time.perf_counter() - t0:.2f} s)")
+        t0 = time.perf_counter()
+        found = resume_latest(self.state, self.checkpoint_root, run_id=self.run_id, world=self.world) if resume \
+            else None
+        if found is not None:
+            path, manifest = found
+            log.info(f"resumed from {path} at step {self.state.step} (loaded in {time.perf_counter() - t0:.2f} s; "
+                     f"checksums verified in {manifest['verify_s']:.2f} s)")
             if self.world.is_main:
                 self.kept_records = runs.truncate_metrics(self.run_dir, step=self.state.step)
                 (self.run_dir / runs.PREEMPTED).unlink(missing_ok=True)
@@ -351,6 +355,25 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _run_identity(run_dir: Path, world) -> str:
+    """The run's id, which its checkpoints carry: rundir's, written by rank 0 where the command's claim has not
+    written one (a test or benchmark calling `run`, a worker torchrun started from outside)."""
+    from effitrain.errors import io_failure
+    from effitrain.rundir import ensure_run_id, run_id
+
+    if world.is_main:
+        try:
+            ensure_run_id(run_dir)
+        except OSError as e:
+            raise io_failure(e, run_dir, doing="cannot write the run's identity") from None
+    barrier(world)
+    found = run_id(run_dir)
+    if found is None:
+        raise UsageError(f"{run_dir}/.effitrain/run.json cannot be read on rank {world.rank}: every rank must see "
+                         "the run directory")
+    return found
 
 
 def _fmt_flops(peak: float | None) -> str:
