@@ -56,7 +56,7 @@ def loader(made):
     """(a TrainState of the run's model, the World) to load its checkpoints into."""
     from tokenizers import Tokenizer
 
-    from effitrain.compose import load_run_config
+    from effitrain.received import load_run_config
     from effitrain.distributed import init_world
     from effitrain.train import build_parts
 
@@ -198,7 +198,7 @@ def test_a_save_never_keeps_or_removes_another_runs_checkpoint(made, loader, tmp
     """Another run's step-N in the way of a save, or its step-N.tmp with data in it: one line, both left as they
     were. This run's own leftover .tmp (a kill mid-save) and an empty one are replaced; its own step-N is kept."""
     from effitrain.checkpoint.store import Checkpointer
-    from effitrain.compose import load_run_config
+    from effitrain.received import load_run_config
 
     state, world = loader
     run = _copy(made, tmp_path)

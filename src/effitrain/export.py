@@ -215,18 +215,21 @@ def _new_tokens(config: dict, *, prompt: int, tokens: int | None) -> int:
 
 
 def _run_parts(run_dir: Path, *, step: int | None):
-    """(config, checkpoint dir, tokenizer) of a run directory."""
-    from effitrain.checkpoint.layout import default_root, resolve
+    """(config, checkpoint dir, tokenizer) of a run directory: checkpoint `step`, or the run's newest own checkpoint
+    whose every checksum verifies (a newer one that does not is named in a warning)."""
+    from effitrain.checkpoint.layout import CheckpointError, default_root, newest_verified, resolve
     from effitrain.received import load_run_config
+    from effitrain.rundir import run_id
 
     # nothing is launched from here (the model is read from its checkpoint, which loads without running code): a
     # rendezvous or cache elsewhere in the config is never reached, so it needs no confirmation
     cfg = load_run_config(run_dir, allow_external=True)
     if cfg.checkpoint.kind == "off":
         raise UsageError(f"{run_dir} was trained with checkpoint=off: it saved no model to export")
+    tokenizer = _tokenizer(run_dir / "tokenizer.json")  # the cheap check first: before any checkpoint is hashed
     root = default_root(run_dir, cfg.checkpoint.dir)
     if step is not None:
-        return cfg, resolve(root, step=step), _tokenizer(run_dir / "tokenizer.json")
+        return cfg, resolve(root, step=step), tokenizer
     checkpoint, passed = newest_verified(root, run_id(run_dir), deep=True)
     if checkpoint is None:
         raise CheckpointError(f"{passed[0]}; and no earlier checkpoint of this run in {root} verifies" if passed
@@ -234,7 +237,7 @@ def _run_parts(run_dir: Path, *, step: int | None):
     if passed:
         logging.getLogger("effitrain").warning(f"{passed[0]}; using {checkpoint.name}, the newest checkpoint of "
                                                f"{run_dir} that verifies")
-    return cfg, checkpoint, _tokenizer(run_dir / "tokenizer.json")
+    return cfg, checkpoint, tokenizer
 
 
 def _tokenizer(path: Path):
