@@ -152,14 +152,12 @@ def _hydra_task(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from effitrain.errors import Preempted
+    from effitrain.checkpoint.layout import default_root
+    from effitrain.errors import Diverged, Preempted, as_io_failure
     from effitrain.launch import launch
+    from effitrain.rundir import claim_of
     from effitrain.sweep import finished_before, one_line, record_outcome, resuming
     from effitrain.trials import eval_hooks, pruned
-
-    from effitrain.checkpoint.layout import default_root
-    from effitrain.errors import Diverged, as_io_failure
-    from effitrain.rundir import claim_of
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

@@ -19,7 +19,8 @@ class RunStopped(Exception):
 
 class Preempted(RunStopped):
     """SIGTERM/SIGUSR1 (SLURM's warning before it kills a job) or a first Ctrl-C: the step finished, a checkpoint was
-    saved. Exit code 75 (EX_TEMPFAIL, "try again"): a requeue script tests for it and runs `effitrain resume RUN_DIR`."""
+    saved. Exit code 75 (EX_TEMPFAIL, "try again"): a requeue script tests for it and runs
+    `effitrain resume RUN_DIR`."""
 
     exit_code = 75
 
