@@ -190,32 +190,34 @@ def test_a_full_disk_is_its_own_exit_code_and_keeps_the_last_checkpoint(corpus, 
 
 
 def test_run_files_are_never_written_through_a_symlink(corpus, cache_dir, tmp_path):
-    """A received run directory whose env.json, summary.json and metrics.jsonl are symlinks to files elsewhere:
-    resuming it replaces the links, never the targets; a train.log link is refused in one line."""
+    """A received run directory with symlinks in it (train.log -> a file elsewhere, checkpoints/.write-test -> one
+    too): resume refuses it in one line and no target changes; the writers themselves never follow a link either
+    (a run file written whole replaces a link, an appended one refuses it)."""
+    from effitrain.errors import UsageError
+    from effitrain.rundir import open_append, write_file
+
     run_dir = tmp_path / "run"
     result = run_cli("train", *_overrides(corpus, cache_dir, "max_steps=4"), f"hydra.run.dir={run_dir}",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    targets = {}
-    for name in ("env.json", "summary.json", "metrics.jsonl"):
-        target = tmp_path / f"target-{name}"
+    targets = [tmp_path / "bashrc", tmp_path / "profile"]
+    for target, link in zip(targets, [run_dir / "train.log", run_dir / "checkpoints" / ".write-test"], strict=True):
         target.write_text("precious\n")
-        (run_dir / name).unlink()
-        (run_dir / name).symlink_to(target)
-        targets[name] = target
-    (run_dir / "metrics.jsonl").unlink()
-    (run_dir / "metrics.jsonl").symlink_to(targets["metrics.jsonl"])
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
     result = run_cli("resume", str(run_dir), "max_steps=6", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert all(t.read_text() == "precious\n" for t in targets.values())
-    assert not any((run_dir / name).is_symlink() for name in targets)
-    log_target = tmp_path / "bashrc"
-    log_target.write_text("precious\n")
-    (run_dir / "train.log").unlink()
-    (run_dir / "train.log").symlink_to(log_target)
-    result = run_cli("resume", str(run_dir), "max_steps=8", cwd=tmp_path)
-    assert result.returncode == 2 and "is a symlink" in result.stderr and _one_line(result.stderr), result.stderr
-    assert log_target.read_text() == "precious\n"
+    assert result.returncode == 2 and "is a symbolic link" in result.stderr and _one_line(result.stderr), \
+        result.stderr[-3000:]
+    assert all(t.read_text() == "precious\n" for t in targets)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    write_file(run_dir / "env.json", "{}")  # replaces a regular file as it would a link: never its target
+    (run_dir / "summary.json").unlink()
+    (run_dir / "summary.json").symlink_to(targets[1])
+    write_file(run_dir / "summary.json", "{}")
+    assert not (run_dir / "summary.json").is_symlink() and targets[1].read_text() == "precious\n"
+    with pytest.raises(UsageError, match="is a symlink"):
+        open_append(run_dir / "train.log")
+    assert targets[0].read_text() == "precious\n"
 
 
 def test_metrics_lines_are_whole(corpus, cache_dir, tmp_path):
@@ -226,3 +228,36 @@ def test_metrics_lines_are_whole(corpus, cache_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_a_claim_undoes_only_its_own_and_only_once(tmp_path):
+    """RunClaim's bookkeeping: a directory it made goes with its files; one that existed keeps what was there; a
+    complete checkpoint elsewhere (checkpoint.dir) keeps everything; a settled claim is not undone a second time;
+    two pinned default directories of the same second are two."""
+    from effitrain.rundir import RunClaim, make_unused
+
+    made = RunClaim(make_unused(tmp_path / "a"), made=True)
+    (made.run_dir / "metrics.jsonl").write_text("{}\n")
+    made.undo()
+    assert not made.run_dir.exists()
+    second = make_unused(tmp_path / "a")
+    assert second == tmp_path / "a" and make_unused(tmp_path / "a") == tmp_path / "a-1"
+    existing = _user_dir(tmp_path / "home") / "run"
+    existing.mkdir()
+    claim = RunClaim(existing)
+    (existing / "train.log").write_text("x")
+    claim.undo()
+    assert existing.is_dir() and not any(existing.iterdir())
+    existing.rmdir()
+    assert _intact(tmp_path / "home")
+    elsewhere = tmp_path / "ck"
+    (elsewhere / "step-2").mkdir(parents=True)
+    (elsewhere / "step-2" / ".metadata").write_bytes(b"")
+    (elsewhere / "step-2" / "manifest.json").write_text("{}")
+    kept = RunClaim(tmp_path / "b", checkpoints=elsewhere)
+    (kept.run_dir / "train.log").write_text("x")
+    kept.undo()
+    assert (kept.run_dir / "train.log").is_file()
+    kept.checkpoints = None
+    kept.undo()  # settled: the second undo (the CLI's own cleanup after the task's) changes nothing
+    assert (kept.run_dir / "train.log").is_file()

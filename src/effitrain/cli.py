@@ -164,19 +164,23 @@ def _hydra_task(cfg) -> dict:
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     if sweeping and (summary := finished_before(run_dir)) is not None:
         return summary
-    claim = claim_of(run_dir, continuing=sweeping and resuming())  # a sweep's job directory is claimed here
+    claim = None
     try:
+        # a sweep's job directory is claimed here (a single run's was claimed by the CLI before Hydra started)
+        claim = claim_of(run_dir, continuing=sweeping and resuming(),
+                         checkpoints=default_root(run_dir, cfg.checkpoint.get("dir")))
         return launch(cfg, run_dir, resume=sweeping and resuming(), on_eval=eval_hooks(hydra_cfg))
     except (Exception, KeyboardInterrupt) as e:
         e = as_io_failure(e)
-        if sweeping and not isinstance(e, (Preempted, Interrupted, KeyboardInterrupt)):  # those stop the sweep
-            status = "pruned" if pruned(e) else "failed"
+        if sweeping and claim is not None and not isinstance(e, (Preempted, Interrupted, KeyboardInterrupt)):
+            status = "pruned" if pruned(e) else "failed"  # a job's failure is a result; the others stop the sweep
             record_outcome(run_dir, status, one_line(e))
             print(f"effitrain: job {hydra_cfg.job.num} {status}: {one_line(e)}", file=sys.stderr)
             return {"status": status, "reason": one_line(e)}
-        if not sweeping and not isinstance(e, (Preempted, Diverged)):  # stops, not failures: their steps are results
-            # only what this invocation made goes; a run with a complete checkpoint stays whole (resumable)
-            claim.undo(checkpoints=default_root(run_dir, cfg.checkpoint.get("dir")))
+        if claim is not None and not sweeping and not isinstance(e, (Preempted, Diverged)):
+            claim.undo()  # only what this invocation made; a run with a complete checkpoint stays whole (resumable)
+        if sweeping and isinstance(e, (Preempted, Interrupted)):  # the sweep is what the user continues
+            e = type(e)(f"{e} -- the sweep stopped: effitrain resume {hydra_cfg.sweep.dir} continues it")
         if isinstance(e, UsageError):  # found only once data was read: still one line
             print(f"effitrain: error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -188,7 +192,9 @@ def _hydra_task(cfg) -> dict:
             sys.exit(Interrupted.exit_code)
         raise
     finally:
-        claim.release()
+        if claim is not None:
+            claim.settled = True  # kept (a result, a stop) or undone above: the CLI's own cleanup leaves it be
+            claim.release()
 
 
 def _parse(args: list[str], *, usage: str, positional: int, flags: dict[str, type]) -> tuple[list[str], dict]:

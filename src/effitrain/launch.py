@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import uuid
 from pathlib import Path
 
-from effitrain.errors import Preempted, RunStopped, UsageError, raise_reported, stop_report
+from effitrain.errors import Interrupted, Preempted, RunStopped, UsageError, raise_reported, stop_report
 from effitrain.launcher import GROUP, in_torchrun_worker, world_size
 
 log = logging.getLogger("effitrain")
@@ -60,12 +61,16 @@ def launch_workers(cfg, run_dir: Path, *, resume: bool = False) -> dict:
         _preload_forkserver()
     run_dir.mkdir(parents=True, exist_ok=True)
     container = OmegaConf.to_container(cfg, resolve=True)
+    signals = _forwarding_preemption_signals()
     try:
-        with _forwarding_preemption_signals(), _fresh_store_per_restart(cfg.launcher.max_restarts):
+        with signals, _fresh_store_per_restart(cfg.launcher.max_restarts):
             results = elastic_launch(config, _worker)(container, str(run_dir), resume)
     except SignalException:  # SIGTERM here: the agent passed it on to the workers, which saved if they could
         raise _preempted_or(run_dir) from None
     except ChildFailedError as e:
+        if signals.interrupts > 1:  # a worker stuck in a collective was killed after the second Ctrl-C
+            raise Interrupted(f"interrupted twice: the workers were stopped without saving; effitrain resume "
+                              f"{run_dir} continues from the latest complete checkpoint") from None
         raise WorkerFailed(_failure_message(e)) from None
     for result in sorted(results.values(), key=lambda r: "effitrain_stop" not in r):
         raise_reported(result)
@@ -153,6 +158,7 @@ class _forwarding_preemption_signals:
     as SIGUSR1 (finish the step, save, 75), the second as two SIGINTs (stop at once, 130)."""
 
     AGENT_SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+    GRACE_S = 10.0  # after the second Ctrl-C, before the workers still running are killed
 
     def __enter__(self):
         import signal
@@ -169,6 +175,7 @@ class _forwarding_preemption_signals:
 
     def _interrupt(self, *_):
         import signal
+        import threading
 
         self.interrupts += 1
         if self.interrupts == 1:
@@ -178,6 +185,11 @@ class _forwarding_preemption_signals:
         else:
             _signal_descendants(signal.SIGINT)
             _signal_descendants(signal.SIGINT)
+            # a rank blocked in a collective runs no Python signal handler: whatever still runs soon is killed
+            if self.interrupts == 2:
+                killer = threading.Timer(self.GRACE_S, _signal_descendants, args=(signal.SIGKILL,))
+                killer.daemon = True
+                killer.start()
 
     def __exit__(self, *exc):
         import signal
@@ -232,10 +244,22 @@ def _worker(container: dict, run_dir: str, resume: bool):
     from effitrain.train import run
 
     cfg = typed(container)
+    previous = signal.signal(signal.SIGUSR1, _stopped_before_the_loop)  # the loop has its own while it runs
     try:
         return run(cfg, Path(run_dir), resume=resume)
     except (UsageError, RunStopped) as e:
         return stop_report(e)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (building, loading, closing): nothing of this attempt saved
+        return stop_report(Interrupted(f"interrupted (Ctrl-C); effitrain resume {run_dir} continues from the latest "
+                                       "complete checkpoint, if the run has one"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def _stopped_before_the_loop(signum, frame):
+    """SIGUSR1 (a forwarded first Ctrl-C, SLURM's warning) outside the training loop: stop, there is no step to
+    finish and save (its default action would kill the worker without a word)."""
+    raise KeyboardInterrupt
 
 
 def _failure_message(e) -> str:

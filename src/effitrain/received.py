@@ -81,6 +81,20 @@ def _read(saved: Path):
         raise UsageError(f"{saved} is not a readable config: {_first_line(e)}") from None
 
 
+def refuse_links(root: Path) -> None:
+    """A run or sweep directory effitrain is to write into again holds only its own files: a symbolic link anywhere
+    in it (`train.log -> ~/.bashrc`, `checkpoints -> another run`) is refused in one line, whatever it points at."""
+    import os
+
+    for here, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(here) / name
+            if path.is_symlink():
+                raise UsageError(f"{path} is a symbolic link: effitrain writes into a run or sweep directory only "
+                                 "when it holds files of its own (replace the link with the file, or copy the "
+                                 "directory with cp -rL)")
+
+
 def sweep_command(sweep_dir: Path, *, allow_external: bool = False) -> list[str]:
     """The arguments that made SWEEP_DIR (multirun.yaml's Hydra and task overrides), into SWEEP_DIR, once they pass
     the policy above. Composing the jobs to check them runs nothing: Hydra instantiates only the sweeper, which the
@@ -90,6 +104,7 @@ def sweep_command(sweep_dir: Path, *, allow_external: bool = False) -> list[str]
     saved = sweep_dir / "multirun.yaml"
     if not saved.is_file():
         raise UsageError(f"{sweep_dir} is not a sweep directory (no multirun.yaml; effitrain train -m writes one)")
+    refuse_links(sweep_dir)  # Hydra and the sweep write into every job directory of it
     kept = [line for line in _saved_overrides(saved) if _checked_key(line, where=saved) != SWEEP_DIR_KEY]
     command = [*kept, f"{SWEEP_DIR_KEY}={sweep_dir}"]
     for cfg in compose_all(command, multirun=True, hydra=True):

@@ -8,11 +8,10 @@ directory someone sent is data: see effitrain.received and checkpoint.store (not
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-from effitrain.errors import UsageError
+from effitrain.errors import Diverged, Preempted, UsageError
 
 
 def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = False) -> int:
@@ -23,8 +22,8 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = Fa
     from effitrain.checks import check_all
     from effitrain.compose import apply_overrides
     from effitrain.launch import launch
-    from effitrain.received import load_run_config
-    from effitrain.rundir import RunClaim, open_append, run_id, write_file
+    from effitrain.received import load_run_config, refuse_links
+    from effitrain.rundir import RunClaim, run_id, write_file
 
     # what the saved config asks for is checked there; the user's own overrides are the user's to give
     cfg = apply_overrides(load_run_config(run_dir, allow_external=allow_external), overrides)
@@ -43,20 +42,30 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = Fa
     if step >= cfg.max_steps:
         raise UsageError(f"{run_dir} is complete at step {step} = max_steps; raise it to train on "
                          f"(effitrain resume {run_dir} max_steps={2 * step})")
+    refuse_links(run_dir)  # what resume writes there must be the run's own files, not links to elsewhere
     claim = RunClaim(run_dir, mode="adopt")  # one writer: a second resume (or a train) into it is refused
     saved = run_dir / ".hydra" / "config.yaml"
     before = saved.read_bytes()
     try:
         if overrides:  # the run directory's config stays the one that produced its later steps
             write_file(saved, OmegaConf.to_yaml(cfg))
-        launch(cfg, run_dir, resume=True)
-    except UsageError:  # refused before a step was taken: the run directory stays as it was
-        if overrides:
-            write_file(saved, before)
-        raise
+        try:
+            launch(cfg, run_dir, resume=True)
+        except (Preempted, Diverged):  # it trained: the record stands, and so does the config that trained it
+            _record(run_dir, step=step, overrides=overrides)
+            raise
+        except BaseException:  # nothing to show for it: the run directory's config is as it was
+            if overrides:
+                write_file(saved, before)
+            raise
+        _record(run_dir, step=step, overrides=overrides)
     finally:
         claim.release()
-        if not isinstance(sys.exc_info()[1], UsageError):
-            with open_append(run_dir / "resumes.jsonl") as f:
-                f.write(json.dumps({"from_step": step, "overrides": overrides, "time": time.time()}) + "\n")
     return 0
+
+
+def _record(run_dir: Path, *, step: int, overrides: list[str]) -> None:
+    from effitrain.rundir import open_append
+
+    with open_append(run_dir / "resumes.jsonl") as f:
+        f.write(json.dumps({"from_step": step, "overrides": overrides, "time": time.time()}) + "\n")

@@ -17,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
@@ -44,24 +43,27 @@ class RunClaim:
             run directory the user named to continue (resume, a resumed sweep), already read as a run's: an earlier
             run's files are its own, and it gets an identity if it had none.
         lock: take the one-writer lock (the launching process; workers run under their launcher's lock).
+        made: the caller has just made run_dir itself (an exclusive mkdir): it is this invocation's.
+        job: a sweep's job directory, where Hydra has written .hydra/ before effitrain's task runs.
+        checkpoints: where the run's checkpoints go (checkpoint.dir), when not RUN_DIR/checkpoints.
     """
 
-    def __init__(self, run_dir: Path, *, mode: str = "new", lock: bool = True):
-        self.run_dir = Path(run_dir)
-        self.created_dir = False
+    def __init__(self, run_dir: Path, *, mode: str = "new", lock: bool = True, made: bool = False,
+                 job: bool = False, checkpoints: Path | None = None):
+        self.run_dir, self.checkpoints = Path(run_dir), checkpoints
+        self.created_dir, self.settled = made, False
         self.before: set[str] = set()
         self._lock_fd: int | None = None
         try:
-            self._claim(mode)
+            self._claim(mode, job=job)
             if lock:
                 self._lock()
-        except BaseException:
-            if self.created_dir:  # refused or failed after making it: the new directory goes again
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+        except OSError:  # the disk refused the identity or the lock file: what this claim made goes again
+            self.undo()
             raise
 
     # --- claiming -------------------------------------------------------------------------------------------------
-    def _claim(self, mode: str) -> None:
+    def _claim(self, mode: str, *, job: bool) -> None:
         d = self.run_dir
         if d.is_symlink():
             raise UsageError(f"run directory {d} is a symlink; give the directory itself")
@@ -78,8 +80,7 @@ class RunClaim:
                 self.created_dir = True
         self.before = _entries(d)
         ours = run_id(d) is not None
-        # Hydra writes .hydra/ into a sweep's job directory before effitrain's task runs: that much is allowed
-        written = self.before - {META, f"{META}/{RUN_FILE}", f"{META}/{LOCK_FILE}", *_HYDRA_FILES}
+        written = self.before - {META, f"{META}/{RUN_FILE}", f"{META}/{LOCK_FILE}", *(_HYDRA_FILES if job else ())}
         if mode != "adopt" and written and not ours:
             raise UsageError(f"{d} already holds files effitrain did not write (e.g. {sorted(written)[0]!r}); a run "
                              "writes only into a new or empty directory: choose another directory")
@@ -126,27 +127,30 @@ class RunClaim:
             self._lock_fd = None
 
     # --- failure --------------------------------------------------------------------------------------------------
-    def undo(self, *, checkpoints: Path | None = None) -> list[str]:
-        """After a failure: remove what this invocation created, unless the run now holds a result -- a complete
-        checkpoint (in `checkpoints` too, where checkpoint.dir points elsewhere) or a finished run's summary.json
-        (a sweep's job): then everything stays, resumable. The removed entries (relative paths)."""
+    def undo(self) -> list[str]:
+        """After a failure: remove the entries this invocation created (and the directory, if it made it and it is
+        empty then), unless the run now holds a result -- a complete checkpoint (in `checkpoints` too) or a finished
+        run's summary.json (a sweep's job): then everything stays, resumable. Once only: a claim kept or undone is
+        settled. The removed entries (relative paths)."""
         from effitrain.checkpoint.layout import complete_checkpoints
 
         self.release()
         d = self.run_dir
-        if not d.is_dir() or _holds_results(d) or (checkpoints is not None and complete_checkpoints(checkpoints)):
+        if self.settled or not d.is_dir() or _holds_results(d) or (
+                self.checkpoints is not None and complete_checkpoints(self.checkpoints)):
+            self.settled = True
             return []
+        self.settled = True
         new = sorted(_entries(d) - self.before, key=lambda p: p.count("/"), reverse=True)
-        if self.created_dir and not self.before - {META, f"{META}/{RUN_FILE}", f"{META}/{LOCK_FILE}"}:
-            shutil.rmtree(d, ignore_errors=True)  # all of it is this invocation's
-            return new
-        for rel in new:
+        for rel in new:  # deepest first: a directory is empty once its new files are gone
             path = d / rel
             try:
-                if path.is_dir() and not path.is_symlink():
-                    path.rmdir() if not any(path.iterdir()) else None
-                else:
-                    path.unlink()
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError:  # a directory that still holds something this invocation did not make stays
+                pass
+        if self.created_dir:
+            try:
+                d.rmdir()
             except OSError:
                 pass
         return new
@@ -212,43 +216,55 @@ def claim_for_hydra(cfg, args: list[str], *, multirun: bool, resuming: bool) -> 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     path = Path(OmegaConf.select(cfg, key))
     stable = multirun and OmegaConf.select(cfg, "hydra.sweeper.sweep_dir", default=None) is not None
+    made = False
     if not any(a.startswith(f"{key}=") for a in args) and not stable:
-        path = _unused(path)
+        path, made = make_unused(path), True
         args = [*args, f"{key}={_quoted(str(path))}"]
     mode = "adopt" if multirun and resuming else "continue" if stable else "new"
-    _register(path, mode=mode)
+    _register(path, mode=mode, made=made)
     return args
 
 
-def claim_of(run_dir: Path, *, continuing: bool) -> RunClaim:
-    """The claim this process holds on run_dir (a single run: the CLI's), or a new one (a sweep's job directory)."""
-    return _CLAIMS.get(os.path.realpath(run_dir)) or _register(run_dir, mode="adopt" if continuing else "new")
+def claim_of(run_dir: Path, *, continuing: bool, checkpoints: Path | None = None) -> RunClaim:
+    """The claim this process holds on run_dir (a single run: the CLI's), or a new one (a sweep's job directory);
+    `checkpoints`: the run's checkpoint directory, which a failure's undo must look at too."""
+    claim = _CLAIMS.get(os.path.realpath(run_dir)) or _register(run_dir, mode="adopt" if continuing else "new",
+                                                                  job=True)
+    claim.checkpoints = checkpoints
+    return claim
 
 
-def _register(path: Path, *, mode: str) -> RunClaim:
+def _register(path: Path, **kwargs) -> RunClaim:
     """Claim and remember, with Ctrl-C held back meanwhile: a directory made must be known before an interrupt can
     ask for it to be undone."""
     held = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        claim = _CLAIMS[os.path.realpath(path)] = RunClaim(path, mode=mode)
+        claim = _CLAIMS[os.path.realpath(path)] = RunClaim(path, **kwargs)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return claim
 
 
 def release_claims(*, undo: bool = False) -> None:
-    """Let go of this process's claims; after a failure (`undo`), remove what they made first."""
+    """Let go of this process's claims; after a failure (`undo`), remove what they made first (a claim already
+    kept or undone by the task stays as it was settled)."""
     for claim in _CLAIMS.values():
         claim.undo() if undo else claim.release()
     _CLAIMS.clear()
 
 
-def _unused(path: Path) -> Path:
+def make_unused(path: Path) -> Path:
+    """`path`, or `path-1`, `path-2`...: the first that an exclusive mkdir makes (two commands started in the same
+    second each get their own)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     candidate, k = path, 1
-    while candidate.exists() or candidate.is_symlink():
-        candidate, k = path.with_name(f"{path.name}-{k}"), k + 1
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate, k = path.with_name(f"{path.name}-{k}"), k + 1
 
 
 def _quoted(value: str) -> str:

@@ -55,15 +55,12 @@ def new_run_dir(cfg, overrides: list[str]) -> Path:
 def reproduce_dir(original: Path, outputs: Path = Path("outputs")):
     """A claim (effitrain.rundir.RunClaim) on outputs/<date>/<time>_reproduce-<original name>, never an existing
     directory (made, with .hydra/)."""
-    from effitrain.rundir import RunClaim
+    from effitrain.rundir import RunClaim, make_unused
 
     stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
     base = outputs / f"{stamp}_reproduce-{original.resolve().name}"
-    candidate, k = base, 1
-    while candidate.exists() or candidate.is_symlink():
-        candidate, k = base.with_name(f"{base.name}-{k}"), k + 1
-    claim = RunClaim(candidate)
-    (candidate / ".hydra").mkdir()
+    claim = RunClaim(make_unused(base), made=True)
+    (claim.run_dir / ".hydra").mkdir()
     return claim
 
 

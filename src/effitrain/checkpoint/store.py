@@ -463,8 +463,8 @@ def _check_writable(root: Path) -> None:
     """At start, not at the first save: an unwritable checkpoint dir is one line before any step is spent."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".write-test"
-        probe.write_text("ok")
+        probe = root / f".write-test.{os.getpid()}"  # a new file of this process's (O_EXCL: never through a link)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         probe.unlink()
     except OSError as e:
         raise CheckpointError(f"checkpoint.dir {root} is not writable: {_reason(e)}") from None
