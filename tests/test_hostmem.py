@@ -31,12 +31,17 @@ print(faults_per_step(), keep_freed_memory(True), faults_per_step(), keep_freed_
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
 def test_keeping_freed_memory_stops_the_page_faults():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
-    default, kept = int(out[0]), int(out[2])
-    assert out[1] == out[3] == "True"  # applied, and turned off again (glibc's thresholds restored)
-    if default == 0:  # mallopt took no effect: the process's malloc is not glibc's (an LD_PRELOADed jemalloc...)
-        pytest.skip("this process's malloc does not return freed memory to the OS, so there is nothing to keep")
-    assert default > 10000  # at glibc's defaults the 64 MB (16384 pages) are faulted in again every step
+    # up to 3 probes: the kernel's own proactive reclaim (DAMON's kdamond runs on the CI box) can page out a kept
+    # buffer of an idle-looking heap while the suite loads the machine; keeping that fails shows in every probe
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
+        default, kept = int(out[0]), int(out[2])
+        assert out[1] == out[3] == "True"  # applied, and turned off again (glibc's thresholds restored)
+        if default == 0:  # mallopt took no effect: the process's malloc is not glibc's (an LD_PRELOADed jemalloc...)
+            pytest.skip("this process's malloc does not return freed memory to the OS, so there is nothing to keep")
+        assert default > 10000  # at glibc's defaults the 64 MB (16384 pages) are faulted in again every step
+        if kept == 0:
+            break
     assert kept == 0
 
 
