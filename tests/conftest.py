@@ -106,6 +106,26 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
                           timeout=timeout, env=full_env)
 
 
+def start_cli(cwd: Path, *args: str) -> subprocess.Popen:
+    """`effitrain ARGS` started in its own session (a kill or a terminal's Ctrl-C reaches its whole process group,
+    workers included), output to stdout.txt and stderr.txt in cwd."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, env=env,
+                            stdout=(cwd / "stdout.txt").open("w"), stderr=(cwd / "stderr.txt").open("w"),
+                            start_new_session=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, cwd: Path, *, timeout: float = 300) -> None:
+    """Poll (every 2 ms: tiny steps take ~10) until predicate() holds; the command must still be running."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, (proc.returncode, (cwd / "stderr.txt").read_text()[-3000:])
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
 def cli_in_process(capsys, *args: str) -> tuple[int, str]:
     """`effitrain ARGS` through cli.main in this process (the command's own code, no interpreter start): (exit code,
     what it wrote to stderr). For commands that stop before any launch: refusals, bad input."""

@@ -9,14 +9,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import cli_in_process, make_hf_model_dir, read_metrics, run_cli, tiny_overrides
+from conftest import cli_in_process, make_hf_model_dir, read_metrics, run_cli, start_cli, tiny_overrides, wait_for
 
 USER_FILES = {"thesis.tex": "\\section{Results}\n", "data/notes.md": "do not lose me\n"}
 
@@ -40,22 +39,6 @@ def _one_line(stderr: str) -> bool:
 def _overrides(corpus, cache_dir, *extra) -> list[str]:
     return tiny_overrides(corpus, cache_dir, "max_steps=8", "eval_every=4", "checkpoint.every=2",
                           "logging.every=1", *extra)
-
-
-def _start(cwd: Path, *args: str) -> subprocess.Popen:
-    """`effitrain ARGS` in its own process group (a terminal's Ctrl-C reaches the group), output to files in cwd."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, env=env,
-                            stdout=(cwd / "stdout.txt").open("w"), stderr=(cwd / "stderr.txt").open("w"),
-                            start_new_session=True)
-
-
-def _wait_for(predicate, proc: subprocess.Popen, cwd: Path, *, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, (proc.returncode, (cwd / "stderr.txt").read_text()[-3000:])
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
 
 
 def _complete(run_dir: Path, step: int) -> bool:
@@ -99,9 +82,9 @@ def test_two_runs_in_one_directory_the_second_is_refused(corpus, cache_dir, tmp_
     """While a run writes its directory, `effitrain resume` of it is refused with the holder's pid and host; the
     first run's files stay valid (every metrics line parses)."""
     run_dir = tmp_path / "run"
-    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir, "max_steps=400", "checkpoint.every=2"),
+    proc = start_cli(tmp_path, "train", *_overrides(corpus, cache_dir, "max_steps=400", "checkpoint.every=2"),
                   f"hydra.run.dir={run_dir}")
-    _wait_for(lambda: _complete(run_dir, 2), proc, tmp_path)
+    wait_for(lambda: _complete(run_dir, 2), proc, tmp_path)
     second = run_cli("resume", str(run_dir), "max_steps=800", cwd=tmp_path)
     still_running = proc.poll() is None
     proc.send_signal(signal.SIGTERM)
@@ -117,9 +100,9 @@ def test_first_ctrl_c_saves_and_exits_75_then_resume_finishes(corpus, cache_dir,
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) after a checkpoint: the step finishes, a
     checkpoint of it is saved, one line and exit 75; resume finishes the run with every step exactly once."""
     run_dir = tmp_path / "run"
-    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir, "max_steps=4000", "checkpoint.every=2"),
+    proc = start_cli(tmp_path, "train", *_overrides(corpus, cache_dir, "max_steps=4000", "checkpoint.every=2"),
                   f"hydra.run.dir={run_dir}")
-    _wait_for(lambda: _complete(run_dir, 2), proc, tmp_path)
+    wait_for(lambda: _complete(run_dir, 2), proc, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=300) == 75, (tmp_path / "stderr.txt").read_text()[-3000:]
     stderr = (tmp_path / "stderr.txt").read_text()
@@ -135,8 +118,8 @@ def test_ctrl_c_before_the_first_step_removes_the_new_run_directory(corpus, cach
     """Ctrl-C while the run starts (nothing trained, nothing saved): exit 130, one line, no run directory left."""
     home = _user_dir(tmp_path / "home")
     run_dir = home / "run"
-    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir), f"hydra.run.dir={run_dir}")
-    _wait_for(lambda: (run_dir / ".effitrain" / "run.json").is_file(), proc, tmp_path)
+    proc = start_cli(tmp_path, "train", *_overrides(corpus, cache_dir), f"hydra.run.dir={run_dir}")
+    wait_for(lambda: (run_dir / ".effitrain" / "run.json").is_file(), proc, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=300) == 130
     stderr = (tmp_path / "stderr.txt").read_text()

@@ -9,12 +9,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_losses_close, cli_in_process, only_run_dir, read_metrics, run_cli, tiny_overrides
+from conftest import (
+    assert_losses_close,
+    cli_in_process,
+    only_run_dir,
+    read_metrics,
+    run_cli,
+    start_cli,
+    tiny_overrides,
+    wait_for,
+)
 
 STEPS = 16
 COMPARED = ("step", "loss", "grad_norm", "lr", "loss_scale", "skipped_steps", "val_loss")
@@ -29,23 +37,6 @@ LAYOUTS = {
 def _overrides(corpus, cache_dir, *extra) -> list[str]:
     return tiny_overrides(corpus, cache_dir, f"max_steps={STEPS}", "eval_every=8", "checkpoint.every=4",
                           "checkpoint.keep_last=0", *extra)
-
-
-def _start(cwd: Path, *args: str) -> subprocess.Popen:
-    """`effitrain ARGS` in its own session (so a kill reaches the workers too), output to files in cwd."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, env=env,
-                            stdout=(cwd / "stdout.txt").open("w"), stderr=(cwd / "stderr.txt").open("w"),
-                            start_new_session=True)
-
-
-def _wait_for(predicate, proc: subprocess.Popen, cwd: Path, *, timeout: float = 300) -> None:
-    """Poll (every 2 ms: tiny steps take ~10) until predicate() holds; the run must still be going."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, (proc.returncode, (cwd / "stderr.txt").read_text()[-3000:])
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
 
 
 def _run_dir(cwd: Path) -> Path | None:
@@ -67,8 +58,8 @@ def _killed_then_resumed(tmp_path: Path, overrides: list[str], *, resume_args: t
     steps later: wherever the run has got to), resume it; (run dir, steps the killed run had logged)."""
     cwd = tmp_path / "killed"
     cwd.mkdir()
-    proc = _start(cwd, "train", *overrides)
-    _wait_for(lambda: _checkpoint(cwd, 8), proc, cwd)
+    proc = start_cli(cwd, "train", *overrides)
+    wait_for(lambda: _checkpoint(cwd, 8), proc, cwd)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     run_dir = _run_dir(cwd)
@@ -137,12 +128,12 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(reference,
     for attempt in range(5):  # the kill must land inside the save's window; a run that finished it is retried
         cwd = tmp_path / f"try{attempt}"
         cwd.mkdir()
-        proc = _start(cwd, "train", *_overrides(corpus, cache_dir))
+        proc = start_cli(cwd, "train", *_overrides(corpus, cache_dir))
         def saving(cwd=cwd) -> bool:
             return _run_dir(cwd) is not None and (_run_dir(cwd) / "checkpoints" / "step-12.tmp").exists() \
                 and not _checkpoint(cwd, 12)
 
-        _wait_for(saving, proc, cwd)
+        wait_for(saving, proc, cwd)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         run_dir = _run_dir(cwd)
@@ -161,8 +152,8 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(reference,
 def test_a_restarted_worker_group_resumes_from_its_checkpoint(reference, corpus, cache_dir, tmp_path):
     """launcher.max_restarts=1 and one ddp worker killed mid-run: the agent restarts both workers, which continue
     from the latest checkpoint -- every step exactly once, identical to the uninterrupted run."""
-    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir, *LAYOUTS["ddp-fp16"]), "launcher.max_restarts=1")
-    _wait_for(lambda: _checkpoint(tmp_path, 8), proc, tmp_path)
+    proc = start_cli(tmp_path, "train", *_overrides(corpus, cache_dir, *LAYOUTS["ddp-fp16"]), "launcher.max_restarts=1")
+    wait_for(lambda: _checkpoint(tmp_path, 8), proc, tmp_path)
     workers = _workers(proc.pid)
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)
@@ -189,8 +180,8 @@ def test_a_preemption_signal_saves_and_exits_75(sig, layout, extra, reference, c
     """SIGUSR1 or SIGTERM (SLURM's warnings) to the command: the step finishes, a checkpoint of exactly that step
     is saved, exit 75 with one line; `effitrain resume` then finishes the run bit for bit (the single-process run
     saves asynchronously: its earlier checkpoints were written in the background)."""
-    proc = _start(tmp_path, "train", *_overrides(corpus, cache_dir, *LAYOUTS[layout], *extra))
-    _wait_for(lambda: _checkpoint(tmp_path, 4), proc, tmp_path)
+    proc = start_cli(tmp_path, "train", *_overrides(corpus, cache_dir, *LAYOUTS[layout], *extra))
+    wait_for(lambda: _checkpoint(tmp_path, 4), proc, tmp_path)
     os.kill(proc.pid, sig)
     assert proc.wait(timeout=300) == 75
     run_dir = _run_dir(tmp_path)

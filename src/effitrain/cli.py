@@ -153,7 +153,7 @@ def _hydra_task(cfg) -> dict:
     from hydra.types import RunMode
 
     from effitrain.checkpoint.layout import default_root
-    from effitrain.errors import Diverged, Preempted, as_io_failure
+    from effitrain.errors import Diverged, Preempted, as_io_failure, exit_one_line
     from effitrain.launch import launch
     from effitrain.rundir import claim_of
     from effitrain.sweep import finished_before, one_line, record_outcome, resuming
@@ -181,12 +181,8 @@ def _hydra_task(cfg) -> dict:
             claim.undo()  # only what this invocation made; a run with a complete checkpoint stays whole (resumable)
         if sweeping and isinstance(e, (Preempted, Interrupted)):  # the sweep is what the user continues
             e = type(e)(f"{e} -- the sweep stopped: effitrain resume {hydra_cfg.sweep.dir} continues it")
-        if isinstance(e, UsageError):  # found only once data was read: still one line
-            print(f"effitrain: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(e, RunStopped):
-            print(f"effitrain: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
+        if isinstance(e, (UsageError, RunStopped)):  # bad input found only once data was read: still one line
+            exit_one_line(e)
         if isinstance(e, KeyboardInterrupt):
             print("effitrain: interrupted (Ctrl-C)", file=sys.stderr)
             sys.exit(Interrupted.exit_code)

@@ -68,6 +68,18 @@ def as_io_failure(error: BaseException) -> BaseException:
     return error
 
 
+def exit_one_line(error: UsageError | RunStopped):
+    """Print a stop's one line to stderr (bad input as "error: ...") and exit with its code: for the places below the
+    CLI's own handler (Hydra's task and sweeper, the torchrun entry), where an exception would become a traceback."""
+    import sys
+
+    if isinstance(error, UsageError):
+        print(f"effitrain: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"effitrain: {error}", file=sys.stderr)
+    sys.exit(error.exit_code)
+
+
 def stop_report(error: Exception) -> dict:
     """What a worker process returns for a stop its launcher must re-raise (exceptions do not cross processes): the
     nearest class the launcher knows (a ModelError is a UsageError there), with the worker's own message."""

@@ -418,7 +418,7 @@ def main(args: list[str] | None = None) -> None:
     truth. Bad input: one line, exit 2; a stop (preemption: 75, divergence: 1): one line."""
     from effitrain.checks import check_all
     from effitrain.compose import compose_one, normalize
-    from effitrain.errors import RunStopped, UsageError
+    from effitrain.errors import RunStopped, UsageError, exit_one_line
 
     runs.mark_launch()
     overrides = normalize(sys.argv[1:] if args is None else args)
@@ -430,12 +430,8 @@ def main(args: list[str] | None = None) -> None:
         cfg.launcher.nnodes = int(os.environ.get("WORLD_SIZE", 1)) // cfg.launcher.nproc_per_node
         check_all(cfg)
         run(cfg, _shared_run_dir(cfg, overrides), resume=True)  # a torchrun restart continues its run dir
-    except UsageError as e:
-        print(f"effitrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunStopped as e:
-        print(f"effitrain: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    except (UsageError, RunStopped) as e:
+        exit_one_line(e)
 
 
 def _shared_run_dir(cfg, overrides: list[str]) -> Path:

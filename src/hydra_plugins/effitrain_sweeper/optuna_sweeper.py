@@ -10,7 +10,6 @@ the same command continues it: trials a killed sweep left running are marked int
 from __future__ import annotations
 
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
 
 from effitrain import trials as search
-from effitrain.errors import IOFailure, RunStopped, UsageError
+from effitrain.errors import IOFailure, RunStopped, UsageError, exit_one_line
 from effitrain.sweep import record_outcome
 
 
@@ -172,12 +171,8 @@ def _one_line_stops():
     Raised past sweep() it would reach Hydra's handler, which prints a traceback and exits 1."""
     try:
         yield
-    except UsageError as e:
-        print(f"effitrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunStopped as e:
-        print(f"effitrain: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    except (UsageError, RunStopped) as e:
+        exit_one_line(e)
 
 
 # sqlite result codes of a disk that failed, not of a wrong or damaged file (https://sqlite.org/rescode.html)
