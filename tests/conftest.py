@@ -8,11 +8,15 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# hypothesis keeps its files in ./.hypothesis unless told otherwise: not in the checkout (the fuzz tests use no
+# example database; this is its other bookkeeping)
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "effitrain-hypothesis"))
 
 # pytest-xdist's loadfile hands whole files to the two workers; by default it orders them by their number of
 # tests, which put the slow multi-process files late and left one worker alone at the end (the suite's wall time
