@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from effitrain.errors import UsageError, io_failure
+from effitrain.errors import IOFailure, UsageError, io_failure
 
 log = logging.getLogger("effitrain")
 
@@ -58,7 +58,7 @@ class RunClaim:
             self._claim(mode, job=job)
             if lock:
                 self._lock()
-        except OSError:  # the disk refused the identity or the lock file: what this claim made goes again
+        except (OSError, IOFailure):  # the disk refused the identity or the lock file: what this claim made goes
             self.undo()
             raise
 
@@ -88,13 +88,7 @@ class RunClaim:
             raise UsageError(f"{d} holds the effitrain run {run_id(d)}: continue it with effitrain resume {d}, or "
                              "choose another directory for a new run")
         if not ours:
-            self._write_identity()
-
-    def _write_identity(self) -> None:
-        try:
-            ensure_run_id(self.run_dir)
-        except OSError as e:
-            raise io_failure(e, self.run_dir / META, doing="cannot write the run's identity") from None
+            ensure_run_id(d)
 
     # --- one writer -----------------------------------------------------------------------------------------------
     def _lock(self) -> None:
@@ -197,8 +191,8 @@ def _alive(pid) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, someone else's
+        pass
     return True
 
 
@@ -285,17 +279,20 @@ def run_id(run_dir: Path) -> str | None:
 
 
 def ensure_run_id(run_dir: Path) -> str:
-    """The run's id, written first where no claim has written one (a test or benchmark calling train.run, a worker
-    torchrun started from outside, a reproduction): every checkpoint names the run it belongs to. Raises OSError."""
+    """The run's id, written first where none was (a claim, a test or benchmark calling train.run, a worker torchrun
+    started from outside): every checkpoint names the run it belongs to. A disk that refuses it: IOFailure."""
     found = run_id(run_dir)
     if found is None:
         meta = Path(run_dir) / META
-        meta.mkdir(exist_ok=True)
-        write_file(meta / RUN_FILE, json.dumps({"run_id": uuid.uuid4().hex, "created": time.time(),
-                                                "host": socket.gethostname()}))
+        try:
+            meta.mkdir(exist_ok=True)
+            write_file(meta / RUN_FILE, json.dumps({"run_id": uuid.uuid4().hex, "created": time.time(),
+                                                    "host": socket.gethostname()}))
+        except OSError as e:
+            raise io_failure(e, meta, doing="cannot write the run's identity") from None
         found = run_id(run_dir)
     if found is None:  # a run.json that is a symlink or unreadable and stays so
-        raise OSError(f"{run_dir / META / RUN_FILE} cannot be read back")
+        raise IOFailure(f"{run_dir / META / RUN_FILE} cannot be read back as the run's identity")
     return found
 
 

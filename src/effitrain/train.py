@@ -360,14 +360,10 @@ class StopSignals:
 def _run_identity(run_dir: Path, world) -> str:
     """The run's id, which its checkpoints carry: rundir's, written by rank 0 where the command's claim has not
     written one (a test or benchmark calling `run`, a worker torchrun started from outside)."""
-    from effitrain.errors import io_failure
     from effitrain.rundir import ensure_run_id, run_id
 
     if world.is_main:
-        try:
-            ensure_run_id(run_dir)
-        except OSError as e:
-            raise io_failure(e, run_dir, doing="cannot write the run's identity") from None
+        ensure_run_id(run_dir)
     barrier(world)
     found = run_id(run_dir)
     if found is None:
