@@ -45,7 +45,7 @@ def compose(overrides: list[str]):
 def train(overrides: list[str], run_dir: Path):
     """A trained Trainer (this process, CPU), after the checks `effitrain train` makes."""
     from effitrain.checks import check_all
-    from effitrain.train import train_here
+    from effitrain.engine.train import train_here
 
     cfg = compose(overrides)
     check_all(cfg)

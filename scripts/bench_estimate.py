@@ -96,7 +96,7 @@ def hf_model_dir(out: Path, model_overrides: list[str], *, vocab: int) -> Path:
     from tokenizers import Tokenizer, models
 
     from effitrain.compose import compose_one
-    from effitrain.models.build import build_model, init_weights
+    from effitrain.model.build import build_model, init_weights
 
     cfg = compose_one([*model_overrides, f"data.vocab_size={vocab}"])
     model = build_model(cfg.model, vocab_size=vocab, max_seq_len=cfg.data.seq_len)
@@ -118,11 +118,11 @@ def worker(config_file: Path, out: Path) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from effitrain.compose import compose_one
-    from effitrain.distributed import close_world, init_world
-    from effitrain.loop import train_step
+    from effitrain.engine.distributed import close_world, init_world
+    from effitrain.engine.loop import train_step
+    from effitrain.engine.runtime import seed_everything
+    from effitrain.engine.train import build_parts
     from effitrain.parallel.build import data_parallel_shard
-    from effitrain.runtime import seed_everything
-    from effitrain.train import build_parts
 
     _book_every_threads_frees()
     configs = json.loads(config_file.read_text())

@@ -36,8 +36,8 @@ def _local_bytes(t) -> int:
 
 def _build(cfg, world):
     """The model and optimizer exactly as `effitrain train` builds them (converters, layout, init, optimizer)."""
-    from effitrain.runtime import seed_everything
-    from effitrain.train import build_parts
+    from effitrain.engine.runtime import seed_everything
+    from effitrain.engine.train import build_parts
 
     seed_everything(cfg.seed)
     state = build_parts(cfg, world=world, vocab_size=cfg.data.vocab_size).state
@@ -47,7 +47,7 @@ def _build(cfg, world):
 def _step(model, optimizer, cfg, world, *, zero_grad: bool = False) -> None:
     import torch
 
-    from effitrain.loop import lm_loss
+    from effitrain.engine.loop import lm_loss
     from effitrain.parallel.build import data_parallel_shard
 
     # the ranks of one tensor-parallel group must see the same batch
@@ -61,7 +61,7 @@ def _step(model, optimizer, cfg, world, *, zero_grad: bool = False) -> None:
 
 def state_bytes(overrides: list[str]) -> dict:
     """One worker: build the layout, take one step, count the local bytes (keeping the gradients)."""
-    from effitrain.distributed import close_world, init_world
+    from effitrain.engine.distributed import close_world, init_world
 
     cfg = _cfg(*overrides)
     world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
@@ -96,8 +96,8 @@ def run_layout(layout: str, overrides: list[str], nproc: int) -> dict:
 
 def peak_for_ac(mode: str, overrides: list[str]) -> dict:
     """Peak memory of forward+backward with activation checkpointing `mode` (run in a fresh process)."""
-    from effitrain.distributed import init_world
-    from effitrain.metrics import MemoryMeter
+    from effitrain.engine.distributed import init_world
+    from effitrain.logging.metrics import MemoryMeter
 
     cfg = _cfg(*overrides, f"parallel.activation_checkpointing={mode}")
     world = init_world(cfg.device)

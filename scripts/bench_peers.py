@@ -6,7 +6,7 @@
 
 Variants, each a fresh subprocess, run interleaved (a g b c d e, a g b c d e, ...):
   a  a minimal hand-written PyTorch loop (forward, loss, backward, clip, AdamW step, lr schedule): the floor.
-     On CPU it keeps freed memory in the heap as effitrain's CPU runs do (`effitrain.hostmem.keep_freed_memory`,
+     On CPU it keeps freed memory in the heap as effitrain's CPU runs do (`effitrain.engine.hostmem.keep_freed_memory`,
      the top-level key cpu_keep_freed_memory), so b/a measures the loop, not the allocator
   g  the same hand loop with glibc's default allocator settings (CPU only; on CUDA g would repeat a): a/g is what
      the heap setting gives a plain loop, b/g what a user gets from effitrain over a loop written without it
@@ -116,7 +116,7 @@ def prepare(args, out: Path, *, device: str, preset: str) -> dict:
     from effitrain.compose import compose_all
     from effitrain.data.loader import Shard, TrainBatches, WindowSampler
     from effitrain.data.prepare import prepare_data
-    from effitrain.models.build import hf_config
+    from effitrain.model.build import hf_config
 
     base = [f"model={args.model}", f"seed={args.seed}", f"max_steps={args.steps}", f"batch_size={args.batch_size}",
             f"data.seq_len={args.seq_len}", "precision=fp32", "optimizer=adamw", "schedule=cosine",
@@ -261,12 +261,12 @@ def hand_loop(variant: str, spec: dict, workdir: Path) -> tuple[list[float], dic
 
     # effitrain sets MKL's reproducible mode at job start (runtime.py); the hand loops do as it does, before torch
     # computes anything, so a, g and b run the same kernels
-    from effitrain.runtime import MKL_CBWR
+    from effitrain.engine.runtime import MKL_CBWR
 
     os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     keep = variant == "a" and spec["keep_freed_memory"]
     if keep:
-        from effitrain.hostmem import keep_freed_memory
+        from effitrain.engine.hostmem import keep_freed_memory
 
         keep = keep_freed_memory(True)  # False off glibc: said in the result
     device = torch.device(spec["device"])

@@ -147,12 +147,12 @@ def _pct(value: float | None) -> str:
 
 def child(stamps_path: str, unset: str, cli_argv: list[str]) -> int:
     """`effitrain` in this process, with a probe of the process's page faults and CPU time at each optimizer step."""
-    import effitrain.runtime
+    import effitrain.engine.runtime
 
     for name in filter(None, unset.split(",")):
         os.environ.pop(name, None)
         if name == "MKL_CBWR":  # effitrain's own default, set at job start: measure the run without it
-            effitrain.runtime.MKL_CBWR = None
+            effitrain.engine.runtime.MKL_CBWR = None
     import resource
 
     from torch.optim.optimizer import register_optimizer_step_post_hook

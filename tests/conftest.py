@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session", autouse=True)
 def peak_cache(tmp_path_factory):
     """Measured peak FLOP/s cache in a tmp file, not ~/.cache (subprocess runs inherit the variable)."""
-    from effitrain.flops import PEAK_CACHE_ENV
+    from effitrain.engine.flops import PEAK_CACHE_ENV
 
     path = tmp_path_factory.mktemp("peak") / "peak_flops.json"
     before = os.environ.get(PEAK_CACHE_ENV)
@@ -179,7 +179,7 @@ def make_hf_model_dir(overrides: list[str], out: Path, *, seed: int = 7) -> Path
     import shutil
 
     from effitrain.data.prepare import prepare_data
-    from effitrain.models.build import build_model, init_weights
+    from effitrain.model.build import build_model, init_weights
 
     cfg = compose(overrides)
     data = prepare_data(cfg.data)

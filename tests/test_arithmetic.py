@@ -38,8 +38,8 @@ def gpt2_flops_per_token(*, d: int, layers: int, ff: int, vocab: int, seq: int) 
 
 
 def _model_flops(overrides: list[str], *, vocab: int, seq: int) -> float:
-    from effitrain.flops import model_flops_per_token
-    from effitrain.models.build import build_model
+    from effitrain.engine.flops import model_flops_per_token
+    from effitrain.model.build import build_model
 
     model = build_model(compose(overrides).model, vocab_size=vocab, max_seq_len=seq, meta=True)
     return model_flops_per_token(model, seq_len=seq)
@@ -80,7 +80,7 @@ TINY = {"d": 32, "layers": 2, "heads": 2, "kv_heads": 2, "ff": 64, "seq": 32}
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, corpus, cache_dir):
     """8 steps of 2 x 4 sequences (grad accumulation), validation at 4 and 8, TensorBoard on."""
-    from effitrain.train import run
+    from effitrain.engine.train import run
 
     run_dir = tmp_path_factory.mktemp("arith_run")
     run(compose(tiny_overrides(corpus, cache_dir, "grad_accum_steps=2", "max_steps=8", "eval_every=4",

@@ -183,7 +183,7 @@ def test_sample_tokens_beyond_the_context_are_refused(hf_dir, capsys):
 
 def test_sample_by_default_generates_what_fits_the_context(hf_dir):
     from effitrain.data import read_tokenizer
-    from effitrain.export import sample_text
+    from effitrain.engine.export import sample_text
 
     text = sample_text(hf_dir, "def ")  # the default 64 new tokens would not fit a 32-token context
     assert len(read_tokenizer(hf_dir / "tokenizer.json").encode(text).ids) <= 32
@@ -194,8 +194,8 @@ def test_disk_full_while_logging_is_an_io_failure():
     import logging
 
     from effitrain.errors import IOFailure
-    from effitrain.logs import RunLogHandler
-    from effitrain.metrics import JsonlSink
+    from effitrain.logging import RunLogHandler
+    from effitrain.logging.metrics import JsonlSink
 
     sink = JsonlSink(Path("/dev/full"))
     with pytest.raises(IOFailure, match="writing metrics: disk full at /dev/full") as caught:

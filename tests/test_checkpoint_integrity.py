@@ -56,9 +56,9 @@ def loader(made):
     """(a TrainState of the run's model, the World) to load its checkpoints into."""
     from tokenizers import Tokenizer
 
-    from effitrain.distributed import init_world
+    from effitrain.engine.distributed import init_world
+    from effitrain.engine.train import build_parts
     from effitrain.received import load_run_config
-    from effitrain.train import build_parts
 
     cfg = load_run_config(made)
     world = init_world("cpu")

@@ -21,7 +21,7 @@ def hf_dir(corpus, cache_dir, tmp_path_factory):
 
 def trained(cfg, run_dir):
     """Train `cfg` in this process; the Trainer after its last step (its model inspectable)."""
-    from effitrain.train import train_here
+    from effitrain.engine.train import train_here
 
     return train_here(cfg, run_dir)
 
@@ -162,7 +162,7 @@ def test_distill_from_a_teacher_dir(tmp_path, tiny, hf_dir):
     teacher = distill.teacher
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     # the step's loss is (1 - alpha) CE + alpha T^2 KL(teacher || student), computed here from scratch
-    from effitrain.loop import lm_loss
+    from effitrain.engine.loop import lm_loss
 
     batch = torch.randint(0, run.data.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -203,7 +203,7 @@ def test_qat_run_exports_to_a_quantized_hf_dir_plain_transformers_loads(tmp_path
     transformers + torchao loads them and predicts what the fake-quantized model did."""
     from transformers import AutoModelForCausalLM
 
-    from effitrain.export import _run_parts, export_run, restore_model
+    from effitrain.engine.export import _run_parts, export_run, restore_model
 
     train_ok(tmp_path, *tiny("compression=[qat-int8]", "compression.qat_int8.weight_dtype=int4", "max_steps=2"))
     run_dir = only_run_dir(tmp_path / "outputs")

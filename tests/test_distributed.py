@@ -156,12 +156,12 @@ def test_reproduce_relaunches_the_same_world(runs, tmp_path):
 
 
 def test_torchrun_from_outside_runs_the_same_worker(base, runs, tmp_path):
-    """`torchrun -m effitrain.train`: same losses as the launcher's fsdp run, in the directory hydra.run.dir names;
-    the real launch shape is saved."""
+    """`torchrun -m effitrain.engine.train`: same losses as the launcher's fsdp run, in the directory hydra.run.dir
+    names; the real launch shape is saved."""
     from omegaconf import OmegaConf
 
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "effitrain.train", *base, "batch_size=2", "parallel=fsdp",
+                             "-m", "effitrain.engine.train", *base, "batch_size=2", "parallel=fsdp",
                              "hydra.run.dir=runs/${name}-fsdp"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -174,8 +174,8 @@ def test_compression_changes_what_is_stored_and_trained(tmp_path):
     from tokenizers import Tokenizer, models
 
     from effitrain.compression.build import Context, build_compression
-    from effitrain.converters import ConverterChain
-    from effitrain.models.build import build_model
+    from effitrain.engine.converters import ConverterChain
+    from effitrain.model.build import build_model
 
     hf = tmp_path / "hf"
     cfg = compose(SMALL)

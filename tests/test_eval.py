@@ -11,7 +11,7 @@ import torch
 
 from conftest import cli_in_process, compose, read_metrics, run_cli
 from effitrain.data import DataError
-from effitrain.tasks import Item, Task, _score, _tokens, load_task, read_task_file
+from effitrain.eval.tasks import Item, Task, _score, _tokens, load_task, read_task_file
 
 
 def _task_file(path, records):
@@ -89,7 +89,7 @@ def test_batched_scores_are_each_choices_log_likelihood(tokenizer):
 
 
 def test_token_bytes_are_the_utf8_bytes_of_the_text(tokenizer):
-    from effitrain.evaluate import token_bytes
+    from effitrain.commands.evaluate import token_bytes
 
     text = "naïve café — 数据 ✓ def f(x):\n    return x\n"
     ids = tokenizer.encode(text).ids
@@ -130,7 +130,7 @@ def test_eval_refuses_what_it_cannot_evaluate(tmp_path, hf_dir, capsys):
 
 
 def test_training_scores_eval_tasks_at_each_evaluation(tiny, tmp_path, corpus):
-    from effitrain.train import run
+    from effitrain.engine.train import run
 
     lines = [ln for ln in sorted(corpus.iterdir())[0].read_text().splitlines() if ln.strip()]
     task = _task_file(tmp_path / "lines.jsonl", [{"context": "\n".join(lines[i - 3:i]) + "\n",
@@ -147,8 +147,8 @@ def test_training_scores_eval_tasks_at_each_evaluation(tiny, tmp_path, corpus):
 def test_task_accuracy_counts_right_answers(tokenizer):
     """A choice that is the context's own continuation beats gibberish for no model; but accuracy must be the share
     of argmax == label: two copies of one item with opposite labels score exactly one half."""
+    from effitrain.eval.tasks import task_accuracy
     from effitrain.precision.build import build_precision
-    from effitrain.tasks import task_accuracy
 
     item = Item("x = 1\n", ["y = 2", "zzz"], 0)
     task = Task("pair", [item, Item(item.context, item.choices, 1)])

@@ -35,7 +35,7 @@ def trained(tmp_path_factory, corpus, cache_dir):
 def test_export_loads_in_plain_transformers_with_identical_logits(family, trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from effitrain.export import _run_parts, load_trained_model
+    from effitrain.engine.export import _run_parts, load_trained_model
 
     run_dir, out = trained(family), tmp_path / "hf"
     result = run_cli("export", str(run_dir), "--out", str(out), cwd=tmp_path)
@@ -74,8 +74,8 @@ def test_export_quantizes_a_plain_run_after_training(trained, tmp_path):
     transformers + torchao loads; its logits stay near the float model's."""
     from transformers import AutoModelForCausalLM
 
+    from effitrain.engine.export import export_run
     from effitrain.errors import UsageError
-    from effitrain.export import export_run
 
     run_dir = trained("llama")
     for args, message in [({"quantize": "int2"}, "--quantize int2: choose one of int8, int4"),
@@ -99,8 +99,8 @@ def test_training_starts_from_an_export_and_from_a_checkpoint(trained, corpus, c
     run's final weights: the same first-step loss on the same first batch, not a fresh model's; each starts a new
     schedule (lr 0 at step 1: warmup)."""
     from conftest import compose
-    from effitrain.export import export_run
-    from effitrain.train import run
+    from effitrain.engine.export import export_run
+    from effitrain.engine.train import run
 
     run_dir = trained("llama")
     fresh = read_metrics(run_dir)[0]["loss"]  # the original run's step 1: the same batch, from its initial weights
@@ -122,8 +122,8 @@ def test_a_run_directory_teaches_a_student(trained, corpus, cache_dir, tmp_path)
     """compression.distill.teacher=RUN_DIR: the run's latest checkpoint is exported once (RUN_DIR/export/step-6)
     and distils into a new run on its tokenizer; estimate counts its parameters from the saved config."""
     from conftest import compose
+    from effitrain.engine.train import train_here
     from effitrain.estimate import estimate
-    from effitrain.train import train_here
 
     run_dir = tmp_path / "teacher"
     shutil.copytree(trained("llama"), run_dir)
@@ -149,7 +149,7 @@ def test_eval_of_a_run_directory_gives_its_final_validation_loss(trained, corpus
 
 
 def test_sample_prints_a_deterministic_continuation(trained, tmp_path):
-    from effitrain.export import export_run, sample_text
+    from effitrain.engine.export import export_run, sample_text
 
     run_dir = trained("llama")
     first = run_cli("sample", str(run_dir), "def main(", "--tokens", "12", cwd=tmp_path)
@@ -164,7 +164,7 @@ def test_sample_prints_a_deterministic_continuation(trained, tmp_path):
 def test_reproduce_from_a_checkpoint_and_its_exit_codes(trained, tmp_path, monkeypatch):
     """--from-step 3 reruns steps 4-6 from the step-3 checkpoint: identical (exit 0); a relative change of 1e-7 in
     the original's grad_norm is within tolerance (exit 3, or 1 with --exact); a larger one diverges (exit 1)."""
-    from effitrain.reproduce import reproduce_run
+    from effitrain.commands.reproduce import reproduce_run
 
     monkeypatch.chdir(tmp_path)  # reproduce writes under ./outputs
     run_dir = tmp_path / "run"

@@ -131,8 +131,8 @@ def test_ctrl_c_before_the_first_step_removes_the_new_run_directory(corpus, cach
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     """The loop's signal handling itself: one SIGINT asks for a stop after the step, a second raises Interrupted
     (exit code 130) at once."""
+    from effitrain.engine.train import StopSignals
     from effitrain.errors import Interrupted
-    from effitrain.train import StopSignals
 
     with pytest.raises(Interrupted, match="interrupted twice") as stopped:
         with StopSignals(tmp_path) as stop:

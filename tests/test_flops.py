@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from effitrain import flops
+from effitrain.engine import flops
 
 CPU = torch.device("cpu")
 

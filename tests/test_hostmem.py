@@ -10,7 +10,7 @@ import pytest
 
 PROBE = """
 import resource, statistics, torch
-from effitrain.hostmem import keep_freed_memory
+from effitrain.engine.hostmem import keep_freed_memory
 
 def faults_per_step(rounds=9):  # median minor page faults of a "step" that allocates, touches and frees 4 x 16 MB
     faults = [0] * rounds
@@ -46,6 +46,6 @@ def test_keeping_freed_memory_stops_the_page_faults():
 
 
 def test_turning_off_what_was_never_on_touches_nothing():
-    from effitrain.hostmem import keep_freed_memory
+    from effitrain.engine.hostmem import keep_freed_memory
 
     assert keep_freed_memory(False) is False

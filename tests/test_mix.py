@@ -82,7 +82,7 @@ def _mix(corpus, cache_dir, docs, *extra, code: float = 0.75, weight_docs: float
 @pytest.fixture(scope="module")
 def mixed(corpus, cache_dir, docs, tmp_path_factory):
     """A tiny mixed run of 4 steps (evaluated at 2 and 4): its config and run directory."""
-    from effitrain.train import run
+    from effitrain.engine.train import run
 
     cfg = compose(_mix(corpus, cache_dir, docs, "max_steps=4", "eval_every=2", "checkpoint.every=0"))
     run_dir = tmp_path_factory.mktemp("mixed")
@@ -188,8 +188,8 @@ def test_a_bad_line_in_one_source_names_the_source_and_the_line(corpus, docs, tm
 def test_eval_of_a_mix_reports_each_source_as_alone(mixed, corpus, cache_dir, docs, tmp_path):
     """`effitrain eval` on data=mix: val_loss/<source> is what evaluating that source alone gives, val_loss their
     weighted mean, and a val_bpb per source."""
-    from effitrain.evaluate import evaluate_model
-    from effitrain.models.build import build_model, init_weights
+    from effitrain.commands.evaluate import evaluate_model
+    from effitrain.model.build import build_model, init_weights
 
     cfg, _ = mixed
     data = prepare_run_data(cfg.data)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import compose, read_metrics
-from effitrain.models.build import ModelError, build_model, init_weights
-from effitrain.train import run
+from effitrain.engine.train import run
+from effitrain.model.build import ModelError, build_model, init_weights
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def test_gpt2_runs_as_linears_and_a_gpt2_checkpoint_keeps_its_logits(tmp_path):
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from effitrain.flops import model_flops_per_token
-    from effitrain.models.build import QKV, count_params, hf_config
+    from effitrain.engine.flops import model_flops_per_token
+    from effitrain.model.build import QKV, count_params, hf_config
 
     cfg = compose(["model=gpt2-124m", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
                    "model.intermediate_size=64"])

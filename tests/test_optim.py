@@ -13,11 +13,11 @@ import torch
 from conftest import compose, read_metrics, run_cli
 from effitrain.checks import check_all
 from effitrain.compose import group_options
+from effitrain.engine.train import Trainer, run
 from effitrain.errors import UsageError
-from effitrain.models.build import build_model
-from effitrain.optim.build import OptimizerChain, build_optimizer, param_groups, state_bytes
-from effitrain.optim.build import _tensor_bytes as state_bytes_of
-from effitrain.train import Trainer, run
+from effitrain.model.build import build_model
+from effitrain.optimizer.build import OptimizerChain, build_optimizer, param_groups, state_bytes
+from effitrain.optimizer.build import _tensor_bytes as state_bytes_of
 
 SINGLE_PROCESS = ["adamw", "sgd", "adafactor", "muon"]
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,

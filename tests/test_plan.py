@@ -18,7 +18,7 @@ TABLE3 = [(400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1
 
 @pytest.mark.parametrize("params,flops,tokens", TABLE3)
 def test_chinchilla_table3_reproduced(params, flops, tokens):
-    from effitrain.plan import compute_optimal
+    from effitrain.commands.plan import compute_optimal
 
     n, d = compute_optimal(flops, fit="approach1")
     assert abs(n - params) / params < 0.10, (n, params)
@@ -28,7 +28,7 @@ def test_chinchilla_table3_reproduced(params, flops, tokens):
 def test_approach3_closed_form_is_the_minimum():
     """The closed form minimises E + A/N^a + B/D^b on 6ND = C, and its exponents are the paper's table 2 row for
     approach 3 (N ~ C^0.46, D ~ C^0.54)."""
-    from effitrain.plan import compute_optimal, loss
+    from effitrain.commands.plan import compute_optimal, loss
 
     c = 1e22
     n, d = compute_optimal(c, fit="approach3")
@@ -40,7 +40,7 @@ def test_approach3_closed_form_is_the_minimum():
 
 
 def test_inference_tokens_shift_to_a_smaller_model():
-    from effitrain.plan import compute_optimal, inference_optimal, loss
+    from effitrain.commands.plan import compute_optimal, inference_optimal, loss
 
     c = 1e21
     n0, d0 = compute_optimal(c, fit="approach3")
@@ -53,13 +53,13 @@ def test_inference_tokens_shift_to_a_smaller_model():
     assert total(n, d) < total(n0, d0)
     for factor in (0.9, 1.1):  # a local minimum along the loss level
         m = n * factor
-        from effitrain.plan import tokens_for_loss
+        from effitrain.commands.plan import tokens_for_loss
 
         assert total(n, d) <= total(m, tokens_for_loss(m, loss(n0, d0)))
 
 
 def test_nearest_llama_and_command_compose():
-    from effitrain.plan import make_plan, nearest_llama
+    from effitrain.commands.plan import make_plan, nearest_llama
 
     choice = nearest_llama(1e9, vocab=32768)
     assert abs(choice.params - 1e9) / 1e9 < 0.05 and choice.hidden_size % choice.num_heads == 0
@@ -86,7 +86,7 @@ def test_cli_plan(tmp_path, capsys):
 def test_power_law_fit_recovers_a_known_law():
     import numpy as np
 
-    from effitrain.scaling import fit_power_law
+    from effitrain.commands.scaling import fit_power_law
 
     n = np.geomspace(1e5, 1e8, 6)
     law = fit_power_law(n, 2.0 + 50.0 / n**0.3)

@@ -11,10 +11,10 @@ import torch
 from conftest import compose, read_metrics, run_cli
 from effitrain.checks import check_all
 from effitrain.compose import group_options
+from effitrain.engine.loop import train_step
+from effitrain.engine.train import Trainer, run
 from effitrain.errors import UsageError
-from effitrain.loop import train_step
 from effitrain.precision.build import PrecisionError, build_precision
-from effitrain.train import Trainer, run
 
 CPU_OPTIONS = ["fp32", "tf32", "fp16", "bf16"]
 HAS_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import compose
-from effitrain.train import run
+from effitrain.engine.train import run
 
 
 def test_profile_writes_a_perfetto_trace_and_top_ops(tiny, tmp_path):

@@ -166,7 +166,7 @@ def test_a_restarted_worker_group_resumes_from_its_checkpoint(reference, corpus,
 def _workers(root: int) -> list[int]:
     """The training processes under `root`: its descendants with no children of their own, other than
     multiprocessing's resource tracker (the forkserver has the workers as children)."""
-    from effitrain.launch import descendants
+    from effitrain.launcher.launch import descendants
 
     tree = descendants(root)
     parents = {parent for _, parent, _ in tree}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from effitrain.hostmem import keep_freed_memory
-from effitrain.runtime import job_runtime
+from effitrain.engine.hostmem import keep_freed_memory
+from effitrain.engine.runtime import job_runtime
 
 CPU = torch.device("cpu")
 

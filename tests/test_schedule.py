@@ -88,7 +88,7 @@ def test_resuming_from_a_step_gives_the_same_lr(kind):
 
 def test_trainer_counts_optimizer_steps_not_micro_steps(tiny, tmp_path):
     from conftest import read_metrics
-    from effitrain.train import run
+    from effitrain.engine.train import run
 
     run(compose(tiny("grad_accum_steps=2", "max_steps=4", "schedule=constant", "schedule.warmup_steps=4")), tmp_path)
     lr = compose([]).optimizer.lr

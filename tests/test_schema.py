@@ -72,9 +72,9 @@ def _kind_key(group, cfg) -> str:
 def test_every_schema_key_is_read(reads, corpus, jsonl_corpus, cache_dir, tmp_path):
     pytest.importorskip("torchao")
     from conftest import make_hf_model_dir
+    from effitrain.engine.train import run
     from effitrain.errors import UsageError
-    from effitrain.launch import launch_config
-    from effitrain.train import run
+    from effitrain.launcher.launch import launch_config
 
     hf = make_hf_model_dir(tiny_overrides(corpus, cache_dir), tmp_path / "hf")  # a pretrained model, a teacher
     multi = {g.name for g in GROUPS if g.multi}

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from conftest import compose
-from effitrain.train import run
+from effitrain.engine.train import run
 
 
 def test_help_imports_no_torch():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_losses_close, losses, read_metrics, run_cli
-from effitrain.compare import pareto_front
+from effitrain.commands.compare import pareto_front
 from effitrain.compose import compose_all, normalize
 
 # 4 steps, an evaluation every 2: what a sweep needs to have something to compare and prune
@@ -107,7 +107,7 @@ def test_glob_by_range_sweep_runs_each_job_and_compare_plots_them(tmp_path, tiny
 
 
 def test_compare_labels_runs_by_what_differs_in_their_configs(tmp_path):
-    from effitrain.compare import Run, labels
+    from effitrain.commands.compare import Run, labels
 
     def run(name, **config):
         (tmp_path / name).mkdir()
@@ -306,8 +306,8 @@ def test_multi_objective_search_prints_and_saves_its_pareto_set(tmp_path, tiny):
 def test_slurm_rendezvous_is_the_allocations_first_node(monkeypatch):
     from conftest import compose
     from effitrain.errors import UsageError
-    from effitrain.launch import launch_config
     from effitrain.launcher import first_host
+    from effitrain.launcher.launch import launch_config
 
     assert [first_host(n) for n in ("gpu-[003-005,009],cpu1", "n1,n2", "node7", "a[1,3]")] == \
         ["gpu-003", "n1", "node7", "a1"]

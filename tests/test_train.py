@@ -8,7 +8,7 @@ import math
 import pytest
 
 from conftest import compose, only_run_dir, read_metrics, run_cli
-from effitrain.train import run
+from effitrain.engine.train import run
 
 STEP_KEYS = ("step", "loss", "lr", "grad_norm", "step_time_s", "data_time_s", "data_wait_pct", "tokens_per_s",
              "tokens_per_s_per_device", "samples_per_s", "tflops_per_device", "mfu_pct", "mem_active_peak_gib",
@@ -94,8 +94,8 @@ def _train_until(cfg, run_dir, *, until: int, state: dict | None = None) -> dict
     """A Trainer built as `run` builds it, loaded with `state` if given, trained to step `until`: its state dict."""
     import torch
 
-    from effitrain.runtime import job_runtime
-    from effitrain.train import Trainer
+    from effitrain.engine.runtime import job_runtime
+    from effitrain.engine.train import Trainer
 
     run_dir.mkdir()
     with job_runtime(seed=cfg.seed, deterministic=False, tf32=False, device=torch.device("cpu"), keep_freed=True):
@@ -136,8 +136,8 @@ def _train_through_disk(cfg, run_dir, *, until: int, checkpoint=None):
     import torch
 
     from effitrain.checkpoint.store import load_checkpoint
-    from effitrain.runtime import job_runtime
-    from effitrain.train import Trainer
+    from effitrain.engine.runtime import job_runtime
+    from effitrain.engine.train import Trainer
 
     run_dir.mkdir()
     with job_runtime(seed=cfg.seed, deterministic=False, tf32=False, device=torch.device("cpu"), keep_freed=True):

@@ -13,8 +13,8 @@ from effitrain.compose import GROUPS
 from effitrain.compression import chosen
 from effitrain.errors import UsageError
 from effitrain.launcher import world_size
-from effitrain.models import kv_heads
-from effitrain.optim import STOCHASTIC_ROUNDING
+from effitrain.model import kv_heads
+from effitrain.optimizer import STOCHASTIC_ROUNDING
 from effitrain.parallel import FSDP_STRATEGIES, parallel_degrees
 from effitrain.precision import param_dtype
 
@@ -47,7 +47,7 @@ def check_run(cfg) -> None:
     _need(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} is not one of: auto, cpu, cuda")
     _need(cfg.eval.task_items > 0, f"eval.task_items={cfg.eval.task_items} must be a positive integer")
     check_names(cfg)
-    from effitrain.tasks import check_specs
+    from effitrain.eval.tasks import check_specs
 
     check_specs(list(cfg.eval.tasks))
 

@@ -37,7 +37,7 @@ _VERBS = {"train": "compose the config groups, launch the workers, train, write 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from effitrain.logs import quiet_import_noise
+    from effitrain.logging import quiet_import_noise
     from effitrain.runs import mark_launch
 
     mark_launch()
@@ -103,7 +103,7 @@ def usage() -> str:
 
 def train(args: list[str], *, allow_external: bool = False) -> int:
     from effitrain.received import FLAG
-    from effitrain.sweep import RESUME_KEY, resume_arguments, resuming
+    from effitrain.sweep.results import RESUME_KEY, resume_arguments, resuming
 
     if FLAG in args:  # the one flag of train's own: it is about the sweep directory sweep.resume= reads
         if not any(a.startswith(RESUME_KEY) for a in args):
@@ -134,8 +134,8 @@ def train(args: list[str], *, allow_external: bool = False) -> int:
 def _run_hydra(args: list[str]) -> int:
     import hydra
 
-    from effitrain import sweep
     from effitrain.compose import register_configs
+    from effitrain.sweep import results as sweep
 
     register_configs()
     sys.argv = ["effitrain train", *args]
@@ -154,10 +154,10 @@ def _hydra_task(cfg) -> dict:
 
     from effitrain.checkpoint.layout import default_root
     from effitrain.errors import Diverged, Preempted, as_io_failure, exit_one_line
-    from effitrain.launch import launch
+    from effitrain.launcher.launch import launch
     from effitrain.rundir import claim_of
-    from effitrain.sweep import finished_before, one_line, record_outcome, resuming
-    from effitrain.trials import eval_hooks, pruned
+    from effitrain.sweep.results import finished_before, one_line, record_outcome, resuming
+    from effitrain.sweep.trials import eval_hooks, pruned
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -222,7 +222,7 @@ def _parse(args: list[str], *, usage: str, positional: int, flags: dict[str, typ
 
 
 def resume(args: list[str]) -> int:
-    from effitrain.resume import resume_run
+    from effitrain.commands.resume import resume_run
 
     usage = "effitrain resume RUN_DIR [key=value...] [--allow-external] | SWEEP_DIR [--allow-external]"
     if not args or args[0].startswith("-"):
@@ -236,7 +236,7 @@ def resume(args: list[str]) -> int:
 
 
 def reproduce(args: list[str]) -> int:
-    from effitrain.reproduce import reproduce_run
+    from effitrain.commands.reproduce import reproduce_run
 
     usage = "effitrain reproduce RUN_DIR [--rtol X] [--exact] [--from-step K] [--allow-external]"
     if not args or args[0].startswith("-"):
@@ -249,7 +249,7 @@ def reproduce(args: list[str]) -> int:
 
 
 def export(args: list[str]) -> int:
-    from effitrain.export import export_run
+    from effitrain.engine.export import export_run
 
     usage = "effitrain export RUN_DIR [--step N] [--out DIR] [--dtype fp32|bf16] [--quantize int8|int4]"
     rest, opts = _parse(args, usage=usage, positional=1,
@@ -263,7 +263,7 @@ def export(args: list[str]) -> int:
 
 
 def sample(args: list[str]) -> int:
-    from effitrain.export import sample_text
+    from effitrain.engine.export import sample_text
 
     usage = "effitrain sample RUN_DIR|HF_DIR PROMPT [--tokens N] [--temperature T] [--seed S]"
     rest, opts = _parse(args, usage=usage, positional=2, flags={"tokens": int, "temperature": float, "seed": int})
@@ -274,7 +274,7 @@ def sample(args: list[str]) -> int:
 
 
 def compare(args: list[str]) -> int:
-    from effitrain.compare import compare_main
+    from effitrain.commands.compare import compare_main
 
     return compare_main(args)
 
@@ -282,15 +282,14 @@ def compare(args: list[str]) -> int:
 def _planning(verb: str):
     """estimate, plan, scaling-fit: their argument parsing lives in planning_cli (imported when used)."""
     def run(args: list[str]) -> int:
-        from effitrain import planning_cli
-
+        from effitrain.commands import planning as planning_cli
         return {"estimate": planning_cli.estimate, "plan": planning_cli.plan,
                 "scaling-fit": planning_cli.scaling_fit}[verb](args)
     return run
 
 
 def evaluate(args: list[str]) -> int:
-    from effitrain.evaluate import eval_command
+    from effitrain.commands.evaluate import eval_command
 
     return eval_command(args)
 

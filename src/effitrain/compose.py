@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
-from effitrain import checkpoint, compression, data, launcher, logs, models, optim, parallel, precision, schedule
+from effitrain import checkpoint, compression, data, launcher, parallel, precision, schedule
+from effitrain import logging as logs
+from effitrain import model as models
+from effitrain import optimizer as optim
 from effitrain.errors import UsageError
 from effitrain.errors import explain as _explain
 from effitrain.errors import first_line as _first_line
+from effitrain.eval import EvalConfig
 from effitrain.registry import Group
 
 # the defaults list of configs/train.yaml, in its order
@@ -22,14 +26,6 @@ GROUPS: tuple[Group, ...] = (models.GROUP, data.GROUP, precision.GROUP, parallel
                              optim.GROUP, schedule.GROUP, launcher.GROUP, logs.GROUP, checkpoint.GROUP)
 GROUP_NAMES = tuple(g.name for g in GROUPS)
 PRESETS = "experiment"  # the group of named presets (`# @package _global_`): not in the defaults list
-
-
-@dataclass
-class EvalConfig:
-    """Multiple-choice tasks scored at each evaluation (and by `effitrain eval`)."""
-
-    tasks: List[str] = field(default_factory=list)  # built-in names (next-line) or JSONL task files
-    task_items: int = 100  # items per task (a file's first N records)
 
 
 @dataclass
@@ -106,7 +102,7 @@ def normalize(args: list[str]) -> list[str]:
         if key == PRESETS:
             return "+" + a.lstrip("+")
         return a[1:] if a.startswith("+") and key in GROUP_NAMES else a
-    from effitrain.sweepers import quote_params
+    from effitrain.sweep.sweepers import quote_params
 
     return quote_params([one(a) for a in args])
 
@@ -117,7 +113,7 @@ def compose_all(overrides: list[str], *, multirun: bool = False, hydra: bool = F
     The jobs of a sweep are the ones Hydra itself would launch: the configured sweeper (hydra/sweeper=...) expands
     the overrides with Hydra's parser (so glob(), range(), sort()... mean what Hydra says), and each job is composed
     as Hydra's launcher composes it. A search sweeper whose jobs are not known in advance (Optuna) names the points
-    that bound its search space instead (effitrain.sweepers).
+    that bound its search space instead (effitrain.sweep.sweepers).
 
     Args:
         overrides: Hydra overrides, already normalized.
@@ -141,7 +137,7 @@ def compose_all(overrides: list[str], *, multirun: bool = False, hydra: bool = F
         settings = [o.input_line for o in parsed if o.get_key_element().startswith("hydra")]
         task = [o for o in parsed if not o.get_key_element().startswith("hydra")]
         if multirun:
-            from effitrain.sweepers import planned_jobs
+            from effitrain.sweep.sweepers import planned_jobs
 
             jobs = planned_jobs(loader, overrides)
         else:

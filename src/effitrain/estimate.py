@@ -156,8 +156,8 @@ def vocab_size(data_cfg) -> int:
 def model_shape(model_cfg, *, vocab: int, seq_len: int, compression=None) -> Shape:
     """Build the model on the meta device (no storage), apply the compression methods that change its parameters,
     and read them; FLOPs as a run counts them. A model.pretrained checkpoint is built from its config.json."""
-    from effitrain.flops import model_flops_per_token
-    from effitrain.models.build import build_model, pretrained_on_meta
+    from effitrain.engine.flops import model_flops_per_token
+    from effitrain.model.build import build_model, pretrained_on_meta
 
     if model_cfg.pretrained:
         model = pretrained_on_meta(model_cfg.pretrained)
@@ -182,7 +182,7 @@ def model_shape(model_cfg, *, vocab: int, seq_len: int, compression=None) -> Sha
 
 def _teacher_params(path: Path) -> int:
     """A teacher's parameters: from its config.json, or an effitrain run directory's saved config (nothing loaded)."""
-    from effitrain.models.build import build_model, pretrained_on_meta
+    from effitrain.model.build import build_model, pretrained_on_meta
 
     if (path / "config.json").is_file():
         return sum(p.numel() for p in pretrained_on_meta(path).parameters())
@@ -628,7 +628,7 @@ def peak_dtype(precision_cfg, *, cuda: bool) -> str:
 
 def _peak_flops(cfg, gpu: str | None) -> tuple[float | None, str]:
     """Peak FLOP/s per device: the datasheet table for a named GPU, else this machine's (table or measured)."""
-    from effitrain.flops import table_peak
+    from effitrain.engine.flops import table_peak
 
     where = gpu or _device(cfg)
     dtype = peak_dtype(cfg.precision, cuda=where != "cpu")
@@ -641,7 +641,7 @@ def _peak_flops(cfg, gpu: str | None) -> tuple[float | None, str]:
         return peak, f"table ({where.upper()})"
     import torch
 
-    from effitrain.flops import peak_flops
+    from effitrain.engine.flops import peak_flops
 
     dev = torch.device("cuda" if where == "cuda" and torch.cuda.is_available() else "cpu")
     autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(PEAK_DTYPES[cfg.precision.kind])

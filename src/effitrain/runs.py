@@ -110,7 +110,7 @@ def write_env(run_dir: Path, *, world, data: dict, peak_flops, peak_flops_source
 
 
 def write_summary(run_dir: Path, recorder, *, warmup_steps: int, extra: dict) -> None:
-    from effitrain.metrics import summarize
+    from effitrain.logging.metrics import summarize
 
     summary = summarize(recorder.records, warmup_steps=warmup_steps) | extra
     write_file(run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -212,7 +212,7 @@ def _check_distill(c) -> None:
           f"compression.distill.teacher={c.teacher}: neither a Hugging Face model directory (config.json) nor an "
           "effitrain run directory (.hydra/config.yaml)")
     if (teacher / "config.json").is_file():  # damaged or without weights: one line now, not a traceback at step 1
-        from effitrain.models import check_hf_dir
+        from effitrain.model import check_hf_dir
 
         check_hf_dir(teacher, what=f"compression.distill.teacher={c.teacher}")
     _need(0 <= c.alpha <= 1, f"compression.distill.alpha={c.alpha} must lie in [0, 1]")

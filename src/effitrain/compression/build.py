@@ -10,7 +10,7 @@ from typing import Callable
 
 # importing the method modules registers their builders
 from effitrain.compression import GROUP, ORDER, distill, grad, lora, prune, qat, share  # noqa: F401
-from effitrain.converters import ModelConverter
+from effitrain.engine.converters import ModelConverter
 
 log = logging.getLogger("effitrain")
 

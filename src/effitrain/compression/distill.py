@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effitrain.compression import GROUP
-from effitrain.converters import ModelConverter
+from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 
 
@@ -54,7 +54,7 @@ def _tokenizer_model(path: Path) -> dict:
 def _exported(run_dir: Path, ctx) -> Path:
     """A run directory's model as an HF directory (ctx.model_dir: exported once, later runs find it): local rank 0
     exports, the node's other ranks wait and read it."""
-    from effitrain.distributed import barrier
+    from effitrain.engine.distributed import barrier
 
     if ctx.world.local_rank == 0:
         ctx.model_dir(run_dir)
@@ -71,8 +71,8 @@ class Distill(ModelConverter):
 
     def _load(self) -> nn.Module:
         """Built at the first step, not at convert(): an export rebuilds the converters and needs no teacher."""
-        from effitrain.flops import model_flops_per_token
-        from effitrain.models.build import load_pretrained
+        from effitrain.engine.flops import model_flops_per_token
+        from effitrain.model.build import load_pretrained
         from effitrain.parallel import FSDP_STRATEGIES
         from effitrain.parallel.build import apply_parallel
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from effitrain.compression import GROUP
-from effitrain.converters import ModelConverter
+from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 
 

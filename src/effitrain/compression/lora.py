@@ -13,9 +13,9 @@ import logging
 from torch import nn
 
 from effitrain.compression import GROUP
-from effitrain.converters import ModelConverter
+from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
-from effitrain.models.build import transformer_blocks
+from effitrain.model.build import transformer_blocks
 
 log = logging.getLogger("effitrain")
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from effitrain.compression import GROUP
-from effitrain.converters import ModelConverter
-from effitrain.models.build import transformer_blocks
+from effitrain.engine.converters import ModelConverter
+from effitrain.model.build import transformer_blocks
 
 BISECTION_STEPS = 40  # halvings of the magnitude range: the threshold to ~1e-12 of the largest weight
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from effitrain.compression import GROUP
-from effitrain.converters import ModelConverter
+from effitrain.engine.converters import ModelConverter
 
 
 def base_config(kind: str, *, weight_dtype: str = "int4", group_size: int = 32):

@@ -14,8 +14,8 @@ import copy
 from torch import nn
 
 from effitrain.compression import GROUP
-from effitrain.converters import ModelConverter
-from effitrain.models.build import transformer_blocks
+from effitrain.engine.converters import ModelConverter
+from effitrain.model.build import transformer_blocks
 
 
 class ShareLayers(ModelConverter):

@@ -86,7 +86,7 @@ class RunData:
     def evaluate(self, model, sets: dict[str, list], *, precision, device) -> dict:
         """val_loss and val_ppl on the validation batches `sets` (from `validation`); a mix adds val_loss/<name> per
         source, and its val_loss is theirs averaged by weight, as training draws them (weight 0: reported only)."""
-        from effitrain.loop import evaluate
+        from effitrain.engine.loop import evaluate
 
         per_source = {name: evaluate(model, batches, precision=precision, device=device)[0]
                       for name, batches in sets.items()}

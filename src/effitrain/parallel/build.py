@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from effitrain.errors import UsageError
-from effitrain.models.build import transformer_blocks
+from effitrain.model.build import transformer_blocks
 from effitrain.parallel import GROUP, Degrees, parallel_degrees
 
 

@@ -19,9 +19,9 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
 
-from effitrain import trials as search
 from effitrain.errors import IOFailure, RunStopped, UsageError, exit_one_line
-from effitrain.sweep import record_outcome
+from effitrain.sweep.results import record_outcome
+from effitrain.sweep.results import trials as search
 
 
 class OptunaSweeper(Sweeper):

@@ -1,6 +1,6 @@
 """The `optimizer` group: AdamW (fused/foreach), 8-bit AdamW, SGD, Adafactor, Muon, ZeRO-1 AdamW.
 
-Schemas and checks here (no torch); builders in `effitrain.optim.build`.
+Schemas and checks here (no torch); builders in `effitrain.optimizer.build`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import List
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
-GROUP = Group("optimizer", key="kind", builders="effitrain.optim.build")
+GROUP = Group("optimizer", key="kind", builders="effitrain.optimizer.build")
 NO_DECAY = ("bias", "norm", "embedding")
 IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
 STOCHASTIC_ROUNDING = ("adamw", "adamw-8bit")  # kinds with bf16 stochastic-rounding updates (torchao)

@@ -1,6 +1,6 @@
 """The `model` group: causal LMs from transformers configs (family llama or gpt2), built locally, no download.
 
-Schemas and checks here (no torch); builders in `effitrain.models.build`.
+Schemas and checks here (no torch); builders in `effitrain.model.build`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Optional
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
-GROUP = Group("model", key="family", builders="effitrain.models.build")
+GROUP = Group("model", key="family", builders="effitrain.model.build")
 
 
 class ModelError(UsageError):

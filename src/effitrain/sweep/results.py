@@ -5,7 +5,7 @@ A job that fails at run time is a result, not the end of the sweep: its director
 reason and the sweep goes on. The Hydra callback SweepSummary (configs/train.yaml: hydra.callbacks.sweep_summary)
 reads every job directory of the sweep directory at its end -- jobs run by another process (a parallel or SLURM
 launcher) and jobs of an earlier, resumed run of the sweep included -- writes summary.csv, summary.md and
-summary.json there, prints the table and writes compare/ (effitrain.compare).
+summary.json there, prints the table and writes compare/ (effitrain.commands.compare).
 
 A sweep is resumed (`effitrain resume SWEEP_DIR`, or the sweep's command with `sweep.resume=SWEEP_DIR`) by running
 its saved command (multirun.yaml) again into the same directory: a job that finished (summary.json) is skipped, an
@@ -117,7 +117,7 @@ def print_table(rows: list[dict], sweep_dir: Path) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from effitrain.logs import console
+    from effitrain.logging import console
 
     table = Table(title=f"sweep {sweep_dir}")
     for column in COLUMNS[:-1]:
@@ -138,7 +138,7 @@ def _fmt(value) -> str:
 
 def summarize_sweep(sweep_dir: Path) -> list[dict]:
     """Summary files, the printed table and compare/ for every job of sweep_dir; remembered for the exit code."""
-    from effitrain.compare import write_comparison
+    from effitrain.commands.compare import write_comparison
 
     jobs = job_dirs(sweep_dir)
     if not jobs:

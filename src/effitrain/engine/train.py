@@ -1,7 +1,7 @@
 """The worker: build every part from the composed config into a TrainState, run the loop from its step, close.
 
-Runs in-process for one process, or in each torchrun/elastic worker; `python -m effitrain.train [overrides]` under
-torchrun/srun started from outside composes the config itself, like `effitrain train`.
+Runs in-process for one process, or in each torchrun/elastic worker; `python -m effitrain.engine.train [overrides]`
+under torchrun/srun started from outside composes the config itself, like `effitrain train`.
 
 Build order: data -> model on the meta device -> converters (precision's, then compression's: before parallel
 wrapping, so FSDP shards what they made) -> parallel layout -> communication hooks -> optimizer and schedule ->
@@ -27,31 +27,32 @@ from typing import Callable
 
 import torch
 
-from effitrain import export, runs
+from effitrain import runs
 from effitrain.checkpoint import GROUP as CHECKPOINT
 from effitrain.checkpoint.layout import default_root, latest, resolve
 from effitrain.compose import GROUP_NAMES
 from effitrain.compression.build import Context, build_compression
-from effitrain.converters import ConverterChain
 from effitrain.data.loader import Prefetcher, TrainBatches
 from effitrain.data.mix import prepare_run_data
-from effitrain.distributed import any_rank, barrier, close_world, init_world, pick_device
+from effitrain.engine import export
+from effitrain.engine.converters import ConverterChain
+from effitrain.engine.distributed import any_rank, barrier, close_world, init_world, pick_device
+from effitrain.engine.flops import model_flops_per_token, peak_flops
+from effitrain.engine.loop import train_step
+from effitrain.engine.profiling import StepProfiler
+from effitrain.engine.runtime import job_runtime
+from effitrain.engine.state import TrainState
 from effitrain.errors import Diverged, Interrupted, Preempted, UsageError
-from effitrain.flops import model_flops_per_token, peak_flops
-from effitrain.logs import setup_logging
-from effitrain.loop import train_step
-from effitrain.metrics import MemoryMeter, PendingStep, Recorder, StepBuffer, StepClock, build_sinks, throughput
-from effitrain.models.build import build_model, count_params, init_weights
-from effitrain.optim.build import build_optimizer
+from effitrain.eval.tasks import TaskSuite
+from effitrain.logging import setup_logging
+from effitrain.logging.metrics import MemoryMeter, PendingStep, Recorder, StepBuffer, StepClock, build_sinks, throughput
+from effitrain.model.build import build_model, count_params, init_weights
+from effitrain.optimizer.build import build_optimizer
 from effitrain.parallel import offloads
 from effitrain.parallel.build import apply_parallel, data_parallel_shard, gradient_sync_skipper
 from effitrain.precision.build import Precision, build_precision
-from effitrain.profiling import StepProfiler
 from effitrain.rundir import RunClaim, write_file
-from effitrain.runtime import job_runtime
 from effitrain.schedule.build import build_scheduler
-from effitrain.state import TrainState
-from effitrain.tasks import TaskSuite
 
 log = logging.getLogger("effitrain")
 
@@ -407,7 +408,7 @@ def train_here(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> Train
 
 
 def main(args: list[str] | None = None) -> None:
-    """`python -m effitrain.train [overrides]`: the worker entry for torchrun/srun started from outside.
+    """`python -m effitrain.engine.train [overrides]`: the worker entry for torchrun/srun started from outside.
 
     Every rank composes the same config; rank 0 makes the run directory `hydra.run.dir` names and broadcasts its
     path. The launch shape is torchrun's, not the launcher group's: it is recorded, so checks and reproduce see the
@@ -420,7 +421,7 @@ def main(args: list[str] | None = None) -> None:
     overrides = normalize(sys.argv[1:] if args is None else args)
     try:
         if any(a in ("-m", "--multirun") for a in overrides):
-            raise UsageError("python -m effitrain.train runs one job; sweep with effitrain train -m")
+            raise UsageError("python -m effitrain.engine.train runs one job; sweep with effitrain train -m")
         cfg = compose_one(overrides, hydra=True)
         cfg.launcher.nproc_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         cfg.launcher.nnodes = int(os.environ.get("WORLD_SIZE", 1)) // cfg.launcher.nproc_per_node
@@ -446,7 +447,7 @@ def _shared_run_dir(cfg, overrides: list[str]) -> Path:
     return Path(box[0])
 
 
-_CLAIM: RunClaim | None = None  # rank 0's hold on the run directory of `python -m effitrain.train`
+_CLAIM: RunClaim | None = None  # rank 0's hold on the run directory of `python -m effitrain.engine.train`
 
 
 if __name__ == "__main__":

@@ -98,8 +98,8 @@ def restore_model(cfg, checkpoint: Path, *, vocab_size: int):
     (their modules carry the checkpoint's parameter names; precision's change none), with the checkpoint's weights."""
     from effitrain.checkpoint.store import load_model_weights
     from effitrain.compression.build import Context, build_compression
-    from effitrain.converters import ConverterChain
-    from effitrain.models.build import build_model
+    from effitrain.engine.converters import ConverterChain
+    from effitrain.model.build import build_model
 
     model = build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len)
     context = Context(seed=cfg.seed, vocab_size=vocab_size, seq_len=cfg.data.seq_len)
@@ -118,7 +118,7 @@ def load_trained_model(cfg, checkpoint: Path, *, vocab_size: int):
 def _export(model, converters):
     import torch
 
-    from effitrain.converters import ConverterChain
+    from effitrain.engine.converters import ConverterChain
 
     return ConverterChain(converters).export(model).to(torch.float32).eval()
 
@@ -155,7 +155,7 @@ def to_transformers(model):
     """A plain transformers model of the same weights (GPT-2: Conv1D layout again)."""
     from transformers import AutoModelForCausalLM
 
-    from effitrain.models.build import transformers_state_dict
+    from effitrain.model.build import transformers_state_dict
 
     hf = AutoModelForCausalLM.from_config(model.config, attn_implementation="sdpa")
     hf.load_state_dict(transformers_state_dict(model), strict=True)
@@ -167,8 +167,8 @@ def sample_text(path: Path, prompt: str, *, tokens: int | None = None, temperatu
     Hugging Face directory: greedy at temperature 0, else sampled at that temperature."""
     import torch
 
-    from effitrain.models import check_hf_dir
-    from effitrain.models.build import load_pretrained
+    from effitrain.model import check_hf_dir
+    from effitrain.model.build import load_pretrained
 
     if (tokens is not None and tokens < 1) or temperature < 0:
         raise UsageError(f"--tokens {tokens} must be >= 1 and --temperature {temperature} >= 0")

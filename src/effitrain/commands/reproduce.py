@@ -41,8 +41,8 @@ def reproduce_run(original: Path, *, rtol: float, exact: bool = False, from_step
 
 def _rerun(original: Path, cfg, run_dir: Path, reference: list[dict], *, source, rtol: float, exact: bool,
            from_step: int | None) -> int:
-    from effitrain.launch import launch
-    from effitrain.logs import console
+    from effitrain.launcher.launch import launch
+    from effitrain.logging import console
     from effitrain.rundir import write_file
     from effitrain.runs import DIVERGED, IDENTICAL, compare_records, read_records
 

@@ -33,7 +33,7 @@ def launch(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
         on_eval: functions called with (step, val_loss) after each evaluation (a search's pruning); they run in
             this process, so only a job of one process takes them.
     """
-    from effitrain.train import run
+    from effitrain.engine.train import run
 
     if world_size(cfg.launcher) == 1 or in_torchrun_worker():
         return run(cfg, run_dir, resume=resume, on_eval=on_eval)
@@ -118,8 +118,8 @@ def _preload_forkserver() -> None:
     import multiprocessing
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["effitrain._forkserver", "effitrain.train", "effitrain.launch", "transformers.models.llama.modeling_llama",
-         "transformers.models.gpt2.modeling_gpt2"])
+        ["effitrain.launcher._forkserver", "effitrain.engine.train", "effitrain.launcher.launch",
+         "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2"])
 
 
 class _fresh_store_per_restart:
@@ -241,7 +241,7 @@ def _worker(container: dict, run_dir: str, resume: bool):
     """One elastic worker (RANK, WORLD_SIZE, MASTER_ADDR set by the agent): train, return the summary or the
     stop_report of a stop (usage error, preemption, divergence) for the launcher to re-raise."""
     from effitrain.compose import typed
-    from effitrain.train import run
+    from effitrain.engine.train import run
 
     cfg = typed(container)
     previous = signal.signal(signal.SIGUSR1, _stopped_before_the_loop)  # the loop has its own while it runs

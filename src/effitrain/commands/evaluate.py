@@ -36,7 +36,7 @@ def eval_command(args: list[str]) -> int:
 
 def _model_dir(path: Path) -> Path:
     """The HF directory to load: `path` itself, or a run directory's latest checkpoint exported once."""
-    from effitrain.export import model_dir
+    from effitrain.engine.export import model_dir
 
     if (path / "config.json").is_file() and not (path / "tokenizer.json").is_file():
         raise UsageError(f"{path}: no tokenizer.json beside config.json (eval tokenizes with the model's own)")
@@ -50,10 +50,10 @@ def evaluate_model(cfg) -> dict:
     from effitrain.data.loader import Shard
     from effitrain.data.mix import prepare_run_data
     from effitrain.data.tokens import load_tokenizer
-    from effitrain.distributed import pick_device
-    from effitrain.models.build import build_model
+    from effitrain.engine.distributed import pick_device
+    from effitrain.eval.tasks import load_task, task_accuracy
+    from effitrain.model.build import build_model
     from effitrain.precision.build import build_precision
-    from effitrain.tasks import load_task, task_accuracy
 
     device = pick_device(cfg.device, 0)
     data = prepare_run_data(cfg.data)

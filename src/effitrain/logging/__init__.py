@@ -12,7 +12,7 @@ from pathlib import Path
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
-GROUP = Group("logging", key=None, builders="effitrain.metrics")
+GROUP = Group("logging", key=None, builders="effitrain.logging.metrics")
 
 
 @GROUP.option("logging")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from effitrain.hostmem import keep_freed_memory
+from effitrain.engine.hostmem import keep_freed_memory
 
 # Bitwise-reproducible CPU matmuls. MKL may pick a different kernel (so a different summation order) for a buffer's
 # memory alignment, and where the data-prefetch thread's allocations land moves with thread timing. MKL reads this

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from effitrain.errors import io_failure
-from effitrain.logs import GROUP
+from effitrain.logging import GROUP
 from effitrain.rundir import open_append
 
 log = logging.getLogger("effitrain")
@@ -280,7 +280,7 @@ class ConsoleSink:
     def __init__(self, *, total_steps: int, every: int, progress: bool):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from effitrain.logs import console
+        from effitrain.logging import console
 
         self.every, self.total = every, total_steps
         self._bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -194,7 +194,7 @@ def _plot(data: dict, out_dir: Path) -> None:
 def print_table(table: list[dict]) -> None:
     from rich.table import Table
 
-    from effitrain.logs import console
+    from effitrain.logging import console
 
     t = Table(title="compare")
     for column in COLUMNS[1:]:

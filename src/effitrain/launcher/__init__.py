@@ -1,6 +1,6 @@
 """The `launcher` group: how many worker processes on how many nodes, and how torch's elastic agent starts them.
 
-Schema and checks here (no torch); the builder (starting the workers) is effitrain.launch.
+Schema and checks here (no torch); the builder (starting the workers) is effitrain.launcher.launch.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Optional
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
-GROUP = Group("launcher", key=None, builders="effitrain.launch")
+GROUP = Group("launcher", key=None, builders="effitrain.launcher.launch")
 START_METHODS = ("auto", "spawn", "fork", "forkserver")
 
 

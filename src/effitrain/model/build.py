@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from effitrain.models import GROUP, ModelError, check_hf_dir
+from effitrain.model import GROUP, ModelError, check_hf_dir
 
 
 def hf_config(cfg, *, vocab_size: int, max_seq_len: int):

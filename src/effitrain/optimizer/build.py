@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from effitrain.errors import UsageError
-from effitrain.optim import GROUP, STOCHASTIC_ROUNDING
+from effitrain.optimizer import GROUP, STOCHASTIC_ROUNDING
 
 log = logging.getLogger("effitrain")
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effitrain.converters import ModelConverter
+from effitrain.engine.converters import ModelConverter
 
 
 @dataclass

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effitrain.converters import ModelConverter
-from effitrain.runtime import rng_state, set_rng_state
+from effitrain.engine.converters import ModelConverter
+from effitrain.engine.runtime import rng_state, set_rng_state
 
 
 @dataclass

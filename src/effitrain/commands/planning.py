@@ -75,7 +75,6 @@ def estimate(args: list[str]) -> int:
     cfg = compose_one(normalize(overrides))
     check_all(cfg)
     from effitrain import estimate as est_mod
-
     gpu = flags.get("--gpu")
     est = est_mod.estimate(cfg, mfu=mfu, gpu=gpu.lower() if gpu else None)
     extra = {}
@@ -125,8 +124,7 @@ PLAN_USAGE = ("effitrain plan (--flops C | --gpus N --gpu NAME --hours H [--mfu 
 
 
 def plan(args: list[str]) -> int:
-    from effitrain import plan as plan_mod
-
+    from effitrain.commands import plan as plan_mod
     flags, rest = _flags(args, valued={"--flops", "--gpus", "--gpu", "--hours", "--mfu", "--fit", "--inference-tokens",
                                        "--seq-len", "--vocab"}, switches={"--json"}, usage=PLAN_USAGE)
     if rest:
@@ -165,8 +163,8 @@ def scaling_fit(args: list[str]) -> int:
     check = Path(flags["--check"]) if "--check" in flags else None
     if check is not None and not check.is_dir():
         raise UsageError(f"--check {check}: not a directory (give a run directory)")
-    from effitrain.scaling import format_fit
-    from effitrain.scaling import scaling_fit as fit
+    from effitrain.commands.scaling import format_fit
+    from effitrain.commands.scaling import scaling_fit as fit
 
     result = fit(Path(rest[0]), params=params, check=check, png=Path(flags["--png"]) if "--png" in flags else None)
     print(json.dumps(result.__dict__, indent=2) if "--json" in flags else format_fit(result))

@@ -1,0 +1,3 @@
+"""The verbs of the CLI besides `train`, one module each (cli.py parses argv and dispatches here): resume,
+reproduce, eval (evaluate.py), compare, the planning verbs estimate/plan/scaling-fit (planning.py, with plan.py and
+scaling.py). Verbs use the engine and the groups; nothing below imports a verb."""
