@@ -20,8 +20,8 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
 
 from effitrain.errors import IOFailure, RunStopped, UsageError, exit_one_line
+from effitrain.sweep import trials as search
 from effitrain.sweep.results import record_outcome
-from effitrain.sweep.results import trials as search
 
 
 class OptunaSweeper(Sweeper):
