@@ -1,5 +1,6 @@
 """Checks of a composed config, run before any process starts (no torch): the top-level keys, each group's own
-checks (in the group's package), then the rules that span groups -- all of those live here, and only here.
+checks and each chosen option's checks against the run (both in the group's package), then the one rule that spans
+groups: what each chosen option needs, another provides (`check_traits`, reading the traits every option declares).
 
 Each check raises UsageError with one line: what is wrong and what would be right.
 """
@@ -12,25 +13,75 @@ from pathlib import Path
 from effitrain.compose import GROUPS
 from effitrain.compression import chosen
 from effitrain.errors import UsageError
-from effitrain.launcher import world_size
-from effitrain.model import kv_heads
-from effitrain.optimizer import STOCHASTIC_ROUNDING
-from effitrain.parallel import FSDP_STRATEGIES, parallel_degrees
-from effitrain.precision import param_dtype
-
-TP_FAMILIES = ("llama", "gpt2")  # families with a tensor-parallel plan (parallel/build.py)
+from effitrain.precision import CUDA
+from effitrain.registry import Traits
 
 
 def check_all(cfg) -> None:
     check_run(cfg)
     for group in GROUPS:
         group.check(cfg[group.name])
-    check_precision_device(cfg.precision, device=cfg.device)
-    check_precision_layout(cfg.precision, parallel=cfg.parallel)
-    check_optimizer_layout(cfg.optimizer, precision=cfg.precision, parallel=cfg.parallel)
-    check_parallel(cfg.parallel, launcher=cfg.launcher, model=cfg.model, seq_len=cfg.data.seq_len)
+    for group in GROUPS:
+        group.check_options(cfg)
+    check_traits(cfg)
     check_compression(cfg.compression, parallel=cfg.parallel, precision=cfg.precision, model=cfg.model,
                       device=cfg.device, max_steps=cfg.max_steps)
+
+
+def check_traits(cfg) -> None:
+    """The one rule across groups: each chosen option's needs are provided by another chosen option (or the run's
+    device), and nothing it excludes is; the line comes from the option's Need (registry.Traits)."""
+    chosen = [(group, node) for group in GROUPS for node in group.nodes(cfg[group.name]).values()]
+    provided: dict[str, list[tuple]] = {CUDA: [("device", None)]} if _has_gpu(cfg.device) else {}
+    for group, node in chosen:
+        for trait in _traits(group, node).of("provides", node, cfg):
+            provided.setdefault(trait, []).append((group, node))
+    for group, node in chosen:
+        traits = _traits(group, node)
+        for need in traits.of("needs", node, cfg):
+            _need(need.trait in provided, _unmet(group, node, need, cfg))
+        for need in traits.of("excludes", node, cfg):
+            others = [(g, n) for g, n in provided.get(need.trait, []) if n is not node]
+            if others:
+                raise UsageError(f"{_pair((group, node), others[0])} cannot run together: {need.why}")
+
+
+def _traits(group, node) -> Traits:
+    return group.traits_of(group.kind_of(node)) or Traits()
+
+
+def _label(group, node) -> str:
+    return f"{group.name}={node.name}"
+
+
+def _pair(a: tuple, b: tuple) -> str:
+    """Two options named as a user would write them: `compression=a and b`, or `compression=a and precision=b`."""
+    (ga, na), (gb, nb) = sorted((a, b), key=lambda o: _label(*o))
+    return f"{_label(ga, na)} and {nb.name if ga is gb else _label(gb, nb)}"
+
+
+def _unmet(group, node, need, cfg) -> str:
+    """The line for a need nothing chosen provides: the options of one group that would, when there are such."""
+    providers = {g.name: [k for k in g.schemas if need.trait in _static_provides(g, k)] for g in GROUPS}
+    providers = {name: kinds for name, kinds in providers.items() if kinds}
+    if len(providers) == 1:
+        (name, kinds), = providers.items()
+        return f"{_label(group, node)} runs under {name}={' or '.join(kinds)}, not {cfg[name].name}: {need.why}"
+    if need.trait == CUDA:
+        return (f"{_label(group, node)} {need.why}; device={cfg.device} "
+                f"{'is the CPU' if cfg.device == 'cpu' else 'finds no NVIDIA GPU'}")
+    return f"{_label(group, node)} {need.why}"
+
+
+def _static_provides(group, kind: str) -> tuple:
+    traits = group.traits_of(kind)
+    return () if traits is None or callable(traits.provides) else tuple(traits.provides)
+
+
+def _has_gpu(device: str) -> bool:
+    """Whether the run's device is an NVIDIA GPU: device=cuda, or auto where a driver is present (the capability
+    check needs torch: the worker makes it at start)."""
+    return device == "cuda" or (device == "auto" and Path("/proc/driver/nvidia/version").exists())
 
 
 def _need(ok: bool, message: str) -> None:
@@ -74,62 +125,6 @@ def check_names(cfg) -> None:
 def _one_line(text: str) -> bool:
     """No control character (newline, carriage return, NUL, escape...): the text stays one line of one file name."""
     return not any(unicodedata.category(c) == "Cc" for c in text)
-
-
-def check_precision_device(precision, *, device: str) -> None:
-    """fp8 needs an NVIDIA GPU; without a driver there is none (the capability check needs torch: the worker makes
-    it at start, precision.build.check_fp8_device)."""
-    if precision.kind != "fp8":
-        return
-    no_gpu = device == "cpu" or (device == "auto" and not Path("/proc/driver/nvidia/version").exists())
-    _need(not no_gpu, f"precision=fp8 needs a CUDA GPU with compute capability >= 8.9; device={device} "
-                      f"{'is the CPU' if device == 'cpu' else 'finds no NVIDIA GPU'} (use precision=bf16)")
-
-
-def check_precision_layout(precision, *, parallel) -> None:
-    """reduce_dtype is FSDP's reduce-scatter dtype; every other layout reduces gradients in the parameters' dtype."""
-    if "reduce_dtype" not in precision or parallel.strategy in FSDP_STRATEGIES:
-        return
-    _need(precision.reduce_dtype == param_dtype(precision),
-          f"precision.reduce_dtype={precision.reduce_dtype} is the FSDP reduce-scatter dtype; parallel="
-          f"{parallel.name} reduces gradients in the parameters' dtype ({param_dtype(precision)}): leave "
-          f"reduce_dtype={param_dtype(precision)} or use an FSDP layout")
-
-
-def check_optimizer_layout(optimizer, *, precision, parallel) -> None:
-    _need(optimizer.kind != "zero1" or parallel.strategy == "ddp",
-          f"optimizer=zero1 shards AdamW state over DDP ranks: it needs parallel=ddp, not parallel={parallel.strategy}"
-          " (FSDP already shards optimizer state; use optimizer=adamw there)")
-    # Newton-Schulz orthogonalises whole matrices: sharded (FSDP/TP) weights would be orthogonalised per shard
-    _need(optimizer.kind != "muon" or parallel.strategy in ("single", "ddp"),
-          f"optimizer=muon needs whole weight matrices on each rank: parallel=single or ddp, not {parallel.strategy}")
-    # its factored second moment reduces a shard's rows to a partial-norm DTensor that its in-place update cannot
-    # take (torch 2.13: "in-place operations that require placement changes are not supported", foreach and loop)
-    _need(optimizer.kind != "adafactor" or parallel.strategy in ("single", "ddp"),
-          f"optimizer=adafactor fails on sharded (DTensor) parameters in torch's Adafactor: use parallel=single or "
-          f"ddp with it, not {parallel.strategy} (or optimizer=adamw-8bit for small optimizer state under FSDP)")
-    _need(param_dtype(precision) != "bfloat16" or optimizer.kind in STOCHASTIC_ROUNDING,
-          f"precision=bf16-pure updates bf16 weights with stochastic rounding, which optimizer=adamw and adamw-8bit "
-          f"have; optimizer={optimizer.kind} has not (use precision=bf16 with it)")
-
-
-def check_parallel(cfg, *, launcher, model, seq_len: int) -> None:
-    """The layout against the world size the launcher asks for, the model's heads and the sequence length."""
-    degrees = parallel_degrees(cfg, world_size=world_size(launcher))
-    if "sequence_parallel" in cfg and cfg.sequence_parallel:
-        # sequence parallel splits the TP group's activations along the sequence: no TP group, nothing to split
-        _need(degrees.tp > 1, f"parallel.sequence_parallel=true needs a tensor-parallel degree > 1, not "
-                              f"parallel.tp={degrees.tp}")
-        _need(seq_len % degrees.tp == 0,
-              f"parallel.sequence_parallel=true splits data.seq_len={seq_len} over parallel.tp={degrees.tp} ranks; "
-              "make data.seq_len a multiple of it")
-    if degrees.tp > 1:
-        _need(model.family in TP_FAMILIES,
-              f"parallel.strategy={cfg.strategy} has a tensor-parallel plan for model.family in "
-              f"{', '.join(TP_FAMILIES)}, not {model.family!r}; use parallel=fsdp or ddp")
-        for key, heads in (("num_heads", model.num_heads), ("num_kv_heads", kv_heads(model))):
-            _need(heads % degrees.tp == 0,
-                  f"model.{key}={heads} is not divisible by the tensor-parallel degree {degrees.tp}")
 
 
 # where each compression method runs (the layouts its code and tests cover), and why not elsewhere

@@ -44,7 +44,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from effitrain.errors import UsageError
-from effitrain.parallel import FSDP_STRATEGIES, Degrees, offloads, parallel_degrees
+from effitrain.parallel import GROUP as PARALLEL
+from effitrain.parallel import SHARDS_PARAMS, Degrees, offloads, parallel_degrees
+from effitrain.precision import spec as precision_spec
 
 GiB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -410,15 +412,13 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
         timing: predict time (False: memory and FLOPs only, no peak FLOP/s needed).
     """
     from effitrain.launcher import world_size
-    from effitrain.precision import param_dtype
-
     ws = world_size(cfg.launcher)
     d = parallel_degrees(cfg.parallel, world_size=ws)
     s = shape or model_shape(cfg.model, vocab=vocab_size(cfg.data), seq_len=cfg.data.seq_len,
                              compression=cfg.compression)
     strategy = cfg.parallel.strategy
-    fsdp = strategy in FSDP_STRATEGIES
-    p_bytes = BYTES[param_dtype(cfg.precision)]
+    fsdp = PARALLEL.provides(cfg.parallel, SHARDS_PARAMS)
+    p_bytes = precision_spec(cfg.precision).bytes("param")
     compute = 4 if cfg.precision.kind == "fp32" else 2
     notes: list[str] = []
 

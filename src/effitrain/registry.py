@@ -10,15 +10,53 @@ A group whose options combine (`multi`, e.g. `compression=[lora,grad-powersgd]`,
 one sub-node per chosen option under the option's kind (each YAML's `# @package compression.<kind>` header), so
 the chosen methods never overwrite each other's keys; each sub-node is typed by its kind's schema.
 
-Adding an option = one YAML under configs/<group>/ + one schema (`@GROUP.option(kind)`) + one builder
-(`@GROUP.builder(kind)`), all in the group's package; tests/test_schema.py checks the three agree.
+Beside its schema and builder, each option declares what it costs and what it is (tests/test_schema.py checks every
+option of every group does):
+- `@GROUP.cost(kind)`: its cost model, torch-free, read by the estimate (`effitrain estimate`, the fit check);
+  what a cost model is depends on the group (a precision's dtypes, an optimizer's state bytes, a layout's memory
+  terms...), each group's `cost.py` says. A group whose options put nothing on the device names why instead
+  (`Group(costless=...)`).
+- `GROUP.traits(kind, provides=..., needs=..., excludes=...)`: what it offers the other chosen options (a trait
+  name: "whole_weights", "comm_hooks", ...), what it needs of them (`Need(trait, why)`: some chosen option or the
+  run's device must provide the trait, else one line that ends with `why`), and what no other chosen option may
+  provide (`Need(trait, why)` again). `checks.check_traits` is the one rule that reads them.
+- `@GROUP.check_of(kind)`: its checks against the rest of the run's config (`fn(node, cfg)`).
+
+Adding an option = one YAML under configs/<group>/ + its schema, traits, cost and builder in the group's package;
+tests/test_schema.py checks they agree.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field, fields
-from typing import Callable
+from typing import Callable, Iterable, Union
+
+
+@dataclass(frozen=True)
+class Need:
+    """A trait some other chosen option must provide (or, in `excludes`, must not), and why: the end of the one
+    line a run that breaks it gets."""
+
+    trait: str
+    why: str
+
+
+# a trait list, or a function of (the option's node, the whole config) giving one (a need that depends on a value)
+TraitList = Union[Iterable, Callable]
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What an option provides to the others, needs of them, and excludes from them."""
+
+    provides: TraitList = ()
+    needs: TraitList = ()
+    excludes: TraitList = ()
+
+    def of(self, which: str, node, cfg) -> tuple:
+        value = getattr(self, which)
+        return tuple(value(node, cfg) if callable(value) else value)
 
 
 @dataclass
@@ -31,14 +69,21 @@ class Group:
             options all share one schema (then registered as kind `name`).
         builders: the module whose import registers the builders (imported on the first `builder_of`).
         multi: options combine: the group's node maps each chosen option's kind to that option's node.
+        costs: the module whose import registers the cost models (torch-free; imported on the first `cost_of`).
+        costless: why the group's options put nothing on the device (then they register no cost model).
     """
 
     name: str
     key: str | None
     builders: str
     multi: bool = False
+    costs: str | None = None
+    costless: str | None = None
     schemas: dict[str, type] = field(default_factory=dict)
     _builders: dict[str, Callable] = field(default_factory=dict)
+    _costs: dict[str, object] = field(default_factory=dict)
+    _traits: dict[str, Traits] = field(default_factory=dict)
+    _option_checks: dict[str, Callable] = field(default_factory=dict)
     _check: Callable | None = None
 
     def option(self, kind: str):
@@ -60,6 +105,59 @@ class Group:
             self._builders[kind] = fn
             return fn
         return register
+
+    def cost(self, kind: str):
+        """Decorator: register the cost model of `kind` (a function or object; what it is, the group's cost.py says)."""
+        def register(model):
+            assert kind in self.schemas, f"{self.name}: cost model for {kind!r}, which has no schema"
+            assert kind not in self._costs, f"{self.name}: cost model for {kind!r} registered twice"
+            self._costs[kind] = model
+            return model
+        return register
+
+    def cost_of(self, kind: str):
+        """The cost model of `kind` (a UsageError if the option has none: the estimate cannot count it)."""
+        from effitrain.errors import UsageError
+
+        if self.costs is not None:
+            importlib.import_module(self.costs)
+        if kind not in self._costs:
+            raise UsageError(f"{self.name}={kind}: no cost model registered, so effitrain estimate cannot count it")
+        return self._costs[kind]
+
+    def all_costs(self) -> dict[str, object]:
+        if self.costs is not None:
+            importlib.import_module(self.costs)
+        return dict(self._costs)
+
+    def traits(self, kind: str, *, provides: TraitList = (), needs: TraitList = (), excludes: TraitList = ()) -> None:
+        """Declare what `kind` provides to the other chosen options, needs of them and excludes from them."""
+        assert kind in self.schemas, f"{self.name}: traits for {kind!r}, which has no schema"
+        assert kind not in self._traits, f"{self.name}: traits for {kind!r} declared twice"
+        self._traits[kind] = Traits(provides=provides, needs=needs, excludes=excludes)
+
+    def traits_of(self, kind: str) -> Traits | None:
+        return self._traits.get(kind)
+
+    def provides(self, node, trait: str, cfg=None) -> bool:
+        """Whether the option of `node` provides `trait` (cfg: the whole config, for traits that depend on it)."""
+        traits = self._traits.get(self.kind_of(node))
+        return traits is not None and trait in traits.of("provides", node, cfg)
+
+    def check_of(self, kind: str):
+        """Function decorator: `kind`'s checks against the whole config (`fn(node, cfg)`, raise UsageError)."""
+        def register(fn: Callable) -> Callable:
+            assert kind in self.schemas, f"{self.name}: checks for {kind!r}, which has no schema"
+            self._option_checks[kind] = fn
+            return fn
+        return register
+
+    def check_options(self, cfg) -> None:
+        """Each chosen option's checks against the whole config."""
+        for node in self.nodes(cfg[self.name]).values():
+            fn = self._option_checks.get(self.kind_of(node))
+            if fn is not None:
+                fn(node, cfg)
 
     def checks(self, fn: Callable) -> Callable:
         """Function decorator: the group's own checks, given its config node (raise UsageError)."""

@@ -73,7 +73,8 @@ class Distill(ModelConverter):
         """Built at the first step, not at convert(): an export rebuilds the converters and needs no teacher."""
         from effitrain.engine.flops import model_flops_per_token
         from effitrain.model.build import load_pretrained
-        from effitrain.parallel import FSDP_STRATEGIES
+        from effitrain.parallel import GROUP as PARALLEL
+        from effitrain.parallel import SHARDS_PARAMS
         from effitrain.parallel.build import apply_parallel
 
         ctx = self.context
@@ -87,7 +88,7 @@ class Distill(ModelConverter):
         teacher.requires_grad_(False).eval()
         # forward only: a third of the 6N (+ attention) training FLOPs per token
         self.flops_per_step = model_flops_per_token(teacher, seq_len=ctx.seq_len) / 3 * ctx.tokens_per_step
-        if ctx.parallel.strategy in FSDP_STRATEGIES:
+        if PARALLEL.provides(ctx.parallel, SHARDS_PARAMS):
             return apply_parallel(teacher, cfg=ctx.parallel, world=ctx.world, precision=ctx.precision)
         return teacher.to(ctx.world.device)
 

@@ -92,7 +92,7 @@ def build_parts(cfg, *, world, vocab_size: int, tokenizer: Path | None = None) -
     total, trainable = count_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     # offloaded FSDP steps the optimizer on the host copies of the shards
-    optimizer = build_optimizer(model, cfg=cfg.optimizer,
+    optimizer = build_optimizer(model, cfg=cfg.optimizer, param_dtype=precision.spec.param,
                                 device=torch.device("cpu") if offloads(cfg.parallel) else world.device)
     scheduler = build_scheduler(optimizer, cfg=cfg.schedule, max_steps=cfg.max_steps)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 from effitrain.errors import UsageError
+from effitrain.parallel import TP_PLAN
 from effitrain.registry import Group
 
-GROUP = Group("model", key="family", builders="effitrain.model.build")
+GROUP = Group("model", key="family", builders="effitrain.model.build", costs="effitrain.model.cost")
+PRETRAINED = "pretrained"  # trait: the model starts from a local checkpoint's trained weights
 
 
 class ModelError(UsageError):
@@ -46,6 +48,15 @@ class LlamaModel(ModelBase):
 @dataclass
 class GPT2Model(ModelBase):
     family: str = "gpt2"  # learned positions, GELU MLP, LayerNorm with biases
+
+
+def _pretrained(cfg, _run) -> list[str]:
+    return [PRETRAINED] if cfg.pretrained else []
+
+
+# both families have a tensor-parallel plan (parallel/build.py)
+GROUP.traits("llama", provides=lambda cfg, run: [TP_PLAN, *_pretrained(cfg, run)])
+GROUP.traits("gpt2", provides=lambda cfg, run: [TP_PLAN, *_pretrained(cfg, run)])
 
 
 # what transformers' from_pretrained reads weights from (single file or sharded index)

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from typing import List
 
 from effitrain.errors import UsageError
-from effitrain.registry import Group
+from effitrain.parallel import DDP, WHOLE_WEIGHTS
+from effitrain.registry import Group, Need
 
-GROUP = Group("optimizer", key="kind", builders="effitrain.optimizer.build")
+GROUP = Group("optimizer", key="kind", builders="effitrain.optimizer.build", costs="effitrain.optimizer.cost")
 NO_DECAY = ("bias", "norm", "embedding")
 IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
-STOCHASTIC_ROUNDING = ("adamw", "adamw-8bit")  # kinds with bf16 stochastic-rounding updates (torchao)
+STOCHASTIC_ROUNDING = "stochastic_rounding"  # trait: updates bf16 weights with stochastic rounding (torchao)
 
 
 @dataclass
@@ -75,6 +76,19 @@ class MuonOptimizer(AdamBase):
     momentum: float = 0.95
     nesterov: bool = True
     implementation: str = "auto"  # the AdamW half's
+
+
+GROUP.traits("adamw", provides=(STOCHASTIC_ROUNDING,))
+GROUP.traits("adamw-8bit", provides=(STOCHASTIC_ROUNDING,))
+GROUP.traits("zero1", needs=(Need(DDP, "ZeRO-1 shards AdamW state over DDP ranks (FSDP already shards optimizer "
+                                      "state; use optimizer=adamw there)"),))
+GROUP.traits("sgd")
+# Newton-Schulz orthogonalises whole matrices: sharded (FSDP/TP) weights would be orthogonalised per shard
+GROUP.traits("muon", needs=(Need(WHOLE_WEIGHTS, "it needs whole weight matrices on each rank"),))
+# its factored second moment reduces a shard's rows to a partial-norm DTensor that its in-place update cannot take
+# (torch 2.13: "in-place operations that require placement changes are not supported", foreach and loop)
+GROUP.traits("adafactor", needs=(Need(WHOLE_WEIGHTS, "torch's Adafactor fails on sharded (DTensor) parameters "
+                                                     "(optimizer=adamw-8bit keeps optimizer state small under FSDP)"),))
 
 
 @GROUP.checks

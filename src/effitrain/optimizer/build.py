@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from effitrain.errors import UsageError
-from effitrain.optimizer import GROUP, STOCHASTIC_ROUNDING
+from effitrain.optimizer import GROUP
 
 log = logging.getLogger("effitrain")
 
@@ -66,7 +66,8 @@ class OptimizerChain(torch.optim.Optimizer):
         self._share_state()
 
 
-def build_optimizer(model: nn.Module, *, cfg, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, *, cfg, device: torch.device, param_dtype: str = "float32"
+                    ) -> torch.optim.Optimizer:
     """The optimizer of the `optimizer` group; logs its state size per rank after the first step.
 
     bf16 parameters (precision=bf16-pure) get torchao's AdamW with bf16 stochastic rounding, so updates smaller
@@ -76,13 +77,12 @@ def build_optimizer(model: nn.Module, *, cfg, device: torch.device) -> torch.opt
         model: the (possibly wrapped) model whose parameters train.
         cfg: the `optimizer` config group.
         device: where the parameters live (picks the fused/foreach implementation under `auto`).
+        param_dtype: the precision's parameter dtype (precision.Spec.param; checks.check_traits made sure a
+            bfloat16 one meets an optimizer with stochastic rounding).
     """
     groups = param_groups(model, weight_decay=cfg.weight_decay, no_decay=list(cfg.no_decay))
-    bf16 = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
-    if bf16 and cfg.kind not in STOCHASTIC_ROUNDING:
-        raise OptimizerError(f"bf16 parameters (precision=bf16-pure) need stochastic-rounding updates, which "
-                             f"optimizer=adamw and adamw-8bit have; optimizer={cfg.name} has not (use precision=bf16)")
-    optimizer = GROUP.builder_of(cfg.kind)(groups, model=model, cfg=cfg, device=device, bf16=bf16)
+    optimizer = GROUP.builder_of(cfg.kind)(groups, model=model, cfg=cfg, device=device,
+                                           bf16=param_dtype == "bfloat16")
     optimizer.register_step_post_hook(_log_state_once(cfg.name))
     return optimizer
 

@@ -10,11 +10,21 @@ from dataclasses import dataclass
 from typing import Optional
 
 from effitrain.errors import UsageError
-from effitrain.registry import Group
+from effitrain.registry import Group, Need
 
-GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build")
-FSDP_STRATEGIES = ("fsdp", "hsdp", "fsdp-tp")  # those that shard parameters with FSDP2
-TP_STRATEGIES = ("tp", "fsdp-tp")
+GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build", costs="effitrain.parallel.cost")
+
+# Traits a layout provides to the other chosen options (registry.Group.traits):
+WHOLE_WEIGHTS = "whole_weights"  # every rank holds whole weight matrices
+DDP = "ddp"  # DDP: the default process group's ranks each hold a replica; gradients all-reduced in buckets
+COMM_HOOKS = "ddp_comm_hooks"  # a DDP communication hook compresses the gradients' all-reduce
+CONVERTED_MODULES = "converted_modules"  # wraps modules a converter replaced or added (adapters, fake-quantized
+# Linears, masked weights, a teacher placed alike): whole weights, or FSDP's 1-D dim-0 shards
+SHARDS_PARAMS = "shards_params"  # FSDP2 shards parameters, gradients and optimizer state over dp_shard ranks
+FSDP_REDUCE = "fsdp_reduce"  # gradients reduce-scattered in precision.reduce_dtype (FSDP's MixedPrecisionPolicy)
+TENSOR_PARALLEL = "tensor_parallel"  # Megatron TP over parallel.tp ranks
+TP_PLAN = "tp_plan"  # (a model family's) a tensor-parallel plan for its blocks
+
 
 
 @dataclass
@@ -74,6 +84,47 @@ class FSDPTPParallel(ShardedBase):
     sequence_parallel: bool = False
 
 
+def _tp_plan(node, cfg) -> list[Need]:
+    """A tensor-parallel degree above 1 needs the model family's plan."""
+    from effitrain.launcher import world_size
+
+    if parallel_degrees(node, world_size=world_size(cfg.launcher)).tp == 1:
+        return []
+    return [Need(TP_PLAN, f"parallel.strategy={node.strategy} needs a tensor-parallel plan, which model.family="
+                          f"{cfg.model.family!r} has not; use parallel=fsdp or ddp")]
+
+
+GROUP.traits("single", provides=(WHOLE_WEIGHTS, CONVERTED_MODULES))
+GROUP.traits("ddp", provides=(WHOLE_WEIGHTS, DDP, COMM_HOOKS, CONVERTED_MODULES))
+GROUP.traits("fsdp", provides=(SHARDS_PARAMS, FSDP_REDUCE, CONVERTED_MODULES))
+GROUP.traits("hsdp", provides=(SHARDS_PARAMS, FSDP_REDUCE))
+GROUP.traits("tp", provides=(TENSOR_PARALLEL,), needs=_tp_plan)
+GROUP.traits("fsdp-tp", provides=(SHARDS_PARAMS, FSDP_REDUCE, TENSOR_PARALLEL), needs=_tp_plan)
+
+
+def _check_layout(cfg, run) -> None:
+    """The layout against the world size the launcher asks for, the model's heads and the sequence length."""
+    from effitrain.launcher import world_size
+
+    degrees = parallel_degrees(cfg, world_size=world_size(run.launcher))
+    if "sequence_parallel" in cfg and cfg.sequence_parallel:
+        # sequence parallel splits the TP group's activations along the sequence: no TP group, nothing to split
+        _need(degrees.tp > 1, f"parallel.sequence_parallel=true needs a tensor-parallel degree > 1, not "
+                              f"parallel.tp={degrees.tp}")
+        _need(run.data.seq_len % degrees.tp == 0,
+              f"parallel.sequence_parallel=true splits data.seq_len={run.data.seq_len} over parallel.tp="
+              f"{degrees.tp} ranks; make data.seq_len a multiple of it")
+    if degrees.tp > 1:
+        kv_heads = run.model.get("num_kv_heads") or run.model.num_heads  # gpt2: every head has its own k and v
+        for key, heads in (("num_heads", run.model.num_heads), ("num_kv_heads", kv_heads)):
+            _need(heads % degrees.tp == 0,
+                  f"model.{key}={heads} is not divisible by the tensor-parallel degree {degrees.tp}")
+
+
+for _kind in GROUP.schemas:
+    GROUP.check_of(_kind)(_check_layout)
+
+
 @GROUP.checks
 def check(cfg) -> None:
     if cfg.activation_checkpointing not in ("none", "full", "selective"):
@@ -81,13 +132,13 @@ def check(cfg) -> None:
                          "none, full, selective")
     if cfg.ac_every < 1:
         raise UsageError(f"parallel.ac_every={cfg.ac_every} must be >= 1")
-    if cfg.strategy in FSDP_STRATEGIES and cfg.offload not in (None, "cpu"):
+    if "offload" in cfg and cfg.offload not in (None, "cpu"):
         raise UsageError(f"parallel.offload={cfg.offload!r} is not one of: null, cpu")
 
 
 def offloads(cfg) -> bool:
     """True when FSDP keeps parameters, gradients and optimizer state on the host (the optimizer steps there)."""
-    return cfg.strategy in FSDP_STRATEGIES and cfg.offload == "cpu"
+    return "offload" in cfg and cfg.offload == "cpu"
 
 
 @dataclass(frozen=True)
@@ -116,7 +167,7 @@ def parallel_degrees(cfg, *, world_size: int) -> Degrees:
           f"parallel=single runs one process but the world size is {world_size}; "
           "choose parallel=ddp, fsdp, fsdp-zero2, hsdp, tp or fsdp-tp, or launcher.nproc_per_node=1")
     tp = 1
-    if s in TP_STRATEGIES:
+    if "tp" in cfg:
         tp = world_size if cfg.tp == -1 else cfg.tp
         _need(tp >= 1 and world_size % tp == 0,
               f"parallel.tp={cfg.tp} does not divide the world size {world_size} "

@@ -15,7 +15,7 @@ from torch import nn
 from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 from effitrain.precision import DTYPES as DTYPE_NAMES
-from effitrain.precision import GROUP
+from effitrain.precision import GROUP, Spec, spec
 
 log = logging.getLogger("effitrain")
 
@@ -32,19 +32,17 @@ class Precision:
 
     Args:
         device: the device the model trains on.
-        autocast_dtype: the autocast compute dtype, or None (fp32 compute).
-        param_dtype: the dtype parameters are stored in.
-        reduce_dtype: FSDP's gradient reduce-scatter dtype.
-        peak_dtype: the dtype whose peak FLOP/s MFU is measured against ('tf32', 'float8', ...).
+        spec: the option's dtypes (precision.Spec, the one place they are worked out).
         scaler: the dynamic loss scaler (disabled outside fp16).
         converters: model transforms this precision needs before parallel wrapping.
     """
 
-    def __init__(self, *, device: torch.device, autocast_dtype: torch.dtype | None, param_dtype: torch.dtype,
-                 reduce_dtype: torch.dtype, peak_dtype: str, scaler: torch.amp.GradScaler,
+    def __init__(self, *, device: torch.device, spec: Spec, scaler: torch.amp.GradScaler,
                  converters: list[ModelConverter] = ()):
-        self.device, self.autocast_dtype, self.param_dtype = device, autocast_dtype, param_dtype
-        self.reduce_dtype, self.peak_dtype, self.scaler = reduce_dtype, peak_dtype, scaler
+        self.device, self.spec, self.scaler = device, spec, scaler
+        self.autocast_dtype = DTYPES[spec.autocast] if spec.autocast else None
+        self.param_dtype, self.reduce_dtype = DTYPES[spec.param], DTYPES[spec.reduce]
+        self.peak_dtype = spec.peak_on(cuda=device.type == "cuda")  # the datasheet column MFU divides by
         self.converters = list(converters)
 
     def fsdp_mixed_precision(self):
@@ -108,38 +106,32 @@ def _scaler(device: torch.device, cfg=None) -> torch.amp.GradScaler:
 
 @GROUP.builder("fp32")
 def fp32(cfg, *, device):
-    return Precision(device=device, autocast_dtype=None, param_dtype=torch.float32, reduce_dtype=torch.float32,
-                     peak_dtype="tf32" if cfg.tf32 and device.type == "cuda" else "float32", scaler=_scaler(device))
+    return Precision(device=device, spec=spec(cfg), scaler=_scaler(device))
 
 
 @GROUP.builder("bf16")
 def bf16(cfg, *, device):
-    return Precision(device=device, autocast_dtype=torch.bfloat16, param_dtype=torch.float32,
-                     reduce_dtype=DTYPES[cfg.reduce_dtype], peak_dtype="bfloat16", scaler=_scaler(device))
+    return Precision(device=device, spec=spec(cfg), scaler=_scaler(device))
 
 
 @GROUP.builder("fp16")
 def fp16(cfg, *, device):
     # FSDP2 shards are DTensors, whose unscale op agrees on found_inf across ranks: the plain scaler suffices
-    return Precision(device=device, autocast_dtype=torch.float16, param_dtype=torch.float32,
-                     reduce_dtype=DTYPES[cfg.reduce_dtype], peak_dtype="float16", scaler=_scaler(device, cfg))
+    return Precision(device=device, spec=spec(cfg), scaler=_scaler(device, cfg))
 
 
 @GROUP.builder("bf16-pure")
 def bf16_pure(cfg, *, device):
     # parameters are bf16 already; autocast keeps softmax, norms and the loss in fp32
-    return Precision(device=device, autocast_dtype=torch.bfloat16, param_dtype=torch.bfloat16,
-                     reduce_dtype=DTYPES[cfg.reduce_dtype], peak_dtype="bfloat16", scaler=_scaler(device),
+    return Precision(device=device, spec=spec(cfg), scaler=_scaler(device),
                      converters=[CastParameters(torch.bfloat16)])
 
 
 @GROUP.builder("fp8")
 def fp8(cfg, *, device):
     linears = Float8Linears(recipe=cfg.fp8_recipe, min_features=cfg.fp8_min_features)
-    reduce_dtype = DTYPES[cfg.reduce_dtype]
     check_fp8_device(device, option=cfg.name)
-    return Precision(device=device, autocast_dtype=torch.bfloat16, param_dtype=torch.float32,
-                     reduce_dtype=reduce_dtype, peak_dtype="float8", scaler=_scaler(device), converters=[linears])
+    return Precision(device=device, spec=spec(cfg), scaler=_scaler(device), converters=[linears])
 
 
 class CastParameters(ModelConverter):
