@@ -107,7 +107,7 @@ def test_lora_trains_adapters_only_and_export_merges_them(tmp_path, tiny, hf_dir
 
 
 def test_magnitude_pruning_reaches_its_sparsity_and_keeps_zeros(tmp_path, tiny):
-    from effitrain.compression.prune import prunable
+    from effitrain.compression.masks import prunable
 
     t = trained(compose(tiny("compression=[prune-magnitude]", "compression.prune_magnitude.end_step=4",
                              "compression.prune_magnitude.frequency=2", "compression.prune_magnitude.scope=layer")),
@@ -119,7 +119,7 @@ def test_magnitude_pruning_reaches_its_sparsity_and_keeps_zeros(tmp_path, tiny):
 
 
 def test_2of4_masks_every_group_of_four(tmp_path, tiny):
-    from effitrain.compression.prune import prunable
+    from effitrain.compression.masks import prunable
 
     t = trained(compose(tiny("compression=[prune-2of4]", "max_steps=3")), tmp_path)
     for w in prunable(t.state.model):
