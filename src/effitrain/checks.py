@@ -33,14 +33,15 @@ def check_traits(cfg) -> None:
     for group, node in chosen:
         for trait in _traits(group, node).of("provides", node, cfg):
             provided.setdefault(trait, []).append((group, node))
+    # what cannot run together first: it holds whatever else the run sets, while a need names what to set
     for group, node in chosen:
-        traits = _traits(group, node)
-        for need in traits.of("needs", node, cfg):
-            _need(need.trait in provided, _unmet(group, node, need, cfg))
-        for need in traits.of("excludes", node, cfg):
+        for need in _traits(group, node).of("excludes", node, cfg):
             others = [(g, n) for g, n in provided.get(need.trait, []) if n is not node]
             if others:
                 raise UsageError(f"{_pair((group, node), others[0])} cannot run together: {need.why}")
+    for group, node in chosen:
+        for need in _traits(group, node).of("needs", node, cfg):
+            _need(need.trait in provided, _unmet(group, node, need, cfg))
 
 
 def _traits(group, node) -> Traits:
