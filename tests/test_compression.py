@@ -33,6 +33,18 @@ def test_list_selection_gives_each_method_its_own_keys(tiny):
     assert (cfg.compression.lora.rank, cfg.compression.grad_powersgd.rank) == (4, 1)
 
 
+def test_methods_apply_in_stage_order_whatever_the_listing_order(tiny):
+    """Each method's module declares its stage (method.py): structure, what trains, weight constraints, loss,
+    communication."""
+    from effitrain.compression import GROUP, in_order
+
+    assert [GROUP.kind_of(n) for n in GROUP.ordered({"kind": k} for k in reversed(list(GROUP.schemas)))] == [
+        "none", "share_layers", "freeze", "lora", "qat_int8", "qat_int4", "prune_magnitude", "prune_2of4", "distill",
+        "grad_fp16", "grad_powersgd"]
+    cfg = compose(tiny("compression=[grad-fp16,distill,prune-2of4,share-layers]"))
+    assert [n.kind for n in in_order(cfg.compression)] == ["share_layers", "prune_2of4", "distill", "grad_fp16"]
+
+
 REFUSED = {
     "unknown option in list": (["compression=[lora,powersgd]"], "unknown compression option 'powersgd'"),
     "key of an unchosen method": (["compression.lora.rank=4"], "unknown key 'compression.lora'"),

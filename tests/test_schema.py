@@ -24,6 +24,19 @@ def test_yamls_schemas_and_builders_agree():
         assert set(group.all_builders()) == set(group.schemas), f"{group.name}: builders vs schemas"
 
 
+def test_every_compression_method_declares_traits_and_a_cost_model():
+    """A method is one module: its traits (checks.check_traits reads them) and its cost model (the estimate composes
+    them) are declared beside its schema. (Compression only for now; the other groups follow.)"""
+    from effitrain.compression import GROUP
+    from effitrain.compression.method import Cost
+
+    missing_traits = [k for k in GROUP.schemas if GROUP.traits_of(k) is None]
+    assert not missing_traits, f"compression: no traits declared for {missing_traits}"
+    costs = GROUP.all_costs()
+    assert set(costs) == set(GROUP.schemas), f"compression: cost models vs schemas: {set(GROUP.schemas) ^ set(costs)}"
+    assert all(isinstance(c, Cost) for c in costs.values())
+
+
 @pytest.fixture
 def reads(monkeypatch) -> set[str]:
     """Full keys ('optimizer.lr') of every config value read by attribute or item while the fixture is active."""

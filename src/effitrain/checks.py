@@ -20,27 +20,33 @@ def check_all(cfg) -> None:
     check_run(cfg)
     for group in GROUPS:
         group.check(cfg[group.name])
+    # options that cannot run together first: that holds whatever values the run sets, which the options' own
+    # checks would otherwise have the user fix in vain
+    check_traits(cfg, which=("excludes",))
     for group in GROUPS:
         group.check_options(cfg)
     check_traits(cfg)
 
 
-def check_traits(cfg) -> None:
+def check_traits(cfg, *, which: tuple[str, ...] = ("excludes", "needs")) -> None:
     """The one rule across groups: each chosen option's needs are provided by another chosen option (or the run's
-    device), and nothing it excludes is; the line comes from the option's Need (registry.Traits)."""
+    device), and nothing it excludes is; the line comes from the option's Need (registry.Traits).
+
+    Args:
+        which: the declarations to check: "excludes" (which options cannot run together), "needs".
+    """
     chosen = [(group, node) for group in GROUPS for node in group.nodes(cfg[group.name]).values()]
     provided: dict[str, list[tuple]] = {CUDA: [("device", None)]} if _has_gpu(cfg.device) else {}
     for group, node in chosen:
         for trait in _traits(group, node).of("provides", node, cfg):
             provided.setdefault(trait, []).append((group, node))
-    # what cannot run together first: it holds whatever else the run sets, while a need names what to set
     for group, node in chosen:
-        for need in _traits(group, node).of("excludes", node, cfg):
+        for need in _traits(group, node).of("excludes", node, cfg) if "excludes" in which else ():
             others = [(g, n) for g, n in provided.get(need.trait, []) if n is not node]
             if others:
                 raise UsageError(f"{_pair((group, node), others[0])} cannot run together: {need.why}")
     for group, node in chosen:
-        for need in _traits(group, node).of("needs", node, cfg):
+        for need in _traits(group, node).of("needs", node, cfg) if "needs" in which else ():
             _need(need.trait in provided, _unmet(group, node, need, cfg))
 
 
