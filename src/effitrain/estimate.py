@@ -409,17 +409,9 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                                                        state_bytes=state_bytes, momentum=momentum)
     if strategy == "ddp":
         mem["ddp_buckets"] = n_trained * p_bytes  # buckets hold the gradients of trained parameters only
-    compression = [(node, cost, Inputs(params=s.params, numels=numels, trained=n_trained, param_bytes=p_bytes,
-                                       shard=d.dp_shard if fsdp else 1, vocab=s.vocab,
-                                       tokens=cfg.batch_size * cfg.data.seq_len, read=read))
-                   for node, cost, read in s.compression]
-    held, transient, at_backward = [], [], []  # compression items: held through the step, forward/backward only
-    for node, cost, inputs in compression:
-        items = cost.memory(node, inputs) if cost.memory is not None else {}
-        mem |= items
-        held += [k for k in items if k in cost.held]
-        transient += [k for k in items if k not in cost.held]
-        at_backward += [k for k in items if k in cost.backward]
+    compression = _compression_terms(s, numels, trained=n_trained, param_bytes=p_bytes,
+                                     shard=d.dp_shard if fsdp else 1, tokens=cfg.batch_size * cfg.data.seq_len)
+    mem |= compression.memory
     if offloads(cfg.parallel):
         notes.append("parallel.offload=cpu: parameters, gradients and optimizer state live in host memory; "
                      "the device holds the gathered parameters and activations")
@@ -459,11 +451,11 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     # the loss is computed after the model's forward returned: with reshard_after_forward (effitrain sets it on the
     # root too) nothing is gathered then, nor when backward starts at the loss, until the head's backward
     at_loss = mem["fsdp_gathered_params"] if fsdp and not cfg.parallel.reshard_after_forward else 0
-    static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0) + sum(mem[k] for k in held)
+    static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0) + compression.bytes("held")
     if offloads(cfg.parallel):
         static = 0
     gathered_now = mem.get("fsdp_gathered_params", 0) + mem.get("fsdp_unsharded_grads", 0)
-    backward = static + mem["activations"] + mem["logits_and_loss"] + sum(mem[k] for k in at_backward) + at_loss \
+    backward = static + mem["activations"] + mem["logits_and_loss"] + compression.bytes("at_backward") + at_loss \
         + head_grad
     recompute_moment = static + mem["activations"] + mem["activation_recompute"] + gathered_now \
         + mem.get("fsdp_block_reduce", 0) + head_grad
@@ -481,16 +473,14 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
         step = 0
     moments = {"backward start": backward, "backward recompute": recompute_moment, "backward, first block": first_block,
                "optimizer step": step}
-    for _, cost, inputs in compression:  # a method's own moments (building the distillation loss)
-        if cost.moments is not None:
-            moments |= cost.moments(mem, inputs, Step(static=static, activations=mem["activations"], at_loss=at_loss))
+    moments |= compression.moments(mem, Step(static=static, activations=mem["activations"], at_loss=at_loss))
     phase = max(moments, key=moments.get)
     # what is live at the peak, for "the biggest item" of the fit check
     live = {"forward/backward": ["parameters", "optimizer_state", "ddp_buckets", "activations", "logits_and_loss",
                                  "fsdp_gathered_params", "fsdp_unsharded_grads", "fsdp_block_reduce",
-                                 "activation_recompute", *transient, *held],
+                                 "activation_recompute", *compression.transient, *compression.held],
             "optimizer step": ["parameters", "optimizer_state", "ddp_buckets", "gradients", "optimizer_temporaries",
-                               *held]}
+                               *compression.held]}
     candidates = live["optimizer step" if phase == "optimizer step" else "forward/backward"]
     biggest = max((k for k in candidates if k in mem), key=mem.get)
 
@@ -561,6 +551,42 @@ def _what_trains(s: Shape) -> dict:
             "norms": any(block(p) is not None and p.kind == "norm" for p in trained),
             "final_norm": any(block(p) is None and p.kind == "norm" for p in trained),
             "untouched_blocks": max(first, 0)}
+
+
+@dataclass
+class CompressionTerms:
+    """The chosen compression methods' memory items per rank and where in the step they live (their cost models,
+    compression/method.py)."""
+
+    methods: list[tuple]  # (node, cost model, Inputs) of each, in the order they apply
+    memory: dict[str, int] = field(default_factory=dict)
+    held: list[str] = field(default_factory=list)  # held through the whole step
+    transient: list[str] = field(default_factory=list)  # live in forward/backward only
+    at_backward: list[str] = field(default_factory=list)  # live from the loss to the end of backward
+
+    def bytes(self, which: str) -> int:
+        """The bytes of the items `held` or `at_backward`."""
+        return sum(self.memory[k] for k in getattr(self, which))
+
+    def moments(self, mem: dict[str, int], step: Step) -> dict[str, int]:
+        """The moments of the step the methods add (building the distillation loss)."""
+        return {k: v for node, cost, inputs in self.methods if cost.moments is not None
+                for k, v in cost.moments(mem, inputs, step).items()}
+
+
+def _compression_terms(s: Shape, numels: list[int], *, trained: int, param_bytes: int, shard: int,
+                       tokens: int) -> CompressionTerms:
+    terms = CompressionTerms([(node, cost, Inputs(params=s.params, numels=numels, trained=trained,
+                                                  param_bytes=param_bytes, shard=shard, vocab=s.vocab, tokens=tokens,
+                                                  read=read))
+                              for node, cost, read in s.compression])
+    for node, cost, inputs in terms.methods:
+        items = cost.memory(node, inputs) if cost.memory is not None else {}
+        terms.memory |= items
+        terms.held += [k for k in items if k in cost.held]
+        terms.transient += [k for k in items if k not in cost.held]
+        terms.at_backward += [k for k in items if k in cost.backward]
+    return terms
 
 
 def _device(cfg) -> str:
