@@ -62,6 +62,11 @@ REFUSED = {
     "lora from scratch": (["compression=[lora]"], "set model.pretrained"),
     "pruning past the run": (["compression=[prune-magnitude]"], "end_step=90 is past max_steps=6"),
     "no teacher": (["compression=[distill]"], "needs compression.distill.teacher"),
+    "lora under tp": (["compression=[lora]", "parallel=tp", "launcher.nproc_per_node=2"],
+                      "compression=lora runs under parallel=single or ddp or fsdp, not tp: the TP plans do not cover "
+                      "peft's adapter layers"),
+    "qat with pruning": (["compression=[prune-2of4,qat-int4]"], "compression=prune-2of4 and qat-int4 cannot run "
+                         "together: QAT's fake-quantizers and the masks fight over the same weights"),
 }
 
 
