@@ -5,7 +5,7 @@ option's keys live under its own kind (`compression.distill.alpha`, `compression
 A method is one module of this package, registered on import (method.py says what it declares: schema, stage,
 checks, traits, builder, cost): share_layers, freeze, lora, qat (int8, int4), prune (magnitude, 2:4), distill,
 grad (fp16, PowerSGD). Importing them here needs no torch; their converters import it when built. Adding a method
-= its YAML under configs/compression/ + its module here (imported below).
+= its YAML under configs/compression/ + its module here (named in the import line below, which registers it).
 """
 
 from __future__ import annotations

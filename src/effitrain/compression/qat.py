@@ -55,7 +55,7 @@ def check(node, cfg) -> None:
                          "never fake-quantize")
 
 
-TRAITS = dict(provides=(FAKE_QUANTIZES,), needs=(
+_TRAITS = dict(provides=(FAKE_QUANTIZES,), needs=(
     Need(CONVERTED_MODULES, "the TP plans do not cover torchao's fake-quantized Linears"),
 ), excludes=(
     Need(FAKE_QUANTIZES, "a weight has one quantization"),
@@ -64,7 +64,7 @@ TRAITS = dict(provides=(FAKE_QUANTIZES,), needs=(
 ))
 for _kind in ("qat_int8", "qat_int4"):
     GROUP.check_of(_kind)(check)
-    GROUP.traits(_kind, **TRAITS)
+    GROUP.traits(_kind, **_TRAITS)
 
 
 def base_config(kind: str, *, weight_dtype: str = "int4", group_size: int = 32):
