@@ -24,6 +24,35 @@ def test_yamls_schemas_and_builders_agree():
         assert set(group.all_builders()) == set(group.schemas), f"{group.name}: builders vs schemas"
 
 
+def test_every_option_declares_its_cost_and_traits():
+    """Each option carries what the estimate counts of it and what the cross-group rule reads of it, where it is
+    defined: a new option without them fails here, not on a CUDA box at its first fit check. A group whose options
+    put nothing on the device and meet no other group's says why (Group.standalone)."""
+    for group in GROUPS:
+        if group.standalone:
+            assert not group.all_costs() and not any(group.traits_of(k) for k in group.schemas), group.name
+            continue
+        assert set(group.all_costs()) == set(group.schemas), f"{group.name}: cost models vs schemas"
+        untraited = [k for k in group.schemas if group.traits_of(k) is None]
+        assert not untraited, f"{group.name}: options without declared traits: {untraited}"
+
+
+def test_every_need_can_be_met():
+    """A need no option of any group (nor the device) could ever provide would refuse its option always."""
+    from effitrain.precision import CUDA
+
+    offered = {CUDA} | {t for g in GROUPS for k in g.schemas if (tr := g.traits_of(k)) and not callable(tr.provides)
+                        for t in tr.provides}
+    dynamic = {"tp_plan", "pretrained"}  # provided by the model's traits as a function of its node
+    for group in GROUPS:
+        for kind in group.schemas:
+            traits = group.traits_of(kind)
+            if traits is None or callable(traits.needs):
+                continue
+            for need in traits.needs:
+                assert need.trait in offered | dynamic, f"{group.name}={kind} needs {need.trait!r}, offered by none"
+
+
 @pytest.fixture
 def reads(monkeypatch) -> set[str]:
     """Full keys ('optimizer.lr') of every config value read by attribute or item while the fixture is active."""

@@ -12,7 +12,8 @@ from pathlib import Path
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
-GROUP = Group("logging", key=None, builders="effitrain.logging.metrics")
+GROUP = Group("logging", key=None, builders="effitrain.logging.metrics",
+              standalone="sinks write on the host from one buffered read of the step's metrics")
 
 
 @GROUP.option("logging")

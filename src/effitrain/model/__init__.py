@@ -13,7 +13,7 @@ from effitrain.errors import UsageError
 from effitrain.parallel import TP_PLAN
 from effitrain.registry import Group
 
-GROUP = Group("model", key="family", builders="effitrain.model.build", costs="effitrain.model.cost")
+GROUP = Group("model", key="family", builders="effitrain.model.build")
 PRETRAINED = "pretrained"  # trait: the model starts from a local checkpoint's trained weights
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 from effitrain.errors import UsageError
 from effitrain.registry import Group, Need
 
-GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build", costs="effitrain.parallel.cost")
+GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build")
 
 # Traits a layout provides to the other chosen options (registry.Group.traits):
 WHOLE_WEIGHTS = "whole_weights"  # every rank holds whole weight matrices
