@@ -33,7 +33,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from effitrain.engine.memprobe import estimated, measure, nproc_of
+from effitrain.engine.memprobe import measure, nproc_of
 
 MiB = 2**20
 MODELS = {  # two small llama sizes (no data build: the vocabulary is data.vocab_size)
@@ -103,6 +103,14 @@ def hf_model_dir(out: Path, model_overrides: list[str], *, vocab: int) -> Path:
     model.save_pretrained(out)
     Tokenizer(models.BPE()).save(str(out / "tokenizer.json"))  # distill checks one is there
     return out
+
+
+def estimated(overrides: list[str]) -> tuple[int, str]:
+    from effitrain.compose import compose_one
+    from effitrain.estimate import estimate
+
+    est = estimate(compose_one(overrides), timing=False)
+    return est.peak_bytes, est.peak_phase
 
 
 def main() -> None:

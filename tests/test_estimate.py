@@ -102,7 +102,7 @@ def test_estimate_matches_a_measured_step():
     from effitrain.engine import memprobe
 
     overrides = [*SMALL, "batch_size=4", "data.seq_len=64"]
-    estimated, _ = memprobe.estimated(overrides)
+    estimated = _estimate(*overrides).peak_bytes
     (measured,) = memprobe.measure([overrides], nproc=1)
     assert abs(estimated - measured) / measured < 0.10, (estimated, measured)
 

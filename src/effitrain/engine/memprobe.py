@@ -194,13 +194,5 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def estimated(overrides: list[str]) -> tuple[int, str]:
-    from effitrain.compose import compose_one
-    from effitrain.estimate import estimate
-
-    est = estimate(compose_one(overrides), timing=False)
-    return est.peak_bytes, est.peak_phase
-
-
 if __name__ == "__main__":
     worker(Path(sys.argv[2]), Path(sys.argv[1]))

@@ -39,20 +39,22 @@ from effitrain.engine.converters import ConverterChain
 from effitrain.engine.distributed import any_rank, barrier, close_world, pick_device
 from effitrain.engine.flops import model_flops_per_token, peak_flops
 from effitrain.engine.job import join, start_job
-from effitrain.engine.loop import train_step
+from effitrain.engine.loop import evaluate, train_step
 from effitrain.engine.profiling import StepProfiler
 from effitrain.engine.runtime import job_runtime
 from effitrain.engine.state import TrainState
 from effitrain.errors import Diverged, Interrupted, Preempted, UsageError
 from effitrain.eval.tasks import TaskSuite
+from effitrain.files import write_file
 from effitrain.logging import setup_logging
 from effitrain.logging.metrics import MemoryMeter, PendingStep, Recorder, StepBuffer, StepClock, build_sinks, throughput
 from effitrain.model.build import build_model, count_params, init_weights
 from effitrain.optimizer.build import build_optimizer
 from effitrain.parallel import offloads
 from effitrain.parallel.build import apply_parallel, gradient_sync_skipper
+from effitrain.precision import spec as precision_spec
 from effitrain.precision.build import Precision, build_precision
-from effitrain.rundir import RunClaim, write_file
+from effitrain.rundir import RunClaim
 from effitrain.schedule.build import build_scheduler
 
 log = logging.getLogger("effitrain")
@@ -264,7 +266,8 @@ class Trainer:
         t3 = time.perf_counter()
         extra = {}
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            extra |= self.data.evaluate(state.model, self.val_batches, precision=self.precision, device=world.device)
+            extra |= self.data.evaluate(self.val_batches, loss_of=lambda batches: evaluate(
+                state.model, batches, precision=self.precision, device=world.device)[0])
             extra |= self.tasks.scores(state.model, max_len=cfg.data.seq_len, precision=self.precision,
                                        device=world.device)
         t4 = time.perf_counter()
@@ -398,7 +401,8 @@ def train_here(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> Train
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    with job_runtime(seed=cfg.seed, deterministic=cfg.deterministic, tf32=cfg.precision.tf32, device=device,
+    with job_runtime(seed=cfg.seed, deterministic=cfg.deterministic, tf32=precision_spec(cfg.precision).tf32,
+                     device=device,
                      keep_freed=cfg.cpu_keep_freed_memory):
         trainer = Trainer(cfg, run_dir, resume=resume or restarted)
         trainer.on_eval.extend(on_eval)

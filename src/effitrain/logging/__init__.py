@@ -80,7 +80,7 @@ class RunLogHandler(logging.FileHandler):
     failed = False
 
     def _open(self):  # never through a symlink (a received run directory's `train.log -> ~/.bashrc`)
-        from effitrain.rundir import open_append
+        from effitrain.files import open_append
 
         return open_append(Path(self.baseFilename))
 
