@@ -53,8 +53,10 @@ def train(overrides: list[str], run_dir: Path):
 
 
 def val_loss(trainer, model) -> float:
-    return trainer.data.evaluate(model, trainer.val_batches, precision=trainer.precision,
-                                 device=torch.device("cpu"))["val_loss"]
+    from effitrain.engine.loop import evaluate
+
+    return trainer.data.evaluate(trainer.val_batches, loss_of=lambda batches: evaluate(
+        model, batches, precision=trainer.precision, device=torch.device("cpu"))[0])["val_loss"]
 
 
 def optimizer_bytes(optimizer) -> int:

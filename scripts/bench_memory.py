@@ -34,26 +34,25 @@ def _local_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def _build(cfg, world):
+def _build(cfg, job):
     """The model and optimizer exactly as `effitrain train` builds them (converters, layout, init, optimizer)."""
     from effitrain.engine.runtime import seed_everything
     from effitrain.engine.train import build_parts
 
     seed_everything(cfg.seed)
-    state = build_parts(cfg, world=world, vocab_size=cfg.data.vocab_size).state
+    state = build_parts(cfg, job=job, vocab_size=cfg.data.vocab_size).state
     return state.model, state.optimizer
 
 
-def _step(model, optimizer, cfg, world, *, zero_grad: bool = False) -> None:
+def _step(model, optimizer, cfg, job, *, zero_grad: bool = False) -> None:
     import torch
 
     from effitrain.engine.loop import lm_loss
-    from effitrain.parallel.build import data_parallel_shard
 
     # the ranks of one tensor-parallel group must see the same batch
-    gen = torch.Generator().manual_seed(data_parallel_shard(cfg.parallel, world=world).rank)
+    gen = torch.Generator().manual_seed(job.shard.rank)
     batch = torch.randint(0, cfg.data.vocab_size, (cfg.batch_size, cfg.data.seq_len + 1), generator=gen)
-    lm_loss(model, batch.to(world.device)).backward()
+    lm_loss(model, batch.to(job.world.device)).backward()
     optimizer.step()
     if zero_grad:
         optimizer.zero_grad(set_to_none=True)
@@ -61,14 +60,15 @@ def _step(model, optimizer, cfg, world, *, zero_grad: bool = False) -> None:
 
 def state_bytes(overrides: list[str]) -> dict:
     """One worker: build the layout, take one step, count the local bytes (keeping the gradients)."""
-    from effitrain.engine.distributed import close_world, init_world
+    from effitrain.engine.distributed import close_world
+    from effitrain.engine.job import start_job
 
     cfg = _cfg(*overrides)
-    world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
-    model, optimizer = _build(cfg, world)
-    _step(model, optimizer, cfg, world)
+    job = start_job(cfg)
+    model, optimizer = _build(cfg, job)
+    _step(model, optimizer, cfg, job)
     params = list(model.parameters())
-    result = {"rank": world.rank,
+    result = {"rank": job.world.rank,
               "params_mib": sum(_local_bytes(p) for p in params) / MiB,
               "grads_mib": sum(_local_bytes(p.grad) for p in params if p.grad is not None) / MiB,
               "optim_mib": sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values()
@@ -96,17 +96,18 @@ def run_layout(layout: str, overrides: list[str], nproc: int) -> dict:
 
 def peak_for_ac(mode: str, overrides: list[str]) -> dict:
     """Peak memory of forward+backward with activation checkpointing `mode` (run in a fresh process)."""
-    from effitrain.engine.distributed import init_world
+    from effitrain.engine.job import start_job
     from effitrain.logging.metrics import MemoryMeter
 
     cfg = _cfg(*overrides, f"parallel.activation_checkpointing={mode}")
-    world = init_world(cfg.device)
-    model, optimizer = _build(cfg, world)
-    _step(model, optimizer, cfg, world, zero_grad=True)  # warm-up: optimizer state exists, grads freed
+    job = start_job(cfg)
+    world = job.world
+    model, optimizer = _build(cfg, job)
+    _step(model, optimizer, cfg, job, zero_grad=True)  # warm-up: optimizer state exists, grads freed
     meter = MemoryMeter(world.device)
     before = meter.peaks_gib()[0] if world.device.type != "cuda" else 0.0
     meter.reset()
-    _step(model, optimizer, cfg, world, zero_grad=True)
+    _step(model, optimizer, cfg, job, zero_grad=True)
     active, reserved = meter.peaks_gib()
     return {"ac": mode, "device": str(world.device), "peak_active_mib": active * 1024,
             "peak_reserved_mib": reserved * 1024, "measure": "cuda allocator" if world.device.type == "cuda"

@@ -56,14 +56,15 @@ def loader(made):
     """(a TrainState of the run's model, the World) to load its checkpoints into."""
     from tokenizers import Tokenizer
 
-    from effitrain.engine.distributed import init_world
+    from effitrain.engine.job import start_job
     from effitrain.engine.train import build_parts
     from effitrain.received import load_run_config
 
     cfg = load_run_config(made)
-    world = init_world("cpu")
+    cfg.device = "cpu"
+    job = start_job(cfg)
     vocab = Tokenizer.from_file(str(made / "tokenizer.json")).get_vocab_size()
-    return build_parts(cfg, world=world, vocab_size=vocab).state, world
+    return build_parts(cfg, job=job, vocab_size=vocab).state, job.world
 
 
 def _copy(made: Path, tmp_path: Path, name: str = "run") -> Path:

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
-from conftest import REPO, cli_in_process, compose, run_cli
-
-sys.path.insert(0, str(REPO / "scripts"))
+from conftest import cli_in_process, compose, run_cli
 
 GB = 1e9
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=256",
@@ -55,7 +52,7 @@ def test_estimate_shards_a_7b_model_like_zero():
 
 
 def test_memory_model_structure():
-    from effitrain.estimate import zero1_rank_loads
+    from effitrain.optimizer.build import zero1_rank_loads
 
     base = _estimate(*SMALL, "batch_size=4")
     double = _estimate(*SMALL, "batch_size=8")
@@ -102,11 +99,11 @@ def test_fsdp_block_buffers_and_the_start_of_backward():
 def test_estimate_matches_a_measured_step():
     """The estimated peak of a real step, measured at the allocator (profiler memory events), within 10% (one
     process: the 2-rank layouts are the benchmark's grid, BENCHMARKS.md)."""
-    import bench_estimate
+    from effitrain.engine import memprobe
 
     overrides = [*SMALL, "batch_size=4", "data.seq_len=64"]
-    estimated, _ = bench_estimate.estimated(overrides)
-    (measured,) = bench_estimate.measure([overrides], nproc=1)
+    estimated = _estimate(*overrides).peak_bytes
+    (measured,) = memprobe.measure([overrides], nproc=1)
     assert abs(estimated - measured) / measured < 0.10, (estimated, measured)
 
 
@@ -118,11 +115,11 @@ def test_the_measure_books_frees_made_on_other_threads():
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import bench_estimate
+    from effitrain.engine import memprobe
 
-    flag = bench_estimate.cpu_memory_report_flag()
+    flag = memprobe.cpu_memory_report_flag()
     before = flag.value
-    bench_estimate._book_every_threads_frees()
+    memprobe.book_every_threads_frees()
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             held = [torch.ones(1 << 20)]  # 4 MiB made here ...
@@ -132,7 +129,7 @@ def test_the_measure_books_frees_made_on_other_threads():
             torch.ones(16)
     finally:
         flag.value = before
-    totals = [e.extra_fields.total_allocated for e in bench_estimate.profiled_events(prof)
+    totals = [e.extra_fields.total_allocated for e in memprobe.profiled_events(prof)
               if e.tag == torch._C._profiler._EventType.Allocation]
     assert totals[0] >= 4 << 20 and totals[-1] < 1 << 20, totals
 

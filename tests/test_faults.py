@@ -177,7 +177,7 @@ def test_run_files_are_never_written_through_a_symlink(corpus, cache_dir, tmp_pa
     too): resume refuses it in one line and no target changes; the writers themselves never follow a link either
     (a run file written whole replaces a link, an appended one refuses it)."""
     from effitrain.errors import UsageError
-    from effitrain.rundir import open_append, write_file
+    from effitrain.files import open_append, write_file
 
     run_dir = tmp_path / "run"
     result = run_cli("train", *_overrides(corpus, cache_dir, "max_steps=4"), f"hydra.run.dir={run_dir}",

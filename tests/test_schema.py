@@ -24,17 +24,41 @@ def test_yamls_schemas_and_builders_agree():
         assert set(group.all_builders()) == set(group.schemas), f"{group.name}: builders vs schemas"
 
 
-def test_every_compression_method_declares_traits_and_a_cost_model():
-    """A method is one module: its traits (checks.check_traits reads them) and its cost model (the estimate composes
-    them) are declared beside its schema. (Compression only for now; the other groups follow.)"""
+def test_every_option_declares_its_cost_and_traits():
+    """Each option carries what the estimate counts of it and what the cross-group rule reads of it, where it is
+    defined: a new option without them fails here, not on a CUDA box at its first fit check. A group whose options
+    put nothing on the device and meet no other group's says why (Group.standalone)."""
+    for group in GROUPS:
+        if group.standalone:
+            assert not group.all_costs() and not any(group.traits_of(k) for k in group.schemas), group.name
+            continue
+        assert set(group.all_costs()) == set(group.schemas), f"{group.name}: cost models vs schemas"
+        untraited = [k for k in group.schemas if group.traits_of(k) is None]
+        assert not untraited, f"{group.name}: options without declared traits: {untraited}"
+
+
+def test_every_need_can_be_met():
+    """A need no option of any group (nor the device) could ever provide would refuse its option always."""
+    from effitrain.precision import CUDA
+
+    offered = {CUDA} | {t for g in GROUPS for k in g.schemas if (tr := g.traits_of(k)) and not callable(tr.provides)
+                        for t in tr.provides}
+    dynamic = {"tp_plan", "pretrained"}  # provided by the model's traits as a function of its node
+    for group in GROUPS:
+        for kind in group.schemas:
+            traits = group.traits_of(kind)
+            if traits is None or callable(traits.needs):
+                continue
+            for need in traits.needs:
+                assert need.trait in offered | dynamic, f"{group.name}={kind} needs {need.trait!r}, offered by none"
+
+
+def test_every_compression_cost_model_is_a_cost():
+    """The estimate reads a compression method's cost model through compression.method.Cost's hooks."""
     from effitrain.compression import GROUP
     from effitrain.compression.method import Cost
 
-    missing_traits = [k for k in GROUP.schemas if GROUP.traits_of(k) is None]
-    assert not missing_traits, f"compression: no traits declared for {missing_traits}"
-    costs = GROUP.all_costs()
-    assert set(costs) == set(GROUP.schemas), f"compression: cost models vs schemas: {set(GROUP.schemas) ^ set(costs)}"
-    assert all(isinstance(c, Cost) for c in costs.values())
+    assert all(isinstance(c, Cost) for c in GROUP.all_costs().values())
 
 
 @pytest.fixture

@@ -44,11 +44,10 @@ from pathlib import Path
 from effitrain.compression.method import Inputs, Step
 from effitrain.errors import UsageError
 from effitrain.parallel import GROUP as PARALLEL
-from effitrain.parallel import SHARDS_PARAMS, Degrees, offloads, parallel_degrees
+from effitrain.parallel import Degrees, offloads, parallel_degrees
 from effitrain.precision import spec as precision_spec
 
 GiB = 2**30
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DEFAULT_MFU = 0.35  # stated assumption when no matching run is recorded: a typical dense-LM MFU on a GPU
 CPU_DEFAULT_MFU = 0.05  # a small model on shared CPU cores gets a few percent (BENCHMARKS.md, MFU on a CPU)
 
@@ -209,15 +208,15 @@ def _tokenizer_vocab(path: Path) -> int:
 
 
 def _dimensions(config) -> dict:
-    """The block dimensions of a transformers llama or gpt2 config (built here or read from a checkpoint)."""
+    """The block dimensions of a transformers config (built here or read from a checkpoint), by its family's cost
+    model."""
+    from effitrain.model import GROUP as MODEL
+
     family = config.model_type
-    if family not in ("llama", "gpt2"):
-        raise UsageError(f"effitrain estimate models llama and gpt2 blocks; this checkpoint is {family!r}")
-    heads = config.num_attention_heads
-    intermediate = config.intermediate_size if family == "llama" else (config.n_inner or 4 * config.hidden_size)
-    return {"family": family, "layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": heads,
-            "kv_heads": (getattr(config, "num_key_value_heads", None) or heads) if family == "llama" else heads,
-            "intermediate": intermediate, "tied": bool(config.tie_word_embeddings)}
+    if family not in MODEL.all_costs():
+        raise UsageError(f"effitrain estimate models {' and '.join(MODEL.all_costs())} blocks; this checkpoint is "
+                         f"{family!r}")
+    return {"family": family, **MODEL.cost_of(family).dimensions(config)}
 
 
 def _params(model) -> list[Param]:
@@ -245,53 +244,6 @@ def _kind(name: str, module, nn) -> str:
 # ---------------------------------------------------------------- model states
 
 
-def local_numel(p: Param, *, d: Degrees, fsdp: bool) -> int:
-    """Elements this rank holds of a parameter: TP splits linears/embeddings, FSDP shards dim 0 (padded)."""
-    shape = list(p.shape)
-    if d.tp > 1 and p.kind in ("linear", "embedding", "head"):
-        shape[0] = math.ceil(shape[0] / d.tp)  # column- or row-wise: one dim split either way
-    if fsdp:
-        shape[0] = math.ceil(shape[0] / d.dp_shard)
-    return math.prod(shape)
-
-
-def optimizer_state_bytes(params: list[Param], numels: list[int], *, kind: str, state_bytes: int,
-                          momentum: float = 0.9) -> int:
-    """Bytes of state for these (local) parameters under one optimizer kind.
-
-    Args:
-        params: the parameters (shapes decide Adafactor's factoring, Muon's split and 8-bit's small-tensor rule).
-        numels: this rank's elements of each.
-        kind: adamw, zero1, adamw-8bit, sgd, adafactor or muon.
-        state_bytes: bytes per element of a full-precision moment (4; 2 for bf16 parameters under torchao).
-    """
-    total = 0
-    for p, n in zip(params, numels, strict=True):
-        if kind in ("adamw", "zero1"):
-            total += 2 * state_bytes * n
-        elif kind == "adamw-8bit":
-            # torchao: tensors of >= 4096 values in blockwise int8 (1 byte + one fp32 scale per 256) per moment
-            total += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 2 * state_bytes * n
-        elif kind == "sgd":
-            total += state_bytes * n if momentum else 0
-        elif kind == "adafactor":
-            # factored second moment of matrices: one value per row and per column; vectors keep a full one
-            total += 4 * (p.shape[0] + p.shape[1]) if len(p.shape) == 2 else 4 * n
-        elif kind == "muon":
-            total += 4 * n if p.kind == "linear" and len(p.shape) == 2 else 2 * 4 * n  # momentum; AdamW for the rest
-        else:
-            raise UsageError(f"no memory model for optimizer kind {kind!r}")
-    return total
-
-
-def zero1_rank_loads(numels: list[int], ranks: int) -> list[int]:
-    """ZeroRedundancyOptimizer's partition: parameters largest first, each to the least loaded rank."""
-    loads = [0] * ranks
-    for n in sorted(numels, reverse=True):
-        loads[loads.index(min(loads))] += n
-    return loads
-
-
 def model_state_bytes(n_params: int, *, stage: int, dp: int, mixed: bool = True, k: int = 12) -> dict[str, float]:
     """The ZeRO paper's accounting (Rajbhandari et al. 2020, fig. 1): fp16 parameters (2 bytes) and gradients
     (2 bytes) plus K bytes of optimizer state per parameter (Adam: fp32 master copy, momentum, variance = 12),
@@ -308,7 +260,7 @@ def model_state_bytes(n_params: int, *, stage: int, dp: int, mixed: bool = True,
 def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int, sp: bool,
                                dropout: bool, attn_trains: bool = True, mlp_trains: bool = True,
                                norms_train: bool = True) -> int:
-    """Bytes one block saves for backward per token (Korthikanti et al.'s accounting, for effitrain's blocks).
+    """Bytes one block saves for backward per token (the family's cost model, model/build.py).
 
     Args:
         s: the model's shape.
@@ -317,32 +269,16 @@ def activation_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int
         tp: tensor-parallel degree (splits heads and the MLP width).
         sp: sequence parallel (also splits the norms' saved tensors).
         dropout: dropout > 0 (one byte of mask per element at each residual dropout).
-        attn_trains, mlp_trains: a weight of the attention's input projections / of the MLP trains (LoRA
-            adapters count). A frozen Linear saves no input: its input gradient needs the weight only.
-        norms_train: the blocks' norm weights train. A frozen RMSNorm weight saves no normalised tensor (only a
-            weight gradient needs it), so under LoRA and freeze a norm keeps its input alone.
+        attn_trains, mlp_trains, norms_train: which of the block's weights train (model.cost.Bytes).
     """
-    h, hkv, inter, a = s.hidden, s.hidden // s.heads * s.kv_heads, s.intermediate, s.heads
+    from effitrain.model import GROUP as MODEL
+    from effitrain.model.build import Bytes
+
     split = 1 / tp
-    norm_split = split if sp else 1.0
-
-    def linear_inputs(consumers: int, source: int) -> float:
-        # a Linear saves its input; under autocast each Linear casts an fp32 input itself (a copy per consumer)
-        return source * h if source == compute else consumers * compute * h
-
-    if s.family == "llama":
-        norm = 4 * h + norms_train * residual * h  # RMSNorm: its input (or fp32 copy) and the normalised tensor
-        norm_out = residual  # weight * normalised, in the residual dtype
-        attn = (attn_trains * linear_inputs(3, norm_out) + split * (compute * (2 * h + 2 * hkv) + compute * h + 4 * a))
-        # gate (silu input), silu out, up, and their product (down_proj's input)
-        mlp = mlp_trains * (linear_inputs(2, norm_out) + split * compute * inter) + split * 3 * compute * inter
-    else:  # gpt2: LayerNorm runs in fp32 under autocast and saves its input; gelu_new (tanh form) saves four tensors
-        norm = 4 * h
-        norm_out = 4
-        attn = attn_trains * linear_inputs(3, norm_out) + split * (compute * 3 * h + compute * h + compute * h + 4 * a)
-        mlp = mlp_trains * (linear_inputs(1, norm_out) + split * compute * inter) + split * 4 * compute * inter
-    masks = 2 * h if dropout else 0
-    return int(norm_split * 2 * norm + attn + mlp + masks)
+    saved = Bytes(compute=compute, residual=residual, split=split, norm_split=split if sp else 1.0,
+                  attn_trains=attn_trains, mlp_trains=mlp_trains, norms_train=norms_train)
+    masks = 2 * s.hidden if dropout else 0
+    return int(MODEL.cost_of(s.family).block(s, saved) + masks)
 
 
 def head_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int, head_trains: bool = True,
@@ -352,8 +288,11 @@ def head_bytes_per_token(s: Shape, *, compute: int, residual: int, tp: int, head
     Cross entropy (fp32 under autocast) saves the log-softmax output; its backward holds that output, the
     gradient from nll_loss and the gradient it produces at once: three fp32 vocab-wide tensors. Under TP the
     vocab-sharded logits are gathered for the loss."""
+    from effitrain.model import GROUP as MODEL
+
     v = s.vocab
-    normalised = residual if final_norm_trains or s.family != "llama" else 0  # see activation_bytes_per_token
+    # a frozen RMSNorm weight saves no normalised tensor (model/build.py)
+    normalised = residual if final_norm_trains or MODEL.cost_of(s.family).final_norm_saves_frozen else 0
     saved = (4 + normalised) * s.hidden + head_trains * (residual if residual == compute else compute) * s.hidden
     return {"final_norm_head_input": int(saved), "loss_backward": 3 * 4 * v + (compute * v // tp if tp > 1 else 0)}
 
@@ -383,32 +322,28 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
         timing: predict time (False: memory and FLOPs only, no peak FLOP/s needed).
     """
     from effitrain.launcher import world_size
+    from effitrain.optimizer import GROUP as OPTIMIZER
+    from effitrain.optimizer.build import temporaries
+
     ws = world_size(cfg.launcher)
     d = parallel_degrees(cfg.parallel, world_size=ws)
     s = shape or model_shape(cfg.model, vocab=vocab_size(cfg.data), seq_len=cfg.data.seq_len,
                              compression=cfg.compression)
-    strategy = cfg.parallel.strategy
-    fsdp = PARALLEL.provides(cfg.parallel, SHARDS_PARAMS)
-    p_bytes = precision_spec(cfg.precision).bytes("param")
-    compute = 4 if cfg.precision.kind == "fp32" else 2
+    precision = precision_spec(cfg.precision)
+    layout = PARALLEL.cost_of(cfg.parallel.strategy)(cfg.parallel)
+    fsdp = layout.shards
+    p_bytes = precision.bytes("param")
+    compute = precision.bytes("compute")
     notes: list[str] = []
 
-    numels = [local_numel(p, d=d, fsdp=fsdp) for p in s.params]
+    numels = [layout.local_numel(p, d) for p in s.params]
     n_local = sum(numels)
     trained = [(p, n) for p, n in zip(s.params, numels, strict=True) if p.trainable]
     n_trained = sum(n for _, n in trained)
     mem: dict[str, int] = {"parameters": n_local * p_bytes, "gradients": n_trained * p_bytes}
-    state_bytes = p_bytes if cfg.precision.kind == "bf16-pure" else 4
-    kind = cfg.optimizer.kind
-    momentum = getattr(cfg.optimizer, "momentum", 0.9)
-    if kind == "zero1":
-        loads = zero1_rank_loads([n for _, n in trained], d.dp)
-        mem["optimizer_state"] = 2 * state_bytes * max(loads)
-    else:
-        mem["optimizer_state"] = optimizer_state_bytes([p for p, _ in trained], [n for _, n in trained], kind=kind,
-                                                       state_bytes=state_bytes, momentum=momentum)
-    if strategy == "ddp":
-        mem["ddp_buckets"] = n_trained * p_bytes  # buckets hold the gradients of trained parameters only
+    # moments are kept in the parameters' dtype: fp32, or bf16 under bf16-pure (torchao's AdamW)
+    mem["optimizer_state"] = OPTIMIZER.cost_of(cfg.optimizer.kind).state(
+        cfg.optimizer, [p for p, _ in trained], [n for _, n in trained], state_bytes=p_bytes, dp=d.dp)
     compression = _compression_terms(s, numels, trained=n_trained, param_bytes=p_bytes,
                                      shard=d.dp_shard if fsdp else 1, tokens=cfg.batch_size * cfg.data.seq_len)
     mem |= compression.memory
@@ -418,7 +353,7 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
 
     tokens = cfg.batch_size * cfg.data.seq_len  # per micro-step and rank
     # FSDP's MixedPrecisionPolicy computes with bf16/fp16 parameters, so the residual stream is in that dtype too
-    residual = compute if fsdp and cfg.precision.kind != "fp32" else p_bytes
+    residual = compute if fsdp and precision.autocast else p_bytes
     trains = _what_trains(s)
     per_layer = activation_bytes_per_token(s, compute=compute, residual=residual, tp=d.tp,
                                            sp=bool(getattr(cfg.parallel, "sequence_parallel", False)),
@@ -433,16 +368,8 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     mem["activations"] = (saved + head["final_norm_head_input"]) * tokens
     mem["activation_recompute"] = recompute * tokens
     mem["logits_and_loss"] = head["loss_backward"] * tokens
+    mem |= layout.memory(s, d=d, spec=precision, n_trained=n_trained)  # DDP's buckets, FSDP's gathered parameters
 
-    if fsdp:
-        gather_bytes = compute if cfg.precision.kind != "fp32" else p_bytes  # MixedPrecisionPolicy param dtype
-        per_block = s.block_params() // s.layers
-        blocks = s.layers if not cfg.parallel.reshard_after_forward else min(2, s.layers)
-        gathered = (s.root_params() + blocks * per_block) // d.tp
-        mem["fsdp_gathered_params"] = gathered * gather_bytes
-        # the root's unsharded gradients wait for its reduce-scatter at the end of backward (frozen ones have none)
-        mem["fsdp_unsharded_grads"] = (s.trained_root_params() // d.tp) * 4
-        mem["fsdp_block_reduce"] = _fsdp_block_reduce(s, cfg, d=d, grad_bytes=gather_bytes)
     # the head's (tied) weight gradient appears at the start of backward, before the gradients of the blocks
     # (under FSDP it is the root's unsharded gradient, counted above)
     head_grad = 0 if fsdp else sum(n for p, n in zip(s.params, numels, strict=True)
@@ -464,10 +391,7 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     first_block = static + _first_block_activations(saving, per_layer, cfg.parallel.activation_checkpointing,
                                                     residual) * tokens + mem["activation_recompute"] \
         + _later_block_grads(s, numels, p_bytes) + gathered_now + mem.get("fsdp_block_reduce", 0) + head_grad
-    # foreach updates build ~one fp32 temporary per parameter; fused CUDA kernels and torchao's per-tensor steps none
-    fused = getattr(cfg.optimizer, "implementation", "auto") in ("fused", "loop") or kind == "adamw-8bit" or (
-        getattr(cfg.optimizer, "implementation", "auto") == "auto" and (gpu or _device(cfg)) != "cpu")
-    mem["optimizer_temporaries"] = 0 if fused else n_trained * 4
+    mem["optimizer_temporaries"] = temporaries(cfg.optimizer, n_trained, cpu=(gpu or _device(cfg)) == "cpu")
     step = static + mem["gradients"] + mem["optimizer_temporaries"]
     if offloads(cfg.parallel):
         step = 0
@@ -509,18 +433,6 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                     time_for_run_s=step_time * cfg.max_steps if step_time else None, notes=notes)
 
 
-def _fsdp_block_reduce(s: Shape, cfg, *, d: Degrees, grad_bytes: int) -> int:
-    """What a block's backward holds under FSDP2 besides its gathered parameters: its own unsharded gradients and
-    the previous block's reduce-scatter input (in the reduce dtype), which FSDP2 keeps until the next
-    reduce-scatter is issued (profiler allocation events of a 2-rank d128-L4 step)."""
-    return s.trained_params_per_block() // d.tp * (grad_bytes + _reduce_bytes(cfg))
-
-
-def _reduce_bytes(cfg) -> int:
-    """Bytes per element of FSDP's reduce-scatter: the precision's reduce_dtype; fp32/tf32 have no policy: fp32."""
-    return BYTES[getattr(cfg.precision, "reduce_dtype", "float32")]
-
-
 def _first_block_activations(s: Shape, per_layer: int, mode: str, residual: int) -> int:
     """Bytes per token the first block still holds at its backward: its input when checkpointed (every mode but
     none checkpoints block 0), else everything it saved; nothing when no gradient passes through it."""
@@ -542,7 +454,9 @@ def _what_trains(s: Shape) -> dict:
         return _block_of(p.name)
 
     trained = [p for p in s.params if p.trainable]
-    attn = ("q_proj", "k_proj", "v_proj", "c_attn")
+    from effitrain.model import GROUP as MODEL
+
+    attn = MODEL.cost_of(s.family).attention_inputs
     first = min((b if (b := block(p)) is not None else (-1 if p.kind in ("embedding", "position") else s.layers))
                 for p in trained) if trained else s.layers
     return {"attn": any(block(p) is not None and any(f".{a}." in p.name for a in attn) for p in trained),
@@ -598,22 +512,13 @@ def _device(cfg) -> str:
     return "cuda" if Path("/proc/driver/nvidia/version").exists() else "cpu"
 
 
-PEAK_DTYPES = {"fp32": "float32", "tf32": "tf32", "bf16": "bfloat16", "bf16-pure": "bfloat16", "fp16": "float16",
-               "fp8": "float8"}
-
-
-def peak_dtype(precision_cfg, *, cuda: bool) -> str:
-    if precision_cfg.kind == "fp32" and precision_cfg.tf32 and cuda:
-        return "tf32"
-    return PEAK_DTYPES[precision_cfg.kind]
-
-
 def _peak_flops(cfg, gpu: str | None) -> tuple[float | None, str]:
     """Peak FLOP/s per device: the datasheet table for a named GPU, else this machine's (table or measured)."""
     from effitrain.engine.flops import table_peak
 
     where = gpu or _device(cfg)
-    dtype = peak_dtype(cfg.precision, cuda=where != "cpu")
+    precision = precision_spec(cfg.precision)
+    dtype = precision.peak_on(cuda=where != "cpu")
     if dtype == "float8":
         return None, "undefined (fp8 mixes fp8 and bf16 matmuls)"
     if where not in ("cpu", "cuda"):  # a GPU named by --gpu
@@ -626,7 +531,7 @@ def _peak_flops(cfg, gpu: str | None) -> tuple[float | None, str]:
     from effitrain.engine.flops import peak_flops
 
     dev = torch.device("cuda" if where == "cuda" and torch.cuda.is_available() else "cpu")
-    autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(PEAK_DTYPES[cfg.precision.kind])
+    autocast = getattr(torch, precision.autocast) if precision.autocast else None
     return peak_flops(dev, dtype=dtype, autocast_dtype=autocast)
 
 

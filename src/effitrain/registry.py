@@ -12,15 +12,17 @@ the chosen methods never overwrite each other's keys; each sub-node is typed by 
 
 Beside its schema and builder, each option declares what it costs and what it is (tests/test_schema.py checks every
 option of every group does):
-- `@GROUP.cost(kind)`: its cost model, torch-free, read by the estimate (`effitrain estimate`, the fit check);
-  what a cost model is depends on the group (a precision's dtypes, an optimizer's state bytes, a layout's memory
-  terms...), each group's `cost.py` says. A group whose options put nothing on the device names why instead
-  (`Group(costless=...)`).
+- `@GROUP.cost(kind)`: its cost model, read by the estimate (`effitrain estimate`, the fit check), registered beside
+  its builder (the builders module; a precision's, its dtypes, in the torch-free schemas module, since the checks
+  read them too); what a cost model is depends on the group (a precision's dtypes, an optimizer's state bytes, a
+  layout's memory terms...), the group's cost section says.
 - `GROUP.traits(kind, provides=..., needs=..., excludes=...)`: what it offers the other chosen options (a trait
   name: "whole_weights", "comm_hooks", ...), what it needs of them (`Need(trait, why)`: some chosen option or the
   run's device must provide the trait, else one line that ends with `why`), and what no other chosen option may
   provide (`Need(trait, why)` again). `checks.check_traits` is the one rule that reads them.
 - `@GROUP.check_of(kind)`: its checks against the rest of the run's config (`fn(node, cfg)`).
+A group whose options put nothing on the device and take part in no cross-group rule says why instead
+(`Group(standalone=...)`: data, schedule, launcher, logging, checkpoint).
 
 Adding an option = one YAML under configs/<group>/ + its schema, traits, cost and builder in the group's package;
 tests/test_schema.py checks they agree.
@@ -69,16 +71,15 @@ class Group:
             options all share one schema (then registered as kind `name`).
         builders: the module whose import registers the builders (imported on the first `builder_of`).
         multi: options combine: the group's node maps each chosen option's kind to that option's node.
-        costs: the module whose import registers the cost models (torch-free; imported on the first `cost_of`).
-        costless: why the group's options put nothing on the device (then they register no cost model).
+        standalone: why the group's options need no cost model and no traits (nothing on the device, no rule
+            with another group); None: each option registers both.
     """
 
     name: str
     key: str | None
     builders: str
     multi: bool = False
-    costs: str | None = None
-    costless: str | None = None
+    standalone: str | None = None
     schemas: dict[str, type] = field(default_factory=dict)
     _builders: dict[str, Callable] = field(default_factory=dict)
     _costs: dict[str, object] = field(default_factory=dict)
@@ -118,7 +119,8 @@ class Group:
         return register
 
     def cost(self, kind: str):
-        """Decorator: register the cost model of `kind` (a function or object; what it is, the group's cost.py says)."""
+        """Decorator: register the cost model of `kind` (a function or object: what it is, the group's cost section
+        says)."""
         def register(model):
             assert kind in self.schemas, f"{self.name}: cost model for {kind!r}, which has no schema"
             assert kind not in self._costs, f"{self.name}: cost model for {kind!r} registered twice"
@@ -130,15 +132,14 @@ class Group:
         """The cost model of `kind` (a UsageError if the option has none: the estimate cannot count it)."""
         from effitrain.errors import UsageError
 
-        if self.costs is not None:
-            importlib.import_module(self.costs)
+        if kind not in self._costs:
+            importlib.import_module(self.builders)
         if kind not in self._costs:
             raise UsageError(f"{self.name}={kind}: no cost model registered, so effitrain estimate cannot count it")
         return self._costs[kind]
 
     def all_costs(self) -> dict[str, object]:
-        if self.costs is not None:
-            importlib.import_module(self.costs)
+        importlib.import_module(self.builders)
         return dict(self._costs)
 
     def traits(self, kind: str, *, provides: TraitList = (), needs: TraitList = (), excludes: TraitList = ()) -> None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from effitrain.errors import UsageError, io_failure
-from effitrain.rundir import write_file
+from effitrain.files import write_file
 
 log = logging.getLogger("effitrain")
 LAUNCH_TIME_ENV = "EFFITRAIN_LAUNCH_TIME"  # set by the CLI at entry; inherited by workers

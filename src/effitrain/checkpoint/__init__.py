@@ -12,7 +12,8 @@ from typing import Optional
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
-GROUP = Group("checkpoint", key="kind", builders="effitrain.checkpoint.store")
+GROUP = Group("checkpoint", key="kind", builders="effitrain.checkpoint.store",
+              standalone="checkpoints are written from host copies, outside the step the estimate models")
 
 
 @dataclass

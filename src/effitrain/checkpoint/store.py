@@ -60,7 +60,7 @@ from effitrain.checkpoint.layout import (
     verify_file,
 )
 from effitrain.errors import IOFailure, io_failure
-from effitrain.rundir import fsync_dir, write_file
+from effitrain.files import fsync_dir, write_file
 
 log = logging.getLogger("effitrain")
 

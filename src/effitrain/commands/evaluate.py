@@ -51,6 +51,7 @@ def evaluate_model(cfg) -> dict:
     from effitrain.data.mix import prepare_run_data
     from effitrain.data.tokens import load_tokenizer
     from effitrain.engine.distributed import pick_device
+    from effitrain.engine.loop import evaluate
     from effitrain.eval.tasks import load_task, task_accuracy
     from effitrain.model.build import build_model
     from effitrain.precision.build import build_precision
@@ -62,7 +63,8 @@ def evaluate_model(cfg) -> dict:
     precision = build_precision(cfg.precision, device=device)
     sets = data.validation(seq_len=cfg.data.seq_len, batch_size=cfg.batch_size, num_batches=cfg.eval_batches,
                            shard=Shard())
-    result = data.evaluate(model, sets, precision=precision, device=device)
+    result = data.evaluate(sets, loss_of=lambda batches: evaluate(model, batches, precision=precision,
+                                                                  device=device)[0])
     if data.mixed:  # per source; overall their weighted mean, as val_loss
         per_source = {name: bits_per_byte(result[f"val_loss/{name}"], batches, tokenizer)
                       for name, batches in sets.items()}

@@ -41,9 +41,9 @@ def reproduce_run(original: Path, *, rtol: float, exact: bool = False, from_step
 
 def _rerun(original: Path, cfg, run_dir: Path, reference: list[dict], *, source, rtol: float, exact: bool,
            from_step: int | None) -> int:
+    from effitrain.files import write_file
     from effitrain.launcher.launch import launch
     from effitrain.logging import console
-    from effitrain.rundir import write_file
     from effitrain.runs import DIVERGED, IDENTICAL, compare_records, read_records
 
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):  # the new run is itself reproducible
@@ -81,7 +81,8 @@ def _adopt(source: Path, run_dir: Path) -> None:
     way to continue another run's whole state. The files keep their checksums: the load verifies them."""
     from effitrain.checkpoint.layout import MANIFEST, MARKER, read_manifest, sealed
     from effitrain.errors import io_failure
-    from effitrain.rundir import ensure_run_id, write_file
+    from effitrain.files import write_file
+    from effitrain.rundir import ensure_run_id
 
     manifest = read_manifest(source)  # checked against its own checksum before its file list is trusted
     target = run_dir / "checkpoints" / source.name

@@ -21,9 +21,10 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = Fa
     from effitrain.checkpoint.layout import CheckpointError, default_root, newest_verified
     from effitrain.checks import check_all
     from effitrain.compose import apply_overrides
+    from effitrain.files import write_file
     from effitrain.launcher.launch import launch
     from effitrain.received import load_run_config, refuse_links
-    from effitrain.rundir import RunClaim, run_id, write_file
+    from effitrain.rundir import RunClaim, run_id
 
     # what the saved config asks for is checked there; the user's own overrides are the user's to give
     cfg = apply_overrides(load_run_config(run_dir, allow_external=allow_external), overrides)
@@ -65,7 +66,7 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = Fa
 
 
 def _record(run_dir: Path, *, step: int, overrides: list[str]) -> None:
-    from effitrain.rundir import open_append
+    from effitrain.files import open_append
 
     with open_append(run_dir / "resumes.jsonl") as f:
         f.write(json.dumps({"from_step": step, "overrides": overrides, "time": time.time()}) + "\n")

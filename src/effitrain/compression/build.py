@@ -21,7 +21,8 @@ class Context:
 
     Args:
         seed: the run's seed (PowerSGD's random projections).
-        world: the process's World (distill: the teacher's device and mesh).
+        world: the process's World (distill: the teacher's device).
+        job: the process's Job (distill: a sharded teacher on the student's mesh).
         parallel: the `parallel` config group (distill: shard the teacher like the student).
         precision: the run's Precision (distill: the teacher's dtype).
         vocab_size: the tokenizer's vocabulary size.
@@ -34,6 +35,7 @@ class Context:
 
     seed: int
     world: object = None
+    job: object = None
     parallel: object = None
     precision: object = None
     vocab_size: int = 0

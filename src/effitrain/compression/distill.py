@@ -123,7 +123,7 @@ class Distill(ModelConverter):
         # forward only: a third of the 6N (+ attention) training FLOPs per token
         self.flops_per_step = model_flops_per_token(teacher, seq_len=ctx.seq_len) / 3 * ctx.tokens_per_step
         if PARALLEL.provides(ctx.parallel, SHARDS_PARAMS):
-            return apply_parallel(teacher, cfg=ctx.parallel, world=ctx.world, precision=ctx.precision)
+            return apply_parallel(teacher, cfg=ctx.parallel, job=ctx.job, precision=ctx.precision)
         return teacher.to(ctx.world.device)
 
     def loss_term(self, *, logits, batch, lm_loss):

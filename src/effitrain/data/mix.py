@@ -83,13 +83,15 @@ class RunData:
                 out[name] = validation_batches(d.tokens.val, **kwargs)
         return out
 
-    def evaluate(self, model, sets: dict[str, list], *, precision, device) -> dict:
+    def evaluate(self, sets: dict[str, list], *, loss_of) -> dict:
         """val_loss and val_ppl on the validation batches `sets` (from `validation`); a mix adds val_loss/<name> per
-        source, and its val_loss is theirs averaged by weight, as training draws them (weight 0: reported only)."""
-        from effitrain.engine.loop import evaluate
+        source, and its val_loss is theirs averaged by weight, as training draws them (weight 0: reported only).
 
-        per_source = {name: evaluate(model, batches, precision=precision, device=device)[0]
-                      for name, batches in sets.items()}
+        Args:
+            sets: validation batches per source.
+            loss_of: `batches -> mean loss` (the engine's evaluation of the model being trained or evaluated).
+        """
+        per_source = {name: loss_of(batches) for name, batches in sets.items()}
         val_loss = sum(self.weights[name] * loss for name, loss in per_source.items()) / sum(self.weights.values())
         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         return metrics | ({f"val_loss/{name}": loss for name, loss in per_source.items()} if self.mixed else {})

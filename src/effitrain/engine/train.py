@@ -36,22 +36,25 @@ from effitrain.data.loader import Prefetcher, TrainBatches
 from effitrain.data.mix import prepare_run_data
 from effitrain.engine import export
 from effitrain.engine.converters import ConverterChain
-from effitrain.engine.distributed import any_rank, barrier, close_world, init_world, pick_device
+from effitrain.engine.distributed import any_rank, barrier, close_world, pick_device
 from effitrain.engine.flops import model_flops_per_token, peak_flops
-from effitrain.engine.loop import train_step
+from effitrain.engine.job import join, start_job
+from effitrain.engine.loop import evaluate, train_step
 from effitrain.engine.profiling import StepProfiler
 from effitrain.engine.runtime import job_runtime
 from effitrain.engine.state import TrainState
 from effitrain.errors import Diverged, Interrupted, Preempted, UsageError
 from effitrain.eval.tasks import TaskSuite
+from effitrain.files import write_file
 from effitrain.logging import setup_logging
 from effitrain.logging.metrics import MemoryMeter, PendingStep, Recorder, StepBuffer, StepClock, build_sinks, throughput
 from effitrain.model.build import build_model, count_params, init_weights
 from effitrain.optimizer.build import build_optimizer
 from effitrain.parallel import offloads
-from effitrain.parallel.build import apply_parallel, data_parallel_shard, gradient_sync_skipper
+from effitrain.parallel.build import apply_parallel, gradient_sync_skipper
+from effitrain.precision import spec as precision_spec
 from effitrain.precision.build import Precision, build_precision
-from effitrain.rundir import RunClaim, write_file
+from effitrain.rundir import RunClaim
 from effitrain.schedule.build import build_scheduler
 
 log = logging.getLogger("effitrain")
@@ -68,25 +71,26 @@ class Parts:
     flops_per_token: float
 
 
-def build_parts(cfg, *, world, vocab_size: int, tokenizer: Path | None = None) -> Parts:
+def build_parts(cfg, *, job, vocab_size: int, tokenizer: Path | None = None) -> Parts:
     """Model (on the meta device, then only this rank's shards materialised), converters, parallel layout,
     communication hooks, optimizer and schedule, from the sub-configs of `cfg`.
 
     Args:
         cfg: the composed config.
-        world: the process's World (rank, size, device).
+        job: the process's Job (engine/job.py: World, degrees, mesh).
         vocab_size: the tokenizer's vocabulary size.
         tokenizer: the run's tokenizer.json (a distillation teacher must share it).
     """
     model = build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, meta=True)
     num_params, flops = count_params(model), model_flops_per_token(model, seq_len=cfg.data.seq_len)
+    world = job.world
     precision = build_precision(cfg.precision, device=world.device)
-    context = Context(seed=cfg.seed, world=world, parallel=cfg.parallel, precision=precision, vocab_size=vocab_size,
-                      tokenizer=tokenizer, seq_len=cfg.data.seq_len,
+    context = Context(seed=cfg.seed, world=world, job=job, parallel=cfg.parallel, precision=precision,
+                      vocab_size=vocab_size, tokenizer=tokenizer, seq_len=cfg.data.seq_len,
                       tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.data.seq_len,
                       model_dir=export.model_dir)
     converters = ConverterChain([*precision.converters, *build_compression(cfg.compression, context=context)])
-    model = apply_parallel(converters.convert(model), cfg=cfg.parallel, world=world, precision=precision,
+    model = apply_parallel(converters.convert(model), cfg=cfg.parallel, job=job, precision=precision,
                            init=partial(init_weights, cfg=cfg.model, seed=cfg.seed))
     converters.comm_hook(model)
     total, trainable = count_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -112,11 +116,12 @@ class Trainer:
 
     def __init__(self, cfg, run_dir: Path, *, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
-        self.world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
+        self.job = start_job(cfg)
+        self.world = self.job.world
         setup_logging(run_dir, rank=self.world.rank)
         self.run_id = _run_identity(run_dir, self.world)
         self._build_data()
-        self.parts = build_parts(cfg, world=self.world, vocab_size=self.data.vocab_size,
+        self.parts = build_parts(cfg, job=self.job, vocab_size=self.data.vocab_size,
                                  tokenizer=self.data.tokenizer_dir / "tokenizer.json")
         self.state, self.precision = self.parts.state, self.parts.precision
         self.checkpoint_root = default_root(run_dir, getattr(cfg.checkpoint, "dir", None))
@@ -167,7 +172,7 @@ class Trainer:
         barrier(world)
         if world.local_rank != 0:
             self.data = prepare_run_data(cfg.data)
-        self.shard = data_parallel_shard(cfg.parallel, world=world)  # TP ranks of one group share a batch
+        self.shard = self.job.shard  # TP ranks of one group share a batch
         self.sampler = self.data.sampler(seq_len=cfg.data.seq_len, seed=cfg.seed)  # data=mix: by the weights
         self.batches = TrainBatches(self.sampler, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
                                     shard=self.shard)
@@ -261,7 +266,8 @@ class Trainer:
         t3 = time.perf_counter()
         extra = {}
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            extra |= self.data.evaluate(state.model, self.val_batches, precision=self.precision, device=world.device)
+            extra |= self.data.evaluate(self.val_batches, loss_of=lambda batches: evaluate(
+                state.model, batches, precision=self.precision, device=world.device)[0])
             extra |= self.tasks.scores(state.model, max_len=cfg.data.seq_len, precision=self.precision,
                                        device=world.device)
         t4 = time.perf_counter()
@@ -395,7 +401,8 @@ def train_here(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> Train
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    with job_runtime(seed=cfg.seed, deterministic=cfg.deterministic, tf32=cfg.precision.tf32, device=device,
+    with job_runtime(seed=cfg.seed, deterministic=cfg.deterministic, tf32=precision_spec(cfg.precision).tf32,
+                     device=device,
                      keep_freed=cfg.cpu_keep_freed_memory):
         trainer = Trainer(cfg, run_dir, resume=resume or restarted)
         trainer.on_eval.extend(on_eval)
@@ -436,7 +443,7 @@ def _shared_run_dir(cfg, overrides: list[str]) -> Path:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    world = init_world(cfg.device, group=cfg.parallel.strategy != "single")
+    world = join(cfg)
     box = [None]
     if world.is_main:  # rank 0 holds the directory for the job's life: new, empty, or its own run (a restart)
         global _CLAIM

@@ -12,7 +12,9 @@ from typing import Optional
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
-GROUP = Group("launcher", key=None, builders="effitrain.launcher.launch")
+GROUP = Group("launcher", key=None, builders="effitrain.launcher.launch",
+              standalone="the launcher starts the processes: the world size it asks for is what the layout and the "
+                         "estimate divide by")
 START_METHODS = ("auto", "spawn", "fork", "forkserver")
 
 

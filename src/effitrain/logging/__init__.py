@@ -12,7 +12,8 @@ from pathlib import Path
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
-GROUP = Group("logging", key=None, builders="effitrain.logging.metrics")
+GROUP = Group("logging", key=None, builders="effitrain.logging.metrics",
+              standalone="sinks write on the host from one buffered read of the step's metrics")
 
 
 @GROUP.option("logging")
@@ -79,7 +80,7 @@ class RunLogHandler(logging.FileHandler):
     failed = False
 
     def _open(self):  # never through a symlink (a received run directory's `train.log -> ~/.bashrc`)
-        from effitrain.rundir import open_append
+        from effitrain.files import open_append
 
         return open_append(Path(self.baseFilename))
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from effitrain.errors import io_failure
+from effitrain.files import open_append
 from effitrain.logging import GROUP
-from effitrain.rundir import open_append
 
 log = logging.getLogger("effitrain")
 GIB = 2**30

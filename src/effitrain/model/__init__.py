@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 from effitrain.errors import UsageError
-from effitrain.parallel import TP_PLAN
 from effitrain.registry import Group
 
-GROUP = Group("model", key="family", builders="effitrain.model.build", costs="effitrain.model.cost")
+GROUP = Group("model", key="family", builders="effitrain.model.build")
 PRETRAINED = "pretrained"  # trait: the model starts from a local checkpoint's trained weights
+TP_PLAN = "tp_plan"  # trait: the family has a tensor-parallel plan for its blocks (parallel/build.py)
 
 
 class ModelError(UsageError):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import zlib
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -251,3 +253,95 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- cost models (effitrain estimate)
+# Cost models of the `model` group (torch-free): per family, the block dimensions read from a transformers config
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A family's block, as the memory model sees it.
+
+    Args:
+        dimensions: `transformers config -> {layers, hidden, heads, kv_heads, intermediate, tied}`.
+        block: `(s, bytes) -> bytes one block saves per token` (see activation_bytes_per_token).
+        attention_inputs: the names of the Linears that read the attention's input (a trained one saves it).
+        final_norm_saves_frozen: the final norm saves its normalised output even when its weight is frozen.
+    """
+
+    dimensions: Callable[..., dict]
+    block: Callable[..., float]
+    attention_inputs: tuple[str, ...]
+    final_norm_saves_frozen: bool
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """What a block's saved tensors weigh, per element, and which of its weights train.
+
+    Args:
+        compute: matmul outputs (the autocast dtype; 4 in fp32).
+        residual: the residual stream (the parameters' dtype, or the autocast dtype under FSDP's policy).
+        split: 1 / the tensor-parallel degree (heads and the MLP width are split).
+        norm_split: `split` under sequence parallel (the norms' saved tensors split too), else 1.
+        attn_trains, mlp_trains, norms_train: a weight of the attention's input projections / of the MLP / the
+            blocks' norms trains (LoRA adapters count). A frozen Linear saves no input (its input gradient needs
+            the weight only); a frozen RMSNorm weight saves no normalised tensor.
+    """
+
+    compute: int
+    residual: int
+    split: float
+    norm_split: float
+    attn_trains: bool = True
+    mlp_trains: bool = True
+    norms_train: bool = True
+
+    def linear_inputs(self, consumers: int, source: int, hidden: int) -> float:
+        """A Linear saves its input; under autocast each Linear casts an fp32 input itself (a copy per consumer)."""
+        return source * hidden if source == self.compute else consumers * self.compute * hidden
+
+
+def _llama_dimensions(config) -> dict:
+    heads = config.num_attention_heads
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "intermediate": config.intermediate_size, "tied": bool(config.tie_word_embeddings)}
+
+
+def _gpt2_dimensions(config) -> dict:
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
+            "kv_heads": config.num_attention_heads, "intermediate": config.n_inner or 4 * config.hidden_size,
+            "tied": bool(config.tie_word_embeddings)}
+
+
+def _llama_block(s, b: Bytes) -> float:
+    h, hkv, inter, a = s.hidden, s.hidden // s.heads * s.kv_heads, s.intermediate, s.heads
+    norm = FP32 * h + b.norms_train * b.residual * h  # RMSNorm: its input (or fp32 copy) and the normalised tensor
+    norm_out = b.residual  # weight * normalised, in the residual dtype
+    attn = (b.attn_trains * b.linear_inputs(3, norm_out, h)
+            + b.split * (b.compute * (2 * h + 2 * hkv) + b.compute * h + FP32 * a))
+    # gate (silu input), silu out, up, and their product (down_proj's input)
+    mlp = (b.mlp_trains * (b.linear_inputs(2, norm_out, h) + b.split * b.compute * inter)
+           + b.split * 3 * b.compute * inter)
+    return b.norm_split * 2 * norm + attn + mlp
+
+
+def _gpt2_block(s, b: Bytes) -> float:
+    """LayerNorm runs in fp32 under autocast and saves its input; gelu_new (tanh form) saves four tensors."""
+    h, inter, a = s.hidden, s.intermediate, s.heads
+    norm = FP32 * h
+    norm_out = FP32
+    attn = (b.attn_trains * b.linear_inputs(3, norm_out, h)
+            + b.split * (b.compute * 3 * h + b.compute * h + b.compute * h + FP32 * a))
+    mlp = (b.mlp_trains * (b.linear_inputs(1, norm_out, h) + b.split * b.compute * inter)
+           + b.split * 4 * b.compute * inter)
+    return b.norm_split * 2 * norm + attn + mlp
+
+
+GROUP.cost("llama")(Cost(_llama_dimensions, _llama_block, attention_inputs=("q_proj", "k_proj", "v_proj"),
+                         final_norm_saves_frozen=False))
+GROUP.cost("gpt2")(Cost(_gpt2_dimensions, _gpt2_block, attention_inputs=("c_attn",), final_norm_saves_frozen=True))

@@ -12,7 +12,7 @@ from effitrain.errors import UsageError
 from effitrain.parallel import DDP, WHOLE_WEIGHTS
 from effitrain.registry import Group, Need
 
-GROUP = Group("optimizer", key="kind", builders="effitrain.optimizer.build", costs="effitrain.optimizer.cost")
+GROUP = Group("optimizer", key="kind", builders="effitrain.optimizer.build")
 NO_DECAY = ("bias", "norm", "embedding")
 IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
 STOCHASTIC_ROUNDING = "stochastic_rounding"  # trait: updates bf16 weights with stochastic rounding (torchao)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -176,3 +179,82 @@ def _log_state_once(name: str):
             n = state_bytes(optimizer)
             log.info("optimizer %s: %.2f MiB of state on this rank (%d bytes)", name, n / 2**20, n)
     return hook
+
+
+# ---------------------------------------------------------------- cost models (effitrain estimate)
+# Cost models of the `optimizer` group (torch-free): the bytes of state each option keeps per rank, and whether
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Cost:
+    """An optimizer's memory on one rank.
+
+    Args:
+        state: `(node, params, numels, *, state_bytes, dp) -> bytes` of state for the rank's trained parameters
+            (params: what the estimate knows of each (shape, kind); numels: this rank's elements of each;
+            state_bytes: bytes per element of a full-precision moment, the precision's parameter bytes; dp: the
+            data-parallel ranks).
+        foreach_temporaries: an unfused (foreach) update builds about one fp32 temporary per parameter; torchao's
+            per-tensor steps build none.
+    """
+
+    state: Callable[..., int]
+    foreach_temporaries: bool = True
+
+
+def _moments(count: int) -> Callable[..., int]:
+    def state(node, params, numels, *, state_bytes: int, dp: int) -> int:
+        return count * state_bytes * sum(numels)
+    return state
+
+
+def zero1_rank_loads(numels: list[int], ranks: int) -> list[int]:
+    """ZeroRedundancyOptimizer's partition: parameters largest first, each to the least loaded rank."""
+    loads = [0] * ranks
+    for n in sorted(numels, reverse=True):
+        loads[loads.index(min(loads))] += n
+    return loads
+
+
+def _zero1(node, params, numels, *, state_bytes: int, dp: int) -> int:
+    """AdamW's two moments of whole tensors assigned to ranks greedily: the most loaded rank's."""
+    return 2 * state_bytes * max(zero1_rank_loads(numels, dp))
+
+
+def _adamw_8bit(node, params, numels, *, state_bytes: int, dp: int) -> int:
+    # torchao: tensors of >= 4096 values in blockwise int8 (1 byte + one fp32 scale per 256) per moment
+    return sum(2 * (n + FP32 * math.ceil(n / 256)) if n >= 4096 else 2 * state_bytes * n for n in numels)
+
+
+def _sgd(node, params, numels, *, state_bytes: int, dp: int) -> int:
+    return state_bytes * sum(numels) if node.momentum else 0
+
+
+def _adafactor(node, params, numels, *, state_bytes: int, dp: int) -> int:
+    # factored second moment of matrices: one value per row and per column; vectors keep a full one
+    return sum(FP32 * (p.shape[0] + p.shape[1]) if len(p.shape) == 2 else FP32 * n
+               for p, n in zip(params, numels, strict=True))
+
+
+def _muon(node, params, numels, *, state_bytes: int, dp: int) -> int:
+    # momentum for hidden matrices; AdamW's two moments for the rest
+    return sum(FP32 * n if p.kind == "linear" and len(p.shape) == 2 else 2 * FP32 * n
+               for p, n in zip(params, numels, strict=True))
+
+
+GROUP.cost("adamw")(Cost(_moments(2)))
+GROUP.cost("zero1")(Cost(_zero1))
+GROUP.cost("adamw-8bit")(Cost(_adamw_8bit, foreach_temporaries=False))
+GROUP.cost("sgd")(Cost(_sgd))
+GROUP.cost("adafactor")(Cost(_adafactor))
+GROUP.cost("muon")(Cost(_muon))
+
+
+def temporaries(node, n_trained: int, *, cpu: bool) -> int:
+    """Bytes the update builds on top of the state: foreach kernels ~one fp32 temporary per parameter; fused CUDA
+    kernels (`auto` picks them off the CPU), the per-parameter loop and torchao's steps none."""
+    implementation = node.get("implementation", "auto")
+    fused = implementation in ("fused", "loop") or (implementation == "auto" and not cpu)
+    return 0 if fused or not GROUP.cost_of(node.kind).foreach_temporaries else n_trained * FP32

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from effitrain.errors import UsageError
+from effitrain.model import TP_PLAN
 from effitrain.registry import Group, Need
 
-GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build", costs="effitrain.parallel.cost")
+GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build")
 
 # Traits a layout provides to the other chosen options (registry.Group.traits):
 WHOLE_WEIGHTS = "whole_weights"  # every rank holds whole weight matrices
@@ -23,7 +24,6 @@ CONVERTED_MODULES = "converted_modules"  # wraps modules a converter replaced or
 SHARDS_PARAMS = "shards_params"  # FSDP2 shards parameters, gradients and optimizer state over dp_shard ranks
 FSDP_REDUCE = "fsdp_reduce"  # gradients reduce-scattered in precision.reduce_dtype (FSDP's MixedPrecisionPolicy)
 TENSOR_PARALLEL = "tensor_parallel"  # Megatron TP over parallel.tp ranks
-TP_PLAN = "tp_plan"  # (a model family's) a tensor-parallel plan for its blocks
 
 
 
@@ -90,7 +90,7 @@ def _tp_plan(node, cfg) -> list[Need]:
 
     if parallel_degrees(node, world_size=world_size(cfg.launcher)).tp == 1:
         return []
-    return [Need(TP_PLAN, f"parallel.strategy={node.strategy} needs a tensor-parallel plan, which model.family="
+    return [Need(TP_PLAN, f"needs a tensor-parallel plan of the model's blocks, which model.family="
                           f"{cfg.model.family!r} has not; use parallel=fsdp or ddp")]
 
 

@@ -15,7 +15,9 @@ they are materialised and filled by the layout-independent `init` (identical wei
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,28 +25,14 @@ from torch import nn
 
 from effitrain.errors import UsageError
 from effitrain.model.build import transformer_blocks
-from effitrain.parallel import GROUP, Degrees, parallel_degrees
+from effitrain.parallel import DDP, GROUP, SHARDS_PARAMS, TENSOR_PARALLEL, Degrees
 
 
 class ParallelError(UsageError):
     """An impossible parallel layout: reported as one line, exit code 2."""
 
 
-def degrees(cfg, *, world) -> Degrees:
-    """This run's degrees (checked against the real world size, which torchrun may set from outside)."""
-    return parallel_degrees(cfg, world_size=world.size)
-
-
-def data_parallel_shard(cfg, *, world):
-    """(rank, size) of this process among the data-parallel ranks; TP is the innermost mesh dimension,
-    so the ranks of one TP group (consecutive ranks) read the same batch."""
-    from effitrain.data.loader import Shard
-
-    d = degrees(cfg, world=world)
-    return Shard(rank=world.rank // d.tp, world=d.dp)
-
-
-def apply_parallel(model: nn.Module, *, cfg, world, precision, init: Callable[[nn.Module], None] | None = None
+def apply_parallel(model: nn.Module, *, cfg, job, precision, init: Callable[[nn.Module], None] | None = None
                    ) -> nn.Module:
     """Wrap `model` for the `parallel` group's layout (its strategy's builder), in the order the module docstring
     explains.
@@ -52,12 +40,12 @@ def apply_parallel(model: nn.Module, *, cfg, world, precision, init: Callable[[n
     Args:
         model: the built model: parameters on the meta device (then `init` fills them), or real (a checkpoint).
         cfg: the `parallel` config group.
-        world: the process's World (rank, size, device).
+        job: the process's Job (engine/job.py: its World and the layout's mesh, built once).
         precision: the run's Precision (FSDP mixed-precision policy when it offers one).
         init: fills materialised parameters deterministically (models.build.init_weights bound to the run's seed).
     """
-    mesh = build_mesh(cfg.strategy, degrees(cfg, world=world), world=world)
-    return GROUP.builder_of(cfg.strategy)(model, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
+    return GROUP.builder_of(cfg.strategy)(model, cfg=cfg, world=job.world, mesh=job.mesh, precision=precision,
+                                          init=init)
 
 
 def _blocks(model: nn.Module, cfg) -> None:
@@ -103,16 +91,17 @@ def fsdp_tp(model, *, cfg, world, mesh, precision, init):
     return _sharded(model, cfg=cfg, world=world, mesh=mesh["dp_shard"], precision=precision, init=init)
 
 
-def build_mesh(strategy: str, d: Degrees, *, world):
-    """The device mesh of the layout (None for single/ddp, which use the default process group).
-    Dimension order is (dp_replicate, dp_shard, tp): TP innermost, so a TP group is one node's fast link."""
+def build_mesh(cfg, d: Degrees, *, world):
+    """The device mesh of the layout, from what it provides (None for single/ddp, which use the default process
+    group). Dimension order is (dp_replicate, dp_shard, tp): TP innermost, so a TP group is one node's fast link."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    dims = {"fsdp": ("dp_shard",), "hsdp": ("dp_replicate", "dp_shard"), "tp": ("tp",),
-            "fsdp-tp": ("dp_shard", "tp")}.get(strategy)
-    if dims is None:
+    sizes = {"dp_replicate": d.dp_replicate if "dp_replicate" in cfg else None,
+             "dp_shard": d.dp_shard if GROUP.provides(cfg, SHARDS_PARAMS) else None,
+             "tp": d.tp if GROUP.provides(cfg, TENSOR_PARALLEL) else None}
+    dims = tuple(name for name, size in sizes.items() if size is not None)
+    if not dims:
         return None
-    sizes = {"dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "tp": d.tp}
     return init_device_mesh(world.device.type, tuple(sizes[n] for n in dims), mesh_dim_names=dims)
 
 
@@ -365,3 +354,69 @@ def gradient_sync_skipper(model: nn.Module):
                 model.set_requires_gradient_sync(True)
         return skip_reduce_scatter
     return None
+
+
+# ---------------------------------------------------------------- cost models (effitrain estimate)
+# Cost models of the `parallel` group (torch-free): how a layout splits each parameter over the ranks and what
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A layout's memory on one rank, from what the layout provides (its traits, parallel/__init__.py):
+    SHARDS_PARAMS: FSDP2 shards parameters, gradients and optimizer state over the dp_shard ranks (dim 0, padded)
+    and its MixedPrecisionPolicy computes with parameters in the autocast dtype; DDP: a flat copy of the trained
+    parameters' gradients in its buckets (effitrain's DDP does not use gradient_as_bucket_view).
+
+    Args:
+        node: the `parallel` node.
+    """
+
+    node: object
+
+    @property
+    def shards(self) -> bool:
+        return GROUP.provides(self.node, SHARDS_PARAMS)
+
+    def local_numel(self, p, d: Degrees) -> int:
+        """Elements this rank holds of a parameter: TP splits linears/embeddings, FSDP shards dim 0 (padded)."""
+        shape = list(p.shape)
+        if d.tp > 1 and p.kind in ("linear", "embedding", "head"):
+            shape[0] = math.ceil(shape[0] / d.tp)  # column- or row-wise: one dim split either way
+        if self.shards:
+            shape[0] = math.ceil(shape[0] / d.dp_shard)
+        return math.prod(shape)
+
+    def memory(self, s, *, d: Degrees, spec, n_trained: int) -> dict[str, int]:
+        """What the layout adds per rank (bytes), beside parameters, gradients and optimizer state."""
+        mem = {}
+        if GROUP.provides(self.node, DDP):
+            mem["ddp_buckets"] = n_trained * spec.bytes("param")  # the gradients of trained parameters only
+        if self.shards:
+            mem |= _fsdp_memory(s, self.node, d=d, spec=spec)
+        return mem
+
+
+def gather_bytes(spec) -> int:
+    """Bytes per element of FSDP's gathered parameters: MixedPrecisionPolicy's param dtype (the autocast dtype)."""
+    return spec.bytes("compute") if spec.autocast else spec.bytes("param")
+
+
+def _fsdp_memory(s, node, *, d: Degrees, spec) -> dict[str, int]:
+    """FSDP2's gathered parameters: the root's (embeddings, final norm, head), plus two blocks at a time (one
+    computing, one prefetched), or every block with reshard_after_forward false; the root's unsharded gradients,
+    which wait for its reduce-scatter at the end of backward (frozen ones have none); a block's backward holds its
+    own unsharded gradients and the previous block's reduce-scatter input (in the reduce dtype), which FSDP2 keeps
+    until the next reduce-scatter is issued (profiler allocation events of a 2-rank d128-L4 step)."""
+    per_block = s.block_params() // s.layers
+    blocks = s.layers if not node.reshard_after_forward else min(2, s.layers)
+    gathered = (s.root_params() + blocks * per_block) // d.tp
+    return {"fsdp_gathered_params": gathered * gather_bytes(spec),
+            "fsdp_unsharded_grads": (s.trained_root_params() // d.tp) * FP32,
+            "fsdp_block_reduce": s.trained_params_per_block() // d.tp * (gather_bytes(spec) + spec.bytes("reduce"))}
+
+
+# every layout's memory follows from its traits: one cost model, registered for each
+for _strategy in GROUP.schemas:
+    GROUP.cost(_strategy)(Cost)

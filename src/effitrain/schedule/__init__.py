@@ -11,7 +11,9 @@ from typing import Optional
 from effitrain.errors import UsageError
 from effitrain.registry import Group
 
-GROUP = Group("schedule", key="kind", builders="effitrain.schedule.build")
+GROUP = Group("schedule", key="kind", builders="effitrain.schedule.build",
+              standalone="a schedule sets the learning rate of each step: no memory, no FLOPs, no other group's "
+                         "concern")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from effitrain.rundir import write_file
+from effitrain.files import write_file
 from effitrain.runs import STATUS_FILE, job_dirs, job_outcome, job_overrides, read_json
 
 COLUMNS = ("job", "overrides", "status", "final_val_loss", "median_tokens_per_s", "mem_reserved_peak_gib", "reason",
