@@ -44,7 +44,7 @@ from pathlib import Path
 from effitrain.compression.method import Inputs, Step
 from effitrain.errors import UsageError
 from effitrain.parallel import GROUP as PARALLEL
-from effitrain.parallel import Degrees, offloads, parallel_degrees
+from effitrain.parallel import offloads, parallel_degrees
 from effitrain.precision import spec as precision_spec
 
 GiB = 2**30
