@@ -130,7 +130,7 @@ def main() -> None:
             exported = t.state.converters.export(copy.deepcopy(t.state.model))
             zeros = None
             if name.startswith("prune"):
-                from effitrain.compression.prune import prunable
+                from effitrain.compression.masks import prunable
                 ws = prunable(exported)
                 zeros = sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
             rows.append(row(name, t, exported, tmp, sparsity=zeros))

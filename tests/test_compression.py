@@ -33,6 +33,18 @@ def test_list_selection_gives_each_method_its_own_keys(tiny):
     assert (cfg.compression.lora.rank, cfg.compression.grad_powersgd.rank) == (4, 1)
 
 
+def test_methods_apply_in_stage_order_whatever_the_listing_order(tiny):
+    """Each method's module declares its stage (method.py): structure, what trains, weight constraints, loss,
+    communication."""
+    from effitrain.compression import GROUP, in_order
+
+    assert [GROUP.kind_of(n) for n in GROUP.ordered({"kind": k} for k in reversed(list(GROUP.schemas)))] == [
+        "none", "share_layers", "freeze", "lora", "qat_int8", "qat_int4", "prune_magnitude", "prune_2of4", "distill",
+        "grad_fp16", "grad_powersgd"]
+    cfg = compose(tiny("compression=[grad-fp16,distill,prune-2of4,share-layers]"))
+    assert [n.kind for n in in_order(cfg.compression)] == ["share_layers", "prune_2of4", "distill", "grad_fp16"]
+
+
 REFUSED = {
     "unknown option in list": (["compression=[lora,powersgd]"], "unknown compression option 'powersgd'"),
     "key of an unchosen method": (["compression.lora.rank=4"], "unknown key 'compression.lora'"),
@@ -50,6 +62,11 @@ REFUSED = {
     "lora from scratch": (["compression=[lora]"], "set model.pretrained"),
     "pruning past the run": (["compression=[prune-magnitude]"], "end_step=90 is past max_steps=6"),
     "no teacher": (["compression=[distill]"], "needs compression.distill.teacher"),
+    "lora under tp": (["compression=[lora]", "parallel=tp", "launcher.nproc_per_node=2"],
+                      "compression=lora runs under parallel=single or ddp or fsdp, not tp: the TP plans do not cover "
+                      "peft's adapter layers"),
+    "qat with pruning": (["compression=[prune-2of4,qat-int4]"], "compression=prune-2of4 and qat-int4 cannot run "
+                         "together: QAT's fake-quantizers and the masks fight over the same weights"),
 }
 
 
@@ -107,7 +124,7 @@ def test_lora_trains_adapters_only_and_export_merges_them(tmp_path, tiny, hf_dir
 
 
 def test_magnitude_pruning_reaches_its_sparsity_and_keeps_zeros(tmp_path, tiny):
-    from effitrain.compression.prune import prunable
+    from effitrain.compression.masks import prunable
 
     t = trained(compose(tiny("compression=[prune-magnitude]", "compression.prune_magnitude.end_step=4",
                              "compression.prune_magnitude.frequency=2", "compression.prune_magnitude.scope=layer")),
@@ -119,7 +136,7 @@ def test_magnitude_pruning_reaches_its_sparsity_and_keeps_zeros(tmp_path, tiny):
 
 
 def test_2of4_masks_every_group_of_four(tmp_path, tiny):
-    from effitrain.compression.prune import prunable
+    from effitrain.compression.masks import prunable
 
     t = trained(compose(tiny("compression=[prune-2of4]", "max_steps=3")), tmp_path)
     for w in prunable(t.state.model):

@@ -53,6 +53,14 @@ def test_every_need_can_be_met():
                 assert need.trait in offered | dynamic, f"{group.name}={kind} needs {need.trait!r}, offered by none"
 
 
+def test_every_compression_cost_model_is_a_cost():
+    """The estimate reads a compression method's cost model through compression.method.Cost's hooks."""
+    from effitrain.compression import GROUP
+    from effitrain.compression.method import Cost
+
+    assert all(isinstance(c, Cost) for c in GROUP.all_costs().values())
+
+
 @pytest.fixture
 def reads(monkeypatch) -> set[str]:
     """Full keys ('optimizer.lr') of every config value read by attribute or item while the fixture is active."""

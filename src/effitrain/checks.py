@@ -11,7 +11,6 @@ import unicodedata
 from pathlib import Path
 
 from effitrain.compose import GROUPS
-from effitrain.compression import chosen
 from effitrain.errors import UsageError
 from effitrain.precision import CUDA
 from effitrain.registry import Traits
@@ -21,29 +20,34 @@ def check_all(cfg) -> None:
     check_run(cfg)
     for group in GROUPS:
         group.check(cfg[group.name])
+    # options that cannot run together first: that holds whatever values the run sets, which the options' own
+    # checks would otherwise have the user fix in vain
+    check_traits(cfg, which=("excludes",))
     for group in GROUPS:
         group.check_options(cfg)
     check_traits(cfg)
-    check_compression(cfg.compression, parallel=cfg.parallel, precision=cfg.precision, model=cfg.model,
-                      device=cfg.device, max_steps=cfg.max_steps)
 
 
-def check_traits(cfg) -> None:
+def check_traits(cfg, *, which: tuple[str, ...] = ("excludes", "needs")) -> None:
     """The one rule across groups: each chosen option's needs are provided by another chosen option (or the run's
-    device), and nothing it excludes is; the line comes from the option's Need (registry.Traits)."""
+    device), and nothing it excludes is; the line comes from the option's Need (registry.Traits).
+
+    Args:
+        which: the declarations to check: "excludes" (which options cannot run together), "needs".
+    """
     chosen = [(group, node) for group in GROUPS for node in group.nodes(cfg[group.name]).values()]
     provided: dict[str, list[tuple]] = {CUDA: [("device", None)]} if _has_gpu(cfg.device) else {}
     for group, node in chosen:
         for trait in _traits(group, node).of("provides", node, cfg):
             provided.setdefault(trait, []).append((group, node))
     for group, node in chosen:
-        traits = _traits(group, node)
-        for need in traits.of("needs", node, cfg):
-            _need(need.trait in provided, _unmet(group, node, need, cfg))
-        for need in traits.of("excludes", node, cfg):
+        for need in _traits(group, node).of("excludes", node, cfg) if "excludes" in which else ():
             others = [(g, n) for g, n in provided.get(need.trait, []) if n is not node]
             if others:
                 raise UsageError(f"{_pair((group, node), others[0])} cannot run together: {need.why}")
+    for group, node in chosen:
+        for need in _traits(group, node).of("needs", node, cfg) if "needs" in which else ():
+            _need(need.trait in provided, _unmet(group, node, need, cfg))
 
 
 def _traits(group, node) -> Traits:
@@ -125,53 +129,3 @@ def check_names(cfg) -> None:
 def _one_line(text: str) -> bool:
     """No control character (newline, carriage return, NUL, escape...): the text stays one line of one file name."""
     return not any(unicodedata.category(c) == "Cc" for c in text)
-
-
-# where each compression method runs (the layouts its code and tests cover), and why not elsewhere
-COMPRESSION_LAYOUTS = {
-    "grad_fp16": (("ddp",), "it is a DDP communication hook (FSDP reduce-scatters in precision.reduce_dtype: use "
-                            "precision=bf16 with parallel=fsdp for bf16 gradient reduction)"),
-    "grad_powersgd": (("ddp",), "it is a DDP communication hook; FSDP/TP have no PowerSGD"),
-    "share_layers": (("single", "ddp"), "FSDP and TP shard each block in place and cannot shard one module shared "
-                                        "by several positions"),
-    "lora": (("single", "ddp", "fsdp"), "the TP plans do not cover peft's adapter layers"),
-    "qat_int8": (("single", "ddp", "fsdp"), "the TP plans do not cover torchao's fake-quantized Linears"),
-    "qat_int4": (("single", "ddp", "fsdp"), "the TP plans do not cover torchao's fake-quantized Linears"),
-    "prune_magnitude": (("single", "ddp", "fsdp"), "masks are kept on whole weights or 1-D FSDP shards only"),
-    "prune_2of4": (("single", "ddp", "fsdp"), "masks are kept on whole weights or 1-D FSDP shards only"),
-    "distill": (("single", "ddp", "fsdp"), "the teacher is placed like the student only for these layouts"),
-}
-
-
-def check_compression(cfg, *, parallel, precision, model, device: str, max_steps: int) -> None:
-    """Each chosen compression method against the layout, precision, model and run length."""
-    kinds = chosen(cfg)
-    for kind in kinds:
-        if kind in COMPRESSION_LAYOUTS:
-            layouts, why = COMPRESSION_LAYOUTS[kind]
-            _need(parallel.strategy in layouts, f"compression={cfg[kind].name} runs under parallel="
-                                                f"{' or '.join(layouts)}, not {parallel.name}: {why}")
-    if "grad_fp16" in kinds and cfg.grad_fp16.dtype == "bfloat16":
-        no_gpu = device == "cpu" or (device == "auto" and not Path("/proc/driver/nvidia/version").exists())
-        _need(not no_gpu, "compression.grad_fp16.dtype=bfloat16 needs CUDA + NCCL (gloo cannot all-reduce "
-                          "bfloat16 buckets): use dtype=float16 on the CPU")
-    for kind in ("qat_int8", "qat_int4"):
-        _need(kind not in kinds or precision.kind != "fp8",
-              f"compression={cfg[kind].name if kind in kinds else kind} and precision=fp8 both replace the Linears: "
-              "use precision=bf16 with QAT")
-    _need("lora" not in kinds or bool(model.pretrained),
-          "compression=lora adapts a pretrained model: set model.pretrained=<local HF model directory> (its random "
-          "frozen weights would learn next to nothing)")
-    for qat in ("qat_int8", "qat_int4"):
-        if qat in kinds:
-            _need(cfg[qat].start_step < max_steps,
-                  f"compression.{qat}.start_step={cfg[qat].start_step} is not before max_steps={max_steps}: the run "
-                  "would never fake-quantize")
-    if "prune_magnitude" in kinds:
-        _need(cfg.prune_magnitude.end_step <= max_steps,
-              f"compression.prune_magnitude.end_step={cfg.prune_magnitude.end_step} is past max_steps={max_steps}: "
-              "the run would end before reaching final_sparsity")
-    if "share_layers" in kinds:
-        _need(model.num_layers % cfg.share_layers.every == 0,
-              f"compression.share_layers.every={cfg.share_layers.every} does not divide model.num_layers="
-              f"{model.num_layers}")

@@ -17,13 +17,11 @@ reports (`flops.model_flops_per_token`), in seconds, for any size. Memory is cou
   sequence parallel also splits the norms' activations (the Linear inputs stay gathered, as DTensor saves them);
 - logits and loss: the vocab x tokens buffers of the LM head and cross entropy (logits, their fp32 copy, the
   log-softmax output and its gradients), usually the largest item of a small model;
-- compression: frozen parameters (freeze, LoRA's base weights) have no gradients, optimizer state or DDP buckets;
-  LoRA's adapters (rank x (in + out) per targeted Linear) are trainable parameters of their own; shared blocks
-  (share-layers) are stored once; pruning keeps a bool mask per pruned weight element; a distillation teacher's
-  parameters sit beside the student's (sharded like it under FSDP), the KL keeps both fp32 log-softmaxes for
-  backward, and building it (the step's peak) holds the student's logits and kl_div's three vocab-wide
-  temporaries on top of the cross entropy's log-softmax; PowerSGD's error feedback is one fp32 copy of the gradients.
-  QAT's fake-quantized weight copies live one Linear at a time and are not counted;
+- compression: each chosen method's cost model (compression/method.py's Cost, registered in the method's module)
+  changes the meta model or its parameter list (freeze and LoRA's base weights frozen: no gradients, optimizer
+  state or DDP buckets; LoRA's adapters; share-layers' blocks stored once; pruned weights) and adds its memory
+  items (pruning masks, a distillation teacher and its loss buffers, PowerSGD's error feedback), the moments of
+  the step they live in, and moments of its own (building the distillation loss);
 - FSDP's gathered parameters: the root's (embeddings, final norm, head), plus two blocks at a time (one
   computing, one prefetched), or every block with reshard_after_forward false; with it (effitrain sets it on the
   root too) nothing is gathered when backward starts at the loss; a block's backward also holds its unsharded
@@ -43,9 +41,10 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from effitrain.compression.method import Inputs, Step
 from effitrain.errors import UsageError
 from effitrain.parallel import GROUP as PARALLEL
-from effitrain.parallel import Degrees, offloads, parallel_degrees
+from effitrain.parallel import offloads, parallel_degrees
 from effitrain.precision import spec as precision_spec
 
 GiB = 2**30
@@ -83,8 +82,8 @@ class Shape:
     tied: bool
     params: list[Param]
     flops_per_token: float
-    teacher_params: int = 0  # distill: the teacher's parameters
-    error_feedback: bool = False  # PowerSGD keeps an fp32 copy of the gradients
+    # (node, cost model, what its `read` found) of each chosen compression method, in the order they apply
+    compression: list[tuple] = field(default_factory=list)
 
     @property
     def num_params(self) -> int:
@@ -165,24 +164,31 @@ def model_shape(model_cfg, *, vocab: int, seq_len: int, compression=None) -> Sha
     else:
         model = build_model(model_cfg, vocab_size=vocab, max_seq_len=seq_len, meta=True)
     flops = model_flops_per_token(model, seq_len=seq_len)  # before sharing: a shared block still runs every time
-    kinds = _compression_kinds(compression)
-    model = _convert_on_meta(model, compression, kinds, vocab=vocab, seq_len=seq_len)
+    methods = _compression_costs(compression)
+    for node, cost in methods:
+        if cost.meta is not None:
+            model = cost.meta(model, node)
     params = _params(model)
-    if "lora" in kinds:
-        params = _with_lora(model, params, compression.lora)
-    if kinds & {"prune_magnitude", "prune_2of4"}:
-        pruned = set(_prunable_names(model))
-        params = [replace(p, pruned=p.name in pruned) for p in params]
-    teacher = 0
-    if "distill" in kinds and compression.distill.teacher:
-        teacher = _teacher_params(Path(compression.distill.teacher).expanduser())
+    for node, cost in methods:
+        if cost.params is not None:
+            params = cost.params(model, params, node)
     return Shape(**_dimensions(model.config), vocab=vocab, seq_len=seq_len, params=params, flops_per_token=flops,
-                 teacher_params=teacher,
-                 error_feedback="grad_powersgd" in kinds and bool(compression.grad_powersgd.error_feedback))
+                 compression=[(node, cost, cost.read(node, _saved_params) if cost.read is not None else None)
+                              for node, cost in methods])
 
 
-def _teacher_params(path: Path) -> int:
-    """A teacher's parameters: from its config.json, or an effitrain run directory's saved config (nothing loaded)."""
+def _compression_costs(compression) -> list[tuple]:
+    """(node, cost model) of each chosen compression method, in the order their converters apply."""
+    if compression is None:
+        return []
+    from effitrain.compression import GROUP, in_order
+
+    return [(node, GROUP.cost_of(node.kind)) for node in in_order(compression) if node.kind != "none"]
+
+
+def _saved_params(path: Path) -> int:
+    """A saved model's parameters: from its config.json, or an effitrain run directory's saved config (nothing
+    loaded). A compression method's cost model reads it (distill: the teacher's)."""
     from effitrain.model.build import build_model, pretrained_on_meta
 
     if (path / "config.json").is_file():
@@ -223,41 +229,6 @@ def _params(model) -> list[Param]:
     # named_parameters gives each tensor once: a tied head, or blocks shared by share-layers, are stored once
     return [Param(name, tuple(p.shape), kinds[id(p)], trainable=p.requires_grad)
             for name, p in model.named_parameters()]
-
-
-def _compression_kinds(compression) -> set[str]:
-    return {node.kind for node in compression.values()} - {"none"} if compression is not None else set()
-
-
-def _convert_on_meta(model, compression, kinds: set[str], *, vocab: int, seq_len: int):
-    """Freeze and share-layers change which parameters exist or train: their real converters run on the meta
-    model. (LoRA's adapters are counted from its config: peft adapts real weights only.)"""
-    from effitrain.compression.build import GROUP, Context
-
-    for kind in ("freeze", "share_layers"):
-        if kind in kinds:
-            for converter in GROUP.builder_of(kind)(compression[kind], context=Context(seed=0)):
-                model = converter.convert(model)
-    return model
-
-
-def _with_lora(model, params: list[Param], lora) -> list[Param]:
-    """Every base weight frozen; rank x in (lora_A) and out x rank (lora_B) trainable per targeted Linear."""
-    from torch import nn
-
-    adapters = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules:
-            adapters += [Param(f"{name}.lora_A.weight", (lora.rank, module.in_features), "linear"),
-                         Param(f"{name}.lora_B.weight", (module.out_features, lora.rank), "linear")]
-    return [replace(p, trainable=False) for p in params] + adapters
-
-
-def _prunable_names(model) -> list[str]:
-    from effitrain.compression.prune import prunable
-
-    ids = {id(w) for w in prunable(model)}
-    return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
 def _kind(name: str, module, nn) -> str:
@@ -373,8 +344,9 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     # moments are kept in the parameters' dtype: fp32, or bf16 under bf16-pure (torchao's AdamW)
     mem["optimizer_state"] = OPTIMIZER.cost_of(cfg.optimizer.kind).state(
         cfg.optimizer, [p for p, _ in trained], [n for _, n in trained], state_bytes=p_bytes, dp=d.dp)
-    mem |= _compression_memory(s, numels, fsdp=fsdp, d=d, p_bytes=p_bytes, n_trained=n_trained,
-                               tokens=cfg.batch_size * cfg.data.seq_len)
+    compression = _compression_terms(s, numels, trained=n_trained, param_bytes=p_bytes,
+                                     shard=d.dp_shard if fsdp else 1, tokens=cfg.batch_size * cfg.data.seq_len)
+    mem |= compression.memory
     if offloads(cfg.parallel):
         notes.append("parallel.offload=cpu: parameters, gradients and optimizer state live in host memory; "
                      "the device holds the gathered parameters and activations")
@@ -406,12 +378,11 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     # the loss is computed after the model's forward returned: with reshard_after_forward (effitrain sets it on the
     # root too) nothing is gathered then, nor when backward starts at the loss, until the head's backward
     at_loss = mem["fsdp_gathered_params"] if fsdp and not cfg.parallel.reshard_after_forward else 0
-    static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0) + sum(
-        mem.get(k, 0) for k in ("pruning_masks", "teacher_parameters", "powersgd_error_feedback"))
+    static = mem["parameters"] + mem["optimizer_state"] + mem.get("ddp_buckets", 0) + compression.bytes("held")
     if offloads(cfg.parallel):
         static = 0
     gathered_now = mem.get("fsdp_gathered_params", 0) + mem.get("fsdp_unsharded_grads", 0)
-    backward = static + mem["activations"] + mem["logits_and_loss"] + mem.get("distill_logits", 0) + at_loss \
+    backward = static + mem["activations"] + mem["logits_and_loss"] + compression.bytes("at_backward") + at_loss \
         + head_grad
     recompute_moment = static + mem["activations"] + mem["activation_recompute"] + gathered_now \
         + mem.get("fsdp_block_reduce", 0) + head_grad
@@ -426,19 +397,14 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
         step = 0
     moments = {"backward start": backward, "backward recompute": recompute_moment, "backward, first block": first_block,
                "optimizer step": step}
-    if "distill_logits" in mem:  # building the KL: the cross entropy's saved log-softmax is there already
-        ce_saved = 4 * s.vocab * tokens
-        moments["distill loss"] = static + mem["activations"] + ce_saved + mem["distill_logits"] \
-            + mem["distill_loss_transients"] + at_loss
+    moments |= compression.moments(mem, Step(static=static, activations=mem["activations"], at_loss=at_loss))
     phase = max(moments, key=moments.get)
     # what is live at the peak, for "the biggest item" of the fit check
-    held_throughout = ["pruning_masks", "teacher_parameters", "powersgd_error_feedback"]
     live = {"forward/backward": ["parameters", "optimizer_state", "ddp_buckets", "activations", "logits_and_loss",
                                  "fsdp_gathered_params", "fsdp_unsharded_grads", "fsdp_block_reduce",
-                                 "activation_recompute",
-                                 "distill_logits", "distill_loss_transients", *held_throughout],
+                                 "activation_recompute", *compression.transient, *compression.held],
             "optimizer step": ["parameters", "optimizer_state", "ddp_buckets", "gradients", "optimizer_temporaries",
-                               *held_throughout]}
+                               *compression.held]}
     candidates = live["optimizer step" if phase == "optimizer step" else "forward/backward"]
     biggest = max((k for k in candidates if k in mem), key=mem.get)
 
@@ -501,24 +467,40 @@ def _what_trains(s: Shape) -> dict:
             "untouched_blocks": max(first, 0)}
 
 
-def _compression_memory(s: Shape, numels: list[int], *, fsdp: bool, d: Degrees, p_bytes: int, n_trained: int,
-                        tokens: int) -> dict[str, int]:
-    """What the compression methods add per rank (bytes): pruning's masks, the teacher, its loss buffers,
-    PowerSGD's error feedback."""
-    mem = {}
-    masked = sum(n for p, n in zip(s.params, numels, strict=True) if p.pruned)
-    if masked:
-        mem["pruning_masks"] = masked  # one bool per element of this rank's piece of each pruned weight
-    if s.teacher_params:
-        mem["teacher_parameters"] = math.ceil(s.teacher_params / (d.dp_shard if fsdp else 1)) * p_bytes
-        # kept for backward: the student's and the teacher's log-softmax at temperature T
-        mem["distill_logits"] = 2 * s.vocab * tokens * 4
-        # while the KL is built (measured peak of a distill step, in its forward): the student's logits, and
-        # kl_div's exp(t), t - s and their product
-        mem["distill_loss_transients"] = 4 * s.vocab * tokens * 4
-    if s.error_feedback:
-        mem["powersgd_error_feedback"] = n_trained * 4
-    return mem
+@dataclass
+class CompressionTerms:
+    """The chosen compression methods' memory items per rank and where in the step they live (their cost models,
+    compression/method.py)."""
+
+    methods: list[tuple]  # (node, cost model, Inputs) of each, in the order they apply
+    memory: dict[str, int] = field(default_factory=dict)
+    held: list[str] = field(default_factory=list)  # held through the whole step
+    transient: list[str] = field(default_factory=list)  # live in forward/backward only
+    at_backward: list[str] = field(default_factory=list)  # live from the loss to the end of backward
+
+    def bytes(self, which: str) -> int:
+        """The bytes of the items `held` or `at_backward`."""
+        return sum(self.memory[k] for k in getattr(self, which))
+
+    def moments(self, mem: dict[str, int], step: Step) -> dict[str, int]:
+        """The moments of the step the methods add (building the distillation loss)."""
+        return {k: v for node, cost, inputs in self.methods if cost.moments is not None
+                for k, v in cost.moments(mem, inputs, step).items()}
+
+
+def _compression_terms(s: Shape, numels: list[int], *, trained: int, param_bytes: int, shard: int,
+                       tokens: int) -> CompressionTerms:
+    terms = CompressionTerms([(node, cost, Inputs(params=s.params, numels=numels, trained=trained,
+                                                  param_bytes=param_bytes, shard=shard, vocab=s.vocab, tokens=tokens,
+                                                  read=read))
+                              for node, cost, read in s.compression])
+    for node, cost, inputs in terms.methods:
+        items = cost.memory(node, inputs) if cost.memory is not None else {}
+        terms.memory |= items
+        terms.held += [k for k in items if k in cost.held]
+        terms.transient += [k for k in items if k not in cost.held]
+        terms.at_backward += [k for k in items if k in cost.backward]
+    return terms
 
 
 def _device(cfg) -> str:

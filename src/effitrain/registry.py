@@ -85,18 +85,29 @@ class Group:
     _costs: dict[str, object] = field(default_factory=dict)
     _traits: dict[str, Traits] = field(default_factory=dict)
     _option_checks: dict[str, Callable] = field(default_factory=dict)
+    _orders: dict[str, float] = field(default_factory=dict)
     _check: Callable | None = None
 
-    def option(self, kind: str):
-        """Class decorator: register `kind`'s schema (a dataclass whose `key` field defaults to `kind`)."""
+    def option(self, kind: str, *, order: float = 0):
+        """Class decorator: register `kind`'s schema (a dataclass whose `key` field defaults to `kind`).
+
+        Args:
+            order: in a multi group, where `kind`'s builder applies among the chosen options (smaller first),
+                whatever the order the run lists them in.
+        """
         def register(schema: type) -> type:
             assert kind not in self.schemas, f"{self.name}: option kind {kind!r} registered twice"
             if self.key is not None:
                 default = next(f.default for f in fields(schema) if f.name == self.key)
                 assert default == kind, f"{schema.__name__}.{self.key} must default to {kind!r}, not {default!r}"
             self.schemas[kind] = schema
+            self._orders[kind] = order
             return schema
         return register
+
+    def ordered(self, nodes: Iterable) -> list:
+        """Option nodes in the order their builders apply (each kind's `order`)."""
+        return sorted(nodes, key=lambda node: self._orders[self.kind_of(node)])
 
     def builder(self, kind: str):
         """Function decorator: register the builder of `kind` (which must have a schema)."""

@@ -1,5 +1,6 @@
 """Builders of the `compression` group: each chosen method's ModelConverters (applied by the trainer after
-precision's), in the group's fixed order (compression.ORDER), whatever the order the run lists them in."""
+precision's), in the methods' stage order (method.py), whatever the order the run lists them in. Each method's
+builder is registered in its own module."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-# importing the method modules registers their builders
-from effitrain.compression import GROUP, ORDER, distill, grad, lora, prune, qat, share  # noqa: F401
+from effitrain.compression import GROUP, in_order
 from effitrain.engine.converters import ModelConverter
 
 log = logging.getLogger("effitrain")
@@ -52,7 +52,7 @@ def build_compression(cfg, *, context: Context) -> list[ModelConverter]:
         cfg: the `compression` config group (one sub-node per chosen method, keyed by its kind).
         context: the run's shape.
     """
-    nodes = sorted(cfg.values(), key=lambda node: ORDER.index(node.kind))
+    nodes = in_order(cfg)
     log.info(f"compression: {', '.join(node.name for node in nodes)}")
     return [c for node in nodes for c in GROUP.builder_of(node.kind)(node, context=context)]
 

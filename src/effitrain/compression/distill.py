@@ -12,15 +12,49 @@ autocast, in the run's parameter dtype, and under FSDP sharded like the student.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from effitrain.compression import GROUP
+from effitrain.compression.method import GROUP, LOSS, Cost
 from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
+from effitrain.parallel import CONVERTED_MODULES
+from effitrain.registry import Need
+
+
+@GROUP.option("distill", order=LOSS)
+@dataclass
+class DistillConfig:
+    name: str = "distill"
+    kind: str = "distill"
+    teacher: Optional[str] = None  # a local Hugging Face model directory with the run's tokenizer.json, or a run dir
+    alpha: float = 0.5  # loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)
+    temperature: float = 2.0
+
+
+@GROUP.check_of("distill")
+def check(node, cfg) -> None:
+    if node.teacher is None:
+        raise UsageError("compression=distill needs compression.distill.teacher=<local HF model directory or "
+                         "effitrain run directory>")
+    teacher = Path(node.teacher).expanduser()
+    if not ((teacher / "config.json").is_file() or (teacher / ".hydra" / "config.yaml").is_file()):
+        raise UsageError(f"compression.distill.teacher={node.teacher}: neither a Hugging Face model directory "
+                         "(config.json) nor an effitrain run directory (.hydra/config.yaml)")
+    if (teacher / "config.json").is_file():  # damaged or without weights: one line now, not a traceback at step 1
+        from effitrain.model import check_hf_dir
+
+        check_hf_dir(teacher, what=f"compression.distill.teacher={node.teacher}")
+    if not 0 <= node.alpha <= 1:
+        raise UsageError(f"compression.distill.alpha={node.alpha} must lie in [0, 1]")
+    if node.temperature <= 0:
+        raise UsageError(f"compression.distill.temperature={node.temperature} must be > 0")
+
+
+GROUP.traits("distill", needs=(
+    Need(CONVERTED_MODULES, "the teacher is placed like the student only for these layouts"),))
 
 
 def check_tokenizer(teacher_dir: Path, run_tokenizer: Path | None) -> None:
@@ -66,10 +100,10 @@ class Distill(ModelConverter):
     def __init__(self, *, teacher: str, alpha: float, temperature: float, context):
         self.path, self.alpha, self.t, self.context = Path(teacher).expanduser(), alpha, temperature, context
         check_tokenizer(self.path, context.tokenizer)
-        self.teacher: nn.Module | None = None
+        self.teacher = None
         self.flops_per_step = 0.0
 
-    def _load(self) -> nn.Module:
+    def _load(self):
         """Built at the first step, not at convert(): an export rebuilds the converters and needs no teacher."""
         from effitrain.engine.flops import model_flops_per_token
         from effitrain.model.build import load_pretrained
@@ -92,7 +126,10 @@ class Distill(ModelConverter):
             return apply_parallel(teacher, cfg=ctx.parallel, job=ctx.job, precision=ctx.precision)
         return teacher.to(ctx.world.device)
 
-    def loss_term(self, *, logits: torch.Tensor, batch: torch.Tensor, lm_loss: torch.Tensor) -> torch.Tensor | None:
+    def loss_term(self, *, logits, batch, lm_loss):
+        import torch
+        import torch.nn.functional as F
+
         if self.teacher is None:
             self.teacher = self._load()
         s = F.log_softmax(logits.float() / self.t, dim=-1).flatten(0, 1)
@@ -107,5 +144,36 @@ class Distill(ModelConverter):
 
 
 @GROUP.builder("distill")
-def distill(cfg, *, context) -> list[ModelConverter]:
+def build(cfg, *, context) -> list[ModelConverter]:
     return [Distill(teacher=cfg.teacher, alpha=cfg.alpha, temperature=cfg.temperature, context=context)]
+
+
+def _teacher_params(node, saved_params) -> int:
+    """The teacher's parameters (its config.json, or a run directory's saved config: nothing loaded); 0 without."""
+    return saved_params(Path(node.teacher).expanduser()) if node.teacher else 0
+
+
+def _memory(node, inputs) -> dict[str, int]:
+    if not inputs.read:
+        return {}
+    return {
+        # beside the student's, sharded like it under FSDP
+        "teacher_parameters": math.ceil(inputs.read / inputs.shard) * inputs.param_bytes,
+        # kept for backward: the student's and the teacher's log-softmax at temperature T
+        "distill_logits": 2 * inputs.vocab * inputs.tokens * 4,
+        # while the KL is built (measured peak of a distill step, in its forward): the student's logits, and
+        # kl_div's exp(t), t - s and their product
+        "distill_loss_transients": 4 * inputs.vocab * inputs.tokens * 4}
+
+
+def _moments(mem, inputs, step) -> dict[str, int]:
+    """Building the KL: the cross entropy's saved log-softmax is there already."""
+    if "distill_logits" not in mem:
+        return {}
+    ce_saved = 4 * inputs.vocab * inputs.tokens
+    return {"distill loss": step.static + step.activations + ce_saved + mem["distill_logits"]
+            + mem["distill_loss_transients"] + step.at_loss}
+
+
+GROUP.cost("distill")(Cost(read=_teacher_params, memory=_memory, held=("teacher_parameters",),
+                           backward=("distill_logits",), moments=_moments))

@@ -1,5 +1,6 @@
 """Gradient compression: DDP communication hooks (torch.distributed.algorithms.ddp_comm_hooks) that shrink what each
-rank all-reduces, with the bytes handed to all-reduce counted per step (the `comm_bytes_per_rank` metric).
+rank all-reduces, with the bytes handed to all-reduce counted per step (the `comm_bytes_per_rank` metric). Two
+methods: `grad_fp16` (gradients cast to fp16/bf16 for the all-reduce) and `grad_powersgd` (low-rank PowerSGD).
 
 The count is the payload of the all-reduces the hook issues on this rank (a ring all-reduce then moves about twice
 that over each link); under plain DDP it would be every gradient's bytes.
@@ -7,12 +8,68 @@ that over each link); under plain DDP it would be every gradient's bytes.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
 
-from effitrain.compression import GROUP
+from effitrain.compression.method import COMMUNICATION, GRADIENT_HOOK, GROUP, Cost
 from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
+from effitrain.parallel import COMM_HOOKS
+from effitrain.precision import CUDA
+from effitrain.registry import Need
+
+
+@GROUP.option("grad_fp16", order=COMMUNICATION)
+@dataclass
+class GradFP16:
+    name: str = "grad-fp16"
+    kind: str = "grad_fp16"
+    dtype: str = "float16"  # float16 (any backend) or bfloat16 (CUDA + NCCL only)
+
+
+@GROUP.option("grad_powersgd", order=COMMUNICATION + 1)
+@dataclass
+class GradPowerSGD:
+    name: str = "grad-powersgd"
+    kind: str = "grad_powersgd"
+    rank: int = 2  # low-rank approximation rank of each gradient matrix
+    start_iter: int = 10  # plain all-reduce before this step (PowerSGD's warm-up)
+    error_feedback: bool = True  # carry each step's compression error into the next step
+    warm_start: bool = True  # reuse last step's Q as the starting point of the power iteration
+    min_compression_rate: float = 2.0  # matrices that would shrink less are all-reduced uncompressed
+
+
+@GROUP.check_of("grad_fp16")
+def check_fp16(node, cfg) -> None:
+    if node.dtype not in ("float16", "bfloat16"):
+        raise UsageError(f"compression.grad_fp16.dtype={node.dtype!r} is not one of: float16, bfloat16")
+
+
+@GROUP.check_of("grad_powersgd")
+def check_powersgd(node, cfg) -> None:
+    k = "compression.grad_powersgd"
+    if node.rank <= 0:
+        raise UsageError(f"{k}.rank={node.rank} must be a positive integer")
+    if node.start_iter < 2:
+        raise UsageError(f"{k}.start_iter={node.start_iter} must be >= 2 (DDP rebuilds its buckets after step 1)")
+    if node.min_compression_rate < 1:
+        raise UsageError(f"{k}.min_compression_rate={node.min_compression_rate} must be >= 1")
+
+
+ONE_HOOK = Need(GRADIENT_HOOK, "DDP takes one communication hook")
+
+
+def _fp16_needs(node, cfg) -> list[Need]:
+    needs = [Need(COMM_HOOKS, "it is a DDP communication hook (FSDP reduce-scatters in precision.reduce_dtype: use "
+                              "precision=bf16 with parallel=fsdp for bf16 gradient reduction)")]
+    if node.dtype == "bfloat16":
+        needs.append(Need(CUDA, "with dtype=bfloat16 needs CUDA + NCCL: gloo cannot all-reduce bfloat16 buckets "
+                                "(use compression.grad_fp16.dtype=float16)"))
+    return needs
+
+
+GROUP.traits("grad_fp16", provides=(GRADIENT_HOOK,), needs=_fp16_needs, excludes=(ONE_HOOK,))
+GROUP.traits("grad_powersgd", provides=(GRADIENT_HOOK,), needs=(
+    Need(COMM_HOOKS, "it is a DDP communication hook; FSDP/TP have no PowerSGD"),), excludes=(ONE_HOOK,))
 
 
 class CommHook(ModelConverter):
@@ -28,13 +85,12 @@ class CommHook(ModelConverter):
         self.hook, self.state, self.payload, self.serial_on_gloo = hook, state, payload, serial_on_gloo
         self.bytes = 0
 
-    def comm_hook(self, model: nn.Module) -> None:
+    def comm_hook(self, model) -> None:
+        import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
-        if not isinstance(model, DistributedDataParallel):  # checks.py refuses other layouts before start
+        if not isinstance(model, DistributedDataParallel):  # the traits refuse other layouts before start
             raise UsageError("gradient compression hooks need parallel=ddp")
-
-        import torch.distributed as dist
 
         # PowerSGD's callbacks wait inline on the next all-reduce (pytorch/pytorch#48478). On gloo they run on the
         # process group's few worker threads, so with several buckets in flight every worker can block and the
@@ -61,19 +117,20 @@ class CommHook(ModelConverter):
         return {"comm_bytes_per_rank": sent}
 
 
-def _cast_payload(dtype: torch.dtype):
+def _cast_payload(bits: int):
     def payload(state, bucket, call) -> int:
         call()
-        return bucket.buffer().numel() * torch.finfo(dtype).bits // 8
+        return bucket.buffer().numel() * bits // 8
     return payload
 
 
 @GROUP.builder("grad_fp16")
-def grad_fp16(cfg, *, context) -> list[ModelConverter]:
+def build_fp16(cfg, *, context) -> list[ModelConverter]:
+    import torch
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     hook = default_hooks.fp16_compress_hook if cfg.dtype == "float16" else default_hooks.bf16_compress_hook
-    return [CommHook(hook, None, _cast_payload(getattr(torch, cfg.dtype)))]
+    return [CommHook(hook, None, _cast_payload(torch.finfo(getattr(torch, cfg.dtype)).bits))]
 
 
 def _powersgd_payload(state, bucket, call) -> int:
@@ -87,7 +144,7 @@ def _powersgd_payload(state, bucket, call) -> int:
 
 
 @GROUP.builder("grad_powersgd")
-def grad_powersgd(cfg, *, context) -> list[ModelConverter]:
+def build_powersgd(cfg, *, context) -> list[ModelConverter]:
     # the plain (per-tensor) hook: batched_powerSGD_hook asserts on torch 2.13 and compresses the whole bucket as
     # one matrix, which mixes unrelated layers
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
@@ -97,3 +154,16 @@ def grad_powersgd(cfg, *, context) -> list[ModelConverter]:
                                    use_error_feedback=cfg.error_feedback, warm_start=cfg.warm_start,
                                    random_seed=context.seed)
     return [CommHook(powersgd.powerSGD_hook, state, _powersgd_payload, serial_on_gloo=True)]
+
+
+# nothing to count: the fp16/bf16 copy of a bucket lives while that bucket is all-reduced, well under the buckets
+# themselves (the layout's ddp_buckets)
+GROUP.cost("grad_fp16")(Cost())
+
+
+def _error_feedback(node, inputs) -> dict[str, int]:
+    # error feedback keeps one fp32 copy of the (trained) gradients
+    return {"powersgd_error_feedback": inputs.trained * 4} if node.error_feedback else {}
+
+
+GROUP.cost("grad_powersgd")(Cost(memory=_error_feedback, held=("powersgd_error_feedback",)))

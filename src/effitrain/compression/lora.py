@@ -1,48 +1,56 @@
-"""What trains: LoRA adapters (peft) on a frozen pretrained model, or partial fine-tuning (`freeze`).
+"""LoRA adapters (peft) on a frozen pretrained model.
 
-Both only change `requires_grad` (and, for LoRA, add adapter modules) before parallel wrapping, so DDP reduces and
-FSDP shards exactly what trains, and the optimizer (optim/build.py takes trainable parameters only) keeps state for
-nothing else. LoRA must come before `fully_shard`: adapters added after it would be plain per-rank tensors that
-never sync.
+It only adds adapter modules and changes `requires_grad` before parallel wrapping, so DDP reduces and FSDP shards
+exactly what trains, and the optimizer (optimizer/build.py takes trainable parameters only) keeps state for nothing
+else. LoRA must come before `fully_shard`: adapters added after it would be plain per-rank tensors that never sync.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field, replace
+from typing import List
 
-from torch import nn
-
-from effitrain.compression import GROUP
+from effitrain.compression.method import FAKE_QUANTIZES, FREEZES, GROUP, MASKS, TRAINING, Cost
 from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
-from effitrain.model.build import transformer_blocks
+from effitrain.model import PRETRAINED
+from effitrain.parallel import CONVERTED_MODULES
+from effitrain.registry import Need
 
 log = logging.getLogger("effitrain")
 
 
-class Freeze(ModelConverter):
-    """Freeze the embeddings (a tied LM head with them: it is the same weight) and the first `blocks` blocks."""
-
-    def __init__(self, *, embeddings: bool, blocks: int):
-        self.embeddings, self.blocks = embeddings, blocks
-
-    def convert(self, model: nn.Module) -> nn.Module:
-        all_blocks = transformer_blocks(model)
-        if self.blocks > len(all_blocks):
-            raise UsageError(f"compression.freeze.blocks={self.blocks} but the model has {len(all_blocks)} blocks")
-        frozen = [*all_blocks[:self.blocks]]
-        if self.embeddings:
-            frozen.append(model.get_input_embeddings())
-            if hasattr(model.base_model, "wpe"):  # GPT-2's learned positions
-                frozen.append(model.base_model.wpe)
-        for module in frozen:
-            module.requires_grad_(False)
-        return model
+@GROUP.option("lora", order=TRAINING + 1)
+@dataclass
+class LoraConfig:
+    name: str = "lora"
+    kind: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-@GROUP.builder("freeze")
-def freeze(cfg, *, context) -> list[ModelConverter]:
-    return [Freeze(embeddings=cfg.embeddings, blocks=cfg.blocks)]
+@GROUP.check_of("lora")
+def check(node, cfg) -> None:
+    if node.rank <= 0:
+        raise UsageError(f"compression.lora.rank={node.rank} must be a positive integer")
+    if not 0 <= node.dropout < 1:
+        raise UsageError(f"compression.lora.dropout={node.dropout} must lie in [0, 1)")
+    if len(node.target_modules) == 0:
+        raise UsageError("compression.lora.target_modules is empty: name the Linear layers to adapt")
+
+
+GROUP.traits("lora", needs=(
+    Need(CONVERTED_MODULES, "the TP plans do not cover peft's adapter layers"),
+    Need(PRETRAINED, "adapts a pretrained model: set model.pretrained=<local HF model directory> (its random frozen "
+                     "weights would learn next to nothing)"),
+), excludes=(
+    Need(FREEZES, "lora already freezes every base weight"),
+    Need(MASKS, "pruning would mask the frozen base weights LoRA adapts"),
+    Need(FAKE_QUANTIZES, "QAT would fake-quantize the base weights under the adapters"),
+))
 
 
 class Lora(ModelConverter):
@@ -55,10 +63,10 @@ class Lora(ModelConverter):
         self.config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                                  target_modules=list(target_modules), bias="none")
 
-    def convert(self, model: nn.Module) -> nn.Module:
+    def convert(self, model):
         from peft import inject_adapter_in_model
 
-        if any(p.is_meta for p in model.parameters()):  # checks.py requires model.pretrained; guard the API too
+        if any(p.is_meta for p in model.parameters()):  # the traits require model.pretrained; guard the API too
             raise UsageError("compression=lora adapts a pretrained model: set model.pretrained=<HF model directory>")
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [t for t in self.config.target_modules if t not in present]
@@ -70,7 +78,7 @@ class Lora(ModelConverter):
             p.requires_grad_("lora_" in name)
         return model
 
-    def export(self, model: nn.Module) -> nn.Module:
+    def export(self, model):
         from peft.tuners.lora import LoraLayer
 
         for parent in list(model.modules()):
@@ -83,10 +91,29 @@ class Lora(ModelConverter):
         return model
 
 
-def _linear_names(model: nn.Module) -> set[str]:
+def _linear_names(model) -> set[str]:
+    from torch import nn
+
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 @GROUP.builder("lora")
-def lora(cfg, *, context) -> list[ModelConverter]:
+def build(cfg, *, context) -> list[ModelConverter]:
     return [Lora(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules)]
+
+
+def _adapters(model, params: list, node) -> list:
+    """Every base weight frozen; rank x in (lora_A) and out x rank (lora_B) trainable per targeted Linear. Counted
+    from the config: peft adapts real weights only, not meta ones."""
+    from torch import nn
+
+    param = type(params[0])  # the estimate's Param (importing it would make estimate -> compression a cycle)
+    adapters = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in node.target_modules:
+            adapters += [param(f"{name}.lora_A.weight", (node.rank, module.in_features), "linear"),
+                         param(f"{name}.lora_B.weight", (module.out_features, node.rank), "linear")]
+    return [replace(p, trainable=False) for p in params] + adapters
+
+
+GROUP.cost("lora")(Cost(params=_adapters))

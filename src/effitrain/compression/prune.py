@@ -1,70 +1,68 @@
-"""Pruning: masks on the Linear weights of the transformer blocks, re-applied after every optimizer step so pruned
-weights stay exactly zero (the optimizer's dense update would otherwise revive them).
-
-Masks are kept by this converter on each rank's own piece of a weight: the whole weight under single/DDP (every
-rank holds the same values, so every rank computes the same mask), the local shard of an FSDP DTensor (magnitude
-thresholds are found by bisection over all-reduced counts, so no rank gathers a full weight). torch.nn.utils.prune
-is not used: it fails after `fully_shard`, keeps a full-size mask per rank before it, and compounds when re-applied.
+"""Pruning: masks on the Linear weights of the transformer blocks, kept exactly zero after every optimizer step.
+Two methods: `prune_magnitude` (gradual magnitude pruning, Zhu & Gupta 2017) and `prune_2of4` (2:4 semi-structured
+sparsity, fixed once). The masks themselves (the converter, the thresholds) are torch code: masks.py.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-from torch import nn
+from dataclasses import dataclass, replace
 
-from effitrain.compression import GROUP
+from effitrain.compression.method import GROUP, MASKS, WEIGHTS, Cost
 from effitrain.engine.converters import ModelConverter
-from effitrain.model.build import transformer_blocks
-
-BISECTION_STEPS = 40  # halvings of the magnitude range: the threshold to ~1e-12 of the largest weight
-
-
-def prunable(model: nn.Module) -> list[torch.Tensor]:
-    """The weights pruned: every Linear weight inside the transformer blocks (embeddings, norms, LM head kept)."""
-    inner = getattr(model, "module", model)  # DDP
-    seen, weights = set(), []
-    for module in transformer_blocks(inner).modules():
-        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            weights.append(module.weight)
-    return weights
+from effitrain.errors import UsageError
+from effitrain.parallel import CONVERTED_MODULES
+from effitrain.registry import Need
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p
+@GROUP.option("prune_magnitude", order=WEIGHTS + 2)
+@dataclass
+class PruneMagnitude:
+    name: str = "prune-magnitude"
+    kind: str = "prune_magnitude"
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.5
+    start_step: int = 0  # first mask update
+    end_step: int = 90  # the schedule reaches final_sparsity here (<= max_steps)
+    frequency: int = 10  # steps between mask updates
+    scope: str = "global"  # global: one magnitude threshold over all pruned weights; layer: one per weight
 
 
-def _group(p: torch.Tensor):
-    """The process group whose ranks hold the other shards of `p` (None: every rank holds all of it)."""
-    return p.device_mesh.get_group() if hasattr(p, "device_mesh") else None
+@GROUP.option("prune_2of4", order=WEIGHTS + 3)
+@dataclass
+class Prune2of4:
+    name: str = "prune-2of4"
+    kind: str = "prune_2of4"
+    start_step: int = 0  # the 2:4 masks are taken from the weights' magnitudes at this step, then kept
 
 
-def _count(tensors: list[torch.Tensor], group, fn) -> int:
-    total = sum(fn(t) for t in tensors).to(torch.float64)
-    if group is not None:
-        dist.all_reduce(total, group=group)
-    return int(total.item())
+@GROUP.check_of("prune_magnitude")
+def check_magnitude(node, cfg) -> None:
+    k = "compression.prune_magnitude"
+    if not 0 <= node.initial_sparsity <= node.final_sparsity < 1:
+        raise UsageError(f"{k}: need 0 <= initial_sparsity ({node.initial_sparsity}) <= final_sparsity "
+                         f"({node.final_sparsity}) < 1")
+    if not 0 <= node.start_step < node.end_step:
+        raise UsageError(f"{k}: need 0 <= start_step ({node.start_step}) < end_step ({node.end_step})")
+    if node.frequency <= 0:
+        raise UsageError(f"{k}.frequency={node.frequency} must be a positive integer")
+    if node.scope not in ("global", "layer"):
+        raise UsageError(f"{k}.scope={node.scope!r} is not one of: global, layer")
+    if node.end_step > cfg.max_steps:
+        raise UsageError(f"{k}.end_step={node.end_step} is past max_steps={cfg.max_steps}: the run would end before "
+                         "reaching final_sparsity")
 
 
-def magnitude_threshold(weights: list[torch.Tensor], sparsity: float) -> float:
-    """The magnitude below which a `sparsity` fraction of the weights' elements lie (all shards together)."""
-    local, group = [_local(w).detach().abs() for w in weights], _group(weights[0])
-    total = _count(local, group, lambda t: torch.tensor(t.numel()))
-    lo, hi = 0.0, float(_max(local, group))
-    target = sparsity * total
-    for _ in range(BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        below = _count(local, group, lambda t, m=mid: (t < m).sum())
-        lo, hi = (mid, hi) if below < target else (lo, mid)
-    return hi
+@GROUP.check_of("prune_2of4")
+def check_2of4(node, cfg) -> None:
+    if node.start_step < 0:
+        raise UsageError(f"compression.prune_2of4.start_step={node.start_step} must be >= 0")
 
 
-def _max(local: list[torch.Tensor], group) -> torch.Tensor:
-    m = torch.stack([t.max() if t.numel() else t.new_zeros(()) for t in local]).max().to(torch.float64)
-    if group is not None:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    return m
+_TRAITS = dict(provides=(MASKS,), needs=(
+    Need(CONVERTED_MODULES, "masks are kept on whole weights or 1-D FSDP shards only"),
+), excludes=(Need(MASKS, "a weight has one sparsity pattern"),))
+GROUP.traits("prune_magnitude", **_TRAITS)
+GROUP.traits("prune_2of4", **_TRAITS)
 
 
 def cubic_sparsity(step: int, *, initial: float, final: float, start: int, end: int) -> float:
@@ -73,60 +71,10 @@ def cubic_sparsity(step: int, *, initial: float, final: float, start: int, end: 
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
-def two_of_four_mask(weight: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest magnitudes of every 4 consecutive inputs of each output row (rows are whole on every
-    rank: FSDP shards dim 0)."""
-    w = weight.detach().abs().reshape(-1, 4)
-    keep = torch.zeros_like(w, dtype=torch.bool).scatter_(1, w.topk(2, dim=1).indices, True)
-    return keep.reshape(weight.shape)
-
-
-class Pruner(ModelConverter):
-    """Masks updated on the steps `update_at(step)` names and applied after every optimizer step.
-
-    Args:
-        masks_for: `(weights, step) -> list of local masks`, called on update steps.
-        update_at: `step -> bool`.
-    """
-
-    def __init__(self, *, masks_for, update_at):
-        self.masks_for, self.update_at = masks_for, update_at
-        self.step, self.masks, self.sparsity = 0, None, 0.0
-        self.weights: list[torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def post_optimizer_hook(self, model: nn.Module) -> None:
-        self.step += 1
-        if self.weights is None:
-            self.weights = prunable(model)
-        if self.update_at(self.step):
-            self.masks = self.masks_for(self.weights, self.step)
-            group = _group(self.weights[0])
-            zeros = _count(self.masks, group, lambda m: (~m).sum())
-            self.sparsity = zeros / _count(self.masks, group, lambda m: torch.tensor(m.numel()))
-        if self.masks is not None:
-            for w, m in zip(self.weights, self.masks, strict=True):
-                _local(w).mul_(m)
-
-    def metrics(self) -> dict:
-        return {"sparsity": self.sparsity}
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "sparsity": self.sparsity, "masked": self.masks is not None}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict, model: nn.Module) -> None:
-        """Continue the schedule at the saved step. The masks are not saved: the loaded weights are zero exactly
-        where they were masked (masks apply after every step), so they are read back from them, on each rank's own
-        shard -- whatever the new world size."""
-        self.step, self.sparsity = state["step"], state["sparsity"]
-        if state["masked"]:
-            self.weights = prunable(model)
-            self.masks = [_local(w) != 0 for w in self.weights]
-
-
 @GROUP.builder("prune_magnitude")
-def prune_magnitude(cfg, *, context) -> list[ModelConverter]:
+def build_magnitude(cfg, *, context) -> list[ModelConverter]:
+    from effitrain.compression.masks import Pruner, local, magnitude_threshold
+
     def update_at(step: int) -> bool:
         return cfg.start_step <= step <= cfg.end_step and ((step - cfg.start_step) % cfg.frequency == 0
                                                             or step == cfg.end_step)
@@ -136,15 +84,37 @@ def prune_magnitude(cfg, *, context) -> list[ModelConverter]:
                            end=cfg.end_step)
         if cfg.scope == "global":
             t = magnitude_threshold(weights, s)
-            return [_local(w).abs() >= t for w in weights]
-        return [_local(w).abs() >= magnitude_threshold([w], s) for w in weights]
+            return [local(w).abs() >= t for w in weights]
+        return [local(w).abs() >= magnitude_threshold([w], s) for w in weights]
 
     return [Pruner(masks_for=masks_for, update_at=update_at)]
 
 
 @GROUP.builder("prune_2of4")
-def prune_2of4(cfg, *, context) -> list[ModelConverter]:
+def build_2of4(cfg, *, context) -> list[ModelConverter]:
+    from effitrain.compression.masks import Pruner, local, two_of_four_mask
+
     def masks_for(weights, step):
-        return [two_of_four_mask(_local(w)) for w in weights]
+        return [two_of_four_mask(local(w)) for w in weights]
 
     return [Pruner(masks_for=masks_for, update_at=lambda step: step == max(cfg.start_step, 1))]
+
+
+def _mark_pruned(model, params: list, node) -> list:
+    """The weights the masks cover (masks.prunable, read off the meta model)."""
+    from effitrain.compression.masks import prunable
+
+    ids = {id(w) for w in prunable(model)}
+    pruned = {name for name, p in model.named_parameters() if id(p) in ids}
+    return [replace(p, pruned=p.name in pruned) for p in params]
+
+
+def _masks(node, inputs) -> dict[str, int]:
+    masked = sum(n for p, n in zip(inputs.params, inputs.numels, strict=True) if p.pruned)
+    # one bool per element of this rank's piece of each pruned weight
+    return {"pruning_masks": masked} if masked else {}
+
+
+_COST = Cost(params=_mark_pruned, memory=_masks, held=("pruning_masks",))
+GROUP.cost("prune_magnitude")(_COST)
+GROUP.cost("prune_2of4")(_COST)

@@ -19,8 +19,12 @@ calls the chain at fixed points and never learns their names:
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the protocol itself needs no torch: a compression method's module defines its converters and
+    # registers them torch-free, so the CLI composes and checks before torch loads
+    import torch
+    from torch import nn
 
 
 class ModelConverter:
