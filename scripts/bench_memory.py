@@ -60,7 +60,7 @@ def _step(model, optimizer, cfg, job, *, zero_grad: bool = False) -> None:
 
 def state_bytes(overrides: list[str]) -> dict:
     """One worker: build the layout, take one step, count the local bytes (keeping the gradients)."""
-    from effitrain.engine.distributed import close_world
+    from effitrain.base.distributed import close_world
     from effitrain.engine.job import start_job
 
     cfg = _cfg(*overrides)

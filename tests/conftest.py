@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session", autouse=True)
 def peak_cache(tmp_path_factory):
     """Measured peak FLOP/s cache in a tmp file, not ~/.cache (subprocess runs inherit the variable)."""
-    from effitrain.engine.flops import PEAK_CACHE_ENV
+    from effitrain.base.flops import PEAK_CACHE_ENV
 
     path = tmp_path_factory.mktemp("peak") / "peak_flops.json"
     before = os.environ.get(PEAK_CACHE_ENV)

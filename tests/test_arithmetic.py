@@ -38,7 +38,7 @@ def gpt2_flops_per_token(*, d: int, layers: int, ff: int, vocab: int, seq: int) 
 
 
 def _model_flops(overrides: list[str], *, vocab: int, seq: int) -> float:
-    from effitrain.engine.flops import model_flops_per_token
+    from effitrain.base.flops import model_flops_per_token
     from effitrain.model.build import build_model
 
     model = build_model(compose(overrides).model, vocab_size=vocab, max_seq_len=seq, meta=True)

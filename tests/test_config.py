@@ -47,7 +47,7 @@ def test_every_option_composes_and_checks(group, option, corpus, jsonl_corpus, c
 @pytest.mark.parametrize("option", group_options("model"))
 def test_every_model_option_builds(option):
     """Each model builds from its transformers config (on the meta device: no memory, no download)."""
-    from effitrain.engine.flops import model_flops_per_token
+    from effitrain.base.flops import model_flops_per_token
     from effitrain.model.build import build_model, count_params
 
     cfg = compose([f"model={option}"])

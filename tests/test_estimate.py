@@ -170,8 +170,8 @@ def test_compression_changes_what_is_stored_and_trained(tmp_path):
     a mask byte per pruned element, a teacher its parameters, PowerSGD an fp32 copy of the gradients."""
     from tokenizers import Tokenizer, models
 
+    from effitrain.base.converters import ConverterChain
     from effitrain.compression.build import Context, build_compression
-    from effitrain.engine.converters import ConverterChain
     from effitrain.model.build import build_model
 
     hf = tmp_path / "hf"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from effitrain.engine import flops
+from effitrain.base import flops
 
 CPU = torch.device("cpu")
 

@@ -49,7 +49,7 @@ def test_gpt2_runs_as_linears_and_a_gpt2_checkpoint_keeps_its_logits(tmp_path):
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from effitrain.engine.flops import model_flops_per_token
+    from effitrain.base.flops import model_flops_per_token
     from effitrain.model.build import QKV, count_params, hf_config
 
     cfg = compose(["model=gpt2-124m", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",

@@ -102,8 +102,8 @@ def usage() -> str:
 
 
 def train(args: list[str], *, allow_external: bool = False) -> int:
+    from effitrain.commands.sweep import RESUME_KEY, resume_arguments, resuming
     from effitrain.received import FLAG
-    from effitrain.sweep.results import RESUME_KEY, resume_arguments, resuming
 
     if FLAG in args:  # the one flag of train's own: it is about the sweep directory sweep.resume= reads
         if not any(a.startswith(RESUME_KEY) for a in args):
@@ -134,8 +134,8 @@ def train(args: list[str], *, allow_external: bool = False) -> int:
 def _run_hydra(args: list[str]) -> int:
     import hydra
 
+    from effitrain.commands import sweep
     from effitrain.compose import register_configs
-    from effitrain.sweep import results as sweep
 
     register_configs()
     sys.argv = ["effitrain train", *args]
@@ -153,10 +153,10 @@ def _hydra_task(cfg) -> dict:
     from hydra.types import RunMode
 
     from effitrain.checkpoint.layout import default_root
+    from effitrain.commands.sweep import finished_before, one_line, record_outcome, resuming
+    from effitrain.engine.train import launch
     from effitrain.errors import Diverged, Preempted, as_io_failure, exit_one_line
-    from effitrain.launcher.launch import launch
     from effitrain.rundir import claim_of
-    from effitrain.sweep.results import finished_before, one_line, record_outcome, resuming
     from effitrain.sweep.trials import eval_hooks, pruned
 
     hydra_cfg = HydraConfig.get()

@@ -156,7 +156,7 @@ def vocab_size(data_cfg) -> int:
 def model_shape(model_cfg, *, vocab: int, seq_len: int, compression=None) -> Shape:
     """Build the model on the meta device (no storage), apply the compression methods that change its parameters,
     and read them; FLOPs as a run counts them. A model.pretrained checkpoint is built from its config.json."""
-    from effitrain.engine.flops import model_flops_per_token
+    from effitrain.base.flops import model_flops_per_token
     from effitrain.model.build import build_model, pretrained_on_meta
 
     if model_cfg.pretrained:
@@ -514,7 +514,7 @@ def _device(cfg) -> str:
 
 def _peak_flops(cfg, gpu: str | None) -> tuple[float | None, str]:
     """Peak FLOP/s per device: the datasheet table for a named GPU, else this machine's (table or measured)."""
-    from effitrain.engine.flops import table_peak
+    from effitrain.base.flops import table_peak
 
     where = gpu or _device(cfg)
     precision = precision_spec(cfg.precision)
@@ -528,7 +528,7 @@ def _peak_flops(cfg, gpu: str | None) -> tuple[float | None, str]:
         return peak, f"table ({where.upper()})"
     import torch
 
-    from effitrain.engine.flops import peak_flops
+    from effitrain.base.flops import peak_flops
 
     dev = torch.device("cuda" if where == "cuda" and torch.cuda.is_available() else "cpu")
     autocast = getattr(torch, precision.autocast) if precision.autocast else None

@@ -47,10 +47,10 @@ def evaluate_model(cfg) -> dict:
     """{'val_loss', 'val_ppl', 'val_bpb', 'task/<name>'...} of cfg.model.pretrained on cfg.data's validation split;
     for data=mix also 'val_loss/<source>' and 'val_bpb/<source>' (val_loss: weighted by the sources' weights, as a
     mixed run reports it)."""
+    from effitrain.base.distributed import pick_device
     from effitrain.data.loader import Shard
     from effitrain.data.mix import prepare_run_data
     from effitrain.data.tokens import load_tokenizer
-    from effitrain.engine.distributed import pick_device
     from effitrain.engine.loop import evaluate
     from effitrain.eval.tasks import load_task, task_accuracy
     from effitrain.model.build import build_model

@@ -81,7 +81,7 @@ def budget_flops(*, flops: float | None, gpus: int | None, gpu: str | None, hour
         return flops, "given (--flops)"
     if not (gpus and gpu and hours):
         raise UsageError("plan needs a budget: --flops C, or --gpus N --gpu NAME --hours H [--mfu 0.4]")
-    from effitrain.engine.flops import table_peak  # torch is imported with it: only on this path
+    from effitrain.base.flops import table_peak  # torch is imported with it: only on this path
 
     peak = table_peak(gpu.upper(), dtype)
     if peak is None:

@@ -41,8 +41,8 @@ def reproduce_run(original: Path, *, rtol: float, exact: bool = False, from_step
 
 def _rerun(original: Path, cfg, run_dir: Path, reference: list[dict], *, source, rtol: float, exact: bool,
            from_step: int | None) -> int:
+    from effitrain.engine.train import launch
     from effitrain.files import write_file
-    from effitrain.launcher.launch import launch
     from effitrain.logging import console
     from effitrain.runs import DIVERGED, IDENTICAL, compare_records, read_records
 

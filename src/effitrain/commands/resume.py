@@ -21,8 +21,8 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = Fa
     from effitrain.checkpoint.layout import CheckpointError, default_root, newest_verified
     from effitrain.checks import check_all
     from effitrain.compose import apply_overrides
+    from effitrain.engine.train import launch
     from effitrain.files import write_file
-    from effitrain.launcher.launch import launch
     from effitrain.received import load_run_config, refuse_links
     from effitrain.rundir import RunClaim, run_id
 

@@ -1,5 +1,5 @@
 """The `compression` group: model and communication compression methods, each one or more ModelConverters
-(engine/converters.py). Several combine: `compression=[distill,qat-int8]` (Hydra's list selection); each chosen
+(base/converters.py). Several combine: `compression=[distill,qat-int8]` (Hydra's list selection); each chosen
 option's keys live under its own kind (`compression.distill.alpha`, `compression.qat_int8.weight_dtype`).
 
 A method is one module of this package, registered on import (method.py says what it declares: schema, stage,

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from effitrain.base.converters import ModelConverter
 from effitrain.compression import GROUP, in_order
-from effitrain.engine.converters import ModelConverter
 
 log = logging.getLogger("effitrain")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from effitrain.base.converters import ModelConverter
 from effitrain.compression.method import GROUP, LOSS, Cost
-from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 from effitrain.parallel import CONVERTED_MODULES
 from effitrain.registry import Need
@@ -88,7 +88,7 @@ def _tokenizer_model(path: Path) -> dict:
 def _exported(run_dir: Path, ctx) -> Path:
     """A run directory's model as an HF directory (ctx.model_dir: exported once, later runs find it): local rank 0
     exports, the node's other ranks wait and read it."""
-    from effitrain.engine.distributed import barrier
+    from effitrain.base.distributed import barrier
 
     if ctx.world.local_rank == 0:
         ctx.model_dir(run_dir)
@@ -105,7 +105,7 @@ class Distill(ModelConverter):
 
     def _load(self):
         """Built at the first step, not at convert(): an export rebuilds the converters and needs no teacher."""
-        from effitrain.engine.flops import model_flops_per_token
+        from effitrain.base.flops import model_flops_per_token
         from effitrain.model.build import load_pretrained
         from effitrain.parallel import GROUP as PARALLEL
         from effitrain.parallel import SHARDS_PARAMS

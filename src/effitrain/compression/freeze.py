@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from effitrain.base.converters import ModelConverter
 from effitrain.compression.method import FREEZES, GROUP, TRAINING, Cost
-from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 
 

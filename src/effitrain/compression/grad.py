@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from effitrain.base.converters import ModelConverter
 from effitrain.compression.method import COMMUNICATION, GRADIENT_HOOK, GROUP, Cost
-from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 from effitrain.parallel import COMM_HOOKS
 from effitrain.precision import CUDA

@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import List
 
+from effitrain.base.converters import ModelConverter
 from effitrain.compression.method import FAKE_QUANTIZES, FREEZES, GROUP, MASKS, TRAINING, Cost
-from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 from effitrain.model import PRETRAINED
 from effitrain.parallel import CONVERTED_MODULES

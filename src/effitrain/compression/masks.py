@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from effitrain.engine.converters import ModelConverter
+from effitrain.base.converters import ModelConverter
 from effitrain.model.build import transformer_blocks
 
 BISECTION_STEPS = 40  # halvings of the magnitude range: the threshold to ~1e-12 of the largest weight

@@ -6,7 +6,7 @@ A method is one module of this package (share_layers.py, lora.py, ...) that regi
 - its checks against the run: `@GROUP.check_of(kind)`;
 - its traits: `GROUP.traits(kind, provides=..., needs=..., excludes=...)`: the layouts, model or device it needs,
   what it does to the weights (the traits below), and what it cannot run beside (`excludes`, with the reason);
-- its builder (its ModelConverters, engine/converters.py), torch imported inside: `@GROUP.builder(kind)`;
+- its builder (its ModelConverters, base/converters.py), torch imported inside: `@GROUP.builder(kind)`;
 - its cost model: `GROUP.cost(kind)(Cost(...))`.
 """
 

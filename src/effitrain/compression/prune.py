@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from effitrain.base.converters import ModelConverter
 from effitrain.compression.method import GROUP, MASKS, WEIGHTS, Cost
-from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 from effitrain.parallel import CONVERTED_MODULES
 from effitrain.registry import Need

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from effitrain.base.converters import ModelConverter
 from effitrain.compression.method import FAKE_QUANTIZES, GROUP, MASKS, WEIGHTS, Cost
-from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 from effitrain.parallel import CONVERTED_MODULES
 from effitrain.precision import REPLACES_LINEARS

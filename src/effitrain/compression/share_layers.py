@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from effitrain.base.converters import ModelConverter
 from effitrain.compression.method import GROUP, STRUCTURE, Cost
-from effitrain.engine.converters import ModelConverter
 from effitrain.errors import UsageError
 from effitrain.parallel import WHOLE_WEIGHTS
 from effitrain.registry import Need

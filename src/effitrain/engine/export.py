@@ -96,9 +96,9 @@ def model_dir(path: Path) -> Path:
 def restore_model(cfg, checkpoint: Path, *, vocab_size: int):
     """(model, converters): effitrain's model of the run (CPU, unwrapped) converted by the run's compression methods
     (their modules carry the checkpoint's parameter names; precision's change none), with the checkpoint's weights."""
+    from effitrain.base.converters import ConverterChain
     from effitrain.checkpoint.store import load_model_weights
     from effitrain.compression.build import Context, build_compression
-    from effitrain.engine.converters import ConverterChain
     from effitrain.model.build import build_model
 
     model = build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len)
@@ -118,7 +118,7 @@ def load_trained_model(cfg, checkpoint: Path, *, vocab_size: int):
 def _export(model, converters):
     import torch
 
-    from effitrain.engine.converters import ConverterChain
+    from effitrain.base.converters import ConverterChain
 
     return ConverterChain(converters).export(model).to(torch.float32).eval()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from effitrain.engine.distributed import World, init_world
+from effitrain.base.distributed import World, init_world
 from effitrain.parallel import Degrees, parallel_degrees
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effitrain.engine.converters import ModelConverter
+from effitrain.base.converters import ModelConverter
 
 
 @dataclass

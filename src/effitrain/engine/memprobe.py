@@ -31,8 +31,8 @@ def worker(config_file: Path, out: Path) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from effitrain.base.distributed import close_world
     from effitrain.compose import compose_one
-    from effitrain.engine.distributed import close_world
     from effitrain.engine.job import start_job
     from effitrain.engine.loop import train_step
     from effitrain.engine.runtime import seed_everything

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effitrain.engine.converters import ModelConverter
+from effitrain.base.converters import ModelConverter
 from effitrain.engine.runtime import rng_state, set_rng_state
 
 

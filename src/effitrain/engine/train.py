@@ -28,6 +28,9 @@ from typing import Callable
 import torch
 
 from effitrain import runs
+from effitrain.base.converters import ConverterChain
+from effitrain.base.distributed import any_rank, barrier, close_world, pick_device
+from effitrain.base.flops import model_flops_per_token, peak_flops
 from effitrain.checkpoint import GROUP as CHECKPOINT
 from effitrain.checkpoint.layout import default_root, latest, resolve
 from effitrain.compose import GROUP_NAMES
@@ -35,9 +38,6 @@ from effitrain.compression.build import Context, build_compression
 from effitrain.data.loader import Prefetcher, TrainBatches
 from effitrain.data.mix import prepare_run_data
 from effitrain.engine import export
-from effitrain.engine.converters import ConverterChain
-from effitrain.engine.distributed import any_rank, barrier, close_world, pick_device
-from effitrain.engine.flops import model_flops_per_token, peak_flops
 from effitrain.engine.job import join, start_job
 from effitrain.engine.loop import evaluate, train_step
 from effitrain.engine.profiling import StepProfiler
@@ -393,6 +393,34 @@ def run(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
     """
     trainer = train_here(cfg, run_dir, resume=resume, on_eval=on_eval)
     return runs.read_summary(run_dir) if trainer.world.is_main else {}
+
+
+def launch(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
+    """Train `cfg` into run_dir with the launch shape its `launcher` group asks for: in this process (world size 1,
+    or already a torchrun worker), else the launcher's workers, each running `run_container`; the summary.
+
+    Args:
+        resume: continue from run_dir's latest complete checkpoint (`effitrain resume`); restarted workers
+            (launcher.max_restarts) always do.
+        on_eval: functions called with (step, val_loss) after each evaluation (a search's pruning); they run in
+            this process, so only a job of one process takes them.
+    """
+    from effitrain.launcher import GROUP as LAUNCHER
+    from effitrain.launcher import in_torchrun_worker, world_size
+
+    if world_size(cfg.launcher) == 1 or in_torchrun_worker():
+        return run(cfg, run_dir, resume=resume, on_eval=on_eval)
+    if on_eval:
+        raise UsageError("a pruned search runs each trial in one process: launcher.nproc_per_node=1, "
+                         "launcher.nnodes=1 (or no hydra.sweeper.pruner)")
+    return LAUNCHER.builder_of("launcher")(cfg, run_dir, entry=run_container, resume=resume)
+
+
+def run_container(container: dict, run_dir: Path, *, resume: bool = False) -> dict:
+    """`run` of a config that crossed a process boundary as a plain container (an elastic worker's), typed again."""
+    from effitrain.compose import typed
+
+    return run(typed(container), run_dir, resume=resume)
 
 
 def train_here(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> Trainer:

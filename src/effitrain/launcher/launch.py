@@ -1,5 +1,5 @@
-"""Launching, the `launcher` group's builder: a composed config -> this process (world size 1, or already a torchrun
-worker) or torchrun workers.
+"""Launching, the `launcher` group's builder: torchrun workers under torch's elastic agent, each running the entry
+it is given (the engine decides what runs in this process: engine.train.launch).
 
 Workers are started by torch's elastic agent (`elastic_launch`, the engine behind torchrun) with the
 composed config handed to a Python function: nothing is re-parsed from argv, so every rank trains
@@ -13,9 +13,10 @@ import os
 import signal
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from effitrain.errors import Interrupted, Preempted, RunStopped, UsageError, raise_reported, stop_report
-from effitrain.launcher import GROUP, in_torchrun_worker, world_size
+from effitrain.launcher import GROUP
 
 log = logging.getLogger("effitrain")
 
@@ -24,29 +25,15 @@ class WorkerFailed(RuntimeError):
     """A worker process died or raised: the job was stopped; the message names the failing rank."""
 
 
-def launch(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> dict:
-    """Train `cfg` into run_dir with the launch shape its `launcher` group asks for; returns the summary.
+@GROUP.builder("launcher")
+def launch_workers(cfg, run_dir: Path, *, entry: Callable, resume: bool = False) -> dict:
+    """Start the workers under torch's elastic agent and wait for them; rank 0's summary. A stop a worker reports
+    (bad input found late, preemption, divergence) is raised here as the same exception.
 
     Args:
-        resume: continue from run_dir's latest complete checkpoint (`effitrain resume`); restarted workers
-            (launcher.max_restarts) always do.
-        on_eval: functions called with (step, val_loss) after each evaluation (a search's pruning); they run in
-            this process, so only a job of one process takes them.
+        entry: what each worker runs, `(config container, run_dir, *, resume) -> summary` (the engine's
+            run_container: the launcher starts processes, it does not know what they train).
     """
-    from effitrain.engine.train import run
-
-    if world_size(cfg.launcher) == 1 or in_torchrun_worker():
-        return run(cfg, run_dir, resume=resume, on_eval=on_eval)
-    if on_eval:
-        raise UsageError("a pruned search runs each trial in one process: launcher.nproc_per_node=1, "
-                         "launcher.nnodes=1 (or no hydra.sweeper.pruner)")
-    return GROUP.builder_of("launcher")(cfg, run_dir, resume=resume)
-
-
-@GROUP.builder("launcher")
-def launch_workers(cfg, run_dir: Path, *, resume: bool = False) -> dict:
-    """Start the workers under torch's elastic agent and wait for them; rank 0's summary. A stop a worker reports
-    (bad input found late, preemption, divergence) is raised here as the same exception."""
     from omegaconf import OmegaConf
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -64,7 +51,7 @@ def launch_workers(cfg, run_dir: Path, *, resume: bool = False) -> dict:
     signals = _forwarding_preemption_signals()
     try:
         with signals, _fresh_store_per_restart(cfg.launcher.max_restarts):
-            results = elastic_launch(config, _worker)(container, str(run_dir), resume)
+            results = elastic_launch(config, _worker)(entry, container, str(run_dir), resume)
     except SignalException:  # SIGTERM here: the agent passed it on to the workers, which saved if they could
         raise _preempted_or(run_dir) from None
     except ChildFailedError as e:
@@ -237,16 +224,12 @@ def _signal_descendants(sig) -> None:
             pass
 
 
-def _worker(container: dict, run_dir: str, resume: bool):
-    """One elastic worker (RANK, WORLD_SIZE, MASTER_ADDR set by the agent): train, return the summary or the
+def _worker(entry: Callable, container: dict, run_dir: str, resume: bool):
+    """One elastic worker (RANK, WORLD_SIZE, MASTER_ADDR set by the agent): run `entry`, return the summary or the
     stop_report of a stop (usage error, preemption, divergence) for the launcher to re-raise."""
-    from effitrain.compose import typed
-    from effitrain.engine.train import run
-
-    cfg = typed(container)
     previous = signal.signal(signal.SIGUSR1, _stopped_before_the_loop)  # the loop has its own while it runs
     try:
-        return run(cfg, Path(run_dir), resume=resume)
+        return entry(container, Path(run_dir), resume=resume)
     except (UsageError, RunStopped) as e:
         return stop_report(e)
     except KeyboardInterrupt:  # Ctrl-C outside the loop (building, loading, closing): nothing of this attempt saved

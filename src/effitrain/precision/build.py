@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from effitrain.engine.converters import ModelConverter
+from effitrain.base.converters import ModelConverter
 from effitrain.errors import UsageError
 from effitrain.precision import DTYPES as DTYPE_NAMES
 from effitrain.precision import GROUP, Spec, spec

@@ -19,9 +19,9 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
 
+from effitrain.commands.sweep import record_outcome
 from effitrain.errors import IOFailure, RunStopped, UsageError, exit_one_line
 from effitrain.sweep import trials as search
-from effitrain.sweep.results import record_outcome
 
 
 class OptunaSweeper(Sweeper):
