@@ -104,10 +104,15 @@ def cases(gpus: int, extra: list[str]) -> list[Case]:
     out.append(mfu("llama-1b-bf16", 60))
     nproc = max(gpus, 2)
     for layout in LAYOUTS:
-        overrides = [*SMALL, "precision=bf16", f"parallel={layout}", f"launcher.nproc_per_node={nproc}",
-                     "max_steps=20", "eval_every=20", "logging.warmup_steps=5", "checkpoint=off", *extra]
-        out.append(Case(f"nccl-{layout}", f"{layout} over {nproc} GPUs (NCCL), llama-20m bf16, 20 steps", 45,
-                        lambda d, o=overrides: [*TRAIN, *o, f"hydra.run.dir={d / 'run'}"], train=[overrides],
+        def overrides(n: int, layout=layout) -> list[str]:
+            # 8 heads of 64 (not llama-20m's 6): tensor parallel over 2, 4 or 8 GPUs divides them
+            return [*SMALL, "model.hidden_size=512", "model.num_heads=8", "precision=bf16", f"parallel={layout}",
+                    f"launcher.nproc_per_node={n}", "max_steps=20", "eval_every=20", "logging.warmup_steps=5",
+                    "checkpoint=off", *extra]
+        run = overrides(nproc)
+        out.append(Case(f"nccl-{layout}", f"{layout} over {nproc} GPUs (NCCL), llama-20m d512 bf16, 20 steps", 45,
+                        lambda d, o=run: [*TRAIN, *o, f"hydra.run.dir={d / 'run'}"],
+                        train=[overrides(n) for n in sorted({nproc, 8})],  # 8 GPUs: 2 and 4 divide what it does
                         numbers=lambda d: _summary_numbers(d / "run"), min_gpus=2))
     pair = fp8_vs_bf16_runs(extra)
     out.append(Case("fp8-vs-bf16", "llama-20m 300 steps: fp8 vs bf16 validation loss", 70,
