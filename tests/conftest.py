@@ -21,15 +21,73 @@ os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gett
 # pytest-xdist's loadfile hands whole files to the two workers; by default it orders them by their number of
 # tests, which put the slow multi-process files late and left one worker alone at the end (the suite's wall time
 # rose 747 -> 848 s at the same CPU time when test_estimate.py gained one test). With --no-loadscope-reorder
-# (pyproject's addopts) they go out in collection order, which this makes slowest file first (the durations of
-# a default run, `pytest --durations=40`), so the two workers end together.
-SLOWEST_FIRST = ("test_resume.py", "test_distributed.py", "test_export.py", "test_runs.py", "test_compression.py",
-                 "test_schema.py", "test_estimate.py", "test_train.py", "test_optim.py", "test_plan.py")
+# (pyproject's addopts) they go out in collection order, which this makes slowest file first, from measured
+# durations: tests/durations.json holds each test's seconds (setup + call + teardown) and a file's cost is the sum
+# of its tests'. Files it does not know yet go first (new, so unmeasured; first is the safe place for a slow one).
+# `python -m pytest -q --update-durations` rewrites it from that run: only when asked, so CI never edits the
+# checkout and a run on another machine leaves the committed numbers alone; only a run that passed, so an
+# aborted file's short times never land; a run narrowed by -k/-m/paths updates the tests it ran and keeps the
+# others' (a whole unfiltered run replaces the file, dropping tests that no longer exist).
+DURATIONS = Path(__file__).with_name("durations.json")
 
 
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+def pytest_addoption(parser):
+    parser.addoption("--update-durations", action="store_true",
+                     help="after a passing run, write its per-test seconds into tests/durations.json (the order "
+                          "xdist hands out files: slowest first)")
+
+
+def read_durations(path: Path = DURATIONS) -> dict[str, float]:
+    """nodeid -> seconds; empty when the file is missing or unreadable (every file is then 'unknown')."""
+    try:
+        tests = json.loads(path.read_text())["tests"]
+        return {k: float(v) for k, v in tests.items()} if isinstance(tests, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def file_seconds(durations: dict[str, float]) -> dict[str, float]:
+    """Per test file (its path relative to the repo root, as in node ids): the sum of its tests' seconds."""
+    out: dict[str, float] = {}
+    for nodeid, seconds in durations.items():
+        file = nodeid.split("::", 1)[0]
+        out[file] = out.get(file, 0.0) + seconds
+    return out
+
+
+def slowest_first(files: list[str], durations: dict[str, float]) -> list[str]:
+    """Files in the order to hand them out: unknown ones first (in the given order), then slowest first."""
+    seconds = file_seconds(durations)
+    return sorted(files, key=lambda f: (f in seconds, -seconds.get(f, 0.0)))  # stable among equals
+
+
+def pytest_collection_modifyitems(config, items):
+    files = list(dict.fromkeys(item.nodeid.split("::", 1)[0] for item in items))
+    rank = {f: i for i, f in enumerate(slowest_first(files, read_durations()))}
+    items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable: a file's own order is kept
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    # on the controller this sees every worker's reports; setup + call + teardown of each test
+    _measured[report.nodeid] = _measured.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    if not config.getoption("update_durations") or hasattr(config, "workerinput") or exitstatus != 0:
+        return
+    whole = (config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.getoption("keyword")
+             and not config.getoption("markexpr"))
+    tests = {} if whole else read_durations()
+    tests |= {nodeid: round(seconds, 2) for nodeid, seconds in _measured.items()}
+    tmp = DURATIONS.with_name(f"{DURATIONS.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half of it
+    tmp.write_text(json.dumps({"note": "seconds per test (setup + call + teardown), written by `python -m pytest -q "
+                                       "--update-durations`; conftest.py orders files slowest first from it",
+                               "tests": dict(sorted(tests.items()))}, indent=1) + "\n")
+    os.replace(tmp, DURATIONS)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -11,10 +12,12 @@ import torch
 from conftest import compose, read_metrics, run_cli
 from effitrain.checks import check_all
 from effitrain.compose import group_options
+from effitrain.engine.flops import PEAK_CACHE_ENV
 from effitrain.engine.loop import train_step
 from effitrain.engine.train import Trainer, run
 from effitrain.errors import UsageError
 from effitrain.precision.build import PrecisionError, build_precision
+from effitrain.precision.emulation import SLOWDOWN_WARNING, cpu_slowdown, warn_if_emulated
 
 CPU_OPTIONS = ["fp32", "tf32", "fp16", "bf16"]
 HAS_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -35,6 +38,30 @@ def test_option_trains_five_steps(option, tiny, tmp_path):
     assert len(metrics) == 5 and math.isfinite(summary["final_val_loss"])
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert ("loss_scale" in metrics[0]) == (option == "fp16")
+    # the run says so when its autocast dtype is emulated on this CPU (slowdown measured once per host, cached)
+    warned = re.findall(r"(fp16|bf16) on this CPU runs ~(\d+)x slower than fp32", (tmp_path / "train.log").read_text())
+    if option in ("fp16", "bf16"):
+        slowdown, source = cpu_slowdown(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[option]))
+        assert source == "cached"  # the run's probe
+        assert warned == ([(option, f"{slowdown:.0f}")] if slowdown >= SLOWDOWN_WARNING else [])
+    else:
+        assert warned == []
+
+
+def test_emulation_probe_runs_once_per_host_then_reads_the_cache(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(PEAK_CACHE_ENV, str(tmp_path / "peak.json"))
+    slowdown, source = cpu_slowdown(torch.float16)
+    assert source == "measured" and slowdown > 0
+    assert cpu_slowdown(torch.float16) == (slowdown, "cached")
+    entries = json.loads((tmp_path / "peak.json").read_text())["entries"].values()
+    assert [e["slowdown"] for e in entries if "slowdown" in e] == [slowdown]
+    # fp32 and GPUs are not probed; fp16 on this CPU warns in one line exactly when the slowdown is material
+    cpu = torch.device("cpu")
+    assert warn_if_emulated(build_precision(compose(["precision=fp32"]).precision, device=cpu)) is None
+    caplog.clear()
+    assert warn_if_emulated(build_precision(compose(["precision=fp16"]).precision, device=cpu)) == slowdown
+    lines = [r.getMessage() for r in caplog.records if "slower than fp32" in r.getMessage()]
+    assert len(lines) == (slowdown >= SLOWDOWN_WARNING) and all(line.startswith("fp16 on this CPU") for line in lines)
 
 
 @needs_torchao

@@ -54,6 +54,7 @@ from effitrain.parallel import offloads
 from effitrain.parallel.build import apply_parallel, gradient_sync_skipper
 from effitrain.precision import spec as precision_spec
 from effitrain.precision.build import Precision, build_precision
+from effitrain.precision.emulation import warn_if_emulated
 from effitrain.rundir import RunClaim
 from effitrain.schedule.build import build_scheduler
 
@@ -85,6 +86,8 @@ def build_parts(cfg, *, job, vocab_size: int, tokenizer: Path | None = None) -> 
     num_params, flops = count_params(model), model_flops_per_token(model, seq_len=cfg.data.seq_len)
     world = job.world
     precision = build_precision(cfg.precision, device=world.device)
+    if world.is_main:  # one line per run, not per rank
+        warn_if_emulated(precision)
     context = Context(seed=cfg.seed, world=world, job=job, parallel=cfg.parallel, precision=precision,
                       vocab_size=vocab_size, tokenizer=tokenizer, seq_len=cfg.data.seq_len,
                       tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.data.seq_len,
