@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import compose, read_metrics, run_cli
+from effitrain.base.flops import PEAK_CACHE_ENV
 from effitrain.checks import check_all
 from effitrain.compose import group_options
-from effitrain.engine.flops import PEAK_CACHE_ENV
 from effitrain.engine.loop import train_step
 from effitrain.engine.train import Trainer, run
 from effitrain.errors import UsageError

@@ -125,10 +125,13 @@ def test_pareto_front_keeps_runs_no_other_beats():
 
 @pytest.mark.extended
 def test_failed_jobs_are_results_and_the_sweep_goes_on(tmp_path, tiny):
-    """A corrupt checkpoint (config.json that is not JSON) passes the checks and fails when the model is built."""
+    """A corrupt checkpoint passes the checks made before launch (its config.json is sound, a weights file is there)
+    and fails when the model is loaded: its weights file is not safetensors."""
     broken = tmp_path / "broken-ckpt"
     broken.mkdir()
-    (broken / "config.json").write_text("{not json")
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, '
+                                        '"num_attention_heads": 2, "intermediate_size": 128, "vocab_size": 4096}')
+    (broken / "model.safetensors").write_bytes(b"not safetensors" * 8)
     sweep = tmp_path / "sweep"
     out = run_cli("train", "-m", "seed=range(1,4)", f"model.pretrained=null,{broken}", *tiny(*STEPS),
                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)

@@ -27,7 +27,7 @@ NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 def cpu_slowdown(dtype: torch.dtype) -> tuple[float, str]:
     """(time of a matmul under CPU autocast to `dtype` / its fp32 time, 'cached' or 'measured'), probed once per
     host, torch version and thread count, then read from the cache."""
-    from effitrain.engine import flops
+    from effitrain.base import flops
 
     key = {"probe": f"cpu autocast slowdown, linear {PROBE_SIZE}^3", "host": platform.node(),
            "device": f"cpu: {flops._cpu_model()}", "torch": torch.__version__, "dtype": NAMES.get(dtype, str(dtype)),
