@@ -280,11 +280,10 @@ def compare(args: list[str]) -> int:
 
 
 def _planning(verb: str):
-    """estimate, plan, scaling-fit: their argument parsing lives in planning_cli (imported when used)."""
+    """estimate, plan, scaling-fit: their argument parsing lives in commands/planning.py (imported when used)."""
     def run(args: list[str]) -> int:
-        from effitrain.commands import planning as planning_cli
-        return {"estimate": planning_cli.estimate, "plan": planning_cli.plan,
-                "scaling-fit": planning_cli.scaling_fit}[verb](args)
+        from effitrain.commands import planning
+        return {"estimate": planning.estimate, "plan": planning.plan, "scaling-fit": planning.scaling_fit}[verb](args)
     return run
 
 

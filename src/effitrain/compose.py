@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from effitrain import checkpoint, compression, data, launcher, parallel, precision, schedule
-from effitrain import logging as logs
-from effitrain import model as models
-from effitrain import optimizer as optim
+from effitrain import checkpoint, compression, data, launcher, model, optimizer, parallel, precision, schedule
+from effitrain import logging as logging_group  # not the standard library's logging
 from effitrain.errors import UsageError
 from effitrain.errors import explain as _explain
 from effitrain.errors import first_line as _first_line
@@ -22,8 +20,8 @@ from effitrain.eval import EvalConfig
 from effitrain.registry import Group
 
 # the defaults list of configs/train.yaml, in its order
-GROUPS: tuple[Group, ...] = (models.GROUP, data.GROUP, precision.GROUP, parallel.GROUP, compression.GROUP,
-                             optim.GROUP, schedule.GROUP, launcher.GROUP, logs.GROUP, checkpoint.GROUP)
+GROUPS: tuple[Group, ...] = (model.GROUP, data.GROUP, precision.GROUP, parallel.GROUP, compression.GROUP,
+                             optimizer.GROUP, schedule.GROUP, launcher.GROUP, logging_group.GROUP, checkpoint.GROUP)
 GROUP_NAMES = tuple(g.name for g in GROUPS)
 PRESETS = "experiment"  # the group of named presets (`# @package _global_`): not in the defaults list
 

@@ -42,7 +42,7 @@ def apply_parallel(model: nn.Module, *, cfg, job, precision, init: Callable[[nn.
         cfg: the `parallel` config group.
         job: the process's Job (engine/job.py: its World and the layout's mesh, built once).
         precision: the run's Precision (FSDP mixed-precision policy when it offers one).
-        init: fills materialised parameters deterministically (models.build.init_weights bound to the run's seed).
+        init: fills materialised parameters deterministically (model.build.init_weights bound to the run's seed).
     """
     return GROUP.builder_of(cfg.strategy)(model, cfg=cfg, world=job.world, mesh=job.mesh, precision=precision,
                                           init=init)
@@ -120,7 +120,7 @@ def apply_tp(model: nn.Module, *, mesh, sequence_parallel: bool = False) -> None
     transformers derives positions, the causal mask and rotary tables from the embedding output's shape.
 
     Args:
-        model: a llama or gpt2 causal LM (gpt2 linearised by models.build.build_model; parameters may be on meta).
+        model: a llama or gpt2 causal LM (gpt2 linearised by model.build.build_model; parameters may be on meta).
         mesh: the 1-D tensor-parallel device mesh.
         sequence_parallel: shard activations outside attention/MLP along the sequence (Megatron SP).
     """
@@ -166,7 +166,7 @@ def _llama_plans(sp: bool) -> tuple[dict, dict]:
 
 
 def _gpt2_plans(sp: bool) -> tuple[dict, dict]:
-    """(per-block plan, root plan) for gpt2 (Linear form, models.build.linearise_gpt2): q/k/v and c_fc column-wise;
+    """(per-block plan, root plan) for gpt2 (Linear form, model.build.linearise_gpt2): q/k/v and c_fc column-wise;
     both c_proj row-wise."""
     from torch.distributed.tensor.parallel import ColwiseParallel
 
