@@ -399,25 +399,15 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                "optimizer step": step}
     moments |= compression.moments(mem, Step(static=static, activations=mem["activations"], at_loss=at_loss))
     phase = max(moments, key=moments.get)
-    # what is live at the peak, for "the biggest item" of the fit check
-    live = {"forward/backward": ["parameters", "optimizer_state", "ddp_buckets", "activations", "logits_and_loss",
-                                 "fsdp_gathered_params", "fsdp_unsharded_grads", "fsdp_block_reduce",
-                                 "activation_recompute", *compression.transient, *compression.held],
-            "optimizer step": ["parameters", "optimizer_state", "ddp_buckets", "gradients", "optimizer_temporaries",
-                               *compression.held]}
-    candidates = live["optimizer step" if phase == "optimizer step" else "forward/backward"]
-    biggest = max((k for k in candidates if k in mem), key=mem.get)
+    biggest = _biggest(mem, phase=phase, compression=compression)
 
+    tokens_step = tokens * d.dp * cfg.grad_accum_steps
     flops_step = s.flops_per_token * tokens * d.dp * cfg.grad_accum_steps
     if cfg.parallel.activation_checkpointing != "none":
         notes.append("activation checkpointing recomputes the checkpointed blocks' forward (~1/3 more compute); "
                      "model FLOPs and MFU do not count it, so the predicted time assumes the same MFU")
-    peak, peak_source = _peak_flops(cfg, gpu) if timing else (None, "not asked")
-    mfu_used, mfu_source = _mfu(cfg, mfu, gpu) if timing else (math.nan, "not asked")
-    step_time = tps = None
-    if peak:
-        step_time = flops_step / (mfu_used * peak * ws)
-        tps = tokens * d.dp * cfg.grad_accum_steps / step_time
+    peak, peak_source, mfu_used, mfu_source, step_time, tps = _timing(cfg, flops_step, tokens_step, ws=ws, mfu=mfu,
+                                                                      gpu=gpu, timing=timing)
     return Estimate(config={"model": cfg.model.name, "precision": cfg.precision.name, "parallel": cfg.parallel.name,
                             "optimizer": cfg.optimizer.name, "batch_size": cfg.batch_size,
                             "seq_len": cfg.data.seq_len, "grad_accum_steps": cfg.grad_accum_steps,
@@ -427,10 +417,36 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                     peak_bytes=int(moments[phase]), peak_phase=phase, biggest=biggest,
                     moments={k: int(v) for k, v in moments.items()},
                     flops_per_token=s.flops_per_token, flops_per_step=flops_step,
-                    tokens_per_step=tokens * d.dp * cfg.grad_accum_steps, world_size=ws, mfu=mfu_used,
+                    tokens_per_step=tokens_step, world_size=ws, mfu=mfu_used,
                     mfu_source=mfu_source, peak_flops_per_device=peak, peak_flops_source=peak_source,
                     step_time_s=step_time, tokens_per_s=tps, tokens_per_day=tps * 86400 if tps else None,
                     time_for_run_s=step_time * cfg.max_steps if step_time else None, notes=notes)
+
+
+def _biggest(mem: dict[str, int], *, phase: str, compression) -> str:
+    """The largest item live at the peak's moment (what the fit check names): the optimizer step holds model states,
+    gradients and the update's temporaries; every other moment is inside forward/backward."""
+    live = {"forward/backward": ["parameters", "optimizer_state", "ddp_buckets", "activations", "logits_and_loss",
+                                 "fsdp_gathered_params", "fsdp_unsharded_grads", "fsdp_block_reduce",
+                                 "activation_recompute", *compression.transient, *compression.held],
+            "optimizer step": ["parameters", "optimizer_state", "ddp_buckets", "gradients", "optimizer_temporaries",
+                               *compression.held]}
+    candidates = live["optimizer step" if phase == "optimizer step" else "forward/backward"]
+    return max((k for k in candidates if k in mem), key=mem.get)
+
+
+def _timing(cfg, flops_step: float, tokens_step: int, *, ws: int, mfu: float | None, gpu: str | None,
+            timing: bool) -> tuple:
+    """(peak FLOP/s per device, its source, MFU used, its source, seconds per step, tokens/s); None where the peak
+    is undefined or timing was not asked."""
+    if not timing:
+        return None, "not asked", math.nan, "not asked", None, None
+    peak, peak_source = _peak_flops(cfg, gpu)
+    mfu_used, mfu_source = _mfu(cfg, mfu, gpu)
+    if not peak:
+        return peak, peak_source, mfu_used, mfu_source, None, None
+    step_time = flops_step / (mfu_used * peak * ws)
+    return peak, peak_source, mfu_used, mfu_source, step_time, tokens_step / step_time
 
 
 def _first_block_activations(s: Shape, per_layer: int, mode: str, residual: int) -> int:
