@@ -125,11 +125,14 @@ def test_a_tokenizer_bigger_than_the_embeddings_is_one_line_before_launch(corpus
     assert not (tmp_path / "outputs").exists()  # refused before any run directory or worker
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
 def test_pretrained_trains_with_its_tokenizer_and_the_export_keeps_its_identity(family, corpus, tmp_path):
+    """mistral: its EOS only in config.json (no eos_token in tokenizer_config.json, no generation_config.json)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    model = own_checkpoint(tmp_path / "m", corpus, family=family)
+    model = own_checkpoint(tmp_path / "m", corpus, family=family, eos=None if family == "mistral" else "<|eot|>")
+    if family == "mistral":
+        (model / "generation_config.json").unlink()
     size = json.loads((model / "config.json").read_text())["vocab_size"]
     train_ok(tmp_path, *run_args(model, corpus, tmp_path / "cache"))  # no data.tokenizer
     run_dir = only_run_dir(tmp_path / "outputs")
@@ -139,7 +142,8 @@ def test_pretrained_trains_with_its_tokenizer_and_the_export_keeps_its_identity(
     export = run_dir / "export" / "step-2"
     tok = AutoTokenizer.from_pretrained(export)
     eot = tok.convert_tokens_to_ids("<|eot|>")
-    assert tok.eos_token == "<|eot|>" and tok.pad_token == "<|pad|>" and tok.bos_token == "<|bos|>"
+    assert tok.eos_token == ("<|eot|>" if family != "mistral" else None)  # its tokenizer_config.json, as it was
+    assert tok.pad_token == "<|pad|>" and tok.bos_token == "<|bos|>"
     assert len(tok) == size
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<|bos|>user: hi<|eot|><|bos|>assistant: "

@@ -214,10 +214,12 @@ class Specials:
     source: str  # where the EOS came from (for the log)
 
 
-def tokenizer_specials(path: Path, *, what: str | None = None, tok=None) -> Specials:
+def tokenizer_specials(path: Path, *, what: str | None = None, tok=None,
+                       model_eos_id: Optional[int] = None) -> Specials:
     """The EOS (and BOS) of the tokenizer.json at `path`, from the files beside it as transformers reads them: the
     eos_token of tokenizer_config.json, else the eos_token_id of generation_config.json or config.json, else
-    effitrain's own `<|endoftext|>` (a BPE effitrain trained). BOS is prepended where tokenizer_config.json says
+    effitrain's own `<|endoftext|>` (a BPE effitrain trained), else `model_eos_id` (an export's: its model
+    config's, for a run directory, which keeps no config.json). BOS is prepended where tokenizer_config.json says
     `add_bos_token: true` and the tokenizer's own post-processor does not already add it. One DataError line when
     the tokenizer has no EOS (nothing is appended to a tokenizer effitrain did not train)."""
     import json
@@ -257,6 +259,8 @@ def tokenizer_specials(path: Path, *, what: str | None = None, tok=None) -> Spec
                 eos_id, source = ids, f"{name} eos_token_id"
     if eos_id is None and tok.token_to_id(OWN_EOS) is not None:
         eos_id, source = tok.token_to_id(OWN_EOS), "effitrain's own"
+    if eos_id is None and isinstance(model_eos_id, int) and 0 <= model_eos_id < tok.get_vocab_size():
+        eos_id, source = model_eos_id, "the model config's eos_token_id"
     if eos_id is None:
         raise DataError(f"{what}: the tokenizer has no EOS token to separate documents (no eos_token in "
                         f"{beside / 'tokenizer_config.json'}, no eos_token_id in generation_config.json or config.json "

@@ -57,7 +57,9 @@ def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = Non
     hf.config.use_cache = True  # training turns the KV cache off; generation wants it
     # the tokenizer's own EOS (a pretrained model's, from the tokenizer_config.json the run kept), and the model's own
     # generation_config.json where the run started from one
-    specials = tokenizer_specials(run_dir / "tokenizer.json", tok=tokenizer)
+    eos_ids = hf.config.eos_token_id
+    specials = tokenizer_specials(run_dir / "tokenizer.json", tok=tokenizer,
+                                  model_eos_id=eos_ids[0] if isinstance(eos_ids, list) and eos_ids else eos_ids)
     _set_generation_config(hf, run_dir, eos_id=specials.eos_id)
     # a directory of this process's own (never `X.tmp` that someone may keep), removed again if the export fails
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

@@ -98,9 +98,10 @@ def check_pretrained_vocab(cfg, run) -> None:
     embeddings = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}") \
         .get("vocab_size")
     if isinstance(embeddings, int) and tok.get_vocab_size() > embeddings:
+        fix = "give the model's own tokenizer" if run.data.tokenizer else \
+            "set data.tokenizer to the tokenizer the model was trained with"
         raise ModelError(f"model.pretrained={cfg.pretrained} has {embeddings} embeddings but {what} has "
-                         f"{tok.get_vocab_size()} tokens: give the model's own tokenizer (effitrain adds no token "
-                         "to it)")
+                         f"{tok.get_vocab_size()} tokens: {fix} (effitrain adds no token to it)")
 
 
 def check_hf_dir(path: Path, *, what: str) -> dict:
