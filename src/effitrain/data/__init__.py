@@ -122,8 +122,8 @@ def check(cfg) -> None:
     elif cfg.source != "stdlib":
         resolve_paths(source=cfg.source, paths=list(cfg.paths))
     check_cache_dir(cfg.cache_dir)
-    if cfg.tokenizer:  # parsed now: a damaged one is one line before any run directory exists
-        read_tokenizer(Path(cfg.tokenizer).expanduser(), what=f"data.tokenizer={cfg.tokenizer}")
+    if cfg.tokenizer:  # parsed now: a damaged one, or one with no EOS, is one line before any run directory exists
+        tokenizer_specials(Path(cfg.tokenizer).expanduser(), what=f"data.tokenizer={cfg.tokenizer}")
 
 
 def check_cache_dir(cache_dir: str) -> None:
@@ -168,6 +168,107 @@ def read_tokenizer(path: Path, *, what: str | None = None):
     except Exception as e:  # tokenizers raises plain Exception for every parse error
         where = f"{what}: {path}" if what else str(path)
         raise DataError(f"{where} is not a readable tokenizer.json ({first_line(e)})") from None
+
+
+OWN_EOS = "<|endoftext|>"  # the separator of the BPE effitrain trains (data/tokens.py); never added to another
+# what a given tokenizer.json brings beside it (a Hugging Face model directory's): the run directory keeps copies,
+# and its export carries them (chat template, special tokens, the EOS ids generation stops at)
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def run_data_config(cfg):
+    """The run's `data` config: cfg.data, whose tokenizer is a model.pretrained checkpoint's own (its tokenizer.json,
+    read with the tokenizer_config.json beside it) unless data.tokenizer names another. Derived, not written into the
+    config: the saved config, its hash and a resumed run all read the same.
+
+    Args:
+        cfg: the whole config (the `model` group's pretrained and the `data` group).
+    """
+    import copy
+
+    if not cfg.model.pretrained or cfg.data.tokenizer:
+        return cfg.data
+    own = Path(cfg.model.pretrained).expanduser() / "tokenizer.json"
+    if not own.is_file():  # a checkpoint without one: a BPE is trained (and refused if the embeddings are fewer)
+        return cfg.data
+    data = copy.deepcopy(cfg.data)
+    data.tokenizer = str(own)
+    return data
+
+
+def tokenizer_identity_files(tokenizer: Optional[str]) -> list[Path]:
+    """The TOKENIZER_FILES beside a given data.tokenizer (none for the BPE effitrain trains)."""
+    if not tokenizer:
+        return []
+    beside = Path(tokenizer).expanduser().parent
+    return [beside / name for name in TOKENIZER_FILES if (beside / name).is_file()]
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The special tokens a tokenizer separates and starts documents with: its own, nothing is ever added."""
+
+    eos: str
+    eos_id: int
+    bos_id: Optional[int]  # prepended to each document (tokenizer_config.json's add_bos_token), else None
+    source: str  # where the EOS came from (for the log)
+
+
+def tokenizer_specials(path: Path, *, what: str | None = None, tok=None,
+                       model_eos_id: Optional[int] = None) -> Specials:
+    """The EOS (and BOS) of the tokenizer.json at `path`, from the files beside it as transformers reads them: the
+    eos_token of tokenizer_config.json, else the eos_token_id of generation_config.json or config.json, else
+    effitrain's own `<|endoftext|>` (a BPE effitrain trained), else `model_eos_id` (an export's: its model
+    config's, for a run directory, which keeps no config.json). BOS is prepended where tokenizer_config.json says
+    `add_bos_token: true` and the tokenizer's own post-processor does not already add it. One DataError line when
+    the tokenizer has no EOS (nothing is appended to a tokenizer effitrain did not train)."""
+    import json
+
+    what = what or str(path)
+    tok = tok or read_tokenizer(path, what=what)
+    beside = path.parent
+
+    def read(name: str) -> dict:
+        file = beside / name
+        if not file.is_file():
+            return {}
+        try:
+            parsed = json.loads(file.read_bytes())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{what}: {file} is damaged ({e})") from None
+        return parsed if isinstance(parsed, dict) else {}
+
+    def content(token) -> Optional[str]:  # "<s>" or {"content": "<s>", ...} (AddedToken as transformers saves it)
+        return token.get("content") if isinstance(token, dict) else token if isinstance(token, str) else None
+
+    def known(token: Optional[str], key: str) -> Optional[int]:
+        if token is None:
+            return None
+        found = tok.token_to_id(token)
+        if found is None:
+            raise DataError(f"{what}: {key} {token!r} of {beside / 'tokenizer_config.json'} is not in the tokenizer")
+        return found
+
+    config = read("tokenizer_config.json")
+    eos_id, source = known(content(config.get("eos_token")), "eos_token"), "tokenizer_config.json eos_token"
+    for name in ("generation_config.json", "config.json"):
+        if eos_id is None:
+            ids = read(name).get("eos_token_id")
+            ids = ids[0] if isinstance(ids, list) and ids else ids
+            if isinstance(ids, int) and not isinstance(ids, bool) and 0 <= ids < tok.get_vocab_size():
+                eos_id, source = ids, f"{name} eos_token_id"
+    if eos_id is None and tok.token_to_id(OWN_EOS) is not None:
+        eos_id, source = tok.token_to_id(OWN_EOS), "effitrain's own"
+    if eos_id is None and isinstance(model_eos_id, int) and 0 <= model_eos_id < tok.get_vocab_size():
+        eos_id, source = model_eos_id, "the model config's eos_token_id"
+    if eos_id is None:
+        raise DataError(f"{what}: the tokenizer has no EOS token to separate documents (no eos_token in "
+                        f"{beside / 'tokenizer_config.json'}, no eos_token_id in generation_config.json or config.json "
+                        "beside it, no <|endoftext|>); set eos_token in that tokenizer_config.json")
+    bos_id = known(content(config.get("bos_token")), "bos_token") if config.get("add_bos_token") is True else None
+    if bos_id is not None and tok.encode("a").ids[:1] == [bos_id]:  # its post-processor adds it already
+        bos_id = None
+    return Specials(eos=tok.id_to_token(eos_id), eos_id=eos_id, bos_id=bos_id, source=source)
 
 
 def _check_near_dup(c) -> None:

@@ -21,13 +21,13 @@ from typing import Iterator
 
 import numpy as np
 
-from effitrain.data import read_tokenizer
+from effitrain.data import OWN_EOS, Specials, read_tokenizer, tokenizer_specials
 from effitrain.data.clean import Cleaner
 from effitrain.data.corpus import Corpus, DataError, Document, in_tokenizer_sample, is_validation
 from effitrain.data.encode import BulkEncoder
 from effitrain.data.progress import Progress
 
-EOS = "<|endoftext|>"
+EOS = OWN_EOS  # the BPE effitrain trains separates documents with it; a given tokenizer with its own EOS
 _CACHE_VERSION = 2  # bump when the tokenization or file layout changes
 _CHUNK_BYTES = 1 << 20  # text per encode_batch call: dozens of documents for both cores; its encodings: ~50x this
 _CHUNKS_AHEAD = 3  # chunks the reader may hold ready
@@ -45,6 +45,9 @@ class TokenCache:
 def settings_of(cfg) -> dict:
     """What the tokens depend on besides the corpus (the cache key's other half)."""
     tok = _file_sha(Path(cfg.tokenizer).expanduser()) if cfg.tokenizer else f"bpe{cfg.vocab_size}"
+    if cfg.tokenizer:  # its content and what the files beside it make of it: two tokenizers never share a cache
+        specials = tokenizer_specials(Path(cfg.tokenizer).expanduser(), what=f"data.tokenizer={cfg.tokenizer}")
+        tok = [tok, specials.eos_id, specials.bos_id]
     clean = {key: cfg.clean[key] for key in ("exact_duplicates", "min_chars", "max_non_text", "max_line_chars",
                                              "max_repeated_lines")}
     if cfg.clean.near_dup_threshold is not None:  # only then: caches cleaned without it keep their keys
@@ -79,8 +82,10 @@ def build_cache(root: Path, corpus: Corpus, cfg, settings: dict) -> Path:
     try:
         started = time.perf_counter()
         tok, sample_bytes = (_load_given(cfg.tokenizer), 0) if cfg.tokenizer else train_bpe([corpus], cfg)
+        specials = tokenizer_specials(Path(cfg.tokenizer).expanduser(), tok=tok) if cfg.tokenizer \
+            else Specials(eos=EOS, eos_id=tok.token_to_id(EOS), bos_id=None, source="effitrain's own")
         cleaner = Cleaner(cfg.clean) if cfg.clean.enabled else None
-        meta = _encode_corpus(tmp, tok, corpus, cfg.val_fraction, cleaner)
+        meta = _encode_corpus(tmp, tok, corpus, cfg.val_fraction, cleaner, specials=specials)
         report = cleaner.report() if cleaner else {"enabled": False, "documents": meta["documents"]}
         (tmp / "data_report.json").write_text(json.dumps(report, indent=2))
         meta |= {"tokenizer_sample_bytes": sample_bytes, "build_s": round(time.perf_counter() - started, 2)}
@@ -157,16 +162,16 @@ class _Sample:
 
 
 def _load_given(path: str):
-    tok = read_tokenizer(Path(path).expanduser(), what=f"data.tokenizer={path}")
-    if tok.token_to_id(EOS) is None:
-        tok.add_special_tokens([EOS])
-    return tok
+    """A given tokenizer as it is: effitrain adds no token to a tokenizer it did not train."""
+    return read_tokenizer(Path(path).expanduser(), what=f"data.tokenizer={path}")
 
 
-def _encode_corpus(directory: Path, tok, corpus: Corpus, val_fraction: float, cleaner: Cleaner | None) -> dict:
-    """Stream every document through the tokenizer into train.bin/val.bin (each document followed by EOS), hashing
-    names and texts on the way; the cache's meta."""
-    eos = tok.token_to_id(EOS)
+def _encode_corpus(directory: Path, tok, corpus: Corpus, val_fraction: float, cleaner: Cleaner | None, *,
+                   specials: Specials) -> dict:
+    """Stream every document through the tokenizer into train.bin/val.bin (each document followed by the tokenizer's
+    EOS, preceded by its BOS where it adds one), hashing names and texts on the way; the cache's meta."""
+    eos = specials.eos_id
+    start = [] if specials.bos_id is None else [np.asarray([specials.bos_id], dtype=np.uint32)]
     dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
     chunks: queue.Queue = queue.Queue(maxsize=_CHUNKS_AHEAD)
     reader = _Reader(corpus, chunks, val_fraction, cleaner)
@@ -184,21 +189,21 @@ def _encode_corpus(directory: Path, tok, corpus: Corpus, val_fraction: float, cl
                     mine = [(item, ids) for item, ids in zip(chunk, encoded, strict=True)
                             if item.val == (part == "val")]
                     if mine:
-                        np.concatenate([a for _, ids in mine for a in (ids, end)]).astype(dtype).tofile(out)
-                    counts[part][0] += sum(len(ids) + 1 for _, ids in mine)
+                        np.concatenate([a for _, ids in mine for a in (*start, ids, end)]).astype(dtype).tofile(out)
+                    counts[part][0] += sum(len(ids) + 1 + len(start) for _, ids in mine)
                     counts[part][1] += sum(item.nbytes for item, _ in mine)
                 progress.advance(documents=len(chunk), nbytes=sum(item.nbytes for item in chunk),
-                                 tokens=sum(len(ids) + 1 for ids in encoded))
+                                 tokens=sum(len(ids) + 1 + len(start) for ids in encoded))
         finally:
             reader.stop()
-    if reader.kept == 0 or counts["train"][0] + counts["val"][0] == reader.kept:
+    if reader.kept == 0 or counts["train"][0] + counts["val"][0] == reader.kept * (1 + len(start)):
         removed = f" after data.clean removed {cleaner.removed}" if cleaner and cleaner.removed else ""
         raise DataError(f"the corpus is empty{removed}")
     train_tokens, val_tokens = counts["train"][0], counts["val"][0]
     if train_tokens == 0 or val_tokens == 0:  # too few documents to split by name: hold out the stream's tail
         train_tokens, val_tokens = _hold_out_tail(directory, dtype, val_fraction)
-    return {"vocab_size": tok.get_vocab_size(), "dtype": dtype.name, "eos_id": eos,
-            "fingerprint": reader.sha.hexdigest(), "documents": reader.documents,
+    return {"vocab_size": tok.get_vocab_size(), "dtype": dtype.name, "eos_id": eos, "eos": specials.eos,
+            "bos_id": specials.bos_id, "fingerprint": reader.sha.hexdigest(), "documents": reader.documents,
             "train_tokens": train_tokens, "val_tokens": val_tokens,
             "train_bytes": counts["train"][1], "val_bytes": counts["val"][1]}
 

@@ -36,7 +36,7 @@ def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = Non
 
     from effitrain.checkpoint.layout import read_manifest
     from effitrain.compression.qat import write_quantized
-    from effitrain.data.tokens import EOS
+    from effitrain.data import tokenizer_specials
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -55,8 +55,12 @@ def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = Non
     model = _export(model, [c for c in converters.converters if base is None or not _is_qat(c)])
     hf = to_transformers(model).to(getattr(torch, DTYPES[dtype]))
     hf.config.use_cache = True  # training turns the KV cache off; generation wants it
-    eos = tokenizer.token_to_id(EOS)
-    hf.generation_config.update(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, use_cache=True)
+    # the tokenizer's own EOS (a pretrained model's, from the tokenizer_config.json the run kept), and the model's own
+    # generation_config.json where the run started from one
+    eos_ids = hf.config.eos_token_id
+    specials = tokenizer_specials(run_dir / "tokenizer.json", tok=tokenizer,
+                                  model_eos_id=eos_ids[0] if isinstance(eos_ids, list) and eos_ids else eos_ids)
+    _set_generation_config(hf, run_dir, eos_id=specials.eos_id)
     # a directory of this process's own (never `X.tmp` that someone may keep), removed again if the export fails
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +70,7 @@ def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = Non
             hf.save_pretrained(tmp, safe_serialization=True)
         else:
             write_quantized(hf, tmp, base)
-        _save_tokenizer(run_dir / "tokenizer.json", tmp, max_length=cfg.data.seq_len)
+        _save_tokenizer(run_dir, tmp, max_length=cfg.data.seq_len, eos=specials.eos)
         (tmp / "effitrain.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "step": manifest["step"],
                                                         "config_hash": manifest.get("config_hash"), "dtype": dtype,
                                                         "quantized": _quantized_name(cfg, quantize)}))
@@ -248,12 +252,31 @@ def _tokenizer(path: Path):
     return read_tokenizer(path)
 
 
-def _save_tokenizer(source: Path, out: Path, *, max_length: int) -> None:
-    """tokenizer.json + tokenizer_config.json (+ special tokens) as transformers' AutoTokenizer reads them."""
+def _set_generation_config(hf, run_dir: Path, *, eos_id: int) -> None:
+    """The export's generation config: the one the run's tokenizer came with (a model.pretrained checkpoint's
+    generation_config.json, kept in the run directory), else EOS/BOS/pad = the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    if (run_dir / "generation_config.json").is_file():
+        hf.generation_config = GenerationConfig.from_pretrained(run_dir, local_files_only=True)
+        if hf.generation_config.eos_token_id is None:
+            hf.generation_config.eos_token_id = eos_id
+        hf.generation_config.use_cache = True
+    else:
+        hf.generation_config.update(eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=eos_id, use_cache=True)
+
+
+def _save_tokenizer(run_dir: Path, out: Path, *, max_length: int, eos: str) -> None:
+    """tokenizer.json + tokenizer_config.json (+ special tokens) as transformers' AutoTokenizer reads them: a given
+    tokenizer's own files as they were (chat template, special tokens, BOS/EOS behaviour), byte for byte; for the BPE
+    effitrain trained, a config naming its <|endoftext|> as EOS, BOS, unk and pad."""
     from transformers import PreTrainedTokenizerFast
 
-    from effitrain.data.tokens import EOS
-
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(source), eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                  pad_token=EOS, model_max_length=max_length)
+    if (run_dir / "tokenizer_config.json").is_file():
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, out / name)
+        return
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), eos_token=eos, bos_token=eos,
+                                  unk_token=eos, pad_token=eos, model_max_length=max_length)
     tok.save_pretrained(out)

@@ -35,6 +35,7 @@ from effitrain.checkpoint import GROUP as CHECKPOINT
 from effitrain.checkpoint.layout import default_root, latest, resolve
 from effitrain.compose import GROUP_NAMES
 from effitrain.compression.build import Context, build_compression
+from effitrain.data import run_data_config, tokenizer_identity_files
 from effitrain.data.loader import Prefetcher, TrainBatches
 from effitrain.data.mix import prepare_run_data
 from effitrain.engine import export
@@ -171,10 +172,10 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, world = self.cfg, self.world
         if world.local_rank == 0:  # one builder per node; the others wait for its cache
-            self.data = prepare_run_data(cfg.data)
+            self.data = prepare_run_data(run_data_config(cfg))  # model.pretrained: its own tokenizer by default
         barrier(world)
         if world.local_rank != 0:
-            self.data = prepare_run_data(cfg.data)
+            self.data = prepare_run_data(run_data_config(cfg))
         self.shard = self.job.shard  # TP ranks of one group share a batch
         self.sampler = self.data.sampler(seq_len=cfg.data.seq_len, seed=cfg.seed)  # data=mix: by the weights
         self.batches = TrainBatches(self.sampler, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
@@ -204,6 +205,9 @@ class Trainer:
                            peak_flops_source=self.peak_source, num_params=self.parts.num_params)
             # the run directory carries its tokenizer: export and sample need no corpus and no cache
             write_file(self.run_dir / "tokenizer.json", (self.data.tokenizer_dir / "tokenizer.json").read_bytes())
+            # and a given tokenizer's identity (tokenizer_config.json...), which its export carries
+            for name in tokenizer_identity_files(run_data_config(cfg).tokenizer):
+                write_file(self.run_dir / name.name, name.read_bytes())
             write_file(self.run_dir / "data_report.json", json.dumps(self.data.report(), indent=2))  # data.clean's
         self.recorder = Recorder(sinks)
         self.recorder.records = list(self.kept_records)  # a resumed run's summary spans all its steps

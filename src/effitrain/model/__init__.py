@@ -82,6 +82,28 @@ def check(cfg) -> None:
         check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
 
 
+@GROUP.check_of("llama")
+@GROUP.check_of("gpt2")
+def check_pretrained_vocab(cfg, run) -> None:
+    """A model.pretrained checkpoint has an embedding row for every token of the run's tokenizer (data.tokenizer: by
+    default its own tokenizer.json, data.run_data_config): found here, one line before any worker starts."""
+    from effitrain.data import read_tokenizer, run_data_config, tokenizer_specials
+
+    tokenizer = run_data_config(run).tokenizer
+    if not (cfg.pretrained and tokenizer):
+        return
+    what = f"data.tokenizer={tokenizer}" if run.data.tokenizer else f"the tokenizer of model.pretrained ({tokenizer})"
+    tok = read_tokenizer(Path(tokenizer).expanduser(), what=what)
+    tokenizer_specials(Path(tokenizer).expanduser(), what=what, tok=tok)  # its EOS: one line when it has none
+    embeddings = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}") \
+        .get("vocab_size")
+    if isinstance(embeddings, int) and tok.get_vocab_size() > embeddings:
+        fix = "give the model's own tokenizer" if run.data.tokenizer else \
+            "set data.tokenizer to the tokenizer the model was trained with"
+        raise ModelError(f"model.pretrained={cfg.pretrained} has {embeddings} embeddings but {what} has "
+                         f"{tok.get_vocab_size()} tokens: {fix} (effitrain adds no token to it)")
+
+
 def check_hf_dir(path: Path, *, what: str) -> dict:
     """A local Hugging Face model directory that from_pretrained can read: a config.json that parses and a weights
     file; its config. Checked here, before any process starts, so a damaged one is one line and no run directory."""
