@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from effitrain.compression.method import Inputs, Step
+from effitrain.data import run_data_config
 from effitrain.errors import UsageError
 from effitrain.parallel import GROUP as PARALLEL
 from effitrain.parallel import offloads, parallel_degrees
@@ -144,7 +145,8 @@ class Estimate:
 
 
 def vocab_size(data_cfg) -> int:
-    """The vocabulary the run will have: a given tokenizer's, else the BPE size it trains."""
+    """The vocabulary the run will have: a given tokenizer's (a model.pretrained checkpoint's own: pass
+    data.run_data_config(cfg)), else the BPE size it trains."""
     if data_cfg.tokenizer:
         from effitrain.data import read_tokenizer
 
@@ -327,7 +329,7 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
 
     ws = world_size(cfg.launcher)
     d = parallel_degrees(cfg.parallel, world_size=ws)
-    s = shape or model_shape(cfg.model, vocab=vocab_size(cfg.data), seq_len=cfg.data.seq_len,
+    s = shape or model_shape(cfg.model, vocab=vocab_size(run_data_config(cfg)), seq_len=cfg.data.seq_len,
                              compression=cfg.compression)
     precision = precision_spec(cfg.precision)
     layout = PARALLEL.cost_of(cfg.parallel.strategy)(cfg.parallel)

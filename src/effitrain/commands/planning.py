@@ -75,13 +75,15 @@ def estimate(args: list[str]) -> int:
     cfg = compose_one(normalize(overrides))
     check_all(cfg)
     from effitrain import estimate as est_mod
+    from effitrain.data import run_data_config
+
     gpu = flags.get("--gpu")
     est = est_mod.estimate(cfg, mfu=mfu, gpu=gpu.lower() if gpu else None)
     extra = {}
     if max_batch_free is not None:
         free = _free_bytes() if max_batch_free < 0 else int(max_batch_free * est_mod.GiB)
-        shape = est_mod.model_shape(cfg.model, vocab=est_mod.vocab_size(cfg.data), seq_len=cfg.data.seq_len,
-                                    compression=cfg.compression)
+        shape = est_mod.model_shape(cfg.model, vocab=est_mod.vocab_size(run_data_config(cfg)),
+                                    seq_len=cfg.data.seq_len, compression=cfg.compression)
         extra = {"max_batch": est_mod.max_batch(cfg, free_bytes=free, shape=shape), "max_batch_free_bytes": free}
     if "--json" in flags:
         print(json.dumps(est.as_dict() | extra, indent=2))
