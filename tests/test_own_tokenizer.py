@@ -45,7 +45,7 @@ def own_tokenizer(out: Path, corpus: Path, *, vocab_size: int = 300, eos: str | 
 def own_checkpoint(out: Path, corpus: Path, *, family: str = "llama", embeddings: int | None = None, **tok) -> Path:
     """A tiny random checkpoint of `family` (transformers' own config class) with its own tokenizer; its vocab_size
     the tokenizer's exactly, unless `embeddings` says otherwise."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen3Config
 
     size = own_tokenizer(out, corpus, **tok)
     ids = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
@@ -54,8 +54,9 @@ def own_checkpoint(out: Path, corpus: Path, *, family: str = "llama", embeddings
     common = dict(vocab_size=embeddings or size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, eos_token_id=eot,
                   bos_token_id=bos, tie_word_embeddings=False)
-    config = {"llama": LlamaConfig, "qwen3": Qwen3Config, "mistral": MistralConfig}[family](
-        **common, **({"head_dim": 16} if family == "qwen3" else {}))
+    config = {"llama": LlamaConfig, "qwen3": Qwen3Config, "mistral": MistralConfig, "phi3": Phi3Config}[family](
+        **common, **({"head_dim": 16} if family == "qwen3" else {}),
+        **({"pad_token_id": bos} if family == "phi3" else {}))  # phi3's default pad id (32000) is past the vocab
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     return out
 
@@ -150,3 +151,18 @@ def test_pretrained_trains_with_its_tokenizer_and_the_export_keeps_its_identity(
     assert GenerationConfig.from_pretrained(export).eos_token_id == eot
     hf = AutoModelForCausalLM.from_pretrained(export)
     assert hf.config.vocab_size == size and hf.config.model_type == family  # the model's vocab unchanged
+
+
+def test_tensor_parallel_is_refused_before_launch_for_a_family_the_plans_do_not_fit(tmp_path, corpus):
+    """phi3's fused qkv_proj / gate_up_proj do not fit the hand-written llama plan (a worker traceback before): the
+    model's tp_plan trait says so and parallel=tp is one line before anything starts; a llama checkpoint passes."""
+    from effitrain.checks import check_all
+    from effitrain.errors import UsageError
+
+    tp = ["parallel=tp", "launcher.nproc_per_node=2", "device=cpu"]
+    phi3 = own_checkpoint(tmp_path / "phi3", corpus, family="phi3")
+    with pytest.raises(UsageError, match="parallel=tp needs a tensor-parallel plan of the model's blocks, which a "
+                                         "'phi3' model has not here"):
+        check_all(compose([f"model.pretrained={phi3}", *tp]))
+    check_all(compose([f"model.pretrained={phi3}", "parallel=fsdp", "launcher.nproc_per_node=2", "device=cpu"]))
+    check_all(compose([f"model.pretrained={own_checkpoint(tmp_path / 'llama', corpus)}", *tp]))

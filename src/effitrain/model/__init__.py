@@ -50,13 +50,32 @@ class GPT2Model(ModelBase):
     family: str = "gpt2"  # learned positions, GELU MLP, LayerNorm with biases
 
 
-def _pretrained(cfg, _run) -> list[str]:
-    return [PRETRAINED] if cfg.pretrained else []
+# checkpoint types whose blocks the hand-written llama/gpt2 tensor-parallel plans fit (parallel/build.py): separate
+# q/k/v and gate/up projections, norms over one head or the whole hidden size. Others (phi3's fused qkv_proj, olmo2's
+# q/k norms over the whole projection, MoE experts) are refused before launch until transformers' own
+# base_model_tp_plan is used (issue 23).
+HAND_TP_PLAN_TYPES = ("llama", "mistral", "qwen3", "gemma3_text", "gpt2")
 
 
-# both families have a tensor-parallel plan (parallel/build.py)
-GROUP.traits("llama", provides=lambda cfg, run: [TP_PLAN, *_pretrained(cfg, run)])
-GROUP.traits("gpt2", provides=lambda cfg, run: [TP_PLAN, *_pretrained(cfg, run)])
+def model_type(cfg) -> str:
+    """What the model is: a model.pretrained checkpoint's config.json model_type, else the option's family."""
+    if not cfg.pretrained:
+        return cfg.family
+    import json
+
+    config = Path(cfg.pretrained).expanduser() / "config.json"
+    try:
+        return str(json.loads(config.read_bytes()).get("model_type"))
+    except (OSError, ValueError, AttributeError):  # the group's own check names what is wrong with the directory
+        return "unknown"
+
+
+def _provides(cfg, _run) -> list[str]:
+    return [*([TP_PLAN] if model_type(cfg) in HAND_TP_PLAN_TYPES else []), *([PRETRAINED] if cfg.pretrained else [])]
+
+
+GROUP.traits("llama", provides=_provides)
+GROUP.traits("gpt2", provides=_provides)
 
 
 # what transformers' from_pretrained reads weights from (single file or sharded index)

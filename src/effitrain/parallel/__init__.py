@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from effitrain.errors import UsageError
-from effitrain.model import TP_PLAN
+from effitrain.model import HAND_TP_PLAN_TYPES, TP_PLAN, model_type
 from effitrain.registry import Group, Need
 
 GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build")
@@ -90,8 +90,9 @@ def _tp_plan(node, cfg) -> list[Need]:
 
     if parallel_degrees(node, world_size=world_size(cfg.launcher)).tp == 1:
         return []
-    return [Need(TP_PLAN, f"needs a tensor-parallel plan of the model's blocks, which model.family="
-                          f"{cfg.model.family!r} has not; use parallel=fsdp or ddp")]
+    return [Need(TP_PLAN, f"needs a tensor-parallel plan of the model's blocks, which a {model_type(cfg.model)!r} "
+                          f"model has not here (plans exist for {', '.join(HAND_TP_PLAN_TYPES)}); use parallel=fsdp "
+                          "or ddp")]
 
 
 GROUP.traits("single", provides=(WHOLE_WEIGHTS, CONVERTED_MODULES))
