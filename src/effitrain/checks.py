@@ -25,7 +25,7 @@ def check_all(cfg) -> None:
     check_traits(cfg, which=("excludes",))
     for group in GROUPS:
         group.check_options(cfg)
-    check_traits(cfg)
+    check_traits(cfg, which=("needs",))
 
 
 def check_traits(cfg, *, which: tuple[str, ...] = ("excludes", "needs")) -> None:

@@ -346,14 +346,14 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     # moments are kept in the parameters' dtype: fp32, or bf16 under bf16-pure (torchao's AdamW)
     mem["optimizer_state"] = OPTIMIZER.cost_of(cfg.optimizer.kind).state(
         cfg.optimizer, [p for p, _ in trained], [n for _, n in trained], state_bytes=p_bytes, dp=d.dp)
+    tokens = cfg.batch_size * cfg.data.seq_len  # per micro-step and rank
     compression = _compression_terms(s, numels, trained=n_trained, param_bytes=p_bytes,
-                                     shard=d.dp_shard if fsdp else 1, tokens=cfg.batch_size * cfg.data.seq_len)
+                                     shard=d.dp_shard if fsdp else 1, tokens=tokens)
     mem |= compression.memory
     if offloads(cfg.parallel):
         notes.append("parallel.offload=cpu: parameters, gradients and optimizer state live in host memory; "
                      "the device holds the gathered parameters and activations")
 
-    tokens = cfg.batch_size * cfg.data.seq_len  # per micro-step and rank
     # FSDP's MixedPrecisionPolicy computes with bf16/fp16 parameters, so the residual stream is in that dtype too
     residual = compute if fsdp and precision.autocast else p_bytes
     trains = _what_trains(s)

@@ -84,9 +84,11 @@ def probe_size(device: torch.device) -> int:
     return 2048 if device.type == "cuda" else 1024
 
 
-def measure_peak(device: torch.device, autocast_dtype: torch.dtype | None, *, budget_s: float = PROBE_S) -> float:
-    """Best FLOP/s of a square Linear under the run's autocast setting, within a time budget."""
-    size = probe_size(device)
+def measure_peak(device: torch.device, autocast_dtype: torch.dtype | None, *, budget_s: float = PROBE_S,
+                 size: int | None = None) -> float:
+    """Best FLOP/s of a square Linear under the run's autocast setting, within a time budget (size: the Linear's,
+    default probe_size(device))."""
+    size = size or probe_size(device)
     x = torch.randn(size, size, device=device)
     w = torch.randn(size, size, device=device)
     enabled = autocast_dtype is not None

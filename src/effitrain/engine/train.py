@@ -171,11 +171,12 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, world = self.cfg, self.world
+        self.data_cfg = run_data_config(cfg)  # model.pretrained: its own tokenizer by default
         if world.local_rank == 0:  # one builder per node; the others wait for its cache
-            self.data = prepare_run_data(run_data_config(cfg))  # model.pretrained: its own tokenizer by default
+            self.data = prepare_run_data(self.data_cfg)
         barrier(world)
         if world.local_rank != 0:
-            self.data = prepare_run_data(run_data_config(cfg))
+            self.data = prepare_run_data(self.data_cfg)
         self.shard = self.job.shard  # TP ranks of one group share a batch
         self.sampler = self.data.sampler(seq_len=cfg.data.seq_len, seed=cfg.seed)  # data=mix: by the weights
         self.batches = TrainBatches(self.sampler, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
@@ -206,7 +207,7 @@ class Trainer:
             # the run directory carries its tokenizer: export and sample need no corpus and no cache
             write_file(self.run_dir / "tokenizer.json", (self.data.tokenizer_dir / "tokenizer.json").read_bytes())
             # and a given tokenizer's identity (tokenizer_config.json...), which its export carries
-            for name in tokenizer_identity_files(run_data_config(cfg).tokenizer):
+            for name in tokenizer_identity_files(self.data_cfg.tokenizer):
                 write_file(self.run_dir / name.name, name.read_bytes())
             write_file(self.run_dir / "data_report.json", json.dumps(self.data.report(), indent=2))  # data.clean's
         self.recorder = Recorder(sinks)

@@ -61,13 +61,7 @@ def model_type(cfg) -> str:
     """What the model is: a model.pretrained checkpoint's config.json model_type, else the option's family."""
     if not cfg.pretrained:
         return cfg.family
-    import json
-
-    config = Path(cfg.pretrained).expanduser() / "config.json"
-    try:
-        return str(json.loads(config.read_bytes()).get("model_type"))
-    except (OSError, ValueError, AttributeError):  # the group's own check names what is wrong with the directory
-        return "unknown"
+    return check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")["model_type"]
 
 
 def _provides(cfg, _run) -> list[str]:

@@ -12,7 +12,6 @@ import datetime
 import json
 import logging
 import platform
-import time
 
 import torch
 
@@ -20,7 +19,7 @@ log = logging.getLogger("effitrain")
 
 SLOWDOWN_WARNING = 2.0  # warn from this measured slowdown on: below it, reduced precision costs little here
 PROBE_SIZE = 256  # square Linear: ~0.5 ms in fp32 on one core, tens of ms where fp16 is emulated
-PROBE_S = 0.1  # best-of time per dtype (at least 3 repeats)
+PROBE_S = 0.1  # best-of time per dtype (flops.measure_peak)
 NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -37,7 +36,9 @@ def cpu_slowdown(dtype: torch.dtype) -> tuple[float, str]:
     entries = flops._read_cache(path)
     if isinstance(entries.get(name), dict) and isinstance(entries[name].get("slowdown"), (int, float)):
         return float(entries[name]["slowdown"]), "cached"
-    slowdown = _best_time(dtype) / _best_time(None)
+    cpu = torch.device("cpu")
+    slowdown = flops.measure_peak(cpu, None, budget_s=PROBE_S, size=PROBE_SIZE) / \
+        flops.measure_peak(cpu, dtype, budget_s=PROBE_S, size=PROBE_SIZE)
     entries[name] = {"key": key, "slowdown": slowdown,
                      "measured": datetime.datetime.now().isoformat(timespec="seconds")}
     try:
@@ -58,17 +59,3 @@ def warn_if_emulated(precision) -> float | None:
         log.warning(f"{name} on this CPU runs ~{slowdown:.0f}x slower than fp32 (emulated: no native {name} "
                     f"matmuls; a {PROBE_SIZE}^3 matmul probe); precision speed-ups show on GPUs")
     return slowdown
-
-
-def _best_time(dtype: torch.dtype | None) -> float:
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=g), torch.randn(PROBE_SIZE, PROBE_SIZE, generator=g)
-    best, repeats = float("inf"), 0
-    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None), torch.no_grad():
-        torch.nn.functional.linear(x, w)  # warm-up: kernel selection, first-touch allocations
-        deadline = time.perf_counter() + PROBE_S
-        while repeats < 3 or time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            best, repeats = min(best, time.perf_counter() - t0), repeats + 1
-    return best
