@@ -42,21 +42,41 @@ def own_tokenizer(out: Path, corpus: Path, *, vocab_size: int = 300, eos: str | 
     return tok.get_vocab_size()
 
 
+# transformers' config class and family-specific keys of each family the tests build (d=32, 2 layers, 4 heads, 2
+# kv heads)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "mistral": ("MistralConfig", {}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
+    "phi3": ("Phi3Config", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "output_router_logits": True}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True}),
+}
+
+
 def own_checkpoint(out: Path, corpus: Path, *, family: str = "llama", embeddings: int | None = None, **tok) -> Path:
     """A tiny random checkpoint of `family` (transformers' own config class) with its own tokenizer; its vocab_size
     the tokenizer's exactly, unless `embeddings` says otherwise."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen3Config
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     size = own_tokenizer(out, corpus, **tok)
     ids = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
     eot = next(t["id"] for t in ids if t["content"] == "<|eot|>")
     bos = next(t["id"] for t in ids if t["content"] == "<|bos|>")
-    common = dict(vocab_size=embeddings or size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, eos_token_id=eot,
-                  bos_token_id=bos, tie_word_embeddings=False)
-    config = {"llama": LlamaConfig, "qwen3": Qwen3Config, "mistral": MistralConfig, "phi3": Phi3Config}[family](
-        **common, **({"head_dim": 16} if family == "qwen3" else {}),
-        **({"pad_token_id": bos} if family == "phi3" else {}))  # phi3's default pad id (32000) is past the vocab
+    pad = next(t["id"] for t in ids if t["content"] == "<|pad|>")
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=embeddings or size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                         eos_token_id=eot, bos_token_id=bos, tie_word_embeddings=False)
+    else:
+        name, extra = FAMILIES[family]
+        config = getattr(transformers, name)(
+            vocab_size=embeddings or size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=eot,
+            bos_token_id=bos, pad_token_id=pad, tie_word_embeddings=False, **extra)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     return out
 

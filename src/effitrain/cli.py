@@ -249,15 +249,17 @@ def reproduce(args: list[str]) -> int:
 
 
 def export(args: list[str]) -> int:
-    from effitrain.engine.export import export_run
+    from effitrain.engine.export import DEFAULT_SHARD_SIZE, export_run
 
-    usage = "effitrain export RUN_DIR [--step N] [--out DIR] [--dtype fp32|bf16] [--quantize int8|int4]"
+    usage = ("effitrain export RUN_DIR [--step N] [--out DIR] [--dtype fp32|bf16] [--quantize int8|int4] "
+             "[--max-shard-size 5GB]")
     rest, opts = _parse(args, usage=usage, positional=1,
-                        flags={"step": int, "out": str, "dtype": str, "quantize": str})
+                        flags={"step": int, "out": str, "dtype": str, "quantize": str, "max_shard_size": str})
     if len(rest) != 1:
         raise UsageError(f"usage: {usage}")
     out = export_run(Path(rest[0]), step=opts.get("step"), out=Path(opts["out"]) if "out" in opts else None,
-                     dtype=opts.get("dtype", "fp32"), quantize=opts.get("quantize"))
+                     dtype=opts.get("dtype", "fp32"), quantize=opts.get("quantize"),
+                     max_shard_size=opts.get("max_shard_size", DEFAULT_SHARD_SIZE))
     print(out)
     return 0
 
@@ -265,11 +267,13 @@ def export(args: list[str]) -> int:
 def sample(args: list[str]) -> int:
     from effitrain.engine.export import sample_text
 
-    usage = "effitrain sample RUN_DIR|HF_DIR PROMPT [--tokens N] [--temperature T] [--seed S]"
-    rest, opts = _parse(args, usage=usage, positional=2, flags={"tokens": int, "temperature": float, "seed": int})
-    if len(rest) != 2:
+    usage = "effitrain sample RUN_DIR|HF_DIR (PROMPT | --chat MESSAGE) [--tokens N] [--temperature T] [--seed S]"
+    rest, opts = _parse(args, usage=usage, positional=1,
+                        flags={"tokens": int, "temperature": float, "seed": int, "chat": str})
+    message = opts.pop("chat", None)
+    if len(rest) != (1 if message is not None else 2):
         raise UsageError(f"usage: {usage} (quote the prompt)")
-    print(sample_text(Path(rest[0]), rest[1], **opts))
+    print(sample_text(Path(rest[0]), message if message is not None else rest[1], chat=message is not None, **opts))
     return 0
 
 

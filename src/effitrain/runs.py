@@ -91,8 +91,10 @@ def git_state() -> dict:
         return {"git_commit": None, "git_dirty": None}
 
 
-def write_env(run_dir: Path, *, world, data: dict, peak_flops, peak_flops_source: str, num_params: int) -> None:
-    """env.json; `data`: the data's fields (RunData.env: fingerprint, token counts, a mix's realised mixture)."""
+def write_env(run_dir: Path, *, world, data: dict, peak_flops, peak_flops_source: str, num_params: int,
+              model: dict) -> None:
+    """env.json; `data`: the data's fields (RunData.env: fingerprint, token counts, a mix's realised mixture);
+    `model`: what the model is (model.model_identity)."""
     import torch
     import transformers
 
@@ -102,7 +104,7 @@ def write_env(run_dir: Path, *, world, data: dict, peak_flops, peak_flops_source
         "cuda": torch.version.cuda, "transformers": transformers.__version__, "host": socket.gethostname(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type, "world_size": world.size, "cpu_threads": torch.get_num_threads(),
-        **data, "num_params": num_params,
+        **data, "model": model, "num_params": num_params,
         "peak_flops": peak_flops, "peak_flops_source": peak_flops_source, "argv": sys.argv,
         **git_state(),
     }

@@ -62,15 +62,47 @@ LOADED_WARNING = 0.5  # this run's probe under half the cached peak: say the mac
 
 
 def model_flops_per_token(model: nn.Module, *, seq_len: int) -> float:
-    """6N + 12·L·d·T: N counts the matmul weights (input embeddings only when tied to the LM head)."""
-    cfg = model.config
+    """Training FLOPs per token, PaLM's count for any transformers decoder: 6·N_active + 12·Σ_layers q_width·T_layer.
+
+    N_active counts the matmul weights one token runs through: input embeddings only when tied to the LM head, and
+    of a mixture-of-experts model's expert weights only the share a token is routed to (experts per token / experts;
+    the router and shared experts count whole). q_width is heads x head_dim (not the hidden size where a family's
+    head_dim differs); T_layer is the sequence length, or a sliding-window layer's window when shorter.
+    """
+    cfg = model.config.get_text_config()
     n = sum(p.numel() for p in model.parameters())
     embedding_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
     tied = model.get_output_embeddings() is not None and \
         model.get_output_embeddings().weight is model.get_input_embeddings().weight
     n -= embedding_params - (model.get_input_embeddings().weight.numel() if tied else 0)
-    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
-    return 6 * n + 12 * layers * hidden * seq_len
+    n -= expert_params(model) * (1 - active_expert_share(cfg))
+    heads = cfg.num_attention_heads
+    q_width = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    attention = sum(min(seq_len, window or seq_len) for window in attention_windows(cfg))
+    return 6 * n + 12 * q_width * attention
+
+
+def expert_params(model: nn.Module) -> int:
+    """Parameters of routed experts (transformers' `mlp.experts` modules; a shared expert is not among them)."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".experts." in f".{name}")
+
+
+def active_expert_share(cfg) -> float:
+    """The share of a mixture-of-experts layer's expert weights each token runs through (1 for a dense model)."""
+    experts = next((getattr(cfg, key) for key in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(cfg, key, None)), None)
+    return cfg.num_experts_per_tok / experts if experts else 1.0
+
+
+def attention_windows(cfg) -> list[int | None]:
+    """Each layer's attention span: its sliding window (Gemma's local layers, Mistral's window), or None (full)."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    if window and getattr(cfg, "use_sliding_window", True):
+        return [window] * cfg.num_hidden_layers
+    return [None] * cfg.num_hidden_layers
 
 
 def table_peak(device_name: str, dtype: str) -> float | None:

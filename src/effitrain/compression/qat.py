@@ -152,7 +152,7 @@ GROUP.cost("qat_int8")(Cost())
 GROUP.cost("qat_int4")(Cost())
 
 
-def write_quantized(model, out, base) -> None:
+def write_quantized(model, out, base, *, max_shard_size: str = "5GB") -> None:
     """`model` as a Hugging Face directory whose block Linears are quantized with `base` (QAT's export, or PTQ of a
     plain model), loadable by plain transformers + torchao (`AutoModelForCausalLM.from_pretrained(out)`).
 
@@ -171,4 +171,4 @@ def write_quantized(model, out, base) -> None:
         quant = TorchAoConfig(quant_type=base, modules_to_not_convert=["lm_head"])
         quantized = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, quantization_config=quant,
                                                          dtype=torch.float32)
-    quantized.save_pretrained(out)
+    quantized.save_pretrained(out, max_shard_size=max_shard_size)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,12 +27,15 @@ from effitrain.errors import UsageError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 QUANTIZE = ("int8", "int4")
+DEFAULT_SHARD_SIZE = "5GB"  # safetensors files of at most this size, with an index beyond one, as the Hub's models
 DEFAULT_TOKENS = 64  # sample's continuation when --tokens is not given (fewer if the context is shorter)
 
 
 def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = None, dtype: str = "fp32",
-               quantize: str | None = None) -> Path:
-    """Write RUN_DIR's checkpoint (the latest, or `step`) as a Hugging Face model directory; its path."""
+               quantize: str | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE) -> Path:
+    """Write RUN_DIR's checkpoint (the latest, or `step`) as a Hugging Face model directory; its path. A model
+    larger than `max_shard_size` (e.g. "5GB", "200MB") is written as model-0000k-of-0000n.safetensors files and
+    model.safetensors.index.json, as save_pretrained does."""
     import torch
 
     from effitrain.checkpoint.layout import read_manifest
@@ -42,6 +46,8 @@ def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = Non
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZE:
         raise UsageError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE)}")
+    if not re.fullmatch(r"[1-9][0-9]*(KB|MB|GB)", max_shard_size):
+        raise UsageError(f"--max-shard-size {max_shard_size}: give a size such as 5GB, 500MB or 200KB")
     cfg, checkpoint, tokenizer = _run_parts(run_dir, step=step)
     manifest = read_manifest(checkpoint)
     out = out or run_dir / "export" / checkpoint.name
@@ -67,9 +73,9 @@ def export_run(run_dir: Path, *, step: int | None = None, out: Path | None = Non
     tmp.mkdir()
     try:
         if base is None:
-            hf.save_pretrained(tmp, safe_serialization=True)
+            hf.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         else:
-            write_quantized(hf, tmp, base)
+            write_quantized(hf, tmp, base, max_shard_size=max_shard_size)
         _save_tokenizer(run_dir, tmp, max_length=cfg.data.seq_len, eos=specials.eos)
         (tmp / "effitrain.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "step": manifest["step"],
                                                         "config_hash": manifest.get("config_hash"), "dtype": dtype,
@@ -166,32 +172,64 @@ def to_transformers(model):
     return hf.eval()
 
 
-def sample_text(path: Path, prompt: str, *, tokens: int | None = None, temperature: float = 0.0, seed: int = 0) -> str:
+def sample_text(path: Path, prompt: str, *, chat: bool = False, tokens: int | None = None, temperature: float = 0.0,
+                seed: int = 0) -> str:
     """The prompt and a continuation of it by the model of a run directory (its latest checkpoint) or of a
-    Hugging Face directory: greedy at temperature 0, else sampled at that temperature."""
+    Hugging Face directory: greedy at temperature 0, else sampled at that temperature.
+
+    chat: `prompt` is a user message: it is formatted with the tokenizer's own chat template (tokenizer_config.json,
+    rendered by transformers' sandboxed Jinja: nothing of the directory runs as code), generation stops at the
+    tokenizer's EOS, and the answer alone is returned.
+    """
     import torch
 
+    from effitrain.data import tokenizer_specials
     from effitrain.model import check_hf_dir
     from effitrain.model.build import load_pretrained
 
     if (tokens is not None and tokens < 1) or temperature < 0:
         raise UsageError(f"--tokens {tokens} must be >= 1 and --temperature {temperature} >= 0")
-    if (path / "config.json").is_file():  # a Hugging Face directory (e.g. one effitrain export wrote)
-        tokenizer = _tokenizer(path / "tokenizer.json")
-        ids = _prompt_ids(tokenizer, prompt)
-        tokens = _new_tokens(check_hf_dir(path, what=str(path)), prompt=len(ids), tokens=tokens)  # before loading
+    hf_dir = (path / "config.json").is_file()  # a Hugging Face directory (e.g. one effitrain export wrote)
+    tokenizer = _tokenizer(path / "tokenizer.json") if hf_dir else None
+    cfg, checkpoint, tokenizer = (None, None, tokenizer) if hf_dir else _run_parts(path, step=None)
+    ids = _chat_ids(path, tokenizer, prompt) if chat else _prompt_ids(tokenizer, prompt)
+    if hf_dir:
+        config = check_hf_dir(path, what=str(path))
+        tokens = _new_tokens(config, prompt=len(ids), tokens=tokens)  # before loading
         model = load_pretrained(path, what=str(path), dtype=torch.float32).eval()
     else:
-        cfg, checkpoint, tokenizer = _run_parts(path, step=None)
-        ids = _prompt_ids(tokenizer, prompt)
         model = load_trained_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
-        tokens = _new_tokens(model.config.to_dict(), prompt=len(ids), tokens=tokens)
+        config = model.config.to_dict()
+        tokens = _new_tokens(config, prompt=len(ids), tokens=tokens)
+    eos = config.get("eos_token_id")
+    specials = tokenizer_specials(path / "tokenizer.json", tok=tokenizer,
+                                  model_eos_id=eos[0] if isinstance(eos, list) and eos else eos)
+    stop = {"eos_token_id": specials.eos_id} if chat else {}  # plain text continues as the model's config says
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=temperature > 0,
                              temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-                             pad_token_id=tokenizer.token_to_id("<|endoftext|>"))
+                             pad_token_id=specials.eos_id, **stop)
+    new = out[0, len(ids):].tolist()
+    if chat:  # the answer, without the EOS that ended it
+        return tokenizer.decode(new[:new.index(specials.eos_id)] if specials.eos_id in new else new)
     return tokenizer.decode(out[0].tolist())
+
+
+def _chat_ids(path: Path, tokenizer, message: str) -> list[int]:
+    """A user message formatted by the chat template of the tokenizer at `path` (HF dir or run dir), the assistant's
+    turn opened: the token ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    config = path / "tokenizer_config.json"
+    template = json.loads(config.read_bytes()).get("chat_template") if config.is_file() else None
+    if not template:
+        raise UsageError(f"--chat: the tokenizer of {path} has no chat_template (tokenizer_config.json); give a "
+                         "plain PROMPT instead")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    text = tok.apply_chat_template([{"role": "user", "content": message}], chat_template=template, tokenize=False,
+                                   add_generation_prompt=True)
+    return _prompt_ids(tokenizer, text)
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from effitrain.base.converters import ModelConverter
+from effitrain.base.flops import active_expert_share
 
 
 @dataclass
@@ -20,21 +21,68 @@ class StepResult:
     loss: torch.Tensor  # mean micro-batch loss on this rank (detached)
     grad_norm: torch.Tensor  # global norm before clipping
     finite: bool  # the global gradient norm was finite; when not, the update was not applied
+    router: RouterLoad | None = None  # a mixture-of-experts model's routing over the step
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor, converters: ModelConverter | None = None) -> torch.Tensor:
+@dataclass
+class RouterLoad:
+    """A mixture-of-experts model's routing over one step: tokens each expert of each layer received, and the
+    router's auxiliary load-balancing loss (transformers' own, weighted by the config's router_aux_loss_coef)."""
+
+    top_k: int
+    coef: float
+    counts: torch.Tensor | None = None  # [moe layers, experts], this rank's tokens
+    aux: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> RouterLoad | None:
+        """A RouterLoad for a mixture-of-experts model, None for a dense one."""
+        config = getattr(model, "module", model).config.get_text_config()  # DDP wraps the model
+        if active_expert_share(config) == 1.0:
+            return None
+        return cls(top_k=config.num_experts_per_tok, coef=float(getattr(config, "router_aux_loss_coef", 0.0)))
+
+    def add(self, router_logits: tuple[torch.Tensor, ...]) -> None:
+        """Count the top-k experts each token of each layer was routed to."""
+        with torch.no_grad():
+            counts = torch.stack([F.one_hot(logits.float().topk(self.top_k, dim=-1).indices,
+                                            logits.shape[-1]).sum(dim=(0, 1)) for logits in router_logits])
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def metrics(self) -> dict:
+        """router_aux_loss (mean over micro-batches), expert_load (tokens per expert per layer, summed over ranks)
+        and expert_load_cv (its coefficient of variation per layer: 0 = perfectly balanced). Reads back and reduces
+        across ranks: one small collective and host sync per step of a mixture-of-experts run."""
+        import torch.distributed as dist
+
+        counts = self.counts.double()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        cv = counts.std(dim=1, unbiased=False) / counts.mean(dim=1)
+        return {"router_aux_loss": float(torch.stack(self.aux).mean()), "expert_load": counts.long().tolist(),
+                "expert_load_cv": [round(float(c), 6) for c in cv]}
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor, converters: ModelConverter | None = None,
+            router: RouterLoad | None = None) -> torch.Tensor:
     """Next-token cross entropy of a [B, T+1] window batch (inputs [:, :-1], targets [:, 1:]), plus the loss terms
-    the converters add (distillation, regularisers)."""
-    logits = model(input_ids=batch[:, :-1]).logits
+    the converters add (distillation, regularisers) and, given a RouterLoad, the router's auxiliary loss."""
+    out = model(input_ids=batch[:, :-1], **({"output_router_logits": True} if router is not None else {}))
+    logits = out.logits
     loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    if router is not None:
+        router.add(out.router_logits)
+        router.aux.append(out.aux_loss.detach())
+        loss = loss + router.coef * out.aux_loss
     extra = converters.loss_term(logits=logits, batch=batch, lm_loss=loss) if converters is not None else None
     return loss if extra is None else loss + extra
 
 
 def forward_backward_step(model: nn.Module, batch: torch.Tensor, *, precision, accum_steps: int,
-                          converters: ModelConverter | None = None) -> torch.Tensor:
+                          converters: ModelConverter | None = None, router: RouterLoad | None = None
+                          ) -> torch.Tensor:
     with precision.autocast():
-        loss = lm_loss(model, batch, converters)
+        loss = lm_loss(model, batch, converters, router)
     # micro-batches hold equal token counts, so dividing by their number gives the global-batch mean
     precision.backward(loss / accum_steps)
     return loss.detach()
@@ -48,12 +96,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         no_sync: optional context factory that skips gradient reduction on all but the last micro-step.
         converters: the run's model transforms (loss terms, post-optimizer hooks), or None.
     """
-    losses = []
+    losses, router = [], RouterLoad.of(model)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if (last or no_sync is None) else no_sync():
             losses.append(forward_backward_step(model, batch, precision=precision, accum_steps=len(micro_batches),
-                                                converters=converters))
+                                                converters=converters, router=router))
     precision.unscale(optimizer)
     grad_norm = clip_grad_norm(model, grad_clip)
     # one host sync per step (fp16's scaler makes it anyway): a non-finite update would ruin the weights for good,
@@ -64,7 +112,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     optimizer.zero_grad(set_to_none=True)
     if converters is not None:
         converters.post_optimizer_hook(model)
-    return StepResult(loss=torch.stack(losses).mean(), grad_norm=grad_norm, finite=finite)
+    return StepResult(loss=torch.stack(losses).mean(), grad_norm=grad_norm, finite=finite, router=router)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -49,6 +49,7 @@ from effitrain.eval.tasks import TaskSuite
 from effitrain.files import write_file
 from effitrain.logging import setup_logging
 from effitrain.logging.metrics import MemoryMeter, PendingStep, Recorder, StepBuffer, StepClock, build_sinks, throughput
+from effitrain.model import model_identity
 from effitrain.model.build import build_model, count_params, init_weights
 from effitrain.optimizer.build import build_optimizer
 from effitrain.parallel import offloads
@@ -203,7 +204,8 @@ class Trainer:
             data_env = self.data.env(self.sampler, samples=cfg.max_steps * self.batches.global_batch,
                                      seq_len=cfg.data.seq_len)
             runs.write_env(self.run_dir, world=world, data=data_env, peak_flops=self.peak,
-                           peak_flops_source=self.peak_source, num_params=self.parts.num_params)
+                           peak_flops_source=self.peak_source, num_params=self.parts.num_params,
+                           model=model_identity(cfg.model))
             # the run directory carries its tokenizer: export and sample need no corpus and no cache
             write_file(self.run_dir / "tokenizer.json", (self.data.tokenizer_dir / "tokenizer.json").read_bytes())
             # and a given tokenizer's identity (tokenizer_config.json...), which its export carries
@@ -214,7 +216,7 @@ class Trainer:
         self.recorder.records = list(self.kept_records)  # a resumed run's summary spans all its steps
         options = " ".join(f"{group}={cfg[group].name}" for group in GROUP_NAMES if "name" in cfg[group])
         log.info(f"run {cfg.name}: {options}")
-        log.info(f"model {cfg.model.name}: {self.parts.num_params / 1e6:.2f}M parameters, "
+        log.info(f"model {model_identity(cfg.model)['name']}: {self.parts.num_params / 1e6:.2f}M parameters, "
                  f"{self.parts.flops_per_token / 1e6:.1f} MFLOPs/token | data {cfg.data.name}: "
                  f"{self.data.train_tokens:,} train tokens, vocab {self.data.vocab_size}")
         log.info(f"global batch {self.batches.global_batch} sequences = {self.tokens_per_step:,} tokens per optimizer "
@@ -287,7 +289,8 @@ class Trainer:
                    else None if result.finite else torch.ones((), device=world.device))
         self.buffer.add(PendingStep(step=step, loss=result.loss, grad_norm=result.grad_norm, loss_scale=scale,
                                     skipped=skipped, lr=lr, data_time_s=data_time, mem_active_gib=active,
-                                    mem_reserved_gib=reserved, extra=extra | state.converters.metrics()))
+                                    mem_reserved_gib=reserved, extra=extra | state.converters.metrics()
+                                    | (result.router.metrics() if result.router else {})))
         if step % cfg.logging.every == 0 or step == cfg.max_steps or extra:
             self._flush()
         for hook in self.on_eval if extra else ():  # after the flush: a hook that stops the run keeps this step

@@ -50,11 +50,9 @@ class GPT2Model(ModelBase):
     family: str = "gpt2"  # learned positions, GELU MLP, LayerNorm with biases
 
 
-# checkpoint types whose blocks the hand-written llama/gpt2 tensor-parallel plans fit (parallel/build.py): separate
-# q/k/v and gate/up projections, norms over one head or the whole hidden size. Others (phi3's fused qkv_proj, olmo2's
-# q/k norms over the whole projection, MoE experts) are refused before launch until transformers' own
-# base_model_tp_plan is used (issue 23).
-HAND_TP_PLAN_TYPES = ("llama", "mistral", "qwen3", "gemma3_text", "gpt2")
+# transformers' tensor-parallel styles that parallel/build.py maps onto torch's DTensor styles; a family whose
+# base_model_tp_plan uses another (MoE experts, packed projections...) has no plan here
+TP_STYLES = ("colwise", "rowwise", "colwise_gather_output", "rowwise_split_input", "replicated_with_grad_allreduce")
 
 
 def model_type(cfg) -> str:
@@ -64,8 +62,50 @@ def model_type(cfg) -> str:
     return check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")["model_type"]
 
 
+def model_identity(cfg) -> dict:
+    """What the model is, for the console and env.json: a model.pretrained checkpoint by its model_type,
+    architectures and directory (not the config option's name), else effitrain's option and family."""
+    if not cfg.pretrained:
+        return {"name": cfg.name, "model_type": cfg.family, "architectures": None, "pretrained": None}
+    path = Path(cfg.pretrained).expanduser()
+    config = check_hf_dir(path, what=f"model.pretrained={cfg.pretrained}")
+    architectures = config.get("architectures") or None
+    name = f"{config['model_type']} ({architectures[0]})" if architectures else config["model_type"]
+    return {"name": f"{name} from {path}", "model_type": config["model_type"], "architectures": architectures,
+            "pretrained": str(path.resolve())}
+
+
+def tp_plan_gap(cfg) -> str | None:
+    """Why tensor parallelism cannot split the model's blocks, or None when a plan does."""
+    config = {} if not cfg.pretrained else \
+        check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    return tp_plan_gap_of(model_type(cfg), config)
+
+
+def tp_plan_gap_of(kind: str, config: dict) -> str | None:
+    """Why a model of transformers type `kind` (its config.json as a dict) has no tensor-parallel plan effitrain can
+    apply, or None: transformers' own base_model_tp_plan of the family, each style one of TP_STYLES (gpt2: effitrain's
+    plan of its linearised layout, transformers has none). A mixture-of-experts model is left to expert parallelism:
+    the families' TP plans do not cover their experts."""
+    if kind == "gpt2":
+        return None
+    if any(config.get(key) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return (f"a {kind!r} model's experts are in no tensor-parallel plan (transformers' base_model_tp_plan covers "
+                "its attention only; expert parallelism is not built yet)")
+    from transformers import CONFIG_MAPPING
+
+    plan = getattr(CONFIG_MAPPING[kind], "base_model_tp_plan", None) if kind in CONFIG_MAPPING else None
+    if not plan:
+        return f"transformers has no base_model_tp_plan for a {kind!r} model"
+    odd = sorted({style for pattern, style in plan.items() if style not in TP_STYLES
+                  or not pattern.startswith("layers.*.")})
+    if odd:
+        return f"the base_model_tp_plan of a {kind!r} model uses styles effitrain does not map: {', '.join(odd)}"
+    return None
+
+
 def _provides(cfg, _run) -> list[str]:
-    return [*([TP_PLAN] if model_type(cfg) in HAND_TP_PLAN_TYPES else []), *([PRETRAINED] if cfg.pretrained else [])]
+    return [*([TP_PLAN] if tp_plan_gap(cfg) is None else []), *([PRETRAINED] if cfg.pretrained else [])]
 
 
 GROUP.traits("llama", provides=_provides)
@@ -134,6 +174,18 @@ def check_hf_dir(path: Path, *, what: str) -> dict:
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ModelError(f"{what}: no weights file in {path} (expected one of: {', '.join(WEIGHT_FILES)})")
     return parsed
+
+
+def attention_heads(cfg) -> dict[str, int]:
+    """The model's query and key/value head counts, named as the user would set them: model.num_heads (and
+    model.num_kv_heads), or a model.pretrained checkpoint's config.json keys."""
+    if not cfg.pretrained:
+        return {"model.num_heads": cfg.num_heads, "model.num_kv_heads": kv_heads(cfg)}
+    config = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    out = {"model.pretrained's num_attention_heads": heads,
+           "model.pretrained's num_key_value_heads": config.get("num_key_value_heads") or heads}
+    return {key: value for key, value in out.items() if isinstance(value, int)}
 
 
 def kv_heads(cfg) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from effitrain.errors import UsageError
-from effitrain.model import HAND_TP_PLAN_TYPES, TP_PLAN, model_type
+from effitrain.model import TP_PLAN, attention_heads, tp_plan_gap
 from effitrain.registry import Group, Need
 
 GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build")
@@ -90,9 +90,8 @@ def _tp_plan(node, cfg) -> list[Need]:
 
     if parallel_degrees(node, world_size=world_size(cfg.launcher)).tp == 1:
         return []
-    return [Need(TP_PLAN, f"needs a tensor-parallel plan of the model's blocks, which a {model_type(cfg.model)!r} "
-                          f"model has not here (plans exist for {', '.join(HAND_TP_PLAN_TYPES)}); use parallel=fsdp "
-                          "or ddp")]
+    return [Need(TP_PLAN, f"needs a tensor-parallel plan of the model's blocks: {tp_plan_gap(cfg.model)}; use "
+                          "parallel=fsdp or ddp")]
 
 
 GROUP.traits("single", provides=(WHOLE_WEIGHTS, CONVERTED_MODULES))
@@ -116,10 +115,8 @@ def _check_layout(cfg, run) -> None:
               f"parallel.sequence_parallel=true splits data.seq_len={run.data.seq_len} over parallel.tp="
               f"{degrees.tp} ranks; make data.seq_len a multiple of it")
     if degrees.tp > 1:
-        kv_heads = run.model.get("num_kv_heads") or run.model.num_heads  # gpt2: every head has its own k and v
-        for key, heads in (("num_heads", run.model.num_heads), ("num_kv_heads", kv_heads)):
-            _need(heads % degrees.tp == 0,
-                  f"model.{key}={heads} is not divisible by the tensor-parallel degree {degrees.tp}")
+        for key, heads in attention_heads(run.model).items():  # each rank computes whole heads
+            _need(heads % degrees.tp == 0, f"{key}={heads} is not divisible by the tensor-parallel degree {degrees.tp}")
 
 
 for _kind in GROUP.schemas:

@@ -106,12 +106,15 @@ def build_mesh(cfg, d: Degrees, *, world):
 
 
 def apply_tp(model: nn.Module, *, mesh, sequence_parallel: bool = False) -> None:
-    """Megatron-style tensor parallelism over DTensor for the llama and gpt2 families.
+    """Megatron-style tensor parallelism over DTensor, by the family's own plan: transformers' `base_model_tp_plan`
+    (model.tp_plan_gap says which families have one effitrain can apply), or effitrain's gpt2 plan.
 
     Attention q/k/v and the MLP's input projections are column-wise (each rank owns whole heads / a slice of the
     MLP width), the attention output and MLP output projections row-wise (their partial outputs are summed by one
-    all-reduce per sub-layer). The token embedding is sharded over the vocabulary and the LM head over its outputs
-    (gathered for the loss); norm weights (and GPT-2's position embedding) are replicated DTensors, so every
+    all-reduce per sub-layer). Fused projections whose output the model slices (phi3's qkv_proj, olmo2's q/k before
+    their norm over the whole projection) gather their output and the next projection splits its input again, as
+    the plan says. The token embedding is sharded over the vocabulary and the LM head over its outputs (gathered
+    for the loss); every other parameter (norms, GPT-2's position embedding) is a replicated DTensor, so every
     parameter is a DTensor and grad clipping sees one mesh.
 
     Sequence parallel replaces each all-reduce by a reduce-scatter to sequence shards (Shard(1)) and an all-gather
@@ -120,66 +123,124 @@ def apply_tp(model: nn.Module, *, mesh, sequence_parallel: bool = False) -> None
     transformers derives positions, the causal mask and rotary tables from the embedding output's shape.
 
     Args:
-        model: a llama or gpt2 causal LM (gpt2 linearised by model.build.build_model; parameters may be on meta).
+        model: a causal LM (gpt2 linearised by model.build.build_model; parameters may be on meta).
         mesh: the 1-D tensor-parallel device mesh.
         sequence_parallel: shard activations outside attention/MLP along the sequence (Megatron SP).
     """
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.parallel import parallelize_module
 
-    family = "gpt2" if model.config.model_type == "gpt2" else "llama" if hasattr(model.base_model, "layers") else None
-    if family is None:
-        raise ParallelError(f"no tensor-parallel plan for {type(model).__name__}; use parallel=fsdp or ddp")
-    block_plan, root_plan = (_gpt2_plans if family == "gpt2" else _llama_plans)(sequence_parallel)
+    from effitrain.model import tp_plan_gap_of
+
+    gpt2 = model.config.model_type == "gpt2"
+    gap = tp_plan_gap_of(model.config.model_type, model.config.to_dict())
+    if gap:  # checked before launch (model.tp_plan_gap); here for a caller that did not
+        raise ParallelError(f"no tensor-parallel plan: {gap}; use parallel=fsdp or ddp")
     tied = _tied(model)
     for block in transformer_blocks(model):
-        parallelize_module(block, mesh, block_plan)
-        if family == "gpt2":  # GPT2Attention splits c_attn's output into q, k, v by split_size: now the local width
+        plan = _gpt2_block_plan(sequence_parallel) if gpt2 else _family_block_plan(model.config, block,
+                                                                                   sequence_parallel)
+        parallelize_module(block, mesh, plan)
+        if gpt2:  # GPT2Attention splits c_attn's output into q, k, v by split_size: now the local width
             block.attn.split_size = block.attn.embed_dim // mesh.size()
-    parallelize_module(model, mesh, root_plan)
+    parallelize_module(model, mesh, _root_plan(model, sequence_parallel))
     if tied:  # both plans shard the shared [vocab, d] weight along dim 0: point the head at the embedding's
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    if family == "gpt2":  # positions are few: replicate, and hand the residual stream the layout it has
+    if gpt2:  # positions are few: replicate, and hand the residual stream the layout it has
         _replicate(model.base_model.wpe, mesh, output_layout=Shard(1) if sequence_parallel else None)
-    if not sequence_parallel:  # under SP the plans made the norms SequenceParallel
-        for module in model.modules():
-            if "norm" in type(module).__name__.lower():
-                _replicate(module, mesh)
+    for module in model.modules():  # what no plan shards (norms, ...): replicated, computing on plain tensors
+        if any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
+            _replicate(module, mesh)
 
 
-def _llama_plans(sp: bool) -> tuple[dict, dict]:
-    """(per-block plan, root plan) for llama: q/k/v, gate/up column-wise; o/down row-wise."""
+def _family_block_plan(config, block: nn.Module, sp: bool) -> dict:
+    """A decoder block's plan from transformers' base_model_tp_plan ("layers.*.self_attn.q_proj": "colwise", ...),
+    each style mapped onto torch's; under SP the block's own norms shard the sequence and its attention and MLP
+    gather it."""
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    plan = {pattern.removeprefix("layers.*."): _STYLES[style](sp)
+            for pattern, style in config.base_model_tp_plan.items()}
+    if sp:
+        for name, child in block.named_children():
+            if "norm" in type(child).__name__.lower():
+                plan[name] = SequenceParallel()
+        # the decoder layers call self_attn with hidden_states as a keyword, the MLP positionally
+        plan |= {"self_attn": _gather_sequence(kwarg="hidden_states"), "mlp": _gather_sequence()}
+    return plan
+
+
+def _root_plan(model: nn.Module, sp: bool) -> dict:
+    """The embedding (vocabulary-sharded), the LM head and, under SP, the final norm."""
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    base = model.base_model_prefix
+    embed = "wte" if model.config.model_type == "gpt2" else "embed_tokens"
+    plan = {f"{base}.{embed}": _vocab_embedding(sp), "lm_head": _lm_head(sp)}
+    if sp:
+        plan[f"{base}.{'ln_f' if embed == 'wte' else 'norm'}"] = SequenceParallel()
+    return plan
+
+
+def _colwise(*, gather: bool):
+    """Column-wise: the output stays sharded (whole heads per rank), or is gathered when the model slices it."""
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel
 
-    block = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
-    block |= {"self_attn.o_proj": _rowwise(sp), "mlp.gate_proj": ColwiseParallel(),
-              "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": _rowwise(sp)}
-    root = {"model.embed_tokens": _vocab_embedding(sp), "lm_head": _lm_head(sp)}
+    return ColwiseParallel(output_layouts=Replicate()) if gather else ColwiseParallel()
+
+
+def _rowwise_split_input(sp: bool):
+    """Row-wise on a replicated input (after a gathered column-wise output): each rank takes its slice."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
     if sp:
-        from torch.distributed.tensor.parallel import SequenceParallel
-
-        # the decoder layer calls self_attn with hidden_states as a keyword, the MLP positionally
-        block |= {"input_layernorm": SequenceParallel(), "self_attn": _gather_sequence(kwarg="hidden_states"),
-                  "post_attention_layernorm": SequenceParallel(), "mlp": _gather_sequence()}
-        root |= {"model.norm": SequenceParallel()}
-    return block, root
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False)
+    return RowwiseParallel(input_layouts=Replicate())
 
 
-def _gpt2_plans(sp: bool) -> tuple[dict, dict]:
-    """(per-block plan, root plan) for gpt2 (Linear form, model.build.linearise_gpt2): q/k/v and c_fc column-wise;
-    both c_proj row-wise."""
+def _per_head_norm(sp: bool):
+    """transformers' "replicated_with_grad_allreduce": a replicated norm over each head (qwen3's q_norm/k_norm)
+    between a column-wise projection and attention. Its input is this rank's heads, [..., heads, head_dim], so it is
+    declared sharded on the heads dim: the weight's gradient is then a partial sum over ranks, which DTensor
+    reduces (each rank alone would hold only its own heads' share)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class PerHeadNorm(ParallelStyle):
+        def _apply(self, module, mesh):
+            from torch.distributed.tensor import distribute_module
+
+            def to_dtensor(_module, inputs, mesh):
+                return tuple(DTensor.from_local(x, mesh, [Shard(x.dim() - 2)], run_check=False) for x in inputs)
+
+            return distribute_module(module, mesh, input_fn=to_dtensor,
+                                     output_fn=lambda _module, output, _mesh: output.to_local())
+
+    return PerHeadNorm()
+
+
+# transformers' tensor-parallel style names (base_model_tp_plan) -> torch's styles, given sequence parallel
+_STYLES = {"colwise": lambda sp: _colwise(gather=False), "rowwise": lambda sp: _rowwise(sp),
+           "colwise_gather_output": lambda sp: _colwise(gather=True),
+           "rowwise_split_input": lambda sp: _rowwise_split_input(sp),
+           "replicated_with_grad_allreduce": lambda sp: _per_head_norm(sp)}
+
+
+def _gpt2_block_plan(sp: bool) -> dict:
+    """gpt2's block plan (transformers has none; the Linear form of model.build.linearise_gpt2): q/k/v and c_fc
+    column-wise, both c_proj row-wise."""
     from torch.distributed.tensor.parallel import ColwiseParallel
 
     block = {f"attn.c_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
     block |= {"attn.c_proj": _rowwise(sp), "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": _rowwise(sp)}
-    root = {"transformer.wte": _vocab_embedding(sp), "lm_head": _lm_head(sp)}
     if sp:
         from torch.distributed.tensor.parallel import SequenceParallel
 
         block |= {"ln_1": SequenceParallel(), "attn": _gather_sequence(), "ln_2": SequenceParallel(),
                   "mlp": _gather_sequence()}
-        root |= {"transformer.ln_f": SequenceParallel()}
-    return block, root
+    return block
 
 
 def _rowwise(sp: bool):
