@@ -73,6 +73,49 @@ def test_gpt2_flops_per_token_is_the_hand_count(tied, ff):
     assert _model_flops(overrides, vocab=vocab, seq=seq) == expected
 
 
+def family_flops_per_token(family: str, *, d: int, layers: int, heads: int, kv_heads: int, head_dim: int, ff: int,
+                           vocab: int, seq: int, window: int | None = None, experts: int = 0, top_k: int = 0,
+                           moe_ff: int = 0) -> int:
+    """A transformers family's count by hand: head_dim apart from d / heads (qwen3, gemma3), per-head q/k norms
+    (qwen3, gemma3) or whole-width ones (olmo2), gemma3's four block norms and sliding window, phi3's fused q/k/v and
+    gate/up (the same weights as separate ones), a MoE MLP of which a token runs through top_k of the experts plus
+    the router. Untied head, no biases."""
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    attention = d * q_width + 2 * d * kv_width + q_width * d
+    qk_norms = {"qwen3": 2 * head_dim, "gemma3_text": 2 * head_dim, "qwen3_moe": 2 * head_dim,
+                "olmo2": q_width + kv_width}.get(family, 0)
+    norms = (4 if family == "gemma3_text" else 2) * d + qk_norms
+    mlp = d * experts + top_k * 3 * d * moe_ff if experts else 3 * d * ff
+    n = layers * (attention + mlp + norms) + d + vocab * d  # + final norm + LM head
+    return 6 * n + 12 * layers * q_width * min(seq, window or seq)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "phi3", "olmo2", "qwen3_moe"])
+def test_any_family_s_flops_per_token_is_the_hand_count(family):
+    """From the checkpoint's own transformers config (on the meta device): MoE counts the active experts only."""
+    import transformers
+
+    from effitrain.base.flops import model_flops_per_token
+    from effitrain.model.build import _parameters_on_meta
+
+    d, layers, heads, kv_heads, head_dim, ff, vocab, seq = 48, 3, 6, 2, 12, 88, 211, 29
+    window, experts, top_k, moe_ff = 7, 5, 2, 20
+    extra = {"gemma3_text": {"sliding_window": window, "layer_types": ["sliding_attention"] * layers},
+             "qwen3_moe": {"num_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": moe_ff,
+                           "mlp_only_layers": [], "decoder_sparse_step": 1}}.get(family, {})
+    name = {"qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config", "olmo2": "Olmo2Config",
+            "qwen3_moe": "Qwen3MoeConfig"}[family]
+    config = getattr(transformers, name)(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                                         num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=ff,
+                                         vocab_size=vocab, tie_word_embeddings=False, pad_token_id=0, **extra)
+    with _parameters_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    expected = family_flops_per_token(family, d=d, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                      ff=ff, vocab=vocab, seq=seq, window=window if family == "gemma3_text" else None,
+                                      experts=experts if family == "qwen3_moe" else 0, top_k=top_k, moe_ff=moe_ff)
+    assert model_flops_per_token(model, seq_len=seq) == pytest.approx(expected, rel=1e-12)
+
+
 # The in-process tiny run (conftest.tiny_overrides): llama, d=32, 2 layers, 2 heads, MLP 64, tied, T=32.
 TINY = {"d": 32, "layers": 2, "heads": 2, "kv_heads": 2, "ff": 64, "seq": 32}
 

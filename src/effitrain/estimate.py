@@ -83,6 +83,7 @@ class Shape:
     tied: bool
     params: list[Param]
     flops_per_token: float
+    detail: dict  # what the family's block adds (model.build's dimensions: head_dim, q/k norms, experts...)
     # (node, cost model, what its `read` found) of each chosen compression method, in the order they apply
     compression: list[tuple] = field(default_factory=list)
 
@@ -211,13 +212,14 @@ def _tokenizer_vocab(path: Path) -> int:
 
 def _dimensions(config) -> dict:
     """The block dimensions of a transformers config (built here or read from a checkpoint), by its family's cost
-    model."""
+    model: gpt2's, or llama's, which counts every llama-like decoder (a config with attention heads and an MLP
+    width; model.build._decoder_dimensions)."""
     from effitrain.model import GROUP as MODEL
 
-    family = config.model_type
-    if family not in MODEL.all_costs():
-        raise UsageError(f"effitrain estimate models {' and '.join(MODEL.all_costs())} blocks; this checkpoint is "
-                         f"{family!r}")
+    family = "gpt2" if config.model_type == "gpt2" else "llama"
+    if family == "llama" and not all(hasattr(config, k) for k in ("num_attention_heads", "intermediate_size")):
+        raise UsageError(f"effitrain estimate models llama-like decoders and gpt2; this checkpoint is "
+                         f"{config.model_type!r} (no num_attention_heads / intermediate_size in its config)")
     return {"family": family, **MODEL.cost_of(family).dimensions(config)}
 
 

@@ -305,29 +305,56 @@ class Bytes:
         return source * hidden if source == self.compute else consumers * self.compute * hidden
 
 
-def _llama_dimensions(config) -> dict:
+def _decoder_dimensions(config) -> dict:
+    """llama and every llama-like transformers decoder a model.pretrained checkpoint can be (qwen3, mistral, gemma3,
+    phi3, olmo2, qwen3-moe, mixtral...): its widths, and in `detail` what its block adds to llama's."""
     heads = config.num_attention_heads
+    experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(config, k, None)), 0)
+    block_norms = sum(1 for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                     "post_feedforward_layernorm") if name in _BLOCK_NORMS.get(config.model_type,
+                                                                                                _LLAMA_NORMS))
+    detail = {"model_type": config.model_type, "head_dim": getattr(config, "head_dim", None) or config.hidden_size
+              // heads, "qk_norm": config.model_type in _QK_NORMS, "norms": block_norms, "experts": experts,
+              "top_k": getattr(config, "num_experts_per_tok", 0) if experts else 0,
+              "moe_intermediate": getattr(config, "moe_intermediate_size", None) or config.intermediate_size}
     return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": heads,
             "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-            "intermediate": config.intermediate_size, "tied": bool(config.tie_word_embeddings)}
+            "intermediate": config.intermediate_size, "tied": bool(config.tie_word_embeddings), "detail": detail}
+
+
+_LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
+_BLOCK_NORMS = {"gemma3_text": (*_LLAMA_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                "gemma2": (*_LLAMA_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm")}
+_QK_NORMS = ("qwen3", "qwen3_moe", "gemma3_text", "olmo2")  # norms over q and k before attention
 
 
 def _gpt2_dimensions(config) -> dict:
     return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
             "kv_heads": config.num_attention_heads, "intermediate": config.n_inner or 4 * config.hidden_size,
-            "tied": bool(config.tie_word_embeddings)}
+            "tied": bool(config.tie_word_embeddings), "detail": {"model_type": "gpt2"}}
 
 
-def _llama_block(s, b: Bytes) -> float:
-    h, hkv, inter, a = s.hidden, s.hidden // s.heads * s.kv_heads, s.intermediate, s.heads
+def _decoder_block(s, b: Bytes) -> float:
+    """A llama-like block: its norms (two; gemma3 four), attention with q heads x head_dim and k/v kv_heads x head_dim
+    wide (q/k norms where the family has them), and a gated MLP -- or a MoE MLP: the router's fp32 logits and
+    probabilities, and per token the top_k experts it visits (its input gathered and its weighted output, each once
+    per visit, and the expert's gated MLP)."""
+    d = s.detail
+    h, a = s.hidden, s.heads
+    q, kv = a * d["head_dim"], s.kv_heads * d["head_dim"]
     norm = FP32 * h + b.norms_train * b.residual * h  # RMSNorm: its input (or fp32 copy) and the normalised tensor
     norm_out = b.residual  # weight * normalised, in the residual dtype
+    qk_norms = d["qk_norm"] * b.split * (FP32 + b.compute) * (q + kv)
     attn = (b.attn_trains * b.linear_inputs(3, norm_out, h)
-            + b.split * (b.compute * (2 * h + 2 * hkv) + b.compute * h + FP32 * a))
+            + b.split * (b.compute * (2 * q + 2 * kv) + b.compute * q + FP32 * a) + qk_norms)
+    inter = d["top_k"] * d["moe_intermediate"] if d["experts"] else s.intermediate
+    dispatch = (2 * d["top_k"] * b.compute * h + 2 * FP32 * d["experts"]) if d["experts"] else 0
     # gate (silu input), silu out, up, and their product (down_proj's input)
     mlp = (b.mlp_trains * (b.linear_inputs(2, norm_out, h) + b.split * b.compute * inter)
-           + b.split * 3 * b.compute * inter)
-    return b.norm_split * 2 * norm + attn + mlp
+           + b.split * 3 * b.compute * inter + dispatch)
+    return b.norm_split * d["norms"] * norm + attn + mlp
 
 
 def _gpt2_block(s, b: Bytes) -> float:
@@ -342,6 +369,7 @@ def _gpt2_block(s, b: Bytes) -> float:
     return b.norm_split * 2 * norm + attn + mlp
 
 
-GROUP.cost("llama")(Cost(_llama_dimensions, _llama_block, attention_inputs=("q_proj", "k_proj", "v_proj"),
-                         final_norm_saves_frozen=False))
+# llama's cost model counts every llama-like decoder (estimate.py: a checkpoint of any model_type but gpt2)
+GROUP.cost("llama")(Cost(_decoder_dimensions, _decoder_block,
+                         attention_inputs=("q_proj", "k_proj", "v_proj", "qkv_proj"), final_norm_saves_frozen=False))
 GROUP.cost("gpt2")(Cost(_gpt2_dimensions, _gpt2_block, attention_inputs=("c_attn",), final_norm_saves_frozen=True))
