@@ -15,14 +15,17 @@ collectives, and without the flag the total never dropped by them. On CUDA: the 
 (default 1) and a row compares with the highest of its peaks, the lowest reported beside it: how repeatable the
 measure is.
 
-    python scripts/bench_estimate.py [--quick | --compression | --tp] [--json bench_estimate.json] [--md FILE]
+    python scripts/bench_estimate.py [--quick | --compression | --tp | --families] [--json bench_estimate.json]
+        [--md FILE]
         [--only KEY=VALUE,...] [--alone N] [--launches N]
 
 Grid: 2 model sizes x batch x seq x AC none/full x single/ddp/fsdp(2) x fp32/bf16 (--quick: a subset; --tp: tp(2)
 with sequence parallel off/on x batch x seq x AC x precision at d128-L4;
 --compression: the d128-L4 model under each compression method that changes memory -- freeze, share-layers,
 prune-magnitude, LoRA and distill from a model directory made here, PowerSGD under ddp(2) -- single and fsdp(2)
-where the method runs there). Prints a table (estimated, measured, error) and writes JSON and a markdown table.
+where the method runs there; --families: a checkpoint of each transformers family of FAMILY_CONFIGS -- llama, qwen3,
+gemma3, phi3, olmo2, qwen3-moe, mixtral -- as model.pretrained, AC none/full). Prints a table (estimated, measured,
+error) and writes JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -90,6 +93,46 @@ def compression_grid(tmp: Path):
                    "compression": name, "overrides": overrides}
 
 
+# transformers families as a model.pretrained checkpoint (d128, 4 layers, 4 heads / 2 kv heads, MLP 384; untied)
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 48}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 32, "sliding_window": 32, "query_pre_attn_scalar": 32}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "olmo2": ("Olmo2Config", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 96}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 96}),
+}
+
+
+def family_grid(tmp: Path):
+    """A checkpoint of each family (FAMILY_CONFIGS) as model.pretrained, batch 4 x seq 128, AC none/full, fp32."""
+    for family in FAMILY_CONFIGS:
+        path = family_dir(tmp / family, family, vocab=2048)
+        for ac in ("none", "full"):
+            overrides = [f"model.pretrained={path}", f"data.tokenizer={path / 'tokenizer.json'}", "batch_size=4",
+                         "data.seq_len=128", f"parallel.activation_checkpointing={ac}", "parallel=single",
+                         "precision=fp32", "device=cpu"]
+            yield {"model": family, "batch": 4, "seq": 128, "ac": ac, "layout": "single", "precision": "fp32",
+                   "overrides": overrides}
+
+
+def family_dir(out: Path, family: str, *, vocab: int) -> Path:
+    """A random checkpoint of `family` with a word-level tokenizer of `vocab` tokens (an EOS among them)."""
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    name, extra = FAMILY_CONFIGS[family]
+    config = getattr(transformers, name)(**{"vocab_size": vocab, "hidden_size": 128, "intermediate_size": 384,
+                                            "num_hidden_layers": 4, "num_attention_heads": 4,
+                                            "num_key_value_heads": 2, "max_position_embeddings": 256,
+                                            "tie_word_embeddings": False, "eos_token_id": 0, **extra})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    words = {"<|endoftext|>": 0} | {f"w{i}": i for i in range(1, vocab)}
+    Tokenizer(models.WordLevel(words, unk_token="w1")).save(str(out / "tokenizer.json"))
+    return out
+
+
 def hf_model_dir(out: Path, model_overrides: list[str], *, vocab: int) -> Path:
     """A Hugging Face directory of a seeded model of that shape (a LoRA base, a teacher), with a tokenizer.json."""
     from tokenizers import Tokenizer, models
@@ -118,6 +161,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a subset of the grid")
     parser.add_argument("--compression", action="store_true", help="the compression methods' grid instead")
     parser.add_argument("--tp", action="store_true", help="the tensor-parallel grid instead (2 ranks, SP off/on)")
+    parser.add_argument("--families", action="store_true",
+                        help="transformers families' checkpoints (model.pretrained) instead, single process")
     parser.add_argument("--json", default="bench_estimate.json")
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE,...",
@@ -131,7 +176,8 @@ def main() -> None:
                              "beside it: how repeatable the measure is (default 1)")
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory()  # the compression grid's model directory, kept until the end
-    points = list(compression_grid(Path(tmp.name)) if args.compression else tp_grid() if args.tp else grid(args.quick))
+    points = list(compression_grid(Path(tmp.name)) if args.compression else tp_grid() if args.tp
+                  else family_grid(Path(tmp.name)) if args.families else grid(args.quick))
     if args.only:
         wanted = [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in args.only]
         points = [p for p in points if any(all(str(p.get(k)) == v for k, v in w.items()) for w in wanted)]

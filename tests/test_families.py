@@ -53,9 +53,9 @@ def singles(checkpoints, corpus, cache_dir, tmp_path_factory) -> dict[str, Path]
     return out
 
 
-def _layout_run(tmp: Path, checkpoint: Path, corpus: Path, cache: Path, *layout: str) -> Path:
-    train_ok(tmp, f"model.pretrained={checkpoint}", *_args(corpus, cache), "launcher.nproc_per_node=2", "device=cpu",
-             *layout)
+def _layout_run(tmp: Path, checkpoint: Path, corpus: Path, cache: Path, *layout: str, nproc: int = 2) -> Path:
+    train_ok(tmp, f"model.pretrained={checkpoint}", *_args(corpus, cache), f"launcher.nproc_per_node={nproc}",
+             "device=cpu", *layout)
     return only_run_dir(tmp / "outputs")
 
 
@@ -123,6 +123,19 @@ def test_sequence_parallel_by_the_family_s_plan_equals_single(family, singles, c
 
 
 @pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.parametrize("family,layout", [("qwen3", ["parallel=fsdp-tp", "batch_size=2"]),
+                                           ("phi3", ["parallel=fsdp", "batch_size=2"]),
+                                           ("gemma3_text", ["parallel=ddp", "batch_size=2"])],
+                         ids=["qwen3-fsdp-tp", "phi3-fsdp", "gemma3-ddp"])
+def test_other_layouts_equal_single(family, layout, singles, checkpoints, corpus, cache_dir, tmp_path):
+    """fsdp-tp: the family's TP plan under FSDP2 on a 2 x 2 mesh (per-head q/k norms included)."""
+    run = _layout_run(tmp_path, checkpoints[family], corpus, cache_dir, *layout,
+                      nproc=4 if layout[0] == "parallel=fsdp-tp" else 2)
+    assert_losses_close(losses(run), losses(singles[family]), steps=STEPS, rtol=1e-5, what=f"{family} {layout[0]}")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", MOE)
 def test_moe_trains_under_fsdp_like_single_with_the_router_loss_and_expert_load(family, singles, checkpoints,
                                                                                corpus, cache_dir, tmp_path):
@@ -137,7 +150,8 @@ def test_moe_trains_under_fsdp_like_single_with_the_router_loss_and_expert_load(
         assert all(sum(layer) == 4 * 32 * 2 for layer in load)  # batch 4 x 32 tokens x 2 experts per token
         assert step["router_aux_loss"] > 0 and all(cv >= 0 for cv in step["expert_load_cv"])
     a, b = read_metrics(run)[0], read_metrics(singles[family])[0]
-    assert a["expert_load"] == b["expert_load"] and a["router_aux_loss"] == pytest.approx(b["router_aux_loss"], 1e-5)
+    assert a["expert_load"] == b["expert_load"]  # the same weights and tokens: the same routing, counted over ranks
+    assert a["router_aux_loss"] == pytest.approx(b["router_aux_loss"], rel=1e-2)  # each rank's own tokens (above)
 
 
 @pytest.mark.parametrize("family", MOE)

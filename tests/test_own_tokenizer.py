@@ -173,18 +173,3 @@ def test_pretrained_trains_with_its_tokenizer_and_the_export_keeps_its_identity(
     assert GenerationConfig.from_pretrained(export).eos_token_id == eot
     hf = AutoModelForCausalLM.from_pretrained(export)
     assert hf.config.vocab_size == size and hf.config.model_type == family  # the model's vocab unchanged
-
-
-def test_tensor_parallel_is_refused_before_launch_for_a_family_the_plans_do_not_fit(tmp_path, corpus):
-    """phi3's fused qkv_proj / gate_up_proj do not fit the hand-written llama plan (a worker traceback before): the
-    model's tp_plan trait says so and parallel=tp is one line before anything starts; a llama checkpoint passes."""
-    from effitrain.checks import check_all
-    from effitrain.errors import UsageError
-
-    tp = ["parallel=tp", "launcher.nproc_per_node=2", "device=cpu"]
-    phi3 = own_checkpoint(tmp_path / "phi3", corpus, family="phi3")
-    with pytest.raises(UsageError, match="parallel=tp needs a tensor-parallel plan of the model's blocks, which a "
-                                         "'phi3' model has not here"):
-        check_all(compose([f"model.pretrained={phi3}", *tp]))
-    check_all(compose([f"model.pretrained={phi3}", "parallel=fsdp", "launcher.nproc_per_node=2", "device=cpu"]))
-    check_all(compose([f"model.pretrained={own_checkpoint(tmp_path / 'llama', corpus)}", *tp]))
