@@ -89,7 +89,7 @@ RUNS = [
     ["data=stdlib", "precision=fp16", "parallel=fsdp", "optimizer=sgd", "schedule=linear"],
     ["parallel=hsdp", "parallel.dp_replicate=1", "schedule=wsd", "data=datasets"],
     ["parallel=tp", "schedule=inverse-sqrt", "checkpoint=async"],
-    ["parallel=fsdp-tp", "parallel.tp=1"],
+    ["parallel=fsdp-tp", "parallel.tp=1", "model.pretrained={hf}"],  # loaded shard by shard: model.load_shards
     ["optimizer=muon", "checkpoint=off", "compression=[prune-2of4,share-layers]"],
     ["optimizer=zero1", "parallel=ddp", "compression=[grad-fp16,qat-int8]"],
     ["precision=bf16-pure", "optimizer=adamw-8bit"],
