@@ -12,20 +12,23 @@ import pytest
 import torch
 
 from conftest import REPO, compose, only_run_dir, read_metrics, run_cli, train_ok
-from test_own_tokenizer import own_checkpoint, run_args
+from test_own_tokenizer import own_tokenizer, run_args
 
 sys.path.insert(0, str(REPO / "scripts"))
 import bench_load  # noqa: E402  (the bench's worker is the check's worker)
 
 
 def sharded_llama(out: Path, corpus: Path) -> Path:
-    """A tiny llama checkpoint with its own tokenizer, re-saved in 20 kB safetensors shards with an index."""
-    from transformers import AutoModelForCausalLM
+    """A tiny llama checkpoint with its own tokenizer, saved in 20 kB safetensors shards with an index. Two kv heads:
+    tp(2) splits them (test_own_tokenizer's checkpoints have one)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    own_checkpoint(out, corpus)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    (out / "model.safetensors").unlink()
-    model.save_pretrained(out, max_shard_size="20KB")
+    size = own_tokenizer(out, corpus)
+    config = LlamaConfig(vocab_size=size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, eos_token_id=1, bos_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, max_shard_size="20KB")
     assert _files(out) > 3 and (out / "model.safetensors.index.json").is_file()
     return out
 
@@ -65,12 +68,15 @@ def test_each_rank_gets_exactly_the_whole_load_s_parameters_under_fsdp_tp_and_fs
 def test_fsdp_and_tp_first_losses_equal_single_s_whole_load(llama, corpus, tmp_path):
     from effitrain.engine.train import run
 
-    args = run_args(llama, corpus, tmp_path / "cache", "max_steps=1", "eval_every=10")
-    run(compose(args), tmp_path / "single")
+    args = [a for a in run_args(llama, corpus, tmp_path / "cache", "max_steps=1", "eval_every=10")
+            if not a.startswith("batch_size=")]
+    run(compose([*args, "batch_size=4"]), tmp_path / "single")
     single = read_metrics(tmp_path / "single")[0]["loss"]
-    for layout in ("fsdp", "tp"):
+    # batch_size is per data-parallel rank: fsdp's 2 ranks read 2 sequences each, tp's one group all 4
+    for layout, batch in (("fsdp", 2), ("tp", 4)):
         (tmp_path / layout).mkdir()
-        result = train_ok(tmp_path / layout, *args, f"parallel={layout}", "launcher.nproc_per_node=2")
+        result = train_ok(tmp_path / layout, *args, f"batch_size={batch}", f"parallel={layout}",
+                          "launcher.nproc_per_node=2")
         log = (only_run_dir(tmp_path / layout / "outputs") / "train.log").read_text()
         assert f"each rank reads its own shards of {_files(llama)} safetensors file(s)" in log, result.stderr[-2000:]
         loss = read_metrics(only_run_dir(tmp_path / layout / "outputs"))[0]["loss"]
