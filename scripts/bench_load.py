@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-LAYOUTS = {"fsdp": ["parallel=fsdp"], "tp": ["parallel=tp"], "fsdp-tp": ["parallel=fsdp-tp"]}
+LAYOUTS = {"fsdp": ["parallel=fsdp"], "tp": ["parallel=tp"], "fsdp-tp": ["parallel=fsdp-tp"],
+           "hsdp": ["parallel=hsdp", "parallel.dp_replicate=2"]}
 MODES = {"whole": ["model.load_shards=false"], "shards": []}
 MB = 1e6
 

@@ -52,12 +52,14 @@ def llama(corpus, tmp_path_factory) -> Path:
     return sharded_llama(tmp_path_factory.mktemp("llama"), corpus)
 
 
-def test_each_rank_gets_exactly_the_whole_load_s_parameters_under_fsdp_tp_and_fsdp_tp(llama, tmp_path):
+def test_each_rank_gets_exactly_the_whole_load_s_parameters_under_every_sharding_layout(llama, tmp_path):
     """2 gloo ranks build the model as `effitrain train` does; every parameter gathered (full_tensor) and every
     buffer equal the whole load's bit for bit: llama in several shard files, gpt2 tied and linearised."""
     gpt2 = tied_gpt2(tmp_path / "gpt2")
-    # fsdp-tp on 2 ranks: tp=2 under a dp_shard mesh of 1 (FSDP's placement over TP's, 2-D DTensors)
+    # on 2 ranks fsdp-tp is tp=2 under a dp_shard mesh of 1, hsdp 2 replicas of 1 shard: 2-D DTensors, each rank
+    # reading the slice its placements give (Shard over Shard, Replicate over Shard)
     runs = [(model, layout, "shards") for model in (llama, gpt2) for layout in ("fsdp", "tp", "fsdp-tp")]
+    runs.append((llama, "hsdp", "shards"))
     results = bench_load.measure(runs, tmp=tmp_path, check=True)
     for (model, layout, _), ranks in zip(runs, results, strict=True):
         for r in ranks:
