@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import bench_load  # noqa: E402  (the bench's worker is the check's worker)
 
 
-def sharded_llama(out: Path, corpus: Path) -> Path:
+def sharded_llama(out: Path, corpus: Path, *, seed: int = 0) -> Path:
     """A tiny llama checkpoint with its own tokenizer, saved in 20 kB safetensors shards with an index. Two kv heads:
     tp(2) splits them (test_own_tokenizer's checkpoints have one)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -27,7 +27,7 @@ def sharded_llama(out: Path, corpus: Path) -> Path:
     config = LlamaConfig(vocab_size=size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False, eos_token_id=1, bos_token_id=0)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(out, max_shard_size="20KB")
     assert _files(out) > 3 and (out / "model.safetensors.index.json").is_file()
     return out
@@ -83,6 +83,23 @@ def test_fsdp_and_tp_first_losses_equal_single_s_whole_load(llama, corpus, tmp_p
         assert f"each rank reads its own shards of {_files(llama)} safetensors file(s)" in log, result.stderr[-2000:]
         loss = read_metrics(only_run_dir(tmp_path / layout / "outputs"))[0]["loss"]
         assert abs(loss - single) <= 1e-6 * abs(single), (layout, loss, single)
+
+
+def test_a_distillation_teacher_is_sliced_too(llama, corpus, tmp_path):
+    """fsdp in one process (a real one-rank group, DTensor parameters): student and teacher read shard by shard give
+    the first loss (LM loss + the KL to another model) of single's whole loads."""
+    from effitrain.engine.train import run
+
+    teacher = sharded_llama(tmp_path / "teacher", corpus, seed=3)
+    args = run_args(llama, corpus, tmp_path / "cache", "max_steps=1", "eval_every=10", "compression=distill",
+                    f"compression.distill.teacher={teacher}")
+    run(compose(args), tmp_path / "single")
+    run(compose([*args, "parallel=fsdp"]), tmp_path / "fsdp")
+    log = (tmp_path / "fsdp" / "train.log").read_text()
+    assert f"compression.distill.teacher={teacher}: each rank reads its own shards" in log, log
+    assert f"model.pretrained={llama}: each rank reads its own shards" in log
+    single, fsdp = (read_metrics(tmp_path / name)[0]["loss"] for name in ("single", "fsdp"))
+    assert abs(fsdp - single) <= 1e-6 * abs(single), (fsdp, single)
 
 
 def test_sliced_load_of_plain_tensors_is_the_whole_load(tmp_path):

@@ -59,7 +59,7 @@ def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False, s
 
     if cfg.pretrained:
         path, what = Path(cfg.pretrained).expanduser(), f"model.pretrained={cfg.pretrained}"
-        model = _architecture_on_meta(path, what=what) if shards else load_pretrained(path, what=what,
+        model = architecture_on_meta(path, what=what) if shards else load_pretrained(path, what=what,
                                                                                         dtype=torch.float32)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings "
@@ -77,21 +77,22 @@ def pretrained_on_meta(path) -> nn.Module:
     """A local checkpoint's architecture from its config.json alone, parameters on the meta device (no weight is
     read): what `effitrain estimate` needs of a model.pretrained or a distillation teacher."""
     path = Path(path).expanduser()
-    model = _architecture_on_meta(path, what=str(path))
+    model = architecture_on_meta(path, what=str(path))
     if model.config.model_type == "gpt2":
         linearise_gpt2(model)
     return model
 
 
-def _architecture_on_meta(path: Path, *, what: str) -> nn.Module:
-    """The checkpoint's model as its config.json describes it, parameters on the meta device, buffers computed."""
+def architecture_on_meta(path: Path, *, what: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The checkpoint's model as its config.json describes it, parameters on the meta device in `dtype`, buffers
+    computed (as from_pretrained computes them for that dtype); gpt2 not linearised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_hf_dir(path, what=what)
     with _read_as_model_error(path, what=what):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     with _parameters_on_meta():
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
 
 
 def load_pretrained(path: Path, *, what: str, dtype: torch.dtype) -> nn.Module:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from effitrain.model import ModelError
-from effitrain.model.build import build_model, canonical_name
+from effitrain.model.build import QKV, build_model, canonical_name
 
 log = logging.getLogger("effitrain")
 INDEX = "model.safetensors.index.json"
@@ -146,9 +146,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def sources(model: nn.Module) -> dict[str, Source]:
-    """Each parameter's Source, by canonical name, for a model as build_model makes it (gpt2 linearised)."""
-    gpt2 = model.config.model_type == "gpt2"
-    return {canonical_name(name): _gpt2_source(name, p) if gpt2 else Source(canonical_name(name))
+    """Each parameter's Source, by canonical name: the checkpoint's own name, or for a linearised gpt2 the Conv1D or
+    fused c_attn it came from."""
+    linearised = any(isinstance(m, QKV) for m in model.modules())  # gpt2 as build_model makes it (a teacher is not)
+    return {canonical_name(name): _gpt2_source(name, p) if linearised else Source(canonical_name(name))
             for name, p in model.named_parameters()}
 
 
@@ -237,26 +238,33 @@ def build_pretrained(cfg, *, vocab_size: int, max_seq_len: int, converters) -> t
         converters: the run's ConverterChain (one that reads weights at convert needs them loaded).
     """
     path, what = Path(cfg.pretrained).expanduser(), f"model.pretrained={cfg.pretrained}"
-    why = _why_whole(cfg, path, converters)
+    why = _why_whole(cfg, converters)
     if why is None:
         model = build_model(cfg, vocab_size=vocab_size, max_seq_len=max_seq_len, shards=True)
-        checkpoint = Checkpoint(path, what=what)
-        found = plan(model, checkpoint)
-        if not isinstance(found, str):
-            log.info(f"{what}: each rank reads its own shards of {len(set(checkpoint.files.values()))} "
-                     "safetensors file(s)")
-            return model, SlicedLoad(checkpoint, found)
-        why = found
+        sliced = sliced_load(model, path, what=what)
+        if not isinstance(sliced, str):
+            return model, sliced
+        why = sliced
     log.info(f"{what}: every rank loads the whole checkpoint ({why})")
     return build_model(cfg, vocab_size=vocab_size, max_seq_len=max_seq_len), None
 
 
-def _why_whole(cfg, path: Path, converters) -> str | None:
+def sliced_load(model: nn.Module, path: Path, *, what: str) -> SlicedLoad | str:
+    """The SlicedLoad of a meta-device model from the checkpoint in `path` (logged), or why there can be none."""
+    if not Checkpoint.has_safetensors(path):
+        return "its weights are pytorch_model.bin files, which cannot be read in slices"
+    checkpoint = Checkpoint(path, what=what)
+    found = plan(model, checkpoint)
+    if isinstance(found, str):
+        return found
+    log.info(f"{what}: each rank reads its own shards of {len(set(checkpoint.files.values()))} safetensors file(s)")
+    return SlicedLoad(checkpoint, found)
+
+
+def _why_whole(cfg, converters) -> str | None:
     """Why the run's options rule slicing out, before anything is built; None when they do not."""
     if not cfg.load_shards:
         return "model.load_shards=false"
-    if not Checkpoint.has_safetensors(path):
-        return "its weights are pytorch_model.bin files, which cannot be read in slices"
     readers = [type(c).__name__ for c in getattr(converters, "converters", [converters]) if c.reads_weights]
     if readers:
         return f"{readers[0]} converts the model from its real weights"
