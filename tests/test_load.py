@@ -67,6 +67,7 @@ def test_each_rank_gets_exactly_the_whole_load_s_parameters_under_every_sharding
             assert r["mismatches"] == [], (model.name, layout, r["rank"], r["mismatches"])
 
 
+@pytest.mark.extended  # two 2-rank runs through the real command
 def test_fsdp_and_tp_first_losses_equal_single_s_whole_load(llama, corpus, tmp_path):
     from effitrain.engine.train import run
 
