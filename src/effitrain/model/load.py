@@ -104,6 +104,8 @@ class Checkpoint:
 
 def _stored_region(region: tuple[slice, ...], source: Source) -> tuple[slice, ...]:
     """The region in the checkpoint's own layout: shifted by the source's offset, then reversed if transposed."""
+    if not region:  # a 0-d parameter: nothing to shift
+        return region
     first, *rest = region
     shifted = (slice(first.start + source.offset, first.stop + source.offset), *rest)
     return tuple(reversed(shifted)) if source.transposed else shifted
@@ -131,7 +133,8 @@ def _header_shapes(file: Path, *, fail) -> dict[str, tuple[int, ...]]:
             end = info["data_offsets"][1]
             if 8 + length + end > size:
                 raise ValueError(f"cut short: {key} ends at byte {8 + length + end} of {size}")
-            if end - info["data_offsets"][0] != _ITEM_BYTES.get(info["dtype"], 0) * _numel(shapes[key]):
+            item = _ITEM_BYTES.get(info["dtype"])  # a dtype not listed here is left to safetensors to read
+            if item is not None and end - info["data_offsets"][0] != item * _numel(shapes[key]):
                 raise ValueError(f"{key}: its bytes do not match its shape and dtype {info['dtype']}")
         return shapes
     except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
