@@ -88,8 +88,9 @@ RUNS = [
     ["model=gpt2-124m", "data=jsonl", "precision=bf16", "parallel=ddp", "optimizer=adafactor", "schedule=constant"],
     ["data=stdlib", "precision=fp16", "parallel=fsdp", "optimizer=sgd", "schedule=linear"],
     ["parallel=hsdp", "parallel.dp_replicate=1", "schedule=wsd", "data=datasets"],
-    ["parallel=tp", "schedule=inverse-sqrt", "checkpoint=async"],
-    ["parallel=fsdp-tp", "parallel.tp=1"],
+    ["parallel=tp", "schedule=inverse-sqrt", "checkpoint=async", "model.pretrained={hf}"],
+    # a pretrained model under a sharding layout loads shard by shard (reads model.load_shards) as gpt2's option too
+    ["parallel=fsdp-tp", "parallel.tp=1", "model=gpt2-124m", "model.pretrained={hf}"],
     ["optimizer=muon", "checkpoint=off", "compression=[prune-2of4,share-layers]"],
     ["optimizer=zero1", "parallel=ddp", "compression=[grad-fp16,qat-int8]"],
     ["precision=bf16-pure", "optimizer=adamw-8bit"],

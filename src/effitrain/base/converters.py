@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # the protocol itself needs no torch: a compression method's 
 class ModelConverter:
     """A model transform; every hook is a no-op unless a subclass overrides it."""
 
+    # convert() needs the model's real weights (it reads them, or adds parameters initialised from them): a
+    # model.pretrained run is then loaded whole on every rank, not shard by shard after wrapping (model/load.py)
+    reads_weights: bool = False
+
     def convert(self, model: nn.Module) -> nn.Module:
         return model
 
@@ -63,6 +67,10 @@ class ConverterChain(ModelConverter):
 
     def __init__(self, converters: list[ModelConverter]):
         self.converters = list(converters)
+
+    @property
+    def reads_weights(self) -> bool:
+        return any(c.reads_weights for c in self.converters)
 
     def convert(self, model: nn.Module) -> nn.Module:
         for c in self.converters:

@@ -106,7 +106,6 @@ class Distill(ModelConverter):
     def _load(self):
         """Built at the first step, not at convert(): an export rebuilds the converters and needs no teacher."""
         from effitrain.base.flops import model_flops_per_token
-        from effitrain.model.build import load_pretrained
         from effitrain.parallel import GROUP as PARALLEL
         from effitrain.parallel import SHARDS_PARAMS
         from effitrain.parallel.build import apply_parallel
@@ -114,8 +113,8 @@ class Distill(ModelConverter):
         ctx = self.context
         if not (self.path / "config.json").is_file():
             self.path = _exported(self.path, ctx)
-        teacher = load_pretrained(self.path, what=f"compression.distill.teacher={self.path}",
-                                  dtype=ctx.precision.param_dtype)
+        teacher, sliced = _teacher(self.path, dtype=ctx.precision.param_dtype,
+                                   shards=PARALLEL.provides(ctx.parallel, SHARDS_PARAMS))
         if teacher.get_input_embeddings().num_embeddings < ctx.vocab_size:
             raise UsageError(f"compression.distill.teacher has {teacher.get_input_embeddings().num_embeddings} "
                              f"embeddings; the run's tokenizer has {ctx.vocab_size} tokens")
@@ -123,7 +122,7 @@ class Distill(ModelConverter):
         # forward only: a third of the 6N (+ attention) training FLOPs per token
         self.flops_per_step = model_flops_per_token(teacher, seq_len=ctx.seq_len) / 3 * ctx.tokens_per_step
         if PARALLEL.provides(ctx.parallel, SHARDS_PARAMS):
-            return apply_parallel(teacher, cfg=ctx.parallel, job=ctx.job, precision=ctx.precision)
+            return apply_parallel(teacher, cfg=ctx.parallel, job=ctx.job, precision=ctx.precision, init=sliced)
         return teacher.to(ctx.world.device)
 
     def loss_term(self, *, logits, batch, lm_loss):
@@ -141,6 +140,23 @@ class Distill(ModelConverter):
 
     def metrics(self) -> dict:
         return {"teacher_flops_per_step": self.flops_per_step}
+
+
+def _teacher(path: Path, *, dtype, shards: bool):
+    """The teacher in the run's parameter dtype: under a layout that shards, on the meta device with the SlicedLoad
+    that fills each rank's shards once sharded (model/load.py); else, or where it cannot be sliced (said in the log),
+    loaded whole."""
+    from effitrain.model.build import architecture_on_meta, load_pretrained
+    from effitrain.model.load import log, sliced_load
+
+    what = f"compression.distill.teacher={path}"
+    if shards:
+        teacher = architecture_on_meta(path, what=what, dtype=dtype)
+        sliced = sliced_load(teacher, path, what=what)
+        if not isinstance(sliced, str):
+            return teacher, sliced
+        log.info(f"{what}: every rank loads the whole checkpoint ({sliced})")
+    return load_pretrained(path, what=what, dtype=dtype), None
 
 
 @GROUP.builder("distill")

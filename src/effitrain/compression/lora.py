@@ -57,6 +57,8 @@ class Lora(ModelConverter):
     """peft's LoRA injected in place (the model keeps its class and its blocks), every base weight frozen; export
     merges each adapter into its base Linear and puts the plain Linear back."""
 
+    reads_weights = True  # peft injects its adapters into real Linears (it refuses meta ones)
+
     def __init__(self, *, rank: int, alpha: float, dropout: float, target_modules: list[str]):
         from peft import LoraConfig
 

@@ -51,8 +51,10 @@ from effitrain.logging import setup_logging
 from effitrain.logging.metrics import MemoryMeter, PendingStep, Recorder, StepBuffer, StepClock, build_sinks, throughput
 from effitrain.model import model_identity
 from effitrain.model.build import build_model, count_params, init_weights
+from effitrain.model.load import build_pretrained
 from effitrain.optimizer.build import build_optimizer
-from effitrain.parallel import offloads
+from effitrain.parallel import GROUP as PARALLEL
+from effitrain.parallel import SHARDS_PARAMS, TENSOR_PARALLEL, offloads
 from effitrain.parallel.build import apply_parallel, gradient_sync_skipper
 from effitrain.precision import spec as precision_spec
 from effitrain.precision.build import Precision, build_precision
@@ -74,6 +76,19 @@ class Parts:
     flops_per_token: float
 
 
+def _model(cfg, *, vocab_size: int, converters) -> tuple[torch.nn.Module, Callable]:
+    """The model on the meta device and the `init` that fills its parameters once sharded: the seeded init, or for
+    a model.pretrained run under a layout that shards, each rank's own slices of the checkpoint (model/load.py).
+    single and ddp hold the whole model anyway: they load it once, before wrapping."""
+    fresh = partial(init_weights, cfg=cfg.model, seed=cfg.seed)
+    if cfg.model.pretrained and (PARALLEL.provides(cfg.parallel, SHARDS_PARAMS)
+                                 or PARALLEL.provides(cfg.parallel, TENSOR_PARALLEL)):
+        model, sliced = build_pretrained(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len,
+                                         converters=converters)
+        return model, sliced or fresh
+    return build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, meta=True), fresh
+
+
 def build_parts(cfg, *, job, vocab_size: int, tokenizer: Path | None = None) -> Parts:
     """Model (on the meta device, then only this rank's shards materialised), converters, parallel layout,
     communication hooks, optimizer and schedule, from the sub-configs of `cfg`.
@@ -84,8 +99,6 @@ def build_parts(cfg, *, job, vocab_size: int, tokenizer: Path | None = None) -> 
         vocab_size: the tokenizer's vocabulary size.
         tokenizer: the run's tokenizer.json (a distillation teacher must share it).
     """
-    model = build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, meta=True)
-    num_params, flops = count_params(model), model_flops_per_token(model, seq_len=cfg.data.seq_len)
     world = job.world
     precision = build_precision(cfg.precision, device=world.device)
     if world.is_main:  # one line per run, not per rank
@@ -95,8 +108,9 @@ def build_parts(cfg, *, job, vocab_size: int, tokenizer: Path | None = None) -> 
                       tokens_per_step=cfg.batch_size * cfg.grad_accum_steps * cfg.data.seq_len,
                       model_dir=export.model_dir)
     converters = ConverterChain([*precision.converters, *build_compression(cfg.compression, context=context)])
-    model = apply_parallel(converters.convert(model), cfg=cfg.parallel, job=job, precision=precision,
-                           init=partial(init_weights, cfg=cfg.model, seed=cfg.seed))
+    model, init = _model(cfg, vocab_size=vocab_size, converters=converters)
+    num_params, flops = count_params(model), model_flops_per_token(model, seq_len=cfg.data.seq_len)
+    model = apply_parallel(converters.convert(model), cfg=cfg.parallel, job=job, precision=precision, init=init)
     converters.comm_hook(model)
     total, trainable = count_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")

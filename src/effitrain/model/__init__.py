@@ -34,6 +34,9 @@ class ModelBase:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     pretrained: Optional[str] = None  # local HF checkpoint directory; never downloads
+    # model.pretrained under fsdp/hsdp/tp/fsdp-tp: each rank reads only its own shards of the safetensors files
+    # (false: every rank loads the whole checkpoint first, as single and ddp do)
+    load_shards: bool = True
 
 
 @GROUP.option("llama")

@@ -43,7 +43,7 @@ def gpt2_config(cfg, *, vocab_size: int, max_seq_len: int):
                       use_cache=False)
 
 
-def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False) -> nn.Module:
+def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False, shards: bool = False) -> nn.Module:
     """A causal LM from its config (on the CPU, or with its parameters on the meta device), or a local checkpoint.
 
     Args:
@@ -52,12 +52,15 @@ def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False) -
         max_seq_len: the longest sequence the run feeds.
         meta: put the parameters on the meta device (no memory); buffers such as rotary frequencies stay real.
             Materialise them after sharding and fill them with `init_weights`. Ignored for a pretrained checkpoint.
+        shards: a pretrained checkpoint's architecture only, on the meta device (no weight read): after sharding,
+            model.load.SlicedLoad fills each rank's shards from the safetensors files.
     """
     from transformers import AutoModelForCausalLM
 
     if cfg.pretrained:
-        model = load_pretrained(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}",
-                                dtype=torch.float32)
+        path, what = Path(cfg.pretrained).expanduser(), f"model.pretrained={cfg.pretrained}"
+        model = architecture_on_meta(path, what=what) if shards else load_pretrained(path, what=what,
+                                                                                        dtype=torch.float32)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings "
                              f"but the tokenizer has {vocab_size} tokens (set data.tokenizer to its tokenizer.json)")
@@ -73,17 +76,23 @@ def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False) -
 def pretrained_on_meta(path) -> nn.Module:
     """A local checkpoint's architecture from its config.json alone, parameters on the meta device (no weight is
     read): what `effitrain estimate` needs of a model.pretrained or a distillation teacher."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path).expanduser()
-    check_hf_dir(path, what=str(path))
-    with _read_as_model_error(path, what=str(path)):
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = architecture_on_meta(path, what=str(path))
     if model.config.model_type == "gpt2":
         linearise_gpt2(model)
     return model
+
+
+def architecture_on_meta(path: Path, *, what: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The checkpoint's model as its config.json describes it, parameters on the meta device in `dtype`, buffers
+    computed (as from_pretrained computes them for that dtype); gpt2 not linearised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_hf_dir(path, what=what)
+    with _read_as_model_error(path, what=what):
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with _parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
 
 
 def load_pretrained(path: Path, *, what: str, dtype: torch.dtype) -> nn.Module:
