@@ -68,7 +68,8 @@ def test_every_family_trains_and_is_named_by_its_type(singles, checkpoints):
 
 
 @pytest.mark.parametrize("family", ALL)
-def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_tokenizer(family, singles, tmp_path):
+def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_tokenizer(family, singles, checkpoints,
+                                                                                   tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -85,7 +86,11 @@ def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_tokeniz
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|bos|>user: hi<|eot|>"
     assert GenerationConfig.from_pretrained(export).eos_token_id == tok.convert_tokens_to_ids("<|eot|>")
     hf = AutoModelForCausalLM.from_pretrained(export).eval()
-    assert hf.config.model_type == family and json.loads((export / "config.json").read_text())["dtype"] == "float32"
+    original = json.loads((checkpoints[family] / "config.json").read_text())
+    written = json.loads((export / "config.json").read_text())
+    assert written["dtype"] == "float32" and hf.config.model_type == family
+    changed = {k for k in original.keys() | written.keys() if original.get(k) != written.get(k)}
+    assert changed <= {"use_cache", "transformers_version"}, changed  # every other field as the checkpoint had it
     cfg, checkpoint, tokenizer = _run_parts(run, step=None)
     ours = load_trained_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
     ids = torch.tensor([tokenizer.encode("def f(x):\n    return x").ids])
