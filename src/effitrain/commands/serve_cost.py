@@ -408,8 +408,12 @@ def _run(loaded: Loaded, kwargs: dict, c: dict, *, clock=None, keep_cache: bool 
     extra = {}
     if c["cache"] == "static":
         extra["cache_implementation"] = "static"
-    if c["compile"] == "on":  # transformers compiles the decode step on a CPU only when told to for all devices
-        extra["compile_config"] = CompileConfig(_compile_all_devices=True)
+    if c["compile"] == "on":
+        # transformers compiles the decode step (with a static cache) on a GPU by itself; on a CPU only when the
+        # compile config says all devices -- a class attribute of CompileConfig, not an argument (transformers 5.25)
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True
+        extra["compile_config"] = compile_config
     else:
         extra["disable_compile"] = True
     with torch.no_grad():
