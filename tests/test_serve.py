@@ -91,7 +91,7 @@ def test_exports_and_a_run_side_by_side(exports, run, tmp_path, capsys):
                 assert r["decode_tokens_per_s_total"] == pytest.approx(batch * r["decode_tokens_per_s_per_seq"])
                 assert 0 < r["token_latency_p50_s"] <= r["token_latency_p95_s"]
                 assert r["latency_p95_over_p50"] == pytest.approx(r["token_latency_p95_s"] / r["token_latency_p50_s"])
-                assert r["ttft_s"] > 0 and r["decode_cv"] >= 0 and r["repeats"] == 2
+                assert r["ttft_s"] > 0 and r["decode_cv"] >= 0 and r["repeats"] == 2 and r["decode_per_seq_ci95"] >= 0
                 # the cache generate returned holds exactly what the formula says: prompt + gen - 1 positions
                 dtype_bytes = 2 if r["dtype"] == "bf16" else 4
                 formula = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * (4 + 3 - 1) \
@@ -199,10 +199,15 @@ def test_bad_input_is_one_line(exports, run, tmp_path, capsys):
 def test_formula_and_percentiles():
     from transformers import GPT2Config, LlamaConfig
 
-    from effitrain.commands.serve_cost import kv_cache_bytes, percentile
+    from effitrain.commands.serve_cost import kv_cache_bytes
+    from effitrain.stats import mean_interval, percentile
 
     llama = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2)
     assert kv_cache_bytes(llama, batch=4, tokens=10, dtype_bytes=2) == 2 * 3 * 2 * 8 * 10 * 4 * 2
     gpt2 = GPT2Config(n_embd=48, n_layer=2, n_head=4)  # every head its own K and V
     assert kv_cache_bytes(gpt2, batch=1, tokens=5, dtype_bytes=4) == 2 * 2 * 4 * 12 * 5 * 1 * 4
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([3, 1, 2], 95) == pytest.approx(2.9)
+    # mean 2, sample sd 1, n 3: half-width t(2) x 1 / sqrt(3) = 4.303 / 1.732
+    assert mean_interval([1.0, 2.0, 3.0]) == (2.0, pytest.approx(4.303 / 3 ** 0.5))
+    assert mean_interval([5.0]) == (5.0, None)
+    assert mean_interval([1.0] * 40)[1] == 0.0

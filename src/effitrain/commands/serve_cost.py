@@ -25,7 +25,6 @@ kernels) has not been run, so `--device cuda` is refused rather than reported un
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -467,31 +466,25 @@ def baseline(loaded: Loaded, c: dict, s: Settings) -> dict:
             times.append(time.perf_counter() - start)
     if tuple(out.shape) != (c["batch"], c["prompt"] + c["gen"]):
         raise RuntimeError(f"plain generate returned {tuple(out.shape)}")
+    from effitrain.stats import cv
+
     e2e = [c["batch"] * c["gen"] / t for t in times]
-    return {"e2e_tokens_per_s": statistics.median(e2e), "e2e_cv": _cv(e2e), "repeats": s.repeats}
+    return {"e2e_tokens_per_s": statistics.median(e2e), "e2e_cv": cv(e2e), "repeats": s.repeats}
 
 
 def summarize(*, ttft: list[float], decode: list[float], e2e: list[float], gaps: list[float], batch: int) -> dict:
-    """Medians over repeats, the latency percentiles over every token gap, and the spread of each."""
+    """Medians over repeats, the latency percentiles over every token gap, and the spread of each (the decode rate's
+    also as a 95% interval of its mean)."""
+    from effitrain.stats import cv, mean_interval, percentile
+
     per_seq = statistics.median(decode)
     p50, p95 = percentile(gaps, 50), percentile(gaps, 95)
-    return {"ttft_s": statistics.median(ttft), "ttft_cv": _cv(ttft),
+    mean, half = mean_interval(decode)
+    return {"ttft_s": statistics.median(ttft), "ttft_cv": cv(ttft),
             "decode_tokens_per_s_per_seq": per_seq, "decode_tokens_per_s_total": per_seq * batch,
-            "decode_cv": _cv(decode), "token_latency_p50_s": p50, "token_latency_p95_s": p95,
-            "latency_p95_over_p50": p95 / p50, "e2e_tokens_per_s": statistics.median(e2e), "e2e_cv": _cv(e2e)}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between the closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def _cv(values: list[float]) -> float:
-    """Coefficient of variation: the sample standard deviation over the mean."""
-    return statistics.stdev(values) / statistics.mean(values) if len(values) > 1 else 0.0
+            "decode_cv": cv(decode), "decode_per_seq_mean": mean, "decode_per_seq_ci95": half,
+            "token_latency_p50_s": p50, "token_latency_p95_s": p95,
+            "latency_p95_over_p50": p95 / p50, "e2e_tokens_per_s": statistics.median(e2e), "e2e_cv": cv(e2e)}
 
 
 def cache_bytes(cache) -> int | None:
