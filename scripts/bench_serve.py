@@ -85,9 +85,29 @@ class Quality:
 
         from effitrain.engine.loop import evaluate
 
+        scored = _Fp32Logits(model)
         with torch.no_grad():
             return self.data.evaluate(self.sets, loss_of=lambda b: evaluate(
-                model, b, precision=self.precision, device=torch.device("cpu"))[0])["val_loss"]
+                scored, b, precision=self.precision, device=torch.device("cpu"))[0])["val_loss"]
+
+
+def _Fp32Logits(model):
+    """The model with its logits cast to fp32 before the loss: a bf16 model's cross entropy computed in bf16 read
+    0.02 nats lower than the fp32 model's on the same weights (rounding of the log-softmax and the mean), which would
+    put bf16 ahead on quality for no reason of its own."""
+    from types import SimpleNamespace
+
+    import torch
+
+    class Scored(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids):
+            return SimpleNamespace(logits=self.inner(input_ids=input_ids).logits.float())
+
+    return Scored()
 
 
 def main() -> None:
