@@ -190,6 +190,8 @@ def test_bad_input_is_one_line(exports, run, tmp_path, capsys):
              ([fp32, "--device", "cuda"], "CPU only so far"),
              ([fp32, "--speed"], "unknown option --speed"),
              ([int8, "--quant", "int8"], "already quantized"),
+             ([fp32, fp32], "given twice"),
+             ([fp32, "--out", str(tmp_path / "no" / "x.json")], "its directory does not exist"),
              ([], "needs a model directory")]
     for args, message in cases:
         code, err = cli_in_process(capsys, "serve-cost", *args)

@@ -106,6 +106,10 @@ def parse(args: list[str]) -> tuple[list[Path], Settings, dict]:
         i += 1
     if not paths:
         raise UsageError(f"serve-cost needs a model directory; usage: {USAGE}")
+    if len({p.resolve() for p in paths}) < len(paths):  # the rows of a model are found by its path
+        raise UsageError("a model directory is given twice; give each once")
+    if "out" in values and not Path(values["out"]).expanduser().parent.is_dir():
+        raise UsageError(f"--out {values['out']}: its directory does not exist (nothing was measured)")
     if values.pop("device", "cpu") != "cpu":
         raise UsageError("--device: serve-cost measures on the CPU only so far (its CUDA path -- device memory peaks, "
                          "2:4 kernels -- has not been run, so it is not reported); give --device cpu")
@@ -591,6 +595,9 @@ def format_tables(models: list[dict], rows: list[dict], summaries: list[dict], s
             if price:
                 cells.append(f"{r['usd_per_million_tokens']:.3f}")
             lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if "on" in s.compiles and "dynamic" in s.caches:
+        lines += ["", "(compile on is measured with the static cache only: transformers compiles generation only with "
+                      "it)"]
     if len(summaries) > 1:
         lines += ["", "comparison (decode tok/s: each model's best setting; * = Pareto front of quality vs decode "
                       "tok/s)", "", "| model | quality | disk MB | params | weights MB | decode tok/s | best setting |",
