@@ -132,7 +132,7 @@ def main() -> None:
             models.append(loaded.info)
             rows += sc.measure_model(loaded, replace(settings, **change))
             print(f"  {name}: measured", file=sys.stderr, flush=True)
-    summaries = sc.compare_rows(models, rows)
+    summaries = sc.with_serving_mfu(sc.compare_rows(models, rows))
     print(f"\nserve-cost bench: {machine()}, {args.steps} training steps, overrides {args.overrides or 'none'}")
     print(sc.format_tables(models, rows, summaries, settings))
     Path(args.json).write_text(json.dumps({"machine": machine(), "steps": args.steps, "argv": sys.argv[1:],

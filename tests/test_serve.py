@@ -123,6 +123,16 @@ def test_exports_and_a_run_side_by_side(exports, run, tmp_path, capsys):
         assert m["pareto"] == (not dominated), m
         assert m["decode_tokens_per_s_total"] == max(r["decode_tokens_per_s_total"] for r in by_model[m["model"]]
                                                      if r["setting"] != "plain generate")
+        assert m["serve_mfu"] == pytest.approx(2 * m["params"] * m["decode_tokens_per_s_total"] / m["peak_flops"])
+    # the planner prices inference tokens by the first model's measured serving MFU instead of 2N FLOPs
+    capsys.readouterr()
+    assert main(["plan", "--flops", "1e21", "--inference-tokens", "1e12", "--json", "--serve-cost", str(out)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    serving, fp32_summary = plan["inference"]["serving"], summary[str(exports["fp32"])]
+    assert serving["per_token"] == pytest.approx(2 * 0.4 / fp32_summary["serve_mfu"])
+    assert serving["basis"].startswith(f"measured: {exports['fp32']} served at MFU")
+    best = plan["inference"]["inference_optimal"]
+    assert best["inference_flops"] == pytest.approx(serving["per_token"] * best["params"] * 1e12)
 
 
 def test_quantize_and_cast_at_load(exports, capsys):

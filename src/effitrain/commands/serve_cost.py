@@ -69,7 +69,7 @@ def serve_cost_main(args: list[str]) -> int:
             rows.append(row)
             if opts.get("json"):
                 print(json.dumps(row), flush=True)
-    summaries = compare_rows(models, rows)
+    summaries = with_serving_mfu(compare_rows(models, rows))
     if not opts.get("json"):
         print(format_tables(models, rows, summaries, settings))
     if "out" in opts:
@@ -554,6 +554,23 @@ def compare_rows(models: list[dict], rows: list[dict]) -> list[dict]:
                     "best_setting": f"batch {best['batch']}, {best['setting']}"})
     for row in out:
         row["pareto"] = row["quality"] is not None and not any(_dominates(o, row) for o in out if o is not row)
+    return out
+
+
+def with_serving_mfu(summaries: list[dict]) -> list[dict]:
+    """Each model's serving MFU: model FLOPs served (2N per generated token, its best decode rate) over the CPU's
+    peak FLOP/s for its dtype (effitrain's cached matmul probe, as training's MFU uses) -- what `effitrain plan
+    --serve-cost` weighs inference tokens by."""
+    import torch
+
+    from effitrain.base.flops import peak_flops
+
+    out = []
+    for m in summaries:
+        peak, source = peak_flops(torch.device("cpu"), dtype=DTYPES[m["dtype"]], autocast_dtype=None)
+        served = 2 * m["params"] * m["decode_tokens_per_s_total"]
+        out.append({**m, "serve_flops_per_s": served, "peak_flops": peak, "peak_flops_source": source,
+                    "serve_mfu": served / peak})
     return out
 
 
