@@ -218,17 +218,17 @@ def print_seeds_table(merged: list[dict], *, seeds: list[int], steps: int) -> No
     print("| option | val loss | gap vs dense | excludes 0 | exported gap | excludes 0 |")
     print("| --- | --- | --- | --- | --- | --- |")
 
-    def cell(r, key, spec):
+    def cell(r, key, spec, unit=""):
         mean, half = r[f"{key}_mean"], r[f"{key}_ci95"]
-        return "-" if mean is None else f"{mean:{spec}}" + ("" if half is None else f" +- {half:.2f}")
+        return "-" if mean is None else f"{mean:{spec}}" + ("" if half is None else f" +- {half:.2f}") + unit
 
     def holds(r, key):
         mean, half = r[f"{key}_mean"], r[f"{key}_ci95"]
         return "-" if mean is None or half is None or half == 0 else ("yes" if abs(mean) > half else "no")
 
     for r in merged:
-        print(f"| {r['option']} | {cell(r, 'val_loss', '.4f')} | {cell(r, 'val_loss_gap_pct', '+.2f')}% | "
-              f"{holds(r, 'val_loss_gap_pct')} | {cell(r, 'export_val_loss_gap_pct', '+.2f')}% | "
+        print(f"| {r['option']} | {cell(r, 'val_loss', '.4f')} | {cell(r, 'val_loss_gap_pct', '+.2f', '%')} | "
+              f"{holds(r, 'val_loss_gap_pct')} | {cell(r, 'export_val_loss_gap_pct', '+.2f', '%')} | "
               f"{holds(r, 'export_val_loss_gap_pct')} |")
 
 
