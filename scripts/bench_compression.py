@@ -1,6 +1,6 @@
 """Compression options side by side: the same small model, data and steps on CPU, each option against dense fp32.
 
-    python scripts/bench_compression.py [--steps 150] [--json bench_compression.json] [extra overrides ...]
+    python scripts/bench_compression.py [--steps 150] [--seeds N] [--json bench_compression.json] [extra overrides ...]
 
 Per option: final validation loss of the trained model and of the exported one (adapters merged, fake-quantized
 layers converted, shared blocks unshared) and its gap to the dense run's, trainable parameters, optimizer state
@@ -12,7 +12,9 @@ hands to all-reduce per step (dense DDP: every fp32 gradient byte). Baselines:
   - distill: the teacher is the dense model trained 3x as many steps, the student the same model as dense;
   - lora: the dense run exported as a pretrained model, fine-tuned on a new corpus (torch's _dynamo/variables
     sources, the dense run's tokenizer): its validation loss there before and after.
-Prints a table and writes JSON (and `<json>.partial` after each row).
+Prints a table and writes JSON (and `<json>.partial` after each row). --seeds N (default 1: the table as it was
+recorded) runs the whole table per seed and adds each gap's mean and 95% interval over the seeds, every gap taken
+to the dense run of its own seed.
 """
 
 from __future__ import annotations
@@ -98,12 +100,47 @@ def row(name: str, trainer, exported, tmp: Path, **extra) -> dict:
 
 
 def main() -> None:
-    args = bench_parser(__doc__.splitlines()[0], steps=150, json_default="bench_compression.json").parse_args()
+    parser = bench_parser(__doc__.splitlines()[0], steps=150, json_default="bench_compression.json")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run the whole table with N seeds (the first: seed= among the overrides, else the "
+                             "config's; then +1, +2...) and report each gap's mean and 95%% interval over them")
+    args = parser.parse_args()
+    if args.seeds < 1:
+        raise SystemExit("--seeds: give 1 or more")
+    steps = args.steps
+    seeds = seed_list(args.overrides, args.seeds)
+    tables = []
+    for seed in seeds:
+        overrides = args.overrides if seed is None else [*[o for o in args.overrides if not o.startswith("seed=")],
+                                                         f"seed={seed}"]
+        suffix = "" if seed is None else f".seed{seed}"
+        tables.append(one_seed(steps, overrides, Rows(Path(args.json + suffix))))
+        print_table(tables[-1], steps=steps, overrides=overrides)
+    result = {"machine": machine(), "steps": steps, "overrides": args.overrides, "rows": tables[0]}
+    if len(tables) > 1:
+        from effitrain.stats import over_tables
+
+        result |= {"seeds": seeds, "tables": tables,
+                   "over_seeds": over_tables(tables, name="option", keys=("val_loss", "val_loss_gap_pct",
+                                                                          "export_val_loss_gap_pct"))}
+        print_seeds_table(result["over_seeds"], seeds=seeds, steps=steps)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def seed_list(overrides: list[str], n: int) -> list[int | None]:
+    """[None] for one seed as the overrides give it (the table as before); else n consecutive seeds from the
+    overrides' seed= or the config's."""
+    if n == 1:
+        return [None]
+    first = compose([*MODEL, *overrides]).seed
+    return [first + i for i in range(n)]
+
+
+def one_seed(steps: int, overrides: list[str], rows: Rows) -> list[dict]:
+    """The whole table for one seed: each row's gap is to this seed's dense run."""
     from effitrain.compression.qat import base_config, quantize
 
-    steps = args.steps
-    base = [*MODEL, f"max_steps={steps}", f"eval_every={steps}", *args.overrides]
-    rows = Rows(Path(args.json))
+    base = [*MODEL, f"max_steps={steps}", f"eval_every={steps}", *overrides]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dense = train(base, tmp / "dense")
@@ -136,7 +173,7 @@ def main() -> None:
             rows.append(row(name, t, exported, tmp, sparsity=zeros))
             print(f"  {name}: done", file=sys.stderr, flush=True)
 
-        teacher = train([*MODEL, f"max_steps={3 * steps}", f"eval_every={3 * steps}", *args.overrides], tmp / "teacher")
+        teacher = train([*MODEL, f"max_steps={3 * steps}", f"eval_every={3 * steps}", *overrides], tmp / "teacher")
         teacher_dir = save_hf(teacher, tmp / "teacher_hf")
         t = train([*base, "compression=[distill]", f"compression.distill.teacher={teacher_dir}"], tmp / "distill")
         rows.append(row("distill (teacher 3x steps)", t, t.state.model, tmp,
@@ -170,9 +207,29 @@ def main() -> None:
         r["val_loss_gap_pct"] = 100.0 * (r["val_loss"] - ref) / ref
         if "export_val_loss" in r:
             r["export_val_loss_gap_pct"] = 100.0 * (r["export_val_loss"] - dense_loss) / dense_loss
-    print_table(rows, steps=steps, overrides=args.overrides)
-    Path(args.json).write_text(json.dumps({"machine": machine(), "steps": steps, "overrides": args.overrides,
-                                           "rows": rows}, indent=1))
+    return list(rows)
+
+
+def print_seeds_table(merged: list[dict], *, seeds: list[int], steps: int) -> None:
+    """Each row's gap to the dense run of the same seed: mean and 95% interval over seeds; 'holds' where the
+    interval excludes zero (the sign of the effect is more than seed noise)."""
+    print(f"\ncompression bench over seeds {seeds} ({steps} steps): gap vs the same seed's dense run, mean +- 95% "
+          "interval\n")
+    print("| option | val loss | gap vs dense | excludes 0 | exported gap | excludes 0 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+
+    def cell(r, key, spec, unit=""):
+        mean, half = r[f"{key}_mean"], r[f"{key}_ci95"]
+        return "-" if mean is None else f"{mean:{spec}}" + ("" if half is None else f" +- {half:.2f}") + unit
+
+    def holds(r, key):
+        mean, half = r[f"{key}_mean"], r[f"{key}_ci95"]
+        return "-" if mean is None or half is None or half == 0 else ("yes" if abs(mean) > half else "no")
+
+    for r in merged:
+        print(f"| {r['option']} | {cell(r, 'val_loss', '.4f')} | {cell(r, 'val_loss_gap_pct', '+.2f', '%')} | "
+              f"{holds(r, 'val_loss_gap_pct')} | {cell(r, 'export_val_loss_gap_pct', '+.2f', '%')} | "
+              f"{holds(r, 'export_val_loss_gap_pct')} |")
 
 
 class Rows(list):

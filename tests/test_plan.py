@@ -58,6 +58,39 @@ def test_inference_tokens_shift_to_a_smaller_model():
         assert total(n, d) <= total(m, tokens_for_loss(m, loss(n0, d0)))
 
 
+def test_a_measured_serving_cost_weighs_inference(tmp_path, capsys):
+    """plan --serve-cost FILE: an inference token costs 2N x (training MFU / serving MFU) FLOP-equivalents; a model
+    served at a tenth of training's MFU shifts the plan to a smaller model than the 2N assumption does."""
+    from effitrain.commands.plan import make_plan, serving_basis
+
+    served = {"device": "cpu", "models": [{"model": "m", "params": 1000, "decode_tokens_per_s_total": 100.0,
+                                           "serve_mfu": 0.04}]}
+    measured = serving_basis(served, mfu=0.4)
+    assert measured["per_token"] == pytest.approx(20.0) and measured["basis"].startswith("measured: m served")
+    assumed = make_plan(c=1e21, source="given", fit="approach1", vocab=4096, seq_len=512, gpus=1,
+                        inference_tokens=1e12)
+    shifted = make_plan(c=1e21, source="given", fit="approach1", vocab=4096, seq_len=512, gpus=1,
+                        inference_tokens=1e12, serving=measured)
+    a, m = assumed.inference["inference_optimal"], shifted.inference["inference_optimal"]
+    assert assumed.inference["serving"]["per_token"] == 2.0 and a["inference_flops"] == 2 * a["params"] * 1e12
+    assert m["params"] < a["params"] and m["inference_flops"] == pytest.approx(20 * m["params"] * 1e12)
+    assert m["loss"] == pytest.approx(a["loss"])  # the same loss, reached by a smaller model trained longer
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps(served))
+    from effitrain.cli import main
+
+    capsys.readouterr()
+    assert main(["plan", "--flops", "1e21", "--inference-tokens", "1e12", "--serve-cost", str(path)]) == 0
+    assert "inference cost measured: m served at MFU 0.04" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text(json.dumps({"models": [{"model": "m"}]}))
+    for args, message in [(["--serve-cost", str(path)], "give --inference-tokens T with it"),
+                          (["--inference-tokens", "1e12", "--serve-cost", str(tmp_path / "none.json")], "no such file"),
+                          (["--inference-tokens", "1e12", "--serve-cost", str(tmp_path / "bad.json")],
+                           "not a serve-cost --out file")]:
+        code, err = cli_in_process(capsys, "plan", "--flops", "1e21", *args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+
+
 def test_nearest_llama_and_command_compose():
     from effitrain.commands.plan import make_plan, nearest_llama
 

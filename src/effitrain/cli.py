@@ -32,6 +32,10 @@ _VERBS = {"train": "compose the config groups, launch the workers, train, write 
                       "[--json] [--max-batch GIB]",
           "plan": "compute-optimal size and tokens for --flops C or --gpus N --gpu NAME --hours H (Chinchilla)",
           "scaling-fit": "fit L(N) = E + A/N^alpha to a sweep over model sizes, predict the next, plot it",
+          "serve-cost": "what MODEL... (HF dirs, run dirs) cost to serve: time to first token, decode tokens/s, "
+                        "latency p50/p95, weights and KV-cache memory, bytes on disk [--batch 1,4] [--prompt N] "
+                        "[--gen N] [--dtype fp32|bf16] [--quant none|int8|int4] [--compile off|on|both] [--json] "
+                        "[--price-per-hour P] [--out FILE.json] [--plot FILE.png]",
           "eval": "validation loss, perplexity, bits per byte and eval.tasks accuracy of HF_DIR or RUN_DIR on a data "
                   "option"}
 
@@ -297,8 +301,15 @@ def evaluate(args: list[str]) -> int:
     return eval_command(args)
 
 
+def serve_cost(args: list[str]) -> int:
+    from effitrain.commands.serve_cost import serve_cost_main
+
+    return serve_cost_main(args)
+
+
 _HANDLERS = {"train": train, "resume": resume, "reproduce": reproduce, "export": export, "sample": sample,
              "compare": compare, "eval": evaluate,
+             "serve-cost": serve_cost,
              **{verb: _planning(verb) for verb in ("estimate", "plan", "scaling-fit")}}
 
 

@@ -52,14 +52,15 @@ def tokens_for_loss(n: float, target: float) -> float:
     return (B / gap) ** (1 / BETA) if gap > 0 else math.inf
 
 
-def inference_optimal(c: float, inference_tokens: float) -> tuple[float, float]:
-    """(N, D) reaching the loss of approach 3's compute-optimal model for C with the least 6ND + 2NT
-    (Sardana et al. 2023), by a golden-section search on log N (the total is unimodal in N along the loss level)."""
+def inference_optimal(c: float, inference_tokens: float, *, per_token: float = 2.0) -> tuple[float, float]:
+    """(N, D) reaching the loss of approach 3's compute-optimal model for C with the least 6ND + kNT, k = `per_token`
+    (2: the forward's FLOPs, Sardana et al. 2023; a measured serving cost gives its own), by a golden-section search
+    on log N (the total is unimodal in N along the loss level)."""
     n0, d0 = compute_optimal(c, fit="approach3")
     target = loss(n0, d0)
     n_min = (A / (target - E)) ** (1 / ALPHA)  # below this size the loss is out of reach
     total = lambda log_n: 6 * math.exp(log_n) * tokens_for_loss(math.exp(log_n), target) + \
-        2 * math.exp(log_n) * inference_tokens  # noqa: E731
+        per_token * math.exp(log_n) * inference_tokens  # noqa: E731
     lo, hi = math.log(n_min * (1 + 1e-9)), math.log(n0 * 1.000001)  # inference only ever shrinks the model
     ratio = (math.sqrt(5) - 1) / 2
     for _ in range(200):
@@ -142,8 +143,23 @@ class Plan:
         return asdict(self)
 
 
+def serving_basis(serve_cost: dict | None, *, mfu: float) -> dict:
+    """What an inference token costs, in training-FLOP equivalents per parameter: 2 (the forward's FLOPs) assumed,
+    or measured from a `serve-cost --out` JSON -- its first model's serving MFU (2N x decode tokens/s over the
+    device's peak) against the training MFU: a token served at a tenth of training's MFU costs ten times its FLOPs
+    of the training budget's device time. The measured MFU is taken to hold at every size (stated in the plan)."""
+    if serve_cost is None:
+        return {"per_token": 2.0, "basis": "assumed: 2N FLOPs per inference token (the forward), at training's MFU"}
+    model = serve_cost["models"][0]
+    per_token = 2.0 * mfu / model["serve_mfu"]
+    return {"per_token": per_token, "basis": f"measured: {model['model']} served at MFU {model['serve_mfu']:.3g} "
+            f"({model['decode_tokens_per_s_total']:.4g} tokens/s, {model['params']:,} parameters, "
+            f"{serve_cost.get('device', '?')}) against training's {mfu:g}: {per_token:.3g}N FLOP-equivalents per "
+            "token, the measured MFU taken to hold at every size", "serve_mfu": model["serve_mfu"]}
+
+
 def make_plan(*, c: float, source: str, fit: str, vocab: int, seq_len: int, gpus: int,
-              inference_tokens: float | None) -> Plan:
+              inference_tokens: float | None, serving: dict | None = None) -> Plan:
     """The plan for C FLOPs: N and D by `fit`, the nearest llama config, and the train command that spends it."""
     n, d = compute_optimal(c, fit=fit)
     choice = nearest_llama(n, vocab=vocab)
@@ -164,12 +180,14 @@ def make_plan(*, c: float, source: str, fit: str, vocab: int, seq_len: int, gpus
                f"batch_size={micro} grad_accum_steps={per_device // micro} max_steps={steps}{launch} precision=bf16")
     inference = None
     if inference_tokens is not None:
+        serving = serving or serving_basis(None, mfu=0.4)
+        k = serving["per_token"]
         n3, d3 = compute_optimal(c, fit="approach3")
-        ni, di = inference_optimal(c, inference_tokens)
+        ni, di = inference_optimal(c, inference_tokens, per_token=k)
         row = lambda nn, dd: {"params": nn, "tokens": dd, "train_flops": 6 * nn * dd,  # noqa: E731
-                              "inference_flops": 2 * nn * inference_tokens,
-                              "total_flops": 6 * nn * dd + 2 * nn * inference_tokens, "loss": loss(nn, dd)}
-        inference = {"inference_tokens": inference_tokens, "fit": "approach3",
+                              "inference_flops": k * nn * inference_tokens,
+                              "total_flops": 6 * nn * dd + k * nn * inference_tokens, "loss": loss(nn, dd)}
+        inference = {"inference_tokens": inference_tokens, "fit": "approach3", "serving": serving,
                      "compute_optimal": row(n3, d3), "inference_optimal": row(ni, di)}
     return Plan(budget_flops=c, budget_source=source, fit=fit, params=n, tokens=d, expected_loss=loss(n, d),
                 model=asdict(choice), vocab=vocab, train_tokens=steps * per_device * gpus * seq_len, seq_len=seq_len,
@@ -194,8 +212,9 @@ def format_plan(p: Plan) -> str:
              "(check it fits first: effitrain estimate <the same overrides>)"]
     if p.inference:
         i = p.inference
+        k = i["serving"]["per_token"]
         lines += ["", f"with {_si(i['inference_tokens'])} inference tokens (Sardana et al. 2023; same loss, least "
-                      "6ND + 2NT, on approach 3's L):",
+                      f"6ND + {k:.3g}NT, on approach 3's L):", f"  inference cost {i['serving']['basis']}",
                   f"  {'choice':<20}{'N':>10}{'D':>10}{'train FLOPs':>14}{'inference FLOPs':>17}{'total FLOPs':>14}"]
         for name, key in (("compute-optimal", "compute_optimal"), ("inference-optimal", "inference_optimal")):
             r = i[key]

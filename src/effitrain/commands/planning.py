@@ -122,13 +122,13 @@ def _free_bytes() -> int:
 
 
 PLAN_USAGE = ("effitrain plan (--flops C | --gpus N --gpu NAME --hours H [--mfu 0.4]) [--fit approach1|approach3] "
-              "[--inference-tokens T] [--seq-len S] [--vocab V] [--json]")
+              "[--inference-tokens T [--serve-cost FILE.json]] [--seq-len S] [--vocab V] [--json]")
 
 
 def plan(args: list[str]) -> int:
     from effitrain.commands import plan as plan_mod
     flags, rest = _flags(args, valued={"--flops", "--gpus", "--gpu", "--hours", "--mfu", "--fit", "--inference-tokens",
-                                       "--seq-len", "--vocab"}, switches={"--json"}, usage=PLAN_USAGE)
+                                       "--seq-len", "--vocab", "--serve-cost"}, switches={"--json"}, usage=PLAN_USAGE)
     if rest:
         raise UsageError(f"unexpected arguments {' '.join(rest)!r}; usage: {PLAN_USAGE}")
     fit = flags.get("--fit", "approach1")
@@ -145,11 +145,30 @@ def plan(args: list[str]) -> int:
     inference = _number(flags, "--inference-tokens", positive=False)
     if inference is not None and inference < 0:
         raise UsageError("--inference-tokens must be >= 0")
+    serving = plan_mod.serving_basis(_serve_cost(flags, inference), mfu=mfu)
     p = plan_mod.make_plan(c=c, source=source, fit=fit, vocab=_number(flags, "--vocab", kind=int) or 32768,
                            seq_len=_number(flags, "--seq-len", kind=int) or 2048, gpus=gpus or 1,
-                           inference_tokens=inference)
+                           inference_tokens=inference, serving=serving)
     print(json.dumps(p.as_dict(), indent=2) if "--json" in flags else plan_mod.format_plan(p))
     return 0
+
+
+def _serve_cost(flags: dict, inference: float | None) -> dict | None:
+    """The `effitrain serve-cost --out` JSON --serve-cost names (its first model's serving MFU), or None."""
+    if "--serve-cost" not in flags:
+        return None
+    if inference is None:
+        raise UsageError("--serve-cost prices inference tokens: give --inference-tokens T with it")
+    from effitrain.runs import read_json
+
+    path = Path(flags["--serve-cost"])
+    data = read_json(path)
+    if data is None:
+        raise UsageError(f"--serve-cost {path}: no such file (write one with effitrain serve-cost MODEL --out FILE)")
+    models = data.get("models") if isinstance(data, dict) else None
+    if not models or not all(isinstance(m, dict) and (m.get("serve_mfu") or 0) > 0 for m in models):
+        raise UsageError(f"--serve-cost {path}: not a serve-cost --out file with a serving MFU per model")
+    return data
 
 
 FIT_USAGE = "effitrain scaling-fit SWEEP_DIR [--check RUN_DIR] [--params non-embedding|total] [--png PATH] [--json]"
