@@ -110,9 +110,10 @@ def family_grid(tmp: Path):
     for family in FAMILY_CONFIGS:
         path = family_dir(tmp / family, family, vocab=2048)
         for ac in ("none", "full"):
+            # data.vocab_size: what the memory probe builds the vocabulary with (the tokenizer's)
             overrides = [f"model.pretrained={path}", f"data.tokenizer={path / 'tokenizer.json'}", "batch_size=4",
-                         "data.seq_len=128", f"parallel.activation_checkpointing={ac}", "parallel=single",
-                         "precision=fp32", "device=cpu"]
+                         "data.vocab_size=2048", "data.seq_len=128", f"parallel.activation_checkpointing={ac}",
+                         "parallel=single", "precision=fp32", "device=cpu"]
             yield {"model": family, "batch": 4, "seq": 128, "ac": ac, "layout": "single", "precision": "fp32",
                    "overrides": overrides}
 

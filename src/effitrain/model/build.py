@@ -64,6 +64,9 @@ def build_model(cfg, *, vocab_size: int, max_seq_len: int, meta: bool = False, s
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ModelError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings "
                              f"but the tokenizer has {vocab_size} tokens (set data.tokenizer to its tokenizer.json)")
+        # training feeds whole sequences: a KV cache (a checkpoint's config usually asks for one) only grows, and a
+        # block that activation checkpointing recomputes in backward would append its keys to it a second time
+        model.config.use_cache = False
     else:
         with _parameters_on_meta() if meta else nullcontext():
             model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size=vocab_size, max_seq_len=max_seq_len),
