@@ -74,8 +74,9 @@ def lm_loss(model: nn.Module, batch, converters: ModelConverter | None = None,
         logits = out.logits
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
     else:
-        # packed samples: positions restart per sample, and transformers masks attention between them from that
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, **routed)
+        # packed samples: positions restart per sample, and transformers masks attention between them from that --
+        # only without a KV cache (it skips the detection when one exists, and config.use_cache makes one)
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **routed)
         logits = out.logits
         labels = batch.labels.flatten()
         # the sum over the trained labels / their count (at least 1: a batch of pads alone gives 0, not nan)
