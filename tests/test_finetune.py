@@ -226,7 +226,7 @@ COMPARED = ("step", "loss", "grad_norm", "lr", "val_loss")
 
 
 def test_chat_with_lora_trains_and_a_kill_then_resume_is_bit_identical(model, files, cache_dir, tmp_path):
-    overrides = args(model, files, cache_dir, "chat", "compression=lora", "max_steps=12", "eval_every=6",
+    overrides = args(model, files, cache_dir, "chat", "compression=lora", "max_steps=10", "eval_every=5",
                      "checkpoint.every=4", "checkpoint.keep_last=0", "logging.every=1")
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -242,7 +242,7 @@ def test_chat_with_lora_trains_and_a_kill_then_resume_is_bit_identical(model, fi
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     run_dir = _run_dir(cwd)
-    assert len(read_metrics(run_dir)) < 12, "the run finished before the kill: nothing was tested"
+    assert len(read_metrics(run_dir)) < 10, "the run finished before the kill: nothing was tested"
     result = run_cli("resume", str(run_dir), cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     compared = [[{k: r.get(k) for k in COMPARED} for r in read_metrics(d)] for d in (ref, run_dir)]
