@@ -259,26 +259,41 @@ def test_instruct_with_lora_trains_under_ddp(model, files, cache_dir, tmp_path):
     assert report["packing"] is False and report["train"]["rows"] == report["train"]["kept"]
 
 
-def test_the_embedded_set_lowers_the_held_out_answer_loss(model, cache_dir, tmp_path):
-    """data=chat-stdlib, 40 steps of a tiny random pretrained model: the loss on held-out answers (files never
-    trained on) falls below its start."""
-    from transformers import AutoModelForCausalLM
+def test_the_embedded_set_lowers_the_held_out_answer_loss_and_eval_reads_it(model, cache_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    """data=chat-stdlib, 24 steps of a tiny random pretrained model: the loss on held-out answers (files never
+    trained on) falls well below its start; `effitrain eval` of the export reads the run's last value again, and
+    `effitrain sample --chat` answers through the template."""
+    overrides = [f"model.pretrained={model}", "data=chat-stdlib", f"data.cache_dir={cache_dir}", "data.seq_len=128",
+                 "batch_size=8", "max_steps=24", "eval_every=24", "eval_batches=4", "optimizer.lr=3e-3",
+                 "logging.progress=false"]
+    monkeypatch.chdir(tmp_path)
+    start = _eval(capsys, model, overrides)
+    code, err = cli_in_process(capsys, "train", *overrides)  # in this process: no interpreter start
+    assert code == 0, err
+    run_dir = only_run_dir(tmp_path / "outputs")
+    end = read_metrics(run_dir)[-1]["val_loss"]
+    with capsys.disabled():
+        print(f"held-out answer loss: {start['val_loss']:.3f} -> {end:.3f} ({start['val_tokens']} answer tokens)")
+    assert end < start["val_loss"] - 0.5, (start, end)
+    code, err = cli_in_process(capsys, "export", str(run_dir))
+    assert code == 0, err
+    assert _eval(capsys, run_dir, overrides)["val_loss"] == pytest.approx(end, rel=1e-4)
+    from effitrain.cli import main
 
-    from effitrain.data.loader import Shard
-    from effitrain.engine.loop import evaluate
-    from effitrain.engine.train import run
-    from effitrain.precision.build import build_precision
+    capsys.readouterr()
+    assert main(["sample", str(run_dir), "--chat", "def f(x):\n    return x + 1", "--tokens", "24"]) == 0
+    answer = capsys.readouterr().out
+    with capsys.disabled():
+        print(f"sample --chat: {answer!r}")
+    assert answer.strip()
 
-    overrides = [f"model.pretrained={model}", "data=chat-stdlib", f"data.cache_dir={cache_dir}", "data.seq_len=192",
-                 "batch_size=8", "max_steps=40", "eval_every=40", "eval_batches=4", "optimizer.lr=3e-3",
-                 "logging.progress=false", "checkpoint=off"]
-    cfg = compose(overrides)
-    data = prepared(overrides)
-    sets = data.validation(seq_len=192, batch_size=8, num_batches=4, shard=Shard())
-    hf = AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa", dtype=torch.float32)
-    start, _ = evaluate(hf, next(iter(sets.values())), precision=build_precision(cfg.precision, device=torch.device(
-        "cpu")), device=torch.device("cpu"))
-    run(cfg, tmp_path / "run")
-    end = read_metrics(tmp_path / "run")[-1]["val_loss"]
-    print(f"held-out answer loss: {start:.3f} -> {end:.3f}")
-    assert end < start - 0.5, (start, end)
+
+def _eval(capsys, model: Path, overrides: list[str]) -> dict:
+    """`effitrain eval MODEL data=... batch_size eval_batches` in this process: its JSON line."""
+    from effitrain.cli import main
+
+    keep = [o for o in overrides if o.startswith(("data", "batch_size", "eval_batches"))]
+    capsys.readouterr()
+    assert main(["eval", str(model), *keep]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
