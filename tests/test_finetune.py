@@ -113,6 +113,22 @@ def test_instruct_labels_are_the_completion_and_eos_and_batches_carry_them(model
     assert all(every.train.get(i)[1].all() for i in range(len(every.train)))
 
 
+def test_parquet_and_csv_give_the_samples_of_their_json_lines(model, files, cache_dir, tmp_path):
+    """data.paths may name tables `datasets` reads (only the columns the option reads): the same records render to
+    the same samples as their JSON lines."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(CHATS).to_parquet(str(tmp_path / "chat.parquet"))
+    datasets.Dataset.from_list([p | {"id": i} for i, p in enumerate(PAIRS)]).to_csv(str(tmp_path / "pairs.csv"),
+                                                                                  index=False)
+    for option, table in (("chat", tmp_path / "chat.parquet"), ("instruct", tmp_path / "pairs.csv")):
+        a = prepared(args(model, files, cache_dir, option))
+        b = prepared([*args(model, files, cache_dir, option), f"data.paths=[{table}]"])
+        # row by row (the split hashes the names, whose file part differs)
+        rows = [{int(s.names[i].rsplit(":", 1)[1]): tuple(map(bytes, s.get(i))) for s in (d.train, d.val)
+                 for i in range(len(s))} for d in (a, b)]
+        assert rows[0] == rows[1] and len(rows[0]) == len(CHATS if option == "chat" else PAIRS)
+
+
 def _only(batch, keep: slice):
     """The batch with the labels outside `keep` ignored: lm_loss is then one sample's loss, in its row's context."""
     from effitrain.data.sft import IGNORE, SftBatch

@@ -130,7 +130,7 @@ class ChatBase(SftBase):
 class ChatData(ChatBase):
     name: str = "chat"
     source: str = "chat"
-    paths: List[str] = field(default_factory=list)  # .jsonl/.json files or directories of them
+    paths: List[str] = field(default_factory=list)  # .jsonl/.json (or, with `datasets`, .parquet/.arrow/.csv) files
     field: str = "messages"  # the key holding the conversation: a list of {role, content}
 
 
@@ -139,7 +139,7 @@ class ChatData(ChatBase):
 class InstructData(SftBase):
     name: str = "instruct"
     source: str = "instruct"
-    paths: List[str] = field(default_factory=list)  # .jsonl/.json files or directories of them
+    paths: List[str] = field(default_factory=list)  # .jsonl/.json (or, with `datasets`, .parquet/.arrow/.csv) files
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     # the text before the completion; {prompt} is replaced by the prompt (no other braces are read)
@@ -199,7 +199,9 @@ def check_sft(cfg) -> None:
     if cfg.source == "instruct" and "{prompt}" not in cfg.template:
         raise UsageError(f"data.template={cfg.template!r} has no {{prompt}}: where does the prompt go?")
     if cfg.source != "chat-stdlib":
-        resolve_paths(source=cfg.source, paths=list(cfg.paths))
+        tables = {f.suffix for f in resolve_paths(source=cfg.source, paths=list(cfg.paths))} - {".jsonl", ".json"}
+        if tables:
+            require_extra("datasets", what=f"data={cfg.source} reading {'/'.join(sorted(tables))} files")
     check_cache_dir(cfg.cache_dir)
 
 
@@ -428,8 +430,8 @@ def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
     if not paths:
         raise DataError(f"data={source} needs data.paths=[file_or_dir,...]; none given")
     jsonl = {".jsonl", ".json"}
-    suffixes = {"jsonl": jsonl, "chat": jsonl, "instruct": jsonl, "datasets": set(DATASETS_BUILDERS)}.get(
-        source, TEXT_SUFFIXES)
+    tables = set(DATASETS_BUILDERS)  # .jsonl/.json read by effitrain, the others by `datasets`
+    suffixes = {"jsonl": jsonl, "chat": tables, "instruct": tables, "datasets": tables}.get(source, TEXT_SUFFIXES)
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()

@@ -38,7 +38,8 @@ class Records:
 @GROUP.builder("chat")
 def chat_records(cfg) -> Records:
     files = _named_files(cfg.source, list(cfg.paths))
-    return Records([f.path for f in files], lambda: _jsonl_records(files, _messages(cfg.field)),
+    return Records([f.path for f in files], lambda: _file_records(files, _messages(cfg.field),
+                                                                  columns={cfg.field: "data.field"}),
                    reader=f"chat:{cfg.field}")
 
 
@@ -46,7 +47,9 @@ def chat_records(cfg) -> Records:
 def instruct_records(cfg) -> Records:
     files = _named_files(cfg.source, list(cfg.paths))
     return Records([f.path for f in files],
-                   lambda: _jsonl_records(files, _pair(cfg.prompt_field, cfg.completion_field)),
+                   lambda: _file_records(files, _pair(cfg.prompt_field, cfg.completion_field),
+                                         columns={cfg.prompt_field: "data.prompt_field",
+                                                  cfg.completion_field: "data.completion_field"}),
                    reader=f"instruct:{cfg.prompt_field}:{cfg.completion_field}")
 
 
@@ -55,6 +58,20 @@ def stdlib_records(cfg) -> Records:
     files = [f for f in stdlib_corpus(cfg).files if f.name.endswith(".py")]
     return Records([f.path for f in files], lambda: (r for f in files for r in _functions(f.name, f.path)),
                    reader="chat-stdlib")
+
+
+def _file_records(files, parse, *, columns: dict[str, str]) -> Iterator[Record]:
+    """The records of JSON-lines files (read here) and of parquet/arrow/csv files (through `datasets`, data/hf.py:
+    only the `columns` the option reads), in file order."""
+    for file in files:
+        if file.path.suffix in (".jsonl", ".json"):
+            yield from _jsonl_records([file], parse)
+            continue
+        from effitrain.data.hf import read_columns
+
+        for row, values in read_columns(file.path, columns=columns):
+            name = f"{file.name}:{row}"
+            yield Record(name, name, parse(values, f"{file.path}: row {row}"))
 
 
 def _jsonl_records(files, parse) -> Iterator[Record]:
