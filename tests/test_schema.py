@@ -102,8 +102,8 @@ RUNS = [
     ["data=mix", "data.sources.a={{option:text,weight:1,paths:[{corpus}]}}",
      "data.sources.b={{option:jsonl,weight:1,paths:[{jsonl}],field:text}}"],
     # fine-tuning data: the {hf} model's tokenizer, given a chat template below
-    ["data=chat", "model.pretrained={hf}", "data.paths=[{chats}]", "data.system_prompt=Be brief."],
-    ["data=instruct", "model.pretrained={hf}", "data.paths=[{pairs}]"],
+    ["data=chat", "model.pretrained={hf}", "data.paths=[{chats}]", "data.system_prompt=Be brief.", "data.seq_len=64"],
+    ["data=instruct", "model.pretrained={hf}", "data.paths=[{pairs}]", "data.seq_len=64"],
     ["data=chat-stdlib", "model.pretrained={hf}", "data.seq_len=128"],
 ]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
