@@ -27,11 +27,11 @@ Rows: a sample of n tokens gives n-1 (input, label) positions, label -100 where 
 (data.packing=true), samples are laid into rows of seq_len positions in data order, next-fit, each row padded at
 its end; unpacked, one sample per row. Positions restart at 0 for each sample and at each pad, and no attention
 mask is passed: transformers (5.x, masking_utils.find_packed_sequence_indices) reads the restarts of position_ids
-as packed sequences and builds the block-diagonal causal mask itself, for sdpa and eager (and gives flash-attention
-the same sequences as varlen lengths), so a sample never attends to another. It does so only when no KV cache is
-passed, and a model whose config says use_cache makes one: engine/loop.lm_loss passes use_cache=False (without it
-the packed samples of this module's test see each other). Pads are labelled -100 and, each its
-own sequence, attend only to themselves.
+as packed sequences and builds the block-diagonal causal mask itself, for sdpa and eager (the models are built
+with sdpa, on CPU and CUDA alike: no device-specific path), so a sample never attends to another. It does so only
+when no KV cache is passed, and a model whose config says use_cache makes one: engine/loop.lm_loss passes
+use_cache=False (without it the packed samples of this module's test see each other). Pads are labelled -100 and,
+each its own sequence, attend only to themselves.
 
 The sampler is the token-window sampler's (loader.WindowSampler) over rows: epochs over the rows, shuffled by
 (seed, epoch), the rows of a global batch split across data-parallel ranks, the batch of any step a pure function
