@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from conftest import compose, tiny_overrides
 from effitrain.checks import check_all
 from effitrain.compose import GROUP_NAMES, group_options
+from effitrain.data import SFT_SOURCES
 
 OPTIONS = [(group, option) for group in GROUP_NAMES for option in group_options(group)]
 # Options that only make sense beside others: the companions a user would set with them.
@@ -24,6 +27,10 @@ COMPANIONS = {
     ("compression", "lora"): ["model.pretrained={hf}"],  # a directory with a config.json (not loaded here)
     ("compression", "distill"): ["compression.distill.teacher={hf}"],
     ("data", "mix"): ["data.sources.code={{option:text,weight:1,paths:[{corpus}]}}"],
+    # fine-tuning data trains with the model's own tokenizer and chat template (own_tokenizer writes both to {hf})
+    ("data", "chat"): ["model.pretrained={hf}", "data.paths=[{chats}]"],
+    ("data", "instruct"): ["model.pretrained={hf}", "data.paths=[{pairs}]"],
+    ("data", "chat-stdlib"): ["model.pretrained={hf}"],
 }
 
 
@@ -34,10 +41,18 @@ def test_every_option_composes_and_checks(group, option, corpus, jsonl_corpus, c
     overrides = tiny_overrides(corpus, cache_dir)
     if group in ("data", "model"):  # keep the option's own values, not the tiny run's
         overrides = [o for o in overrides if not o.startswith(f"{group}.") and not o.startswith(f"{group}=")]
-        if group == "data" and option not in ("stdlib", "mix"):
+        if group == "data" and option not in ("stdlib", "mix", *SFT_SOURCES):
             overrides.append(f"data.paths=[{jsonl_corpus if option in ('jsonl', 'datasets') else corpus}]")
+    if group == "data" and option in SFT_SOURCES:
+        from test_own_tokenizer import own_tokenizer
+
+        own_tokenizer(tmp_path, corpus)
+        chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+        (tmp_path / "chats.jsonl").write_text(json.dumps(chat) + "\n")
+        (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "hello"}) + "\n")
     chosen = COMPANIONS.get((group, option), COMPANIONS.get(group, []))
-    companions = [c.format(hf=tmp_path, corpus=corpus) for c in chosen]
+    companions = [c.format(hf=tmp_path, corpus=corpus, chats=tmp_path / "chats.jsonl", pairs=tmp_path / "pairs.jsonl")
+                  for c in chosen]
     cfg = compose([*overrides, f"{group}={option}", *companions])
     if group in cfg and "name" in cfg[group]:
         assert cfg[group].name == option

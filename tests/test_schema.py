@@ -4,12 +4,14 @@ by its builders -- a key nothing reads would be silently ignored, so it must not
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import compose, tiny_overrides
 from effitrain.compose import GROUPS, TrainConfig, config_dir, group_options
+from effitrain.data import SFT_SOURCES
 
 
 def test_yamls_schemas_and_builders_agree():
@@ -100,7 +102,13 @@ RUNS = [
     ["precision=fp8", "device=cpu"],  # refused on the CPU: its keys are read before the device check
     ["data=mix", "data.sources.a={{option:text,weight:1,paths:[{corpus}]}}",
      "data.sources.b={{option:jsonl,weight:1,paths:[{jsonl}],field:text}}"],
+    # fine-tuning data: the {hf} model's tokenizer, given a chat template below
+    ["data=chat", "model.pretrained={hf}", "data.paths=[{chats}]", "data.system_prompt=Be brief.", "data.seq_len=64"],
+    ["data=instruct", "model.pretrained={hf}", "data.paths=[{pairs}]", "data.seq_len=64"],
+    ["data=chat-stdlib", "model.pretrained={hf}", "data.seq_len=128"],
 ]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
 def _kind_key(group, cfg) -> str:
@@ -115,13 +123,21 @@ def test_every_schema_key_is_read(reads, corpus, jsonl_corpus, cache_dir, tmp_pa
     from effitrain.launcher.launch import launch_config
 
     hf = make_hf_model_dir(tiny_overrides(corpus, cache_dir), tmp_path / "hf")  # a pretrained model, a teacher
+    (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    chats, pairs = tmp_path / "chats.jsonl", tmp_path / "pairs.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} + 1?"},
+                                                      {"role": "assistant", "content": str(i + 1)}]}) + "\n"
+                             for i in range(40)))
+    pairs.write_text("".join(json.dumps({"prompt": f"{i} + 1?", "completion": str(i + 1)}) + "\n" for i in range(40)))
     multi = {g.name for g in GROUPS if g.multi}
     read_by_kind: dict[str, set[str]] = {}
     for i, extra in enumerate(RUNS):
-        extra = [e.format(hf=hf, corpus=corpus, jsonl=jsonl_corpus) for e in extra]
+        extra = [e.format(hf=hf, corpus=corpus, jsonl=jsonl_corpus, chats=chats, pairs=pairs) for e in extra]
         base = tiny_overrides(corpus, cache_dir, "max_steps=2", "eval_every=2")
-        if "data=stdlib" in extra or "data=mix" in extra:  # no data.paths: the embedded corpus, a mix's sources
-            base = [o for o in base if not o.startswith("data.paths")]
+        if any(e in extra for e in ("data=stdlib", "data=mix", "data=chat", "data=instruct", "data=chat-stdlib")):
+            base = [o for o in base if not o.startswith("data.paths")]  # the embedded corpus, sources, or given
+        if any(e.startswith("data=") and e[5:] in SFT_SOURCES for e in extra):  # keys text data has and they not
+            base = [o for o in base if not o.startswith(("data=", "data.vocab_size"))]
         data = [f"data.paths=[{jsonl_corpus}]"] if {"data=jsonl", "data=datasets"} & set(extra) else []
         cfg = compose([*base, *data, *extra])
         kinds = {group.name: _kind_key(group, cfg) for group in GROUPS}

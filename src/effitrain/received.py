@@ -126,9 +126,11 @@ def check_reach(cfg, root: Path, *, allow_external: bool, where: Path) -> None:
     if cfg.checkpoint.get("dir") and not _inside(cfg.checkpoint.dir, root):
         raise _refuse(where, f"keeps its checkpoints outside {root} (checkpoint.dir={cfg.checkpoint.dir})")
     cache = Path(cfg.data.cache_dir).expanduser()
-    # the default cache, or one this machine's runs already built (it has their listings): effitrain writes there
-    # for any run; a directory of the sender's choosing it would create or fill is another matter
-    if not (_inside(cache, root) or cache == Path(DataBase.cache_dir).expanduser() or (cache / "listings").is_dir()):
+    # the default cache, or one this machine's runs already built (it has their listings, or fine-tuning samples:
+    # data/sft.py): effitrain writes there for any run; a directory of the sender's choosing it would create or fill
+    # is another matter
+    built = (cache / "listings").is_dir() or (cache / "sft").is_dir()
+    if not (_inside(cache, root) or cache == Path(DataBase.cache_dir).expanduser() or built):
         raise _refuse(where, f"writes its token cache outside {root} (data.cache_dir={cfg.data.cache_dir}, not an "
                       "effitrain cache on this machine)")
 

@@ -46,13 +46,15 @@ def _model_dir(path: Path) -> Path:
 def evaluate_model(cfg) -> dict:
     """{'val_loss', 'val_ppl', 'val_bpb', 'task/<name>'...} of cfg.model.pretrained on cfg.data's validation split;
     for data=mix also 'val_loss/<source>' and 'val_bpb/<source>' (val_loss: weighted by the sources' weights, as a
-    mixed run reports it)."""
+    mixed run reports it); for fine-tuning data the loss on the held-out answers (val_tokens: their tokens; no
+    bits per byte: the answers' bytes are not the windows' the others count)."""
+    import torch
+
     from effitrain.base.distributed import pick_device
     from effitrain.data.loader import Shard
     from effitrain.data.mix import prepare_run_data
     from effitrain.data.tokens import load_tokenizer
     from effitrain.engine.loop import evaluate
-    from effitrain.eval.tasks import load_task, task_accuracy
     from effitrain.model.build import build_model
     from effitrain.precision.build import build_precision
 
@@ -65,6 +67,9 @@ def evaluate_model(cfg) -> dict:
                            shard=Shard())
     result = data.evaluate(sets, loss_of=lambda batches: evaluate(model, batches, precision=precision,
                                                                   device=device)[0])
+    if not isinstance(next(iter(sets.values()))[0], torch.Tensor):  # fine-tuning samples: the loss on the answers
+        result |= {"val_bpb": None, "val_tokens": sum(b.trained_tokens() for bs in sets.values() for b in bs)}
+        return result | _task_scores(cfg, model, tokenizer, precision, device)
     if data.mixed:  # per source; overall their weighted mean, as val_loss
         per_source = {name: bits_per_byte(result[f"val_loss/{name}"], batches, tokenizer)
                       for name, batches in sets.items()}
@@ -75,11 +80,18 @@ def evaluate_model(cfg) -> dict:
     else:
         result["val_bpb"] = bits_per_byte(result["val_loss"], next(iter(sets.values())), tokenizer)
     result["val_tokens"] = sum(b[:, 1:].numel() for batches in sets.values() for b in batches)
+    return result | _task_scores(cfg, model, tokenizer, precision, device)
+
+
+def _task_scores(cfg, model, tokenizer, precision, device) -> dict:
+    from effitrain.eval.tasks import load_task, task_accuracy
+
+    scores = {}
     for spec in cfg.eval.tasks:
         task = load_task(spec, max_items=cfg.eval.task_items)
-        result[f"task/{task.name}"] = task_accuracy(model, tokenizer, task, max_len=cfg.data.seq_len,
+        scores[f"task/{task.name}"] = task_accuracy(model, tokenizer, task, max_len=cfg.data.seq_len,
                                                     precision=precision, device=device)
-    return result
+    return scores
 
 
 def bits_per_byte(mean_loss: float, batches, tokenizer) -> float | None:

@@ -98,8 +98,69 @@ class MixData(DataBase):
     sources: Dict[str, Any] = field(default_factory=dict)
 
 
+# fine-tuning data (data/sft.py): samples, not a token stream; trained with the model's own tokenizer
+SFT_SOURCES = ("chat", "instruct", "chat-stdlib")
+
+
+@dataclass
+class SftBase:
+    """Fine-tuning samples: each rendered by the model's own tokenizer, its loss on the answers (data/sft.py). Not a
+    DataBase: no BPE is trained and no document filter applies, so those keys do not exist here."""
+
+    name: str = "chat"
+    source: str = "chat"
+    tokenizer: Optional[str] = None  # path to a tokenizer.json; None = model.pretrained's own (one is required)
+    seq_len: int = 256  # tokens per row: a packed row holds several samples, an unpacked one one (padded)
+    val_fraction: float = 0.05  # share of samples held out for validation (by a hash of their split key)
+    cache_dir: str = "~/.cache/effitrain"
+    prefetch: int = 2  # batches prepared ahead by a background thread; 0 = synchronous
+    train_on: str = "answers"  # answers: loss on the assistant turns / completions (their EOS included); all
+    packing: bool = True  # several samples per row, each attending only to itself (positions restart per sample)
+    overflow: str = "drop"  # a sample longer than seq_len + 1 tokens: drop (counted), truncate, or refuse (names it)
+
+
+@dataclass
+class ChatBase(SftBase):
+    chat_template: Optional[str] = None  # a Jinja chat template; None = the tokenizer's own (tokenizer_config.json)
+    system_prompt: Optional[str] = None  # a system turn put first in every conversation that has none
+
+
+@GROUP.option("chat")
+@dataclass
+class ChatData(ChatBase):
+    name: str = "chat"
+    source: str = "chat"
+    paths: List[str] = field(default_factory=list)  # .jsonl/.json (or, with `datasets`, .parquet/.arrow/.csv) files
+    field: str = "messages"  # the key holding the conversation: a list of {role, content}
+
+
+@GROUP.option("instruct")
+@dataclass
+class InstructData(SftBase):
+    name: str = "instruct"
+    source: str = "instruct"
+    paths: List[str] = field(default_factory=list)  # .jsonl/.json (or, with `datasets`, .parquet/.arrow/.csv) files
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    # the text before the completion; {prompt} is replaced by the prompt (no other braces are read)
+    template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+@GROUP.option("chat-stdlib")
+@dataclass
+class ChatStdlibData(ChatBase):
+    """Embedded fine-tuning set: documented functions of this interpreter's standard library; the user turn a
+    function's code without its docstring, the answer the docstring's first paragraph; held out by file."""
+
+    name: str = "chat-stdlib"
+    source: str = "chat-stdlib"
+
+
 @GROUP.checks
 def check(cfg) -> None:
+    if cfg.source in SFT_SOURCES:
+        check_sft(cfg)
+        return
     if cfg.seq_len <= 0:
         raise UsageError(f"data.seq_len={cfg.seq_len} must be a positive integer")
     if not 0 < cfg.val_fraction < 1:
@@ -124,6 +185,65 @@ def check(cfg) -> None:
     check_cache_dir(cfg.cache_dir)
     if cfg.tokenizer:  # parsed now: a damaged one, or one with no EOS, is one line before any run directory exists
         tokenizer_specials(Path(cfg.tokenizer).expanduser(), what=f"data.tokenizer={cfg.tokenizer}")
+
+
+def check_sft(cfg) -> None:
+    """A fine-tuning option's own values (its tokenizer and template are checked against the run: check_sft_run)."""
+    if cfg.seq_len <= 0:
+        raise UsageError(f"data.seq_len={cfg.seq_len} must be a positive integer")
+    if not 0 < cfg.val_fraction < 1:
+        raise UsageError(f"data.val_fraction={cfg.val_fraction} must lie strictly between 0 and 1")
+    for key, allowed in (("train_on", ("answers", "all")), ("overflow", ("drop", "truncate", "refuse"))):
+        if cfg[key] not in allowed:
+            raise UsageError(f"data.{key}={cfg[key]!r} is not one of: {', '.join(allowed)}")
+    if cfg.source == "instruct" and "{prompt}" not in cfg.template:
+        raise UsageError(f"data.template={cfg.template!r} has no {{prompt}}: where does the prompt go?")
+    if cfg.source != "chat-stdlib":
+        tables = {f.suffix for f in resolve_paths(source=cfg.source, paths=list(cfg.paths))} - {".jsonl", ".json"}
+        if tables:
+            require_extra("datasets", what=f"data={cfg.source} reading {'/'.join(sorted(tables))} files")
+    check_cache_dir(cfg.cache_dir)
+
+
+def check_sft_run(node, cfg) -> None:
+    """A fine-tuning option against the run: the model's tokenizer (and its chat template) exist, and the options
+    that read a batch as a plain token window are not chosen with it."""
+    data = run_data_config(cfg)
+    if not data.tokenizer:
+        raise UsageError(f"data={node.source} trains with the model's own tokenizer: give model.pretrained=DIR (with "
+                         "its tokenizer.json) or data.tokenizer=PATH")
+    path = Path(data.tokenizer).expanduser()
+    tokenizer_specials(path, what=f"data.tokenizer={data.tokenizer}")
+    if node.source != "instruct":
+        chat_template(path, given=node.chat_template)
+    if "distill" in cfg.compression:
+        raise UsageError(f"compression=distill reads plain token windows; data={node.source} is not one yet")
+    if cfg.parallel.strategy in ("tp", "fsdp-tp"):
+        raise UsageError(f"data={node.source} under parallel={cfg.parallel.strategy}: packed samples through "
+                         "tensor/sequence parallelism are not tested yet; use parallel=ddp or fsdp")
+
+
+def chat_template(tokenizer: Path, *, given: Optional[str]) -> str:
+    """The chat template: data.chat_template if given, else the tokenizer's own (tokenizer_config.json's
+    chat_template, or a chat_template.jinja beside it, as transformers saves it); one line when there is none."""
+    import json
+
+    if given:
+        return given
+    config = tokenizer.parent / "tokenizer_config.json"
+    try:
+        own = json.loads(config.read_bytes()).get("chat_template") if config.is_file() else None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{config} is damaged ({e})") from None
+    if isinstance(own, list):  # [{name, template}, ...]: the default one
+        own = next((t.get("template") for t in own if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja = tokenizer.parent / "chat_template.jinja"
+    if not own and jinja.is_file():
+        own = jinja.read_text(encoding="utf-8")
+    if not isinstance(own, str) or not own:
+        raise DataError(f"the tokenizer {tokenizer} has no chat template (no chat_template in {config.name}, no "
+                        "chat_template.jinja); give one: data.chat_template='{% for m in messages %}...'")
+    return own
 
 
 def check_cache_dir(cache_dir: str) -> None:
@@ -271,6 +391,10 @@ def tokenizer_specials(path: Path, *, what: str | None = None, tok=None,
     return Specials(eos=tok.id_to_token(eos_id), eos_id=eos_id, bos_id=bos_id, source=source)
 
 
+for _kind in SFT_SOURCES:
+    GROUP.check_of(_kind)(check_sft_run)
+
+
 def _check_near_dup(c) -> None:
     if c.near_dup_threshold is None:
         return
@@ -305,7 +429,9 @@ def resolve_paths(*, source: str, paths: list[str]) -> list[Path]:
     """The files named by data.paths (directories expanded), checked to exist and hold data."""
     if not paths:
         raise DataError(f"data={source} needs data.paths=[file_or_dir,...]; none given")
-    suffixes = {"jsonl": {".jsonl", ".json"}, "datasets": set(DATASETS_BUILDERS)}.get(source, TEXT_SUFFIXES)
+    jsonl = {".jsonl", ".json"}
+    tables = set(DATASETS_BUILDERS)  # .jsonl/.json read by effitrain, the others by `datasets`
+    suffixes = {"jsonl": jsonl, "chat": tables, "instruct": tables, "datasets": tables}.get(source, TEXT_SUFFIXES)
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -368,7 +494,7 @@ def source_configs(cfg) -> dict[str, tuple[float, object]]:
         if not OmegaConf.is_dict(entry):
             raise UsageError(f"{where}={entry!r} must be a mapping {{option: ..., weight: ..., ...}}")
         option = entry.get("option")
-        kinds = [kind for kind in GROUP.schemas if kind != "mix"]
+        kinds = [kind for kind in GROUP.schemas if kind != "mix" and kind not in SFT_SOURCES]  # text sources only
         if option not in kinds:
             raise UsageError(f"{where}.option={option!r} is not one of: {', '.join(kinds)}")
         weight = entry.get("weight")

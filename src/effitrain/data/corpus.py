@@ -204,3 +204,6 @@ def split(docs: list[Document], val_fraction: float) -> tuple[list[Document], li
     val = [d for d in docs if is_validation(d, val_fraction)]
     train = [d for d in docs if not is_validation(d, val_fraction)]
     return train, val
+
+
+from effitrain.data import records  # noqa: E402, F401 (registers the fine-tuning options' builders)

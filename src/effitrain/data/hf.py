@@ -38,6 +38,15 @@ def _datasets():
 
 def read_rows(path: Path, *, name: str, field: str) -> Iterator[tuple[str, str]]:
     """(document name, text) of each row of the local file `path` (named `name` in the corpus), streamed in batches."""
+    for row, values in read_columns(path, columns={field: "data.field"}):
+        if values[field] is None:
+            raise DataError(f"{path}: row {row}: {field!r} is null")
+        yield f"{name}:{row}", str(values[field])
+
+
+def read_columns(path: Path, *, columns: dict[str, str]) -> Iterator[tuple[int, dict]]:
+    """(row number from 1, {column: value}) of each row of the local file `path`, streamed in batches; `columns` maps
+    each column read to the key that names it (for the error when the file lacks it)."""
     builder = DATASETS_BUILDERS[path.suffix]
     datasets = _datasets()
     row = 0
@@ -47,14 +56,13 @@ def read_rows(path: Path, *, name: str, field: str) -> Iterator[tuple[str, str]]
             rows = datasets.load_dataset(builder, data_files=[glob.escape(str(path))], split="train",
                                          streaming=True, cache_dir=scratch)
             for batch in rows.iter(batch_size=_BATCH_ROWS):
-                if field not in batch:
-                    raise DataError(f"{path}: no column {field!r} (its columns: {', '.join(batch)}; set "
-                                    "data.field to the column holding the text)")
-                for text in batch[field]:
+                for column, key in columns.items():
+                    if column not in batch:
+                        raise DataError(f"{path}: no column {column!r} (its columns: {', '.join(batch)}; set "
+                                        f"{key} to the column holding it)")
+                for values in zip(*(batch[column] for column in columns), strict=True):
                     row += 1
-                    if text is None:
-                        raise DataError(f"{path}: row {row}: {field!r} is null")
-                    yield f"{name}:{row}", str(text)
+                    yield row, dict(zip(columns, values, strict=True))
     except DataError:
         raise
     except Exception as e:  # Arrow, pandas, fsspec and datasets each raise their own kinds: one line naming the file

@@ -131,8 +131,13 @@ def prepare_run_data(cfg) -> RunData:
     Args:
         cfg: the `data` config group.
     """
+    from effitrain.data import SFT_SOURCES
     from effitrain.data.prepare import prepare_data
 
+    if cfg.source in SFT_SOURCES:  # fine-tuning samples, not a token stream (data/sft.py)
+        from effitrain.data.sft import prepare_sft
+
+        return prepare_sft(cfg)
     if cfg.source != "mix":
         return RunData(sources={cfg.name: prepare_data(cfg)}, weights={cfg.name: 1.0}, mixed=False)
     sources = source_configs(cfg)

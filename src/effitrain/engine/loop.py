@@ -63,13 +63,25 @@ class RouterLoad:
                 "expert_load_cv": [round(float(c), 6) for c in cv]}
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor, converters: ModelConverter | None = None,
+def lm_loss(model: nn.Module, batch, converters: ModelConverter | None = None,
             router: RouterLoad | None = None) -> torch.Tensor:
-    """Next-token cross entropy of a [B, T+1] window batch (inputs [:, :-1], targets [:, 1:]), plus the loss terms
-    the converters add (distillation, regularisers) and, given a RouterLoad, the router's auxiliary loss."""
-    out = model(input_ids=batch[:, :-1], **({"output_router_logits": True} if router is not None else {}))
-    logits = out.logits
-    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    """Next-token cross entropy of a [B, T+1] window batch (inputs [:, :-1], targets [:, 1:]), or of a fine-tuning
+    batch (data/sft.py: SftBatch) averaged over its trained labels, plus the loss terms the converters add
+    (distillation, regularisers) and, given a RouterLoad, the router's auxiliary loss."""
+    routed = {"output_router_logits": True} if router is not None else {}
+    if isinstance(batch, torch.Tensor):
+        out = model(input_ids=batch[:, :-1], **routed)
+        logits = out.logits
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    else:
+        # packed samples: positions restart per sample, and transformers masks attention between them from that --
+        # only without a KV cache (it skips the detection when one exists, and config.use_cache makes one)
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **routed)
+        logits = out.logits
+        labels = batch.labels.flatten()
+        # the sum over the trained labels / their count (at least 1: a batch of pads alone gives 0, not nan)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100, reduction="sum") \
+            / (labels != -100).sum().clamp(min=1)
     if router is not None:
         router.add(out.router_logits)
         router.aux.append(out.aux_loss.detach())
@@ -78,12 +90,13 @@ def lm_loss(model: nn.Module, batch: torch.Tensor, converters: ModelConverter | 
     return loss if extra is None else loss + extra
 
 
-def forward_backward_step(model: nn.Module, batch: torch.Tensor, *, precision, accum_steps: int,
+def forward_backward_step(model: nn.Module, batch, *, precision, accum_steps: int,
                           converters: ModelConverter | None = None, router: RouterLoad | None = None
                           ) -> torch.Tensor:
     with precision.autocast():
         loss = lm_loss(model, batch, converters, router)
-    # micro-batches hold equal token counts, so dividing by their number gives the global-batch mean
+    # micro-batches hold equal token counts, so dividing by their number gives the global-batch mean (fine-tuning
+    # batches: the mean of the micro-batches' answer-token means)
     precision.backward(loss / accum_steps)
     return loss.detach()
 
@@ -136,7 +149,8 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], *, precision, device
         batch = batch.to(device, non_blocking=True)
         with precision.autocast():
             loss = lm_loss(model, batch)
-        mean.update(loss.float(), weight=batch.shape[0])
+        # a fine-tuning batch weighs its trained labels: the mean over every held-out answer token
+        mean.update(loss.float(), weight=batch.shape[0] if isinstance(batch, torch.Tensor) else batch.trained_tokens())
     model.train(was_training)
     val_loss = float(mean.compute())
     return val_loss, math.exp(min(val_loss, 50.0))

@@ -1,0 +1,314 @@
+"""Fine-tuning data (issue 25): data=chat / data=instruct / data=chat-stdlib with the model's own tokenizer and chat
+template; labels only on the answers (their EOS included), packed samples that never see each other (loss and
+gradients of a packed sample = that sample alone), data.overflow, an exact sampler (kill + resume through the CLI
+is bit-identical), training single and under ddp(2) with LoRA, and the embedded set lowering the held-out answer
+loss of a tiny pretrained model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli_in_process, compose, only_run_dir, read_metrics, run_cli, start_cli, train_ok, wait_for
+from test_own_tokenizer import own_checkpoint
+
+CHATS = [  # multi-turn, with a system turn in some: every assistant turn is trained on
+    {"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                  {"role": "assistant", "content": f"it is {2 * i}."},
+                  *([{"role": "user", "content": "and times two?"},
+                     {"role": "assistant", "content": f"then {4 * i}."}] if i % 3 == 0 else [])]}
+    for i in range(60)
+]
+PAIRS = [{"prompt": f"Name the number after {i}.", "completion": f"{i + 1}, of course."} for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def model(corpus, tmp_path_factory) -> Path:
+    """A tiny random llama with its own tokenizer and chat template (128 positions: rope needs no more weights)."""
+    out = own_checkpoint(tmp_path_factory.mktemp("model") / "m", corpus)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 256}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sft")
+    out = {}
+    for name, rows in (("chat", CHATS), ("instruct", PAIRS)):
+        out[name] = root / f"{name}.jsonl"
+        out[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def args(model: Path, files: dict, cache_dir: Path, option: str, *extra: str) -> list[str]:
+    paths = [] if option == "chat-stdlib" else [f"data.paths=[{files[option]}]"]
+    return [f"model.pretrained={model}", f"data={option}", *paths, f"data.cache_dir={cache_dir}", "data.seq_len=64",
+            "batch_size=4", "max_steps=6", "eval_every=3", "eval_batches=1", "logging.progress=false", *extra]
+
+
+def prepared(overrides: list[str]):
+    from effitrain.checks import check_all
+    from effitrain.data import run_data_config
+    from effitrain.data.mix import prepare_run_data
+
+    cfg = compose(overrides)
+    check_all(cfg)
+    return prepare_run_data(run_data_config(cfg))
+
+
+def _decode(model: Path, ids) -> str:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model / "tokenizer.json")).decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2], edges[1::2], strict=True))
+
+
+def test_chat_labels_are_exactly_the_answers_and_their_eot(model, files, cache_dir):
+    data = prepared(args(model, files, cache_dir, "chat", "data.system_prompt=Be brief."))
+    names = data.train.names
+    for i in range(len(data.train)):
+        ids, mask = data.train.get(i)
+        turns = CHATS[int(names[i].rsplit(":", 1)[1]) - 1]["messages"]
+        answers = [t["content"] for t in turns if t["role"] == "assistant"]
+        trained = [_decode(model, ids[a:b]) for a, b in _runs(mask)]
+        # a token joining the prompt's last space to the answer's first word is the answer's
+        assert [t.lstrip(" ") for t in trained] == [f"{a}<|eot|>" for a in answers], (names[i], trained)
+        context = _decode(model, ids[~mask])
+        assert context.startswith("<|bos|>system: Be brief.<|eot|><|bos|>user: ")
+        assert all(a not in context for a in answers)
+    report, kept = data.report()["train"], data.fitted("train", 64).keep
+    assert report["trained_tokens"] == sum(int(data.train.get(i)[1][1:n + 1].sum()) for i, n in kept)
+    assert report["context_tokens"] == sum(n for _, n in kept) - report["trained_tokens"] > 0
+
+
+def test_instruct_labels_are_the_completion_and_eos_and_batches_carry_them(model, files, cache_dir):
+    from effitrain.data.sft import IGNORE
+
+    data = prepared(args(model, files, cache_dir, "instruct"))
+    for i in range(len(data.train)):
+        ids, mask = data.train.get(i)
+        pair = PAIRS[int(data.train.names[i].rsplit(":", 1)[1]) - 1]
+        assert [_decode(model, ids[a:b]) for a, b in _runs(mask)] == [pair["completion"] + "<|eot|>"]
+        assert _decode(model, ids[~mask]) == f"### Instruction:\n{pair['prompt']}\n\n### Response:\n"
+    sampler = data.sampler(seq_len=64, seed=3)
+    batch = sampler.windows(0, sampler.num_windows)  # every row once
+    labels, inputs = batch.labels.numpy(), batch.input_ids.numpy()
+    assert (labels != IGNORE).sum() == data.report()["train"]["trained_tokens"]
+    # a label is the next input of its own sample; the first position of each sample is no sample's label target
+    nxt = (labels[:, :-1] != IGNORE) & (batch.position_ids.numpy()[:, 1:] != 0)
+    assert (labels[:, :-1][nxt] == inputs[:, 1:][nxt]).all()
+    every = prepared(args(model, files, cache_dir, "instruct", "data.train_on=all"))
+    assert all(every.train.get(i)[1].all() for i in range(len(every.train)))
+
+
+def test_parquet_and_csv_give_the_samples_of_their_json_lines(model, files, cache_dir, tmp_path):
+    """data.paths may name tables `datasets` reads (only the columns the option reads): the same records render to
+    the same samples as their JSON lines."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(CHATS).to_parquet(str(tmp_path / "chat.parquet"))
+    datasets.Dataset.from_list([p | {"id": i} for i, p in enumerate(PAIRS)]).to_csv(str(tmp_path / "pairs.csv"),
+                                                                                  index=False)
+    for option, table in (("chat", tmp_path / "chat.parquet"), ("instruct", tmp_path / "pairs.csv")):
+        a = prepared(args(model, files, cache_dir, option))
+        b = prepared([*args(model, files, cache_dir, option), f"data.paths=[{table}]"])
+        # row by row (the split hashes the names, whose file part differs)
+        rows = [{int(s.names[i].rsplit(":", 1)[1]): tuple(map(bytes, s.get(i))) for s in (d.train, d.val)
+                 for i in range(len(s))} for d in (a, b)]
+        assert rows[0] == rows[1] and len(rows[0]) == len(CHATS if option == "chat" else PAIRS)
+
+
+def _only(batch, keep: slice):
+    """The batch with the labels outside `keep` ignored: lm_loss is then one sample's loss, in its row's context."""
+    from effitrain.data.sft import IGNORE, SftBatch
+
+    labels = torch.full_like(batch.labels, IGNORE)
+    labels[:, keep] = batch.labels[:, keep]
+    return SftBatch(batch.input_ids, labels, batch.position_ids.clone())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_packed_sample_has_the_loss_and_gradients_of_that_sample_alone(family, corpus, files, tmp_path):
+    """engine/loop.lm_loss on a packed row (the other samples' labels ignored) against the sample in a row alone;
+    the control: the same row with positions that do not restart gives another loss (the test can fail)."""
+    from transformers import AutoModelForCausalLM
+
+    from effitrain.data.sft import make_batch
+    from effitrain.engine.loop import lm_loss
+
+    path = own_checkpoint(tmp_path / family, corpus, family=family)
+    data = prepared(args(path, files, tmp_path / "cache", "chat", "data.seq_len=128"))
+    packed = data.fitted("train", 128)
+    row = next(r for r in packed.rows if len(r) >= 2)
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    together = make_batch(packed, [row], seq_len=128, pad_id=0)
+    at = 0
+    for k in row:
+        n = packed.keep[k][1]
+        results = []
+        for batch in (_only(together, slice(at, at + n)), make_batch(packed, [[k]], seq_len=n, pad_id=0)):
+            hf.zero_grad()
+            loss = lm_loss(hf, batch)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in hf.parameters()]))
+        (packed_loss, packed_grads), (alone_loss, alone_grads) = results
+        torch.testing.assert_close(packed_loss, alone_loss, rtol=0, atol=1e-5)
+        for a, b in zip(packed_grads, alone_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        if at > 0:  # the control: without restarting positions the same sample sees the ones before it (and the
+            # tolerance above is ten times finer than what that changes)
+            crosstalk = _only(together, slice(at, at + n))
+            crosstalk.position_ids[0] = torch.arange(128)
+            with torch.no_grad():
+                assert abs(float(lm_loss(hf, crosstalk)) - float(alone_loss)) > 1e-4
+        at += n
+
+
+def test_overflow_drops_truncates_or_refuses_naming_the_row(model, files, cache_dir, tmp_path, capsys, monkeypatch):
+    long = {"messages": [{"role": "user", "content": "tell me a long story " * 20},
+                         {"role": "assistant", "content": "no"}]}
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*CHATS[:30], long, *CHATS[30:]]))
+    base = [*args(model, files, cache_dir, "chat"), f"data.paths=[{path}]", "data.seq_len=128"]
+    drop = prepared(base).report()["train"]
+    assert drop["dropped_overflow"] == 1 and drop["kept"] == drop["samples"] - 1
+    cut = prepared([*base, "data.overflow=truncate"]).report()["train"]
+    # truncated at seq_len: the answer is lost with the tail, so the sample trains nothing and is dropped as such
+    assert cut["truncated"] == 1 and cut["dropped_no_answer"] == 1 and cut["dropped_overflow"] == 0
+    answered = prepared([*base, "data.overflow=truncate", "data.train_on=all"]).report()["train"]
+    assert answered["truncated"] == 1 and answered["kept"] == answered["samples"]
+    monkeypatch.chdir(tmp_path)
+    code, err = cli_in_process(capsys, "train", *base, "data.overflow=refuse")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{path.name}:31:" in err and "data.overflow=refuse" in err
+
+
+def test_bad_input_is_one_line(model, files, cache_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("tokenizer.json", "config.json", "model.safetensors"):
+        (plain / name).write_bytes((model / name).read_bytes())
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (plain / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    cases = [
+        ([f"model.pretrained={plain}"], "has no chat template"),
+        (["data.train_on=prompts"], "data.train_on='prompts' is not one of: answers, all"),
+        (["data.vocab_size=512"], "vocab_size"),  # a key of text data: not one of chat's
+        ([f"data.paths=[{bad}]"], "bad.jsonl:1: the conversation has no assistant turn"),
+    ]
+    for extra, message in cases:
+        code, err = cli_in_process(capsys, "train", *args(model, files, cache_dir, "chat"), *extra)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert message in err, err
+    code, err = cli_in_process(capsys, "train", "data=chat", f"data.paths=[{files['chat']}]")
+    assert code == 2 and "give model.pretrained=DIR" in err, err
+
+
+def test_rows_are_disjoint_across_ranks_and_a_pure_function_of_the_step(model, files, cache_dir):
+    from effitrain.data.loader import Shard, TrainBatches
+
+    data = prepared(args(model, files, cache_dir, "chat"))
+    sampler = data.sampler(seq_len=64, seed=5)
+    ranks = [TrainBatches(sampler, batch_size=2, grad_accum_steps=2, shard=Shard(r, 2)) for r in range(2)]
+    seen = []
+    for step in range(sampler.num_windows // 8):  # one epoch: no row twice
+        for micro in range(2):
+            for b in ranks:
+                seen += [tuple(row) for row in b.get(step, micro).input_ids.tolist()]
+    assert len(set(seen)) == len(seen)
+    again = data.sampler(seq_len=64, seed=5)
+    assert torch.equal(again.windows(37, 3).labels, sampler.windows(37, 3).labels)  # any order of asking
+
+
+def _run_dir(cwd: Path) -> Path | None:
+    dirs = [d for d in (cwd / "outputs").glob("*/*") if d.is_dir()]
+    return dirs[0] if dirs else None
+
+
+COMPARED = ("step", "loss", "grad_norm", "lr", "val_loss")
+
+
+def test_chat_with_lora_trains_and_a_kill_then_resume_is_bit_identical(model, files, cache_dir, tmp_path):
+    overrides = args(model, files, cache_dir, "chat", "compression=lora", "max_steps=10", "eval_every=5",
+                     "checkpoint.every=4", "checkpoint.keep_last=0", "logging.every=1")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    train_ok(reference, *overrides)
+    ref = only_run_dir(reference / "outputs")
+    report = json.loads((ref / "data_report.json").read_text())
+    assert report["format"] == "chat" and report["train"]["trained_tokens"] > 0
+    assert "trainable parameters" in (ref / "train.log").read_text()
+    cwd = tmp_path / "killed"
+    cwd.mkdir()
+    proc = start_cli(cwd, "train", *overrides)
+    wait_for(lambda: (d := _run_dir(cwd)) is not None and (d / "checkpoints/step-4/manifest.json").is_file(), proc, cwd)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_dir = _run_dir(cwd)
+    assert len(read_metrics(run_dir)) < 10, "the run finished before the kill: nothing was tested"
+    result = run_cli("resume", str(run_dir), cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compared = [[{k: r.get(k) for k in COMPARED} for r in read_metrics(d)] for d in (ref, run_dir)]
+    assert compared[0] == compared[1]
+
+
+def test_instruct_with_lora_trains_under_ddp(model, files, cache_dir, tmp_path):
+    train_ok(tmp_path, *args(model, files, cache_dir, "instruct", "compression=lora", "parallel=ddp",
+                             "launcher.nproc_per_node=2", "data.packing=false"))
+    run_dir = only_run_dir(tmp_path / "outputs")
+    records = read_metrics(run_dir)
+    assert len(records) == 6 and all(np.isfinite(r["loss"]) for r in records)
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["packing"] is False and report["train"]["rows"] == report["train"]["kept"]
+
+
+def test_the_embedded_set_lowers_the_held_out_answer_loss_and_eval_reads_it(model, cache_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    """data=chat-stdlib, 24 steps of a tiny random pretrained model: the loss on held-out answers (files never
+    trained on) falls well below its start; `effitrain eval` of the export reads the run's last value again, and
+    `effitrain sample --chat` answers through the template."""
+    overrides = [f"model.pretrained={model}", "data=chat-stdlib", f"data.cache_dir={cache_dir}", "data.seq_len=128",
+                 "batch_size=8", "max_steps=24", "eval_every=24", "eval_batches=4", "optimizer.lr=3e-3",
+                 "logging.progress=false"]
+    monkeypatch.chdir(tmp_path)
+    start = _eval(capsys, model, overrides)
+    code, err = cli_in_process(capsys, "train", *overrides)  # in this process: no interpreter start
+    assert code == 0, err
+    run_dir = only_run_dir(tmp_path / "outputs")
+    end = read_metrics(run_dir)[-1]["val_loss"]
+    with capsys.disabled():
+        print(f"held-out answer loss: {start['val_loss']:.3f} -> {end:.3f} ({start['val_tokens']} answer tokens)")
+    assert end < start["val_loss"] - 0.5, (start, end)
+    code, err = cli_in_process(capsys, "export", str(run_dir))
+    assert code == 0, err
+    assert _eval(capsys, run_dir, overrides)["val_loss"] == pytest.approx(end, rel=1e-4)
+    from effitrain.engine.export import sample_text
+
+    answer = sample_text(run_dir, "def f(x):\n    return x + 1", chat=True, tokens=24)  # what sample --chat prints
+    with capsys.disabled():
+        print(f"sample --chat: {answer!r}")
+    assert isinstance(answer, str) and "<|bos|>" not in answer  # the answer alone, not the template's turns
+
+
+def _eval(capsys, model: Path, overrides: list[str]) -> dict:
+    """`effitrain eval MODEL data=... batch_size eval_batches` in this process: its JSON line."""
+    from effitrain.cli import main
+
+    keep = [o for o in overrides if o.startswith(("data", "batch_size", "eval_batches"))]
+    capsys.readouterr()
+    assert main(["eval", str(model), *keep]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
