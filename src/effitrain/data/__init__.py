@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 from effitrain.errors import UsageError, explain
 from effitrain.registry import Group
 
-GROUP = Group("data", key="source", builders="effitrain.data.corpus",
+GROUP = Group("data", key="source", builders="effitrain.data.builders",
               standalone="a source is read and tokenized on the host; the device sees batch_size x seq_len tokens, "
                          "which the estimate counts from the run's keys")
 

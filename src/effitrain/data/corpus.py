@@ -205,5 +205,3 @@ def split(docs: list[Document], val_fraction: float) -> tuple[list[Document], li
     train = [d for d in docs if not is_validation(d, val_fraction)]
     return train, val
 
-
-from effitrain.data import records  # noqa: E402, F401 (registers the fine-tuning options' builders)

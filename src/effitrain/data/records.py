@@ -1,5 +1,5 @@
 """The records of the fine-tuning options (data=chat, data=instruct, data=chat-stdlib): their builders, registered
-in the data group (imported by data/corpus.py; no torch). data/sft.py renders and packs them.
+in the data group (registered through data/builders.py; no torch). data/sft.py renders and packs them.
 
 A record is a conversation ([{role, content}, ...]) or a (prompt, completion) pair, named for errors (`file:line`)
 and carrying the key the validation split hashes: a JSON line's own name, or, for data=chat-stdlib, its file, so no

@@ -37,9 +37,10 @@ class RouterLoad:
     @classmethod
     def of(cls, model: nn.Module) -> RouterLoad | None:
         """A RouterLoad for a mixture-of-experts model, None for a dense one."""
-        config = getattr(model, "module", model).config.get_text_config()  # DDP wraps the model
-        if active_expert_share(config) == 1.0:
+        config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model
+        if config is None or active_expert_share(config.get_text_config()) == 1.0:  # not a transformers model: dense
             return None
+        config = config.get_text_config()
         return cls(top_k=config.num_experts_per_tok, coef=float(getattr(config, "router_aux_loss_coef", 0.0)))
 
     def add(self, router_logits: tuple[torch.Tensor, ...]) -> None:
