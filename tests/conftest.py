@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -116,21 +117,23 @@ def no_launch_mark(monkeypatch):
     os.environ.pop(LAUNCH_TIME_ENV, None)
 
 
+_SIGINT = signal.getsignal(signal.SIGINT)  # the worker's own Ctrl-C handling, as it started
+
+
 @pytest.fixture(autouse=True)
 def sigint_kept(request):
-    """Ctrl-C is handled after each test as before it: a CLI subprocess that a later test starts inherits an ignored
-    SIGINT (a whole-suite run once had the Ctrl-C tests of tests/test_faults.py read exit 0 after some earlier test in
-    their worker left it SIG_IGN). Restored, and named in a warning, so the leak is found without failing the tests
-    that did not make it."""
-    import signal
+    """Ctrl-C is handled after each test as the worker started: a CLI subprocess that a later test starts inherits
+    an ignored SIGINT (a whole-suite run had the Ctrl-C tests of tests/test_faults.py read exit 0 after a run trained
+    in-process earlier in their worker left it SIG_IGN). Restored, and named in a warning, so a leak (a test's or its
+    module fixture's) is found without failing the tests that did not make it."""
     import warnings
 
-    before = signal.getsignal(signal.SIGINT)
     yield
-    after = signal.getsignal(signal.SIGINT)
-    if after is not before:
-        signal.signal(signal.SIGINT, before)
-        warnings.warn(f"{request.node.nodeid} left SIGINT handled by {after!r}; restored", stacklevel=2)
+    now = signal.getsignal(signal.SIGINT)
+    if now is not _SIGINT:
+        signal.signal(signal.SIGINT, _SIGINT)
+        warnings.warn(f"{request.node.nodeid} (or its fixtures) left SIGINT handled by {now!r}; restored",
+                      stacklevel=2)
 
 
 @pytest.fixture(scope="session")

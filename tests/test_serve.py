@@ -6,28 +6,20 @@ front), never the timings themselves; and bad input is one line, exit 2."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from conftest import cli_in_process, only_run_dir, read_metrics, tiny_overrides
+from conftest import cli_in_process, only_run_dir, read_metrics, tiny_overrides, train_ok
 
 TINY = ["--prompt", "4", "--gen", "3", "--repeats", "2"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus, cache_dir):
-    """A 4-step tiny run (validation at step 4), trained by the command in this process."""
-    from effitrain.cli import main
-
+    """A 4-step tiny run (validation at step 4), trained by the command in a process of its own (a run in this one
+    leaves its launcher's Ctrl-C handling and log handlers behind for the later tests of this worker)."""
     cwd = tmp_path_factory.mktemp("serve")
-    before = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = main(["train", *tiny_overrides(corpus, cache_dir, "max_steps=4", "eval_every=4", "eval_batches=1")])
-    finally:
-        os.chdir(before)
-    assert code == 0
+    train_ok(cwd, *tiny_overrides(corpus, cache_dir, "max_steps=4", "eval_every=4", "eval_batches=1"))
     return only_run_dir(cwd / "outputs")
 
 
@@ -47,7 +39,7 @@ def serve(capsys, *args) -> list[dict]:
     """serve-cost ARGS --json in this process: its JSON lines (the command must succeed)."""
     code, out, err = _serve_out(capsys, *args, "--json")
     assert code == 0, err[-3000:]
-    return [json.loads(line) for line in out.splitlines() if not line.startswith("INFO")]
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def _serve_out(capsys, *args) -> tuple[int, str, str]:
