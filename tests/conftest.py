@@ -194,7 +194,13 @@ def start_cli(cwd: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "effitrain.cli", *args], cwd=cwd, env=env,
                             stdout=(cwd / "stdout.txt").open("w"), stderr=(cwd / "stderr.txt").open("w"),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """The child starts with Ctrl-C at its default, as from a terminal: a pytest-xdist worker may itself run with
+    SIGINT ignored, which a child would inherit (and Python keeps an inherited SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(predicate, proc: subprocess.Popen, cwd: Path, *, timeout: float = 300) -> None:

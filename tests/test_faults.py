@@ -134,6 +134,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     from effitrain.engine.train import StopSignals
     from effitrain.errors import Interrupted
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (an xdist worker may ignore it)
     with pytest.raises(Interrupted, match="interrupted twice") as stopped:
         with StopSignals(tmp_path) as stop:
             os.kill(os.getpid(), signal.SIGINT)
