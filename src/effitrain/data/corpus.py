@@ -162,13 +162,18 @@ def _jsonl_documents(file: SourceFile, field: str) -> Iterator[Document]:
             raise DataError(f"{path}:{lineno + 1}: cannot read ({e.strerror or e})") from None
 
 
-def _jsonl_document(raw: bytes, field: str, *, where: str, name: str) -> Document:
+def json_line(raw: bytes, *, where: str):
+    """One JSON line's value; a line that is not UTF-8 or not JSON is one DataError naming `where` (file:line)."""
     try:
-        record = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not UTF-8 text ({e.reason})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+
+
+def _jsonl_document(raw: bytes, field: str, *, where: str, name: str) -> Document:
+    record = json_line(raw, where=where)
     if not isinstance(record, dict) or field not in record:
         raise DataError(f"{where}: no key {field!r} (set data.field to the key holding the text)")
     return Document(name, str(record[field]))

@@ -9,14 +9,13 @@ held-out answer comes from a file the model trained on.
 from __future__ import annotations
 
 import ast
-import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from effitrain.data import GROUP, DataError
-from effitrain.data.corpus import _named_files, stdlib_corpus
+from effitrain.data.corpus import _named_files, json_line, stdlib_corpus
 
 
 @dataclass(frozen=True)
@@ -84,12 +83,7 @@ def _jsonl_records(files, parse) -> Iterator[Record]:
             if not raw.strip():
                 continue
             where = f"{file.path}:{lineno}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text ({e.reason})") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            record = json_line(raw, where=where)
             if not isinstance(record, dict):
                 raise DataError(f"{where}: not a JSON object")
             name = f"{file.name}:{lineno}"
