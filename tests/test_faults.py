@@ -124,7 +124,33 @@ def test_ctrl_c_before_the_first_step_removes_the_new_run_directory(corpus, cach
     assert proc.wait(timeout=300) == 130
     stderr = (tmp_path / "stderr.txt").read_text()
     assert "interrupted" in stderr and "Traceback" not in stderr, stderr[-3000:]
-    assert not run_dir.exists() and _intact(home)
+    left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) if run_dir.exists() else None
+    assert left is None and _intact(home), (left, stderr[-3000:])
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_a_ctrl_c_while_claiming_waits_until_the_claim_is_known(tmp_path):
+    """A Ctrl-C that arrives while the run directory is claimed acts only once the claim is registered (so the
+    CLI's cleanup knows what to undo), even when the kernel hands it to another thread of the process."""
+    from effitrain.rundir import _CLAIMS, _register, release_claims
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait, daemon=True)  # a second thread that does not block SIGINT
+    other.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            from effitrain import rundir
+
+            with rundir._signals_held(signal.SIGINT):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # an interrupt not held back would be raised here
+                _register(tmp_path / "run", mode="new")
+        assert list(_CLAIMS) == [os.path.realpath(tmp_path / "run")]
+    finally:
+        idle.set()
+        release_claims(undo=True)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")

@@ -18,8 +18,10 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from effitrain.errors import IOFailure, UsageError, io_failure
@@ -210,12 +212,13 @@ def claim_for_hydra(cfg, args: list[str], *, multirun: bool, resuming: bool) -> 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     path = Path(OmegaConf.select(cfg, key))
     stable = multirun and OmegaConf.select(cfg, "hydra.sweeper.sweep_dir", default=None) is not None
-    made = False
-    if not any(a.startswith(f"{key}=") for a in args) and not stable:
-        path, made = make_unused(path), True
-        args = [*args, f"{key}={_quoted(str(path))}"]
     mode = "adopt" if multirun and resuming else "continue" if stable else "new"
-    _register(path, mode=mode, made=made)
+    with _signals_held(signal.SIGINT, signal.SIGTERM):  # a directory made is registered before Ctrl-C can act
+        made = False
+        if not any(a.startswith(f"{key}=") for a in args) and not stable:
+            path, made = make_unused(path), True
+            args = [*args, f"{key}={_quoted(str(path))}"]
+        _register(path, mode=mode, made=made)
     return args
 
 
@@ -231,13 +234,29 @@ def claim_of(run_dir: Path, *, continuing: bool, checkpoints: Path | None = None
 def _register(path: Path, **kwargs) -> RunClaim:
     """Claim and remember, with Ctrl-C held back meanwhile: a directory made must be known before an interrupt can
     ask for it to be undone."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
+    with _signals_held(signal.SIGINT, signal.SIGTERM):
         claim = _CLAIMS[os.path.realpath(path)] = RunClaim(path, **kwargs)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return claim
+
+
+@contextmanager
+def _signals_held(*signals: int):
+    """Hold the signals back until the block ends, then deliver them to the handlers that were there. Blocking them
+    (pthread_sigmask) would not do: it blocks them for the calling thread only, and the kernel hands a signal sent
+    to the process to any thread that does not block it -- Python then still runs the handler in the main thread,
+    mid-block (a Ctrl-C between writing run.json and registering the claim left the new directory behind)."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can be set from the main thread only
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in arrived:
+            signal.raise_signal(sig)
 
 
 def release_claims(*, undo: bool = False) -> None:
