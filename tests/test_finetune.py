@@ -14,8 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import cli_in_process, compose, only_run_dir, read_metrics, run_cli, start_cli, train_ok, wait_for
+from conftest import (
+    assert_losses_close,
+    cli_in_process,
+    compose,
+    losses,
+    only_run_dir,
+    read_metrics,
+    run_cli,
+    start_cli,
+    train_ok,
+    wait_for,
+)
 from test_own_tokenizer import own_checkpoint
 
 CHATS = [  # multi-turn, with a system turn in some: every assistant turn is trained on
@@ -270,14 +282,30 @@ def test_chat_with_lora_trains_and_a_kill_then_resume_is_bit_identical(model, fi
     assert compared[0] == compared[1]
 
 
-def test_instruct_with_lora_trains_under_ddp(model, files, cache_dir, tmp_path):
-    train_ok(tmp_path, *args(model, files, cache_dir, "instruct", "compression=lora", "parallel=ddp",
-                             "launcher.nproc_per_node=2", "data.packing=false"))
-    run_dir = only_run_dir(tmp_path / "outputs")
-    records = read_metrics(run_dir)
-    assert len(records) == 6 and all(np.isfinite(r["loss"]) for r in records)
-    report = json.loads((run_dir / "data_report.json").read_text())
-    assert report["packing"] is False and report["train"]["rows"] == report["train"]["kept"]
+@pytest.fixture(scope="module")
+def lora_layouts(model, files, cache_dir, tmp_path_factory) -> dict[str, Path]:
+    """data=instruct with LoRA on one global batch of 4 packed rows: one process, one process in 2 micro-steps,
+    ddp(2) and fsdp(2) (2 rows per rank)."""
+    base = [*args(model, files, cache_dir, "instruct", "compression=lora", "optimizer.lr=1e-2"), "max_steps=4"]
+    out = {}
+    for name, extra in (("single", ["batch_size=4"]), ("accum", ["batch_size=2", "grad_accum_steps=2"])):
+        cwd = tmp_path_factory.mktemp(name)
+        train_ok(cwd, *base, *extra)
+        out[name] = only_run_dir(cwd / "outputs")
+    cwd = tmp_path_factory.mktemp("dp")
+    train_ok(cwd, "-m", *base, "batch_size=2", "launcher.nproc_per_node=2", "parallel=ddp,fsdp")
+    for job in (cwd / "outputs" / "multirun").glob("*/*/[0-9]*"):
+        out[OmegaConf.load(job / ".hydra" / "config.yaml").parallel.strategy] = job
+    return out
+
+
+@pytest.mark.parametrize("layout", ["accum", "ddp", "fsdp"])
+def test_lora_fine_tuning_is_the_same_under_accumulation_ddp_and_fsdp(lora_layouts, layout):
+    """The step's loss is the mean over every answer token of the global batch (samples differ in length, so the
+    mean of per-micro-batch or per-rank means would not be): the same loss per step however the batch is split."""
+    single = losses(lora_layouts["single"])
+    assert len(single) == 4 and all(np.isfinite(single))
+    assert_losses_close(single, losses(lora_layouts[layout]), steps=4, rtol=1e-5, what=f"{layout} vs single")
 
 
 def test_the_embedded_set_lowers_the_held_out_answer_loss_and_eval_reads_it(model, cache_dir, tmp_path, capsys,

@@ -18,7 +18,7 @@ from effitrain.base.flops import active_expert_share
 class StepResult:
     """What a step leaves for the metrics, as device tensors: reading them back (a host sync) waits for the flush."""
 
-    loss: torch.Tensor  # mean micro-batch loss on this rank (detached)
+    loss: torch.Tensor  # this rank's share of the step's loss: averaged over ranks, the global batch's mean
     grad_norm: torch.Tensor  # global norm before clipping
     finite: bool  # the global gradient norm was finite; when not, the update was not applied
     router: RouterLoad | None = None  # a mixture-of-experts model's routing over the step
@@ -91,15 +91,36 @@ def lm_loss(model: nn.Module, batch, converters: ModelConverter | None = None,
     return loss if extra is None else loss + extra
 
 
-def forward_backward_step(model: nn.Module, batch, *, precision, accum_steps: int,
+def forward_backward_step(model: nn.Module, batch, *, precision, weight: float | torch.Tensor,
                           converters: ModelConverter | None = None, router: RouterLoad | None = None
                           ) -> torch.Tensor:
+    """Forward and backward of one micro-batch, its loss weighted by `weight` (micro_batch_weights); the weighted
+    loss, detached."""
     with precision.autocast():
         loss = lm_loss(model, batch, converters, router)
-    # micro-batches hold equal token counts, so dividing by their number gives the global-batch mean (fine-tuning
-    # batches: the mean of the micro-batches' answer-token means)
-    precision.backward(loss / accum_steps)
-    return loss.detach()
+    precision.backward(loss * weight)
+    return loss.detach() * weight
+
+
+def micro_batch_weights(micro_batches: list) -> list[float | torch.Tensor]:
+    """What each micro-batch's mean loss weighs in the step's loss, so that the step trains on the mean over every
+    token of the global batch. Text windows hold equal token counts: 1 / their number. Fine-tuning batches hold as
+    many trained (answer) tokens as their samples have: count / the global batch's count, times the data-parallel
+    world size that DDP's and FSDP's gradient averaging divides by again -- the mean over every answer token of
+    every rank, as one process with the whole batch computes it (TRL and transformers' Trainer do the same with
+    num_items_in_batch). One small all-reduce per fine-tuning step."""
+    import torch.distributed as dist
+
+    if isinstance(micro_batches[0], torch.Tensor):
+        return [1.0 / len(micro_batches)] * len(micro_batches)
+    counts = [b.labels.ne(-100).sum() for b in micro_batches]
+    total = torch.stack(counts).sum().double()
+    ranks = 1
+    if dist.is_initialized() and dist.get_world_size() > 1:  # fine-tuning refuses tensor/pipeline parallel: DP = world
+        dist.all_reduce(total)
+        ranks = dist.get_world_size()
+    total = total.clamp(min=1)  # a step of pads alone: loss 0, not nan
+    return [(c.double() * ranks / total).float() for c in counts]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[torch.Tensor], *,
@@ -111,10 +132,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         converters: the run's model transforms (loss terms, post-optimizer hooks), or None.
     """
     losses, router = [], RouterLoad.of(model)
-    for i, batch in enumerate(micro_batches):
+    for i, (batch, weight) in enumerate(zip(micro_batches, micro_batch_weights(micro_batches), strict=True)):
         last = i == len(micro_batches) - 1
         with nullcontext() if (last or no_sync is None) else no_sync():
-            losses.append(forward_backward_step(model, batch, precision=precision, accum_steps=len(micro_batches),
+            losses.append(forward_backward_step(model, batch, precision=precision, weight=weight,
                                                 converters=converters, router=router))
     precision.unscale(optimizer)
     grad_norm = clip_grad_norm(model, grad_clip)
@@ -126,7 +147,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     optimizer.zero_grad(set_to_none=True)
     if converters is not None:
         converters.post_optimizer_hook(model)
-    return StepResult(loss=torch.stack(losses).mean(), grad_norm=grad_norm, finite=finite, router=router)
+    return StepResult(loss=torch.stack(losses).sum(), grad_norm=grad_norm, finite=finite, router=router)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
