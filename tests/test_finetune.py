@@ -344,3 +344,21 @@ def _eval(capsys, model: Path, overrides: list[str]) -> dict:
     capsys.readouterr()
     assert main(["eval", str(model), *keep]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_a_fine_tuned_model_answers_in_the_template_and_stops_at_its_eos(model, files, cache_dir, tmp_path, capsys):
+    """60 steps on the conversations teach the tiny model the answers' form, their end-of-turn included: its
+    export's greedy `sample --chat` answer ends at the EOS, well before the token limit."""
+    from tokenizers import Tokenizer
+
+    from effitrain.engine.export import export_run, sample_text
+
+    train_ok(tmp_path, *args(model, files, cache_dir, "chat", "max_steps=60", "eval_every=60", "batch_size=8",
+                             "optimizer.lr=1e-2"))
+    exported = export_run(only_run_dir(tmp_path / "outputs"), out=tmp_path / "export")
+    limit = 24
+    answer = sample_text(exported, "what is 7 plus 7?", chat=True, tokens=limit)
+    with capsys.disabled():
+        print(f"sample --chat after 60 steps: {answer!r}")
+    tokens = Tokenizer.from_file(str(model / "tokenizer.json")).encode(answer, add_special_tokens=False).ids
+    assert 0 < len(tokens) < limit // 2 and "<|" not in answer, answer  # stopped at <|eot|>, not at the limit
