@@ -79,7 +79,10 @@ def _unmet(group, node, need, cfg) -> str:
 
 def _static_provides(group, kind: str) -> tuple:
     traits = group.traits_of(kind)
-    return () if traits is None or callable(traits.provides) else tuple(traits.provides)
+    if traits is None:
+        return ()
+    # a value-dependent list names what it provides by default as `static` (parallel's traits under parallel.ep)
+    return tuple(getattr(traits.provides, "static", ())) if callable(traits.provides) else tuple(traits.provides)
 
 
 def _has_gpu(device: str) -> bool:

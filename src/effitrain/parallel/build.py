@@ -1,8 +1,9 @@
 """Builders of the `parallel` group: apply_parallel applies a layout to a model built on the meta device.
 
-Order, and why: TP -> activation checkpointing -> compile -> FSDP/DDP.
+Order, and why: TP or EP -> activation checkpointing -> compile -> FSDP/DDP.
   1. TP first: it replaces each block's Linear weights with DTensors sharded over the TP mesh; everything
-     after must see those final parameters.
+     after must see those final parameters. EP (parallel.ep, parallel/experts.py) likewise makes the experts DTensors
+     sharded over the EP mesh, which FSDP and DDP then leave alone.
   2. Activation checkpointing wraps whole blocks, so recomputation in backward covers the TP collectives too.
   3. compile is regional (each block, not the whole model): identical blocks share one compiled graph, and
      the FSDP hooks applied next stay outside the compiled regions, where they belong.
@@ -63,15 +64,37 @@ def single(model, *, cfg, world, mesh, precision, init):
 
 @GROUP.builder("ddp")
 def ddp(model, *, cfg, world, mesh, precision, init):
+    experts = _experts(model, cfg=cfg, world=world)
     _blocks(model, cfg)
-    return apply_ddp(_materialise(model, device=world.device, init=init), world=world)
+    model = _materialise(model, device=world.device, init=init)
+    if experts:
+        from effitrain.parallel.experts import average_expert_grads, hide_from_ddp
+
+        average_expert_grads(model, dp=world.size)
+        hide_from_ddp(model)
+    return apply_ddp(model, world=world)
 
 
 def _sharded(model, *, cfg, world, mesh, precision, init):
+    experts = _experts(model, cfg=cfg, world=world)
     _blocks(model, cfg)
     apply_fsdp(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
-               mp_policy=precision.fsdp_mixed_precision())
-    return _materialise(model, device=torch.device("cpu") if cfg.offload else world.device, init=init)
+               mp_policy=precision.fsdp_mixed_precision(), ignored=experts)
+    model = _materialise(model, device=torch.device("cpu") if cfg.offload else world.device, init=init)
+    if experts:
+        from effitrain.parallel.experts import average_expert_grads
+
+        average_expert_grads(model, dp=world.size)
+    return model
+
+
+def _experts(model, *, cfg, world) -> set:
+    """Step 1 under parallel.ep > 1: the experts sharded over the EP ranks (parallel/experts.py); their parameters."""
+    if "ep" not in cfg or cfg.ep == 1:
+        return set()
+    from effitrain.parallel.experts import apply_ep
+
+    return apply_ep(model, ep=cfg.ep, device=world.device)
 
 
 GROUP.builder("fsdp")(_sharded)
@@ -338,7 +361,8 @@ def apply_compile(model: nn.Module) -> None:
         getattr(block, "_checkpoint_wrapped_module", block).compile()
 
 
-def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, mp_policy) -> None:
+def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, mp_policy,
+               ignored: set | None = None) -> None:
     """FSDP2 (`fully_shard`) on each transformer block, then on the root (embeddings, final norm, head).
 
     Args:
@@ -348,12 +372,14 @@ def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, 
             all-gather in backward); False keeps them until backward (ZeRO-2-like, less communication).
         offload: "cpu" keeps sharded parameters, gradients and optimizer state in host memory.
         mp_policy: a MixedPrecisionPolicy (param / reduce dtypes), or None for full precision.
+        ignored: parameters FSDP leaves as they are (expert-parallel experts: already sharded, reduced by EP).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     # pinned host memory speeds host<->GPU copies, but pinning needs an accelerator: a CPU mesh keeps plain memory
     offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if offload == "cpu" else OffloadPolicy()
-    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "offload_policy": offload_policy}
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "offload_policy": offload_policy,
+              "ignored_params": ignored or None}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for block in transformer_blocks(model):
