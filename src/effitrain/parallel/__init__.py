@@ -105,6 +105,7 @@ def _with_experts(*traits: str):
             return list(traits)
         return [t for t in traits if t not in (WHOLE_WEIGHTS, CONVERTED_MODULES)] + [EXPERT_PARALLEL]
     provides.static = traits  # what the option provides at parallel.ep=1 (checks._unmet names its providers)
+    provides.unless = lambda node: f"parallel.ep={node.ep}" if node.ep > 1 else None  # what took some away
     return provides
 
 

@@ -467,8 +467,11 @@ class Cost:
         return GROUP.provides(self.node, SHARDS_PARAMS)
 
     def local_numel(self, p, d: Degrees) -> int:
-        """Elements this rank holds of a parameter: TP splits linears/embeddings, FSDP shards dim 0 (padded)."""
+        """Elements this rank holds of a parameter: TP splits linears/embeddings, FSDP shards dim 0 (padded); EP
+        splits an experts tensor's expert dim, and FSDP leaves it so."""
         shape = list(p.shape)
+        if d.ep > 1 and _is_expert(p.name):
+            return math.prod(shape) // d.ep
         if d.tp > 1 and p.kind in ("linear", "embedding", "head"):
             shape[0] = math.ceil(shape[0] / d.tp)  # column- or row-wise: one dim split either way
         if self.shards:
@@ -478,8 +481,10 @@ class Cost:
     def memory(self, s, *, d: Degrees, spec, n_trained: int) -> dict[str, int]:
         """What the layout adds per rank (bytes), beside parameters, gradients and optimizer state."""
         mem = {}
-        if GROUP.provides(self.node, DDP):
-            mem["ddp_buckets"] = n_trained * spec.bytes("param")  # the gradients of trained parameters only
+        if GROUP.provides(self.node, DDP):  # the gradients of trained parameters only, experts under EP aside
+            experts = sum(self.local_numel(p, d) for p in s.params if p.trainable and _is_expert(p.name)) \
+                if d.ep > 1 else 0
+            mem["ddp_buckets"] = (n_trained - experts) * spec.bytes("param")
         if self.shards:
             mem |= _fsdp_memory(s, self.node, d=d, spec=spec)
         return mem
@@ -495,13 +500,21 @@ def _fsdp_memory(s, node, *, d: Degrees, spec) -> dict[str, int]:
     computing, one prefetched), or every block with reshard_after_forward false; the root's unsharded gradients,
     which wait for its reduce-scatter at the end of backward (frozen ones have none); a block's backward holds its
     own unsharded gradients and the previous block's reduce-scatter input (in the reduce dtype), which FSDP2 keeps
-    until the next reduce-scatter is issued (profiler allocation events of a 2-rank d128-L4 step)."""
-    per_block = s.block_params() // s.layers
+    until the next reduce-scatter is issued (profiler allocation events of a 2-rank d128-L4 step). Under EP the
+    experts are no FSDP parameters: neither gathered nor reduce-scattered."""
+    experts = sum(p.numel for p in s.params if _is_expert(p.name)) // s.layers if d.ep > 1 else 0
+    per_block = s.block_params() // s.layers - experts
     blocks = s.layers if not node.reshard_after_forward else min(2, s.layers)
     gathered = (s.root_params() + blocks * per_block) // d.tp
     return {"fsdp_gathered_params": gathered * gather_bytes(spec),
             "fsdp_unsharded_grads": (s.trained_root_params() // d.tp) * FP32,
-            "fsdp_block_reduce": s.trained_params_per_block() // d.tp * (gather_bytes(spec) + spec.bytes("reduce"))}
+            "fsdp_block_reduce": (s.trained_params_per_block() - experts) // d.tp
+            * (gather_bytes(spec) + spec.bytes("reduce"))}
+
+
+def _is_expert(name: str) -> bool:
+    """A routed experts tensor (base.flops.expert_params' rule): what parallel.ep shards."""
+    return ".experts." in f".{name}"
 
 
 # every layout's memory follows from its traits: one cost model, registered for each
