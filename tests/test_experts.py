@@ -116,9 +116,11 @@ def test_the_export_of_an_expert_parallel_run_is_the_whole_model(run, tmp_path):
     (2, ["parallel.ep=2", "parallel.compile=true"], "parallel.compile=true with parallel.ep=2 is not built"),
     (2, ["parallel.ep=2", "optimizer=muon"], "optimizer=muon runs under parallel=single or ddp, not ddp with "
                                              "parallel.ep=2: it needs whole weight matrices"),
+    (2, ["parallel.ep=2", "optimizer=zero1"], "optimizer=zero1 and parallel=ddp cannot run together: under "
+                                              "parallel.ep>1 ZeRO-1 would broadcast one rank's experts"),
     (2, ["parallel.ep=2", "dense"], "parallel.ep=2 needs a mixture-of-experts model with an expert-parallel plan; "
                                     "the model ('llama') is dense"),
-], ids=["experts", "world", "part-of-world", "compile", "muon", "dense"])
+], ids=["experts", "world", "part-of-world", "compile", "muon", "zero1", "dense"])
 def test_impossible_expert_parallel_layouts_are_one_line_before_launch(ranks, extra, message, moe, corpus, cache_dir,
                                                                        tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -145,3 +147,19 @@ def test_the_estimate_divides_the_experts_by_ep(moe, corpus, cache_dir):
     fsdp, fsdp_ep = memory("parallel=fsdp"), memory("parallel=fsdp", "parallel.ep=2")
     assert fsdp["parameters"] == fsdp_ep["parameters"]  # 1/2 either way: FSDP's shards, or EP's experts
     assert fsdp["fsdp_gathered_params"] - fsdp_ep["fsdp_gathered_params"] == experts * 4  # experts never gathered
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_mixtral_under_expert_parallel_with_activation_checkpointing_equals_single(corpus, cache_dir, tmp_path):
+    """The same plan and dispatch serve mixtral (num_local_experts); activation checkpointing recomputes a block's
+    all-to-alls in backward, so the forward bytes count twice."""
+    mixtral = own_checkpoint(tmp_path / "mixtral", corpus, family="mixtral")
+    out = {}
+    for name, layout in {"single": LAYOUTS["single"],
+                         "ep": [*LAYOUTS["ddp"], "parallel.activation_checkpointing=full"]}.items():
+        (tmp_path / name).mkdir()
+        train_ok(tmp_path / name, *_args(mixtral, corpus, cache_dir, *layout))
+        out[name] = only_run_dir(tmp_path / name / "outputs")
+    assert_losses_close(losses(out["ep"]), losses(out["single"]), steps=STEPS, rtol=1e-5, what="mixtral ddp ep(2)")
+    assert all(r["a2a_bytes_per_rank"] > 0 for r in read_metrics(out["ep"]) if "loss" in r)

@@ -137,6 +137,12 @@ def ep_plan_gap(cfg) -> str | None:
                   or not pattern.startswith("layers.*.")})
     if odd:
         return f"the base_model_ep_plan of a {kind!r} model uses styles effitrain does not apply: {', '.join(odd)}"
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("transformers.distributed.expert_parallel") is None:  # the dispatch effitrain runs
+        return f"the installed transformers {transformers.__version__} has no transformers.distributed.expert_parallel"
     return None
 
 

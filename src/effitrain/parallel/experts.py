@@ -7,7 +7,7 @@ Shard(0) over the EP mesh, "ep_dispatch_experts" sends the pairs with one `all_t
 the tokens, and brings the outputs back with a third (AllToAllEP; differentiable, so backward moves the gradients
 the other way; gloo supports it on CPU tensors, uneven splits included). What effitrain adds:
 - the data-parallel mean of the expert gradients (`apply_ep`);
-- the bytes the all-to-alls move (`CountedAllToAll`, read by engine.loop.RouterLoad as `a2a_bytes_per_rank`).
+- the bytes the all-to-alls move (`counted_all_to_all`, read by engine.loop.RouterLoad as `a2a_bytes_per_rank`).
 The experts stay DTensors, so a DCP checkpoint saves each rank's experts under the whole model's names (resume
 and export see the whole model) and the optimizer steps them like any other parameter.
 """
@@ -35,7 +35,7 @@ def apply_ep(model: nn.Module, *, ep: int, device: torch.device) -> set[nn.Param
     from torch.distributed.device_mesh import init_device_mesh
     from transformers.distributed.expert_parallel import EPImplementationInterface, apply_expert_parallelism
 
-    EPImplementationInterface.register(EP_IMPLEMENTATION, CountedAllToAll)
+    EPImplementationInterface.register(EP_IMPLEMENTATION, counted_all_to_all)
     # "batch": the ranks that hold the same tokens (transformers' tp_mesh): none here, each rank reads its own batch
     mesh = init_device_mesh(device.type, (ep, 1), mesh_dim_names=("ep", "batch"))
     apply_expert_parallelism(model, mesh["ep"], mesh["batch"], _plan(model), EP_IMPLEMENTATION)
@@ -115,11 +115,9 @@ def _counted():
     return Counted
 
 
-class CountedAllToAll:
-    """Builds transformers' AllToAllEP with a byte counter (EPImplementationInterface calls it like a class)."""
-
-    def __new__(cls, experts, ep_mesh, tp_mesh):
-        return _counted()(experts, ep_mesh, tp_mesh)
+def counted_all_to_all(experts, ep_mesh, tp_mesh):
+    """transformers' AllToAllEP with a byte counter, for one experts module (EPImplementationInterface calls it)."""
+    return _counted()(experts, ep_mesh, tp_mesh)
 
 
 def a2a_counters(model: nn.Module) -> list:
