@@ -219,7 +219,4 @@ def parallel_degrees(cfg, *, world_size: int) -> Degrees:
     ep = cfg.ep if "ep" in cfg else 1
     _need(ep >= 1 and dp % ep == 0, f"parallel.ep={ep} does not divide the {dp} data-parallel ranks "
                                     "(launcher.nproc_per_node x launcher.nnodes); pick a divisor")
-    # an expert replicated over several EP groups would need its gradient all-reduced over them: not built
-    _need(ep in (1, dp), f"parallel.ep={ep} spans part of the {dp} data-parallel ranks; expert parallelism here "
-                         f"shards the experts over every one of them: use parallel.ep={dp} or 1")
     return Degrees(dp_replicate=replicate, dp_shard=shard, tp=tp, ep=ep)

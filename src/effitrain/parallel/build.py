@@ -68,9 +68,9 @@ def ddp(model, *, cfg, world, mesh, precision, init):
     _blocks(model, cfg)
     model = _materialise(model, device=world.device, init=init)
     if experts:
-        from effitrain.parallel.experts import average_expert_grads, hide_from_ddp
+        from effitrain.parallel.experts import hide_from_ddp
 
-        average_expert_grads(model, dp=world.size)
+        experts.average_grads(model, dp=world.size)
         hide_from_ddp(model)
     return apply_ddp(model, world=world)
 
@@ -79,19 +79,17 @@ def _sharded(model, *, cfg, world, mesh, precision, init):
     experts = _experts(model, cfg=cfg, world=world)
     _blocks(model, cfg)
     apply_fsdp(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
-               mp_policy=precision.fsdp_mixed_precision(), ignored=experts)
+               mp_policy=precision.fsdp_mixed_precision(), ignored=experts.params if experts else None)
     model = _materialise(model, device=torch.device("cpu") if cfg.offload else world.device, init=init)
     if experts:
-        from effitrain.parallel.experts import average_expert_grads
-
-        average_expert_grads(model, dp=world.size)
+        experts.average_grads(model, dp=world.size)
     return model
 
 
-def _experts(model, *, cfg, world) -> set:
-    """Step 1 under parallel.ep > 1: the experts sharded over the EP ranks (parallel/experts.py); their parameters."""
+def _experts(model, *, cfg, world):
+    """Step 1 under parallel.ep > 1: the experts sharded over the EP ranks (parallel/experts.py), or None."""
     if "ep" not in cfg or cfg.ep == 1:
-        return set()
+        return None
     from effitrain.parallel.experts import apply_ep
 
     return apply_ep(model, ep=cfg.ep, device=world.device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,33 +24,54 @@ from torch import nn
 EP_IMPLEMENTATION = "effitrain_counted_all_to_all"
 
 
-def apply_ep(model: nn.Module, *, ep: int, device: torch.device) -> set[nn.Parameter]:
-    """Shard the experts of every MoE layer over `ep` ranks by the family's base_model_ep_plan; the expert parameters
-    (DTensors) come back for the data-parallel wrapper to leave alone.
+@dataclass
+class Experts:
+    """The sharded experts of a model: their parameters (for the data-parallel wrapper to leave alone) and the group
+    of ranks holding the same experts (one per EP group: world / ep of them; None when ep = world)."""
+
+    params: set
+    replicas: object | None
+
+    def average_grads(self, model: nn.Module, *, dp: int) -> None:
+        """Each expert's gradient as the data-parallel mean, once the parameters are materialised (hooks on meta ones
+        would not survive). On its rank an expert's gradient already sums what every token of its EP group
+        contributed (their outputs came back through the all-to-all), so it is not all-reduced over the EP group as
+        replicated parameters are: summed over the replicas' groups (ep < world), then scaled by 1/dp, the mean that
+        DDP's and FSDP's averaging gives every other parameter."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        def average(grad):
+            local = grad.to_local().clone()
+            if self.replicas is not None:
+                dist.all_reduce(local, group=self.replicas)
+            return DTensor.from_local(local / dp, grad.device_mesh, grad.placements, run_check=False)
+
+        for name, p in model.named_parameters():  # by name: materialising may have replaced the objects
+            if _is_expert(name):
+                p.register_hook(average)
+
+
+def apply_ep(model: nn.Module, *, ep: int, device: torch.device) -> Experts:
+    """Shard the experts of every MoE layer over groups of `ep` consecutive ranks by the family's base_model_ep_plan
+    (each group holds every expert once).
 
     Args:
         model: the causal LM, before any data-parallel wrapping (parameters real or on the meta device).
-        ep: the expert-parallel degree (checked: it divides the experts and equals the data-parallel ranks).
+        ep: the expert-parallel degree (checked: it divides the experts and the data-parallel ranks).
         device: the run's device (its type names the mesh's backend).
     """
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from transformers.distributed.expert_parallel import EPImplementationInterface, apply_expert_parallelism
 
     EPImplementationInterface.register(EP_IMPLEMENTATION, counted_all_to_all)
     # "batch": the ranks that hold the same tokens (transformers' tp_mesh): none here, each rank reads its own batch
-    mesh = init_device_mesh(device.type, (ep, 1), mesh_dim_names=("ep", "batch"))
+    replicas = dist.get_world_size() // ep
+    mesh = init_device_mesh(device.type, (replicas, ep, 1), mesh_dim_names=("replicas", "ep", "batch"))
     apply_expert_parallelism(model, mesh["ep"], mesh["batch"], _plan(model), EP_IMPLEMENTATION)
-    return {p for name, p in model.named_parameters() if _is_expert(name)}
-
-
-def average_expert_grads(model: nn.Module, *, dp: int) -> None:
-    """Scale each expert's gradient by 1/dp, once the parameters are materialised (hooks on meta ones would not
-    survive). The gradient of an expert on its rank already sums what every rank's tokens contributed (their outputs
-    came back through the all-to-all), so it must not be all-reduced as the replicated parameters are: 1/dp gives it
-    the data-parallel mean of the per-rank losses, as DDP's and FSDP's averaging gives every other parameter."""
-    for name, p in model.named_parameters():
-        if _is_expert(name):
-            p.register_hook(lambda grad: grad / dp)
+    return Experts(params={p for name, p in model.named_parameters() if _is_expert(name)},
+                   replicas=mesh["replicas"].get_group() if replicas > 1 else None)
 
 
 def hide_from_ddp(model: nn.Module) -> None:
