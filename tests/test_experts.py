@@ -5,7 +5,8 @@ top-2, its own tokenizer), trained through the real CLI on 2 gloo ranks.
   at 1e-5 on the same global batch of 4 sequences, with the expert load and the all-to-all bytes in the metrics. The
   checkpoint's router_aux_loss_coef is 0 for that: under any data parallelism each rank's router loss balances its
   own tokens (transformers computes it per forward), which moves the loss by that term's share, not by EP; with the
-  term on (mixtral's 0.001), ep(2) equals ddp(2) at 1e-5 instead;
+  term on (mixtral's 0.001), ep(2) equals ddp(2) at 1e-5 instead (with activation checkpointing); on 4 ranks, two
+  EP groups of 2 (each expert on two ranks) equal single at 1e-5 (extended set);
 - the checkpoint holds each rank's experts under the whole model's names: resume on 2 ranks continues bit-identically,
   and the export is the whole model (4 experts per layer) with the trained run's logits;
 - impossible combinations are one line and exit 2 before launch; the estimate divides the experts by ep.

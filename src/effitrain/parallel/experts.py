@@ -6,7 +6,8 @@ transformers does the sharding and the exchange from the family's own `base_mode
 Shard(0) over the EP mesh, "ep_dispatch_experts" sends the pairs with one `all_to_all_single` of the counts, one of
 the tokens, and brings the outputs back with a third (AllToAllEP; differentiable, so backward moves the gradients
 the other way; gloo supports it on CPU tensors, uneven splits included). What effitrain adds:
-- the data-parallel mean of the expert gradients (`apply_ep`);
+- the data-parallel mean of the expert gradients, summed over replicas of an expert when ep < world
+  (`Experts.average_grads`);
 - the bytes the all-to-alls move (`counted_all_to_all`, read by engine.loop.RouterLoad as `a2a_bytes_per_rank`).
 The experts stay DTensors, so a DCP checkpoint saves each rank's experts under the whole model's names (resume
 and export see the whole model) and the optimizer steps them like any other parameter.
