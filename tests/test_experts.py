@@ -137,9 +137,11 @@ def test_the_export_of_an_expert_parallel_run_is_the_whole_model(run, tmp_path):
                                              "parallel.ep=2: it needs whole weight matrices"),
     (2, ["parallel.ep=2", "optimizer=zero1"], "optimizer=zero1 and parallel=ddp cannot run together: under "
                                               "parallel.ep>1 ZeRO-1 would broadcast one rank's experts"),
+    (2, ["parallel.ep=2", "compression=grad-fp16"], "compression=grad-fp16 runs under parallel=ddp, not ddp with "
+                                                    "parallel.ep=2"),
     (2, ["parallel.ep=2", "dense"], "parallel.ep=2 needs a mixture-of-experts model with an expert-parallel plan; "
                                     "the model ('llama') is dense"),
-], ids=["experts", "world", "compile", "muon", "zero1", "dense"])
+], ids=["experts", "world", "compile", "muon", "zero1", "grad-hook", "dense"])
 def test_impossible_expert_parallel_layouts_are_one_line_before_launch(ranks, extra, message, moe, corpus, cache_dir,
                                                                        tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -98,12 +98,13 @@ def _tp_plan(node, cfg) -> list[Need]:
 
 
 def _with_experts(*traits: str):
-    """A layout's traits under parallel.ep: experts sharded, so no whole weights, and no module a converter replaced
-    (expert parallelism shards transformers' own experts tensors only)."""
+    """A layout's traits under parallel.ep: experts sharded, so no whole weights, no module a converter replaced
+    (expert parallelism shards transformers' own experts tensors only), and no DDP communication hook (the experts'
+    gradients stay out of DDP's buckets: a hook would compress only the rest; not built)."""
     def provides(node, _cfg) -> list[str]:
         if node.ep == 1:
             return list(traits)
-        return [t for t in traits if t not in (WHOLE_WEIGHTS, CONVERTED_MODULES)] + [EXPERT_PARALLEL]
+        return [t for t in traits if t not in (WHOLE_WEIGHTS, CONVERTED_MODULES, COMM_HOOKS)] + [EXPERT_PARALLEL]
     provides.static = traits  # what the option provides at parallel.ep=1 (checks._unmet names its providers)
     provides.unless = lambda node: f"parallel.ep={node.ep}" if node.ep > 1 else None  # what took some away
     return provides
