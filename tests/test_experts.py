@@ -99,12 +99,15 @@ def test_two_expert_parallel_groups_on_4_ranks_equal_single(run, moe, corpus, ca
 
 
 @pytest.mark.slow
-def test_resume_under_expert_parallel_is_bit_identical(run, tmp_path):
+def test_resume_under_expert_parallel_is_bit_identical(run, tmp_path, capsys):
     """Each rank's experts are DTensor shards of the whole model's tensors in the DCP checkpoint: a copy stopped at
-    step 2 resumes on 2 ranks and repeats steps 3-4 exactly."""
+    step 2 resumes on 2 ranks and repeats steps 3-4 exactly. Resuming ddp without ep is refused (its optimizer's
+    parameter groups are split by DTensor-ness under ep)."""
     original, copy = run("ddp"), tmp_path / "copy"
     shutil.copytree(original, copy, ignore=shutil.ignore_patterns("step-*"))
     shutil.copytree(original / "checkpoints" / "step-2", copy / "checkpoints" / "step-2")
+    code, stderr = cli_in_process(capsys, "resume", str(copy), "parallel.ep=1")
+    assert code == 2 and "was trained with parallel.ep=2" in stderr and stderr.count("\n") == 1, stderr
     result = run_cli("resume", str(copy), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(copy)] == list(range(1, STEPS + 1))

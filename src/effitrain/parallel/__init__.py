@@ -168,6 +168,12 @@ def check(cfg) -> None:
         raise UsageError(f"parallel.offload={cfg.offload!r} is not one of: null, cpu")
 
 
+def mixes_dtensors(cfg) -> bool:
+    """ddp with parallel.ep > 1 holds DTensor experts beside plain replicas, so its optimizer's parameter groups split
+    by that (optimizer.build.param_groups): its optimizer state does not load into ddp without ep, nor back."""
+    return cfg.strategy == "ddp" and cfg.ep > 1
+
+
 def offloads(cfg) -> bool:
     """True when FSDP keeps parameters, gradients and optimizer state on the host (the optimizer steps there)."""
     return "offload" in cfg and cfg.offload == "cpu"
