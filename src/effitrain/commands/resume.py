@@ -32,8 +32,9 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = Fa
     cfg = apply_overrides(load_run_config(run_dir, allow_external=allow_external), overrides)
     check_all(cfg)
     if mixes_dtensors(saved_parallel) != mixes_dtensors(cfg.parallel):
-        raise UsageError(f"{run_dir} was trained with parallel.ep={saved_parallel.ep}: its optimizer state is grouped "
-                         f"for it under parallel=ddp, so resume keeps parallel.ep={saved_parallel.ep}")
+        ep = saved_parallel.ep if "ep" in saved_parallel else 1
+        raise UsageError(f"{run_dir} was trained with parallel.ep={ep}: its optimizer state is grouped for it under "
+                         f"parallel=ddp, so resume keeps parallel.ep={ep}")
     if cfg.checkpoint.kind == "off":
         raise UsageError(f"{run_dir} was trained with checkpoint=off: it has nothing to resume from")
     # the step it will continue from: its newest own checkpoint whose manifest and file sizes check out (the

@@ -171,7 +171,7 @@ def check(cfg) -> None:
 def mixes_dtensors(cfg) -> bool:
     """ddp with parallel.ep > 1 holds DTensor experts beside plain replicas, so its optimizer's parameter groups split
     by that (optimizer.build.param_groups): its optimizer state does not load into ddp without ep, nor back."""
-    return cfg.strategy == "ddp" and cfg.ep > 1
+    return cfg.strategy == "ddp" and "ep" in cfg and cfg.ep > 1  # a run saved before parallel.ep: none
 
 
 def offloads(cfg) -> bool:
