@@ -41,10 +41,11 @@ def test_every_option_declares_its_cost_and_traits():
 
 def test_every_need_can_be_met():
     """A need no option of any group (nor the device) could ever provide would refuse its option always."""
+    from effitrain.checks import _static_provides
     from effitrain.precision import CUDA
 
-    offered = {CUDA} | {t for g in GROUPS for k in g.schemas if (tr := g.traits_of(k)) and not callable(tr.provides)
-                        for t in tr.provides}
+    # a value-dependent list counts with what it provides by default (its `static`: parallel's under parallel.ep=1)
+    offered = {CUDA} | {t for g in GROUPS for k in g.schemas for t in _static_provides(g, k)}
     dynamic = {"tp_plan", "pretrained"}  # provided by the model's traits as a function of its node
     for group in GROUPS:
         for kind in group.schemas:

@@ -70,16 +70,30 @@ def _unmet(group, node, need, cfg) -> str:
     providers = {name: kinds for name, kinds in providers.items() if kinds}
     if len(providers) == 1:
         (name, kinds), = providers.items()
-        return f"{_label(group, node)} runs under {name}={' or '.join(kinds)}, not {cfg[name].name}: {need.why}"
+        return (f"{_label(group, node)} runs under {name}={' or '.join(kinds)}, not {_chosen(name, cfg, kinds)}: "
+                f"{need.why}")
     if need.trait == CUDA:
         return (f"{_label(group, node)} {need.why}; device={cfg.device} "
                 f"{'is the CPU' if cfg.device == 'cpu' else 'finds no NVIDIA GPU'}")
     return f"{_label(group, node)} {need.why}"
 
 
+def _chosen(name: str, cfg, kinds: list[str]) -> str:
+    """The chosen option of group `name`; when it is one of the `kinds` that would provide the trait, with the setting
+    that took it away (a value-dependent list's `unless`: parallel=ddp with parallel.ep=2 has no whole weights)."""
+    g = next(g for g in GROUPS if g.name == name)
+    node = cfg[name]
+    providing = not g.multi and g.kind_of(node) in kinds
+    unless = getattr(_traits(g, node).provides, "unless", None) if providing else None
+    return f"{node.name} with {unless(node)}" if unless is not None and unless(node) else node.name
+
+
 def _static_provides(group, kind: str) -> tuple:
     traits = group.traits_of(kind)
-    return () if traits is None or callable(traits.provides) else tuple(traits.provides)
+    if traits is None:
+        return ()
+    # a value-dependent list names what it provides by default as `static` (parallel's traits under parallel.ep)
+    return tuple(getattr(traits.provides, "static", ())) if callable(traits.provides) else tuple(traits.provides)
 
 
 def _has_gpu(device: str) -> bool:

@@ -23,12 +23,18 @@ def resume_run(run_dir: Path, overrides: list[str], *, allow_external: bool = Fa
     from effitrain.compose import apply_overrides
     from effitrain.engine.train import launch
     from effitrain.files import write_file
+    from effitrain.parallel import mixes_dtensors
     from effitrain.received import load_run_config, refuse_links
     from effitrain.rundir import RunClaim, run_id
 
     # what the saved config asks for is checked there; the user's own overrides are the user's to give
+    saved_parallel = load_run_config(run_dir, allow_external=allow_external).parallel
     cfg = apply_overrides(load_run_config(run_dir, allow_external=allow_external), overrides)
     check_all(cfg)
+    if mixes_dtensors(saved_parallel) != mixes_dtensors(cfg.parallel):
+        ep = saved_parallel.ep if "ep" in saved_parallel else 1
+        raise UsageError(f"{run_dir} was trained with parallel.ep={ep}: its optimizer state is grouped for it under "
+                         f"parallel=ddp, so resume keeps parallel.ep={ep}")
     if cfg.checkpoint.kind == "off":
         raise UsageError(f"{run_dir} was trained with checkpoint=off: it has nothing to resume from")
     # the step it will continue from: its newest own checkpoint whose manifest and file sizes check out (the

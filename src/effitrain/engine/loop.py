@@ -33,6 +33,7 @@ class RouterLoad:
     coef: float
     counts: torch.Tensor | None = None  # [moe layers, experts], this rank's tokens
     aux: list[torch.Tensor] = field(default_factory=list)
+    a2a: list = field(default_factory=list)  # expert parallelism's all-to-all byte counters (parallel/experts.py)
 
     @classmethod
     def of(cls, model: nn.Module) -> RouterLoad | None:
@@ -40,8 +41,13 @@ class RouterLoad:
         config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model
         if config is None or active_expert_share(config.get_text_config()) == 1.0:  # not a transformers model: dense
             return None
-        config = config.get_text_config()
-        return cls(top_k=config.num_experts_per_tok, coef=float(getattr(config, "router_aux_loss_coef", 0.0)))
+        from effitrain.parallel.experts import a2a_counters
+
+        config, a2a = config.get_text_config(), a2a_counters(model)
+        for counter in a2a:  # from here on: this step's bytes (an evaluation in between moved some too)
+            counter.take()
+        return cls(top_k=config.num_experts_per_tok, coef=float(getattr(config, "router_aux_loss_coef", 0.0)),
+                   a2a=a2a)
 
     def add(self, router_logits: tuple[torch.Tensor, ...]) -> None:
         """Count the top-k experts each token of each layer was routed to."""
@@ -52,16 +58,24 @@ class RouterLoad:
 
     def metrics(self) -> dict:
         """router_aux_loss (mean over micro-batches), expert_load (tokens per expert per layer, summed over ranks)
-        and expert_load_cv (its coefficient of variation per layer: 0 = perfectly balanced). Reads back and reduces
-        across ranks: one small collective and host sync per step of a mixture-of-experts run."""
+        and expert_load_cv (its coefficient of variation per layer: 0 = perfectly balanced); under expert parallelism
+        a2a_bytes_per_rank, the bytes a rank sent to other ranks in the step's all-to-alls (forward and backward, from
+        their split sizes; mean over ranks). Reads back and reduces across ranks: one small collective and host sync
+        per step of a mixture-of-experts run."""
         import torch.distributed as dist
 
-        counts = self.counts.double()
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        # the bytes ride on the counts' all-reduce as one more column
+        sent = sum(counter.take() for counter in self.a2a)
+        counts = torch.cat([self.counts.double(), torch.full((len(self.counts), 1), float(sent),
+                                                              dtype=torch.float64, device=self.counts.device)], 1)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
             dist.all_reduce(counts)
+        counts, sent = counts[:, :-1], float(counts[0, -1]) / world
         cv = counts.std(dim=1, unbiased=False) / counts.mean(dim=1)
         return {"router_aux_loss": float(torch.stack(self.aux).mean()), "expert_load": counts.long().tolist(),
-                "expert_load_cv": [round(float(c), 6) for c in cv]}
+                "expert_load_cv": [round(float(c), 6) for c in cv],
+                **({"a2a_bytes_per_rank": round(sent)} if self.a2a else {})}
 
 
 def lm_loss(model: nn.Module, batch, converters: ModelConverter | None = None,
@@ -151,11 +165,45 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip by the global norm (max_norm 0 = measure only); the norm spans all shards under FSDP/TP."""
+    """Clip by the global norm (max_norm 0 = measure only); the norm spans all shards under FSDP/TP/EP."""
     params = [p for p in model.parameters() if p.grad is not None]
+    if len({_mesh_of(p.grad) for p in params}) > 1:  # expert parallelism: DTensors of two meshes, or plain tensors
+        return _clip_mixed(params, max_norm)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2/TP: materialise the reduced value
         norm = norm.full_tensor()
+    return norm
+
+
+def _mesh_of(t: torch.Tensor):
+    return getattr(t, "device_mesh", None)
+
+
+def _clip_mixed(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The global norm over gradients that torch's clip cannot stack together (plain tensors beside DTensors, or
+    DTensors of different meshes: DDP's or FSDP's next to expert parallelism's), then the clip, one kind at a time.
+
+    A plain gradient is the same on every rank (reduced by DDP), so it counts once; a DTensor's local shard has
+    world/shards copies over the ranks (its mesh's Shard dims split it, the rest of the world holds replicas), so its
+    squared norm counts that share of a sum over the world."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params]
+    world = dist.get_world_size()
+    plain = sum((g.detach().float().pow(2).sum() for g in grads if _mesh_of(g) is None),
+                torch.zeros((), device=grads[0].device))
+    sharded = torch.zeros((), device=grads[0].device)
+    for g in grads:
+        if _mesh_of(g) is not None:
+            shards = math.prod(n for placement, n in zip(g.placements, g.device_mesh.shape, strict=True)
+                               if placement.is_shard())
+            sharded = sharded + g.to_local().detach().float().pow(2).sum() * (shards / world)
+    dist.all_reduce(sharded)
+    norm = (plain + sharded).sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch's clip_grads_with_norm_ rule
+        for g in grads:  # a DTensor's own shard, in place: a plain factor does not meet a DTensor in one op
+            (g.to_local() if _mesh_of(g) is not None else g).mul_(coef.to(g.dtype))
     return norm
 
 

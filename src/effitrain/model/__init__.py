@@ -94,7 +94,7 @@ def tp_plan_gap_of(kind: str, config: dict) -> str | None:
         return None
     if any(config.get(key) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
         return (f"a {kind!r} model's experts are in no tensor-parallel plan (transformers' base_model_tp_plan covers "
-                "its attention only; expert parallelism is not built yet)")
+                "its attention only; shard its experts with parallel.ep=N instead)")
     from transformers import CONFIG_MAPPING
 
     plan = getattr(CONFIG_MAPPING[kind], "base_model_tp_plan", None) if kind in CONFIG_MAPPING else None
@@ -104,6 +104,45 @@ def tp_plan_gap_of(kind: str, config: dict) -> str | None:
                   or not pattern.startswith("layers.*.")})
     if odd:
         return f"the base_model_tp_plan of a {kind!r} model uses styles effitrain does not map: {', '.join(odd)}"
+    return None
+
+
+# transformers' expert-parallel styles (base_model_ep_plan) that parallel/experts.py applies: experts tensors sharded on
+# their expert dim, and the experts module reached through an all-to-all dispatch
+EP_STYLES = ("grouped_gemm", "ep_dispatch_experts")
+
+
+def num_experts(cfg) -> int:
+    """Routed experts per mixture-of-experts layer of the model (0 for a dense model): a model.pretrained checkpoint's
+    config.json, effitrain's own families are dense."""
+    if not cfg.pretrained:
+        return 0
+    config = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    return next((config[key] for key in ("num_experts", "num_local_experts", "n_routed_experts")
+                 if isinstance(config.get(key), int) and config[key] > 0), 0)
+
+
+def ep_plan_gap(cfg) -> str | None:
+    """Why expert parallelism cannot shard the model's experts, or None: a mixture-of-experts model whose family's
+    transformers base_model_ep_plan uses only EP_STYLES on its decoder layers."""
+    kind = model_type(cfg)
+    if not num_experts(cfg):
+        return f"the model ({kind!r}) is dense: it has no experts to shard"
+    from transformers import CONFIG_MAPPING
+
+    plan = getattr(CONFIG_MAPPING[kind], "base_model_ep_plan", None) if kind in CONFIG_MAPPING else None
+    if not plan:
+        return f"transformers has no base_model_ep_plan for a {kind!r} model"
+    odd = sorted({style for pattern, style in plan.items() if style not in EP_STYLES
+                  or not pattern.startswith("layers.*.")})
+    if odd:
+        return f"the base_model_ep_plan of a {kind!r} model uses styles effitrain does not apply: {', '.join(odd)}"
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("transformers.distributed.expert_parallel") is None:  # the dispatch effitrain runs
+        return f"the installed transformers {transformers.__version__} has no transformers.distributed.expert_parallel"
     return None
 
 

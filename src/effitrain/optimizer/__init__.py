@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from effitrain.errors import UsageError
-from effitrain.parallel import DDP, WHOLE_WEIGHTS
+from effitrain.parallel import DDP, EXPERT_PARALLEL, WHOLE_WEIGHTS
 from effitrain.registry import Group, Need
 
 GROUP = Group("optimizer", key="kind", builders="effitrain.optimizer.build")
@@ -81,7 +81,10 @@ class MuonOptimizer(AdamBase):
 GROUP.traits("adamw", provides=(STOCHASTIC_ROUNDING,))
 GROUP.traits("adamw-8bit", provides=(STOCHASTIC_ROUNDING,))
 GROUP.traits("zero1", needs=(Need(DDP, "ZeRO-1 shards AdamW state over DDP ranks (FSDP already shards optimizer "
-                                      "state; use optimizer=adamw there)"),))
+                                      "state; use optimizer=adamw there)"),),
+             # ZeRO-1 broadcasts each parameter from the rank that stepped it: it would overwrite each rank's experts
+             excludes=(Need(EXPERT_PARALLEL, "under parallel.ep>1 ZeRO-1 would broadcast one rank's experts over the "
+                                             "others' (use optimizer=adamw)"),))
 GROUP.traits("sgd")
 # Newton-Schulz orthogonalises whole matrices: sharded (FSDP/TP) weights would be orthogonalised per shard
 GROUP.traits("muon", needs=(Need(WHOLE_WEIGHTS, "it needs whole weight matrices on each rank"),))

@@ -32,7 +32,15 @@ def param_groups(model: nn.Module, *, weight_decay: float, no_decay: list[str]) 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in skip_ids], "weight_decay": weight_decay},
               {"params": [p for p in params if id(p) in skip_ids], "weight_decay": 0.0}]
+    # a foreach kernel takes plain tensors or DTensors, not both (expert parallelism's DTensor experts beside DDP's
+    # plain replicas): each group split by that, in a group of its own only where the model mixes them
+    groups = [g | {"params": [p for p in g["params"] if _is_dtensor(p) == dtensor]}
+              for g in groups for dtensor in (False, True)]
     return [g for g in groups if g["params"]]
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return hasattr(p, "device_mesh")
 
 
 class OptimizerChain(torch.optim.Optimizer):

@@ -1,5 +1,5 @@
 """The `parallel` group: single, ddp, fsdp (ZeRO-3 / ZeRO-2), hsdp, tp and fsdp-tp layouts, with activation
-checkpointing and regional compile.
+checkpointing and regional compile; expert parallelism (`parallel.ep`) for mixture-of-experts models under ddp/fsdp.
 
 Schemas, parallel degrees and checks here (no torch); builders in `effitrain.parallel.build`.
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from effitrain.errors import UsageError
-from effitrain.model import TP_PLAN, attention_heads, tp_plan_gap
+from effitrain.model import TP_PLAN, attention_heads, ep_plan_gap, num_experts, tp_plan_gap
 from effitrain.registry import Group, Need
 
 GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build")
@@ -24,6 +24,7 @@ CONVERTED_MODULES = "converted_modules"  # wraps modules a converter replaced or
 SHARDS_PARAMS = "shards_params"  # FSDP2 shards parameters, gradients and optimizer state over dp_shard ranks
 FSDP_REDUCE = "fsdp_reduce"  # gradients reduce-scattered in precision.reduce_dtype (FSDP's MixedPrecisionPolicy)
 TENSOR_PARALLEL = "tensor_parallel"  # Megatron TP over parallel.tp ranks
+EXPERT_PARALLEL = "expert_parallel"  # parallel.ep > 1: each rank holds 1/ep of every MoE layer's experts (DTensors)
 
 
 
@@ -46,6 +47,7 @@ class SingleParallel(ParallelBase):
 @dataclass
 class DDPParallel(ParallelBase):
     strategy: str = "ddp"
+    ep: int = 1  # expert-parallel degree (MoE models): experts sharded over ep ranks, tokens sent by all-to-all
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ShardedBase(ParallelBase):
 @dataclass
 class FSDPParallel(ShardedBase):
     strategy: str = "fsdp"
+    ep: int = 1  # expert-parallel degree (MoE models): experts sharded over ep ranks, FSDP shards the rest
 
 
 @GROUP.option("hsdp")
@@ -94,9 +97,22 @@ def _tp_plan(node, cfg) -> list[Need]:
                           "parallel=fsdp or ddp")]
 
 
+def _with_experts(*traits: str):
+    """A layout's traits under parallel.ep: experts sharded, so no whole weights, no module a converter replaced
+    (expert parallelism shards transformers' own experts tensors only), and no DDP communication hook (the experts'
+    gradients stay out of DDP's buckets: a hook would compress only the rest; not built)."""
+    def provides(node, _cfg) -> list[str]:
+        if node.ep == 1:
+            return list(traits)
+        return [t for t in traits if t not in (WHOLE_WEIGHTS, CONVERTED_MODULES, COMM_HOOKS)] + [EXPERT_PARALLEL]
+    provides.static = traits  # what the option provides at parallel.ep=1 (checks._unmet names its providers)
+    provides.unless = lambda node: f"parallel.ep={node.ep}" if node.ep > 1 else None  # what took some away
+    return provides
+
+
 GROUP.traits("single", provides=(WHOLE_WEIGHTS, CONVERTED_MODULES))
-GROUP.traits("ddp", provides=(WHOLE_WEIGHTS, DDP, COMM_HOOKS, CONVERTED_MODULES))
-GROUP.traits("fsdp", provides=(SHARDS_PARAMS, FSDP_REDUCE, CONVERTED_MODULES))
+GROUP.traits("ddp", provides=_with_experts(WHOLE_WEIGHTS, DDP, COMM_HOOKS, CONVERTED_MODULES))
+GROUP.traits("fsdp", provides=_with_experts(SHARDS_PARAMS, FSDP_REDUCE, CONVERTED_MODULES))
 GROUP.traits("hsdp", provides=(SHARDS_PARAMS, FSDP_REDUCE))
 GROUP.traits("tp", provides=(TENSOR_PARALLEL,), needs=_tp_plan)
 GROUP.traits("fsdp-tp", provides=(SHARDS_PARAMS, FSDP_REDUCE, TENSOR_PARALLEL), needs=_tp_plan)
@@ -117,6 +133,24 @@ def _check_layout(cfg, run) -> None:
     if degrees.tp > 1:
         for key, heads in attention_heads(run.model).items():  # each rank computes whole heads
             _need(heads % degrees.tp == 0, f"{key}={heads} is not divisible by the tensor-parallel degree {degrees.tp}")
+    if degrees.ep > 1:
+        _check_experts(cfg, run.model, ep=degrees.ep)
+
+
+def _check_experts(cfg, model, *, ep: int) -> None:
+    """parallel.ep > 1: a mixture-of-experts model whose plan effitrain applies, its experts split evenly."""
+    gap = ep_plan_gap(model)
+    _need(gap is None, f"parallel.ep={ep} needs a mixture-of-experts model with an expert-parallel plan; {gap} "
+                       "(use parallel.ep=1)")
+    experts = num_experts(model)
+    _need(experts % ep == 0, f"parallel.ep={ep} does not divide the model's {experts} experts per layer; pick a "
+                             "divisor of it")
+    _need(not offloads(cfg), f"parallel.offload=cpu with parallel.ep={ep} is not built (FSDP would offload all but "
+                             "the experts); use parallel.offload=null")
+    # transformers' dispatch swaps the experts' DTensors for local tensors inside forward and reads the split sizes
+    # back to the host: neither traces in a compiled block (not built, so refused)
+    _need(not cfg.compile, f"parallel.compile=true with parallel.ep={ep} is not built (the expert dispatch does not "
+                           "compile); use parallel.compile=false")
 
 
 for _kind in GROUP.schemas:
@@ -134,6 +168,12 @@ def check(cfg) -> None:
         raise UsageError(f"parallel.offload={cfg.offload!r} is not one of: null, cpu")
 
 
+def mixes_dtensors(cfg) -> bool:
+    """ddp with parallel.ep > 1 holds DTensor experts beside plain replicas, so its optimizer's parameter groups split
+    by that (optimizer.build.param_groups): its optimizer state does not load into ddp without ep, nor back."""
+    return cfg.strategy == "ddp" and "ep" in cfg and cfg.ep > 1  # a run saved before parallel.ep: none
+
+
 def offloads(cfg) -> bool:
     """True when FSDP keeps parameters, gradients and optimizer state on the host (the optimizer steps there)."""
     return "offload" in cfg and cfg.offload == "cpu"
@@ -141,11 +181,13 @@ def offloads(cfg) -> bool:
 
 @dataclass(frozen=True)
 class Degrees:
-    """How the world splits: data-parallel replicas x data-parallel shards x tensor-parallel ranks."""
+    """How the world splits: data-parallel replicas x data-parallel shards x tensor-parallel ranks; expert-parallel
+    ranks are borrowed from the data-parallel ones (each holds 1/ep of the experts and reads its own batch)."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
+    ep: int = 1
 
     @property
     def dp(self) -> int:
@@ -181,4 +223,7 @@ def parallel_degrees(cfg, *, world_size: int) -> Degrees:
     _need(replicate * shard == dp,
           f"parallel.dp_replicate={replicate} x parallel.dp_shard={shard} = {replicate * shard}, but the world "
           f"size {world_size} / parallel.tp={tp} leaves {dp} data-parallel ranks; make the product {dp}")
-    return Degrees(dp_replicate=replicate, dp_shard=shard, tp=tp)
+    ep = cfg.ep if "ep" in cfg else 1
+    _need(ep >= 1 and dp % ep == 0, f"parallel.ep={ep} does not divide the {dp} data-parallel ranks "
+                                    "(launcher.nproc_per_node x launcher.nnodes); pick a divisor")
+    return Degrees(dp_replicate=replicate, dp_shard=shard, tp=tp, ep=ep)

@@ -1,8 +1,9 @@
 """Builders of the `parallel` group: apply_parallel applies a layout to a model built on the meta device.
 
-Order, and why: TP -> activation checkpointing -> compile -> FSDP/DDP.
+Order, and why: TP or EP -> activation checkpointing -> compile -> FSDP/DDP.
   1. TP first: it replaces each block's Linear weights with DTensors sharded over the TP mesh; everything
-     after must see those final parameters.
+     after must see those final parameters. EP (parallel.ep, parallel/experts.py) likewise makes the experts DTensors
+     sharded over the EP mesh, which FSDP and DDP then leave alone.
   2. Activation checkpointing wraps whole blocks, so recomputation in backward covers the TP collectives too.
   3. compile is regional (each block, not the whole model): identical blocks share one compiled graph, and
      the FSDP hooks applied next stay outside the compiled regions, where they belong.
@@ -63,15 +64,35 @@ def single(model, *, cfg, world, mesh, precision, init):
 
 @GROUP.builder("ddp")
 def ddp(model, *, cfg, world, mesh, precision, init):
+    experts = _experts(model, cfg=cfg, world=world)
     _blocks(model, cfg)
-    return apply_ddp(_materialise(model, device=world.device, init=init), world=world)
+    model = _materialise(model, device=world.device, init=init)
+    if experts:
+        from effitrain.parallel.experts import hide_from_ddp
+
+        experts.average_grads(model, dp=world.size)
+        hide_from_ddp(model)
+    return apply_ddp(model, world=world)
 
 
 def _sharded(model, *, cfg, world, mesh, precision, init):
+    experts = _experts(model, cfg=cfg, world=world)
     _blocks(model, cfg)
     apply_fsdp(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
-               mp_policy=precision.fsdp_mixed_precision())
-    return _materialise(model, device=torch.device("cpu") if cfg.offload else world.device, init=init)
+               mp_policy=precision.fsdp_mixed_precision(), ignored=experts.params if experts else None)
+    model = _materialise(model, device=torch.device("cpu") if cfg.offload else world.device, init=init)
+    if experts:
+        experts.average_grads(model, dp=world.size)
+    return model
+
+
+def _experts(model, *, cfg, world):
+    """Step 1 under parallel.ep > 1: the experts sharded over the EP ranks (parallel/experts.py), or None."""
+    if "ep" not in cfg or cfg.ep == 1:
+        return None
+    from effitrain.parallel.experts import apply_ep
+
+    return apply_ep(model, ep=cfg.ep, device=world.device)
 
 
 GROUP.builder("fsdp")(_sharded)
@@ -338,7 +359,8 @@ def apply_compile(model: nn.Module) -> None:
         getattr(block, "_checkpoint_wrapped_module", block).compile()
 
 
-def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, mp_policy) -> None:
+def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, mp_policy,
+               ignored: set | None = None) -> None:
     """FSDP2 (`fully_shard`) on each transformer block, then on the root (embeddings, final norm, head).
 
     Args:
@@ -348,12 +370,14 @@ def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, 
             all-gather in backward); False keeps them until backward (ZeRO-2-like, less communication).
         offload: "cpu" keeps sharded parameters, gradients and optimizer state in host memory.
         mp_policy: a MixedPrecisionPolicy (param / reduce dtypes), or None for full precision.
+        ignored: parameters FSDP leaves as they are (expert-parallel experts: already sharded, reduced by EP).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     # pinned host memory speeds host<->GPU copies, but pinning needs an accelerator: a CPU mesh keeps plain memory
     offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if offload == "cpu" else OffloadPolicy()
-    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "offload_policy": offload_policy}
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "offload_policy": offload_policy,
+              "ignored_params": ignored or None}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for block in transformer_blocks(model):
@@ -441,8 +465,11 @@ class Cost:
         return GROUP.provides(self.node, SHARDS_PARAMS)
 
     def local_numel(self, p, d: Degrees) -> int:
-        """Elements this rank holds of a parameter: TP splits linears/embeddings, FSDP shards dim 0 (padded)."""
+        """Elements this rank holds of a parameter: TP splits linears/embeddings, FSDP shards dim 0 (padded); EP
+        splits an experts tensor's expert dim, and FSDP leaves it so."""
         shape = list(p.shape)
+        if d.ep > 1 and _is_expert(p.name):
+            return math.prod(shape) // d.ep
         if d.tp > 1 and p.kind in ("linear", "embedding", "head"):
             shape[0] = math.ceil(shape[0] / d.tp)  # column- or row-wise: one dim split either way
         if self.shards:
@@ -452,8 +479,10 @@ class Cost:
     def memory(self, s, *, d: Degrees, spec, n_trained: int) -> dict[str, int]:
         """What the layout adds per rank (bytes), beside parameters, gradients and optimizer state."""
         mem = {}
-        if GROUP.provides(self.node, DDP):
-            mem["ddp_buckets"] = n_trained * spec.bytes("param")  # the gradients of trained parameters only
+        if GROUP.provides(self.node, DDP):  # the gradients of trained parameters only, experts under EP aside
+            experts = sum(self.local_numel(p, d) for p in s.params if p.trainable and _is_expert(p.name)) \
+                if d.ep > 1 else 0
+            mem["ddp_buckets"] = (n_trained - experts) * spec.bytes("param")
         if self.shards:
             mem |= _fsdp_memory(s, self.node, d=d, spec=spec)
         return mem
@@ -469,13 +498,21 @@ def _fsdp_memory(s, node, *, d: Degrees, spec) -> dict[str, int]:
     computing, one prefetched), or every block with reshard_after_forward false; the root's unsharded gradients,
     which wait for its reduce-scatter at the end of backward (frozen ones have none); a block's backward holds its
     own unsharded gradients and the previous block's reduce-scatter input (in the reduce dtype), which FSDP2 keeps
-    until the next reduce-scatter is issued (profiler allocation events of a 2-rank d128-L4 step)."""
-    per_block = s.block_params() // s.layers
+    until the next reduce-scatter is issued (profiler allocation events of a 2-rank d128-L4 step). Under EP the
+    experts are no FSDP parameters: neither gathered nor reduce-scattered."""
+    experts = sum(p.numel for p in s.params if _is_expert(p.name)) // s.layers if d.ep > 1 else 0
+    per_block = s.block_params() // s.layers - experts
     blocks = s.layers if not node.reshard_after_forward else min(2, s.layers)
     gathered = (s.root_params() + blocks * per_block) // d.tp
     return {"fsdp_gathered_params": gathered * gather_bytes(spec),
             "fsdp_unsharded_grads": (s.trained_root_params() // d.tp) * FP32,
-            "fsdp_block_reduce": s.trained_params_per_block() // d.tp * (gather_bytes(spec) + spec.bytes("reduce"))}
+            "fsdp_block_reduce": (s.trained_params_per_block() - experts) // d.tp
+            * (gather_bytes(spec) + spec.bytes("reduce"))}
+
+
+def _is_expert(name: str) -> bool:
+    """A routed experts tensor (base.flops.expert_params' rule): what parallel.ep shards."""
+    return ".experts." in f".{name}"
 
 
 # every layout's memory follows from its traits: one cost model, registered for each
