@@ -30,8 +30,10 @@ RTOL = 1e-5
 STEPS = 6
 PP = ["parallel=pp", "launcher.nproc_per_node=2"]
 ONE_STAGE_PER_RANK = ("gpipe", "1f1b")  # trained with grad_accum_steps=2: the loss scale spans the accumulation
-TWO_STAGES_PER_RANK = ("interleaved-1f1b", "zero-bubble", "looped-bfs")
-V_SHAPED = ("zbv", "dualpipev")
+TWO_STAGES_PER_RANK = ("interleaved-1f1b", "zero-bubble", "zbv")  # the issue's list
+EXTRA = ("looped-bfs", "dualpipev")  # the rest of torch's schedules: in the extended set (CI time)
+SWEEPS = {ONE_STAGE_PER_RANK: ("grad_accum_steps=2",), TWO_STAGES_PER_RANK: ("parallel.stages_per_rank=2",),
+          EXTRA: ("parallel.stages_per_rank=2",)}
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +52,31 @@ def _jobs(cwd: Path) -> dict[tuple, Path]:
 
 
 @pytest.fixture(scope="module")
-def runs(base, tmp_path_factory) -> dict[tuple, Path]:
-    """Every run the schedule tests compare: single (accumulating 1 and 2 micro-steps) and pp(2) per schedule."""
-    out = {}
-    for name, args in {
-        "single": ("grad_accum_steps=1,2",),
-        "one": (*PP, f"parallel.schedule={','.join(ONE_STAGE_PER_RANK)}", "grad_accum_steps=2"),
-        "two": (*PP, f"parallel.schedule={','.join(TWO_STAGES_PER_RANK)}", "parallel.stages_per_rank=2"),
-        "v": (*PP, f"parallel.schedule={','.join(V_SHAPED)}", "parallel.stages_per_rank=2"),
-    }.items():
-        cwd = tmp_path_factory.mktemp(name)
-        train_ok(cwd, "-m", *base, *args)  # a sweep: one job per schedule
-        out |= _jobs(cwd)
-    return out
+def runs(base, tmp_path_factory):
+    """runs(key) -> run directory, made on first use, one `-m` sweep at a time: ("single", grad_accum_steps) or
+    (schedule, grad_accum_steps) of pp(2)."""
+    made: dict[tuple, Path] = {}
+
+    def get(key: tuple) -> Path:
+        if key not in made:
+            if key[0] == "single":
+                args = ("grad_accum_steps=1,2",)
+            else:
+                schedules = next(group for group in SWEEPS if key[0] in group)
+                args = (*PP, f"parallel.schedule={','.join(schedules)}", *SWEEPS[schedules])
+            cwd = tmp_path_factory.mktemp(key[0])
+            train_ok(cwd, "-m", *base, *args)  # a sweep: one job per schedule (or accumulation)
+            made.update(_jobs(cwd))
+        return made[key]
+    return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", [*ONE_STAGE_PER_RANK, *TWO_STAGES_PER_RANK, *V_SHAPED])
+@pytest.mark.parametrize("schedule", [*ONE_STAGE_PER_RANK, *TWO_STAGES_PER_RANK,
+                                      *(pytest.param(s, marks=pytest.mark.extended) for s in EXTRA)])
 def test_pp2_matches_single_under_every_schedule(runs, schedule):
     accum = 2 if schedule in ONE_STAGE_PER_RANK else 1
-    single, pp = runs[("single", accum)], runs[(schedule, accum)]
+    single, pp = runs(("single", accum)), runs((schedule, accum))
     assert_losses_close(losses(single), losses(pp), steps=STEPS, rtol=RTOL, what=f"pp(2) {schedule} vs single")
     val = [[r["val_loss"] for r in read_metrics(run) if "val_loss" in r] for run in (single, pp)]
     assert_losses_close(*val, steps=2, rtol=RTOL, what=f"pp(2) {schedule} validation vs single")
@@ -88,7 +95,7 @@ def test_pp2_x_fsdp2_matches_single(runs, base, tmp_path):
     train_ok(tmp_path, *base, "parallel=pp-fsdp", "launcher.nproc_per_node=4", "parallel.pp=2", "batch_size=2",
              "parallel.microbatches=2")
     run = only_run_dir(tmp_path / "outputs")
-    assert_losses_close(losses(runs[("single", 1)]), losses(run), steps=STEPS, rtol=RTOL, what="pp(2) x fsdp(2)")
+    assert_losses_close(losses(runs(("single", 1))), losses(run), steps=STEPS, rtol=RTOL, what="pp(2) x fsdp(2)")
     assert "global batch 4 sequences" in (run / "train.log").read_text()
 
 
@@ -147,7 +154,7 @@ def test_export_of_a_pp_run_is_the_checkpoint_model(pp_run, runs, tmp_path):
     cfg, checkpoint, tokenizer = _run_parts(pp_run, step=None)
     mine = load_trained_model(cfg, checkpoint, vocab_size=tokenizer.get_vocab_size())
     ids = torch.tensor([tokenizer.encode("def main(argv):\n    return 0\n").ids])
-    single_cfg, single_checkpoint, _ = _run_parts(runs[("single", 1)], step=None)
+    single_cfg, single_checkpoint, _ = _run_parts(runs(("single", 1)), step=None)
     single = load_trained_model(single_cfg, single_checkpoint, vocab_size=tokenizer.get_vocab_size())
     with torch.no_grad():
         assert torch.equal(hf(input_ids=ids).logits, mine(input_ids=ids).logits)

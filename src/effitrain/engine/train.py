@@ -132,7 +132,7 @@ def build_parts(cfg, *, job, vocab_size: int, tokenizer: Path | None = None) -> 
                                 device=torch.device("cpu") if offloads(cfg.parallel) else world.device)
     scheduler = build_scheduler(optimizer, cfg=cfg.schedule, max_steps=cfg.max_steps)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
-                       converters=converters)
+                       converters=converters, flatten_optimizer=pipeline is not None)
     return Parts(state=state, precision=precision, no_sync=gradient_sync_skipper(model), num_params=num_params,
                  flops_per_token=flops, pipeline=pipeline)
 
