@@ -183,6 +183,8 @@ REFUSED = {
     "lora": ([*PP, "compression=lora"], "compression=lora"),
     "muon": ([*PP, "optimizer=muon"], "optimizer=muon"),
     "tp": ([*PP, "parallel.tp=2"], "unknown key 'parallel.tp'"),
+    "pp-fsdp-interleaved": (["parallel=pp-fsdp", "launcher.nproc_per_node=4", "parallel.schedule=zbv",
+                             "parallel.stages_per_rank=2", "batch_size=4"], "tested with one stage per rank"),
     "cp": ([*PP, "parallel.cp=2"], "context parallelism is not built"),
     "estimate": (PP, "effitrain estimate does not cover parallel=pp"),
 }
@@ -208,7 +210,7 @@ def test_stage_split_and_placement():
     assert layer_ranges(4, 4) == [range(i, i + 1) for i in range(4)]
     assert stage_ids(0, pp=2, per_rank=2, style="loop") == [0, 2]
     assert stage_ids(1, pp=2, per_rank=2, style="v") == [1, 2]
-    cfg = OmegaConf.create({"stages_per_rank": 2, "schedule": "zbv"})
+    cfg = OmegaConf.create({"stages_per_rank": 2, "schedule": "zbv", "split": "even"})
     plan = Plan.of(cfg, rank=0, pp=2, num_layers=4)
     assert plan.ids == [0, 3] and plan.first and plan.last and plan.layers(plan.ids) == {0, 3}
     assert [plan.owner(s) for s in range(4)] == [0, 1, 1, 0]

@@ -40,7 +40,7 @@ from effitrain.data.loader import Prefetcher, TrainBatches
 from effitrain.data.mix import prepare_run_data
 from effitrain.engine import export
 from effitrain.engine.job import join, start_job
-from effitrain.engine.loop import evaluate, lm_loss, train_step
+from effitrain.engine.loop import StepResult, evaluate, lm_loss, train_step
 from effitrain.engine.profiling import StepProfiler
 from effitrain.engine.runtime import job_runtime
 from effitrain.engine.state import TrainState
@@ -79,7 +79,10 @@ class Parts:
 
     @property
     def train_step(self) -> Callable:
-        return self.pipeline.train_step if self.pipeline else train_step
+        """engine.loop.train_step, or the pipeline's (its stages run the step's forward and backward)."""
+        if self.pipeline is None:
+            return train_step
+        return lambda *args, **kwargs: StepResult(*self.pipeline.train_step(*args, **kwargs))
 
     @property
     def loss(self) -> Callable:

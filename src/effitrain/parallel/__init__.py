@@ -220,6 +220,8 @@ def _check_pipeline_options(cfg, run) -> None:
     _need("source" not in run.data or run.data.source not in ("chat", "instruct", "chat-stdlib"),
           f"{what} trains on token windows; fine-tuning data (data={run.data.name}) is not tested under it yet")
     _need(not offloads(cfg), f"{what}: parallel.offload=cpu is not tested under a pipeline yet")
+    _need(cfg.strategy != "pp-fsdp" or cfg.stages_per_rank == 1, f"{what} is tested with one stage per rank "
+          f"(gpipe, 1f1b) only: FSDP on several stages of one rank is not, so not parallel.schedule={cfg.schedule}")
 
 
 for _kind in ("pp", "pp-fsdp"):

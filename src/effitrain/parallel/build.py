@@ -29,6 +29,7 @@ from torch import nn
 from effitrain.errors import UsageError
 from effitrain.model.build import transformer_blocks
 from effitrain.parallel import DDP, GROUP, PIPELINE, SHARDS_PARAMS, TENSOR_PARALLEL, Degrees
+from effitrain.parallel.pipeline import PipelineCost, split_model
 
 
 class ParallelError(UsageError):
@@ -92,6 +93,24 @@ def tp(model, *, cfg, world, mesh, precision, init):
 def fsdp_tp(model, *, cfg, world, mesh, precision, init):
     apply_tp(model, mesh=mesh["tp"], sequence_parallel=cfg.sequence_parallel)
     return _sharded(model, cfg=cfg, world=world, mesh=mesh["dp_shard"], precision=precision, init=init)
+
+
+@GROUP.builder("pp")
+def pp(model, *, cfg, world, mesh, precision, init):
+    """The pipeline split (parallel/pipeline.py), then AC and compile, which the checks keep off under a pipeline."""
+    split_model(model, cfg=cfg, mesh=mesh)
+    _blocks(model, cfg)
+    return _materialise(model, device=world.device, init=init)
+
+
+@GROUP.builder("pp-fsdp")
+def pp_fsdp(model, *, cfg, world, mesh, precision, init):
+    """The split, then FSDP2 inside each stage's data-parallel group (mesh["dp_shard"]): its blocks, then its root."""
+    split_model(model, cfg=cfg, mesh=mesh)
+    _blocks(model, cfg)
+    apply_fsdp(model, mesh=mesh["dp_shard"], reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
+               mp_policy=precision.fsdp_mixed_precision())
+    return _materialise(model, device=world.device, init=init)
 
 
 def build_mesh(cfg, d: Degrees, *, world):
@@ -491,4 +510,5 @@ for _strategy in GROUP.schemas:
     if PIPELINE not in GROUP.traits_of(_strategy).provides:
         GROUP.cost(_strategy)(Cost)
 
-from effitrain.parallel import pipeline as _pipeline  # noqa: E402,F401  (registers the pp and pp-fsdp builders)
+GROUP.cost("pp")(PipelineCost)
+GROUP.cost("pp-fsdp")(PipelineCost)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effitrain.model.build import transformer_blocks
-from effitrain.parallel import GROUP, SCHEDULES
+from effitrain.parallel import SCHEDULES
 
 
 def stage_ids(rank: int, *, pp: int, per_rank: int, style: str) -> list[int]:
@@ -137,34 +137,19 @@ def _plan(model: nn.Module, cfg, mesh) -> Plan:
     return Plan.of(cfg, rank=pp.get_local_rank(), pp=pp.size(), num_layers=len(transformer_blocks(model)))
 
 
-def split_model(model: nn.Module, plan: Plan) -> nn.Module:
+def split_model(model: nn.Module, *, cfg, mesh) -> nn.Module:
     """This rank's part of the model (still on meta): its stages' blocks, embedding / norm / head where it holds the
-    first / last stage, with a stage's forward."""
+    first / last stage, with a stage's forward.
+
+    Args:
+        model: the causal LM, built on the meta device.
+        cfg: the `parallel` config group (schedule, stages_per_rank, split).
+        mesh: the layout's device mesh (its "pp" dimension).
+    """
+    plan = _plan(model, cfg, mesh)
     _keep(model, layers=plan.layers(plan.ids), first=plan.first, last=plan.last)
     _as_stage(model)
     return model
-
-
-@GROUP.builder("pp")
-def pp(model, *, cfg, world, mesh, precision, init):
-    """The split, then (build.py's order) AC and compile, which the checks keep off under a pipeline for now."""
-    from effitrain.parallel.build import _blocks, _materialise
-
-    split_model(model, _plan(model, cfg, mesh))
-    _blocks(model, cfg)
-    return _materialise(model, device=world.device, init=init)
-
-
-@GROUP.builder("pp-fsdp")
-def pp_fsdp(model, *, cfg, world, mesh, precision, init):
-    """The split, then FSDP2 inside each stage's data-parallel group (mesh["dp_shard"]): its blocks, then its root."""
-    from effitrain.parallel.build import _blocks, _materialise, apply_fsdp
-
-    split_model(model, _plan(model, cfg, mesh))
-    _blocks(model, cfg)
-    apply_fsdp(model, mesh=mesh["dp_shard"], reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
-               mp_policy=precision.fsdp_mixed_precision())
-    return _materialise(model, device=world.device, init=init)
 
 
 def _timed_stage_class():
@@ -235,11 +220,10 @@ class Pipeline:
         return torch.stack(losses).sum().detach() if losses else torch.zeros((), device=batch.device)
 
     def train_step(self, model: nn.Module, optimizer, micro_batches: list[torch.Tensor], *, precision,
-                   grad_clip: float, no_sync=None, converters=None):
+                   grad_clip: float, no_sync=None, converters=None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """engine.loop.train_step under the pipeline: one schedule step per micro-step (gradients accumulate), the
-        loss and the squared gradient norm summed over the pipeline's ranks in one all-reduce, clip, step."""
-        from effitrain.engine.loop import StepResult
-
+        loss and the squared gradient norm summed over the pipeline's ranks in one all-reduce, clip, step; (loss,
+        global grad norm, finite) -- the fields of engine.loop.StepResult."""
         for stage in self.stages:
             stage.busy_s = 0.0
         t0 = time.perf_counter()
@@ -259,7 +243,7 @@ class Pipeline:
             precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         self._record(busy=float(stats[2]), wall=float(stats[3]), mem=stats[4:])
-        return StepResult(loss=stats[0].float(), grad_norm=total, finite=finite)
+        return stats[0].float(), total, finite
 
     @torch.no_grad()
     def eval_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -346,6 +330,7 @@ def bubble_theory_pct(schedule: str, *, pp: int, microbatches: int) -> float | N
 
 
 
+
 class PipelineCost:
     """effitrain estimate does not count pipeline layouts yet (per-stage parameters, in-flight microbatches)."""
 
@@ -354,7 +339,3 @@ class PipelineCost:
 
         raise UsageError(f"effitrain estimate does not cover parallel={node.name} yet (per-stage parameters and "
                          "in-flight microbatch activations are not modelled)")
-
-
-GROUP.cost("pp")(PipelineCost)
-GROUP.cost("pp-fsdp")(PipelineCost)
