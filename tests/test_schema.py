@@ -97,6 +97,8 @@ RUNS = [
     ["optimizer=muon", "checkpoint=off", "compression=[prune-2of4,share-layers]"],
     ["optimizer=zero1", "parallel=ddp", "compression=[grad-fp16,qat-int8]"],
     ["precision=bf16-pure", "optimizer=adamw-8bit"],
+    ["parallel=pp", "model.tie_embeddings=false"],  # one process: one stage
+    ["parallel=pp-fsdp", "parallel.pp=1", "model.tie_embeddings=false"],
     ["compression=[lora,grad-powersgd]", "model.pretrained={hf}", "parallel=ddp"],
     ["compression=[distill,qat-int4]", "compression.distill.teacher={hf}"],
     ["compression=[prune-magnitude,freeze]", "compression.prune_magnitude.end_step=2"],

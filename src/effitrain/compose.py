@@ -13,7 +13,7 @@ from typing import Any
 
 from effitrain import checkpoint, compression, data, launcher, model, optimizer, parallel, precision, schedule
 from effitrain import logging as logging_group  # not the standard library's logging
-from effitrain.errors import UsageError
+from effitrain.errors import UsageError, unknown_key
 from effitrain.errors import explain as _explain
 from effitrain.errors import first_line as _first_line
 from effitrain.eval import EvalConfig
@@ -208,7 +208,7 @@ def _merged(schema: type, values: dict, *, prefix: str):
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), values)
     except ConfigKeyError as e:
-        raise UsageError(f"unknown key {prefix + e.full_key!r} (effitrain train --cfg job lists every key)") from None
+        raise UsageError(unknown_key(prefix + e.full_key)) from None
     except OmegaConfBaseException as e:
         e.full_key = prefix + (e.full_key or "")
         raise UsageError(_explain(e)) from None

@@ -100,6 +100,19 @@ def first_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
+# keys users look for that effitrain does not have, and why (still unknown keys, in one line that says so)
+NOT_BUILT = {"parallel.cp": "context parallelism is not built: torch's ring attention (context_parallel) is "
+                            "CUDA-only, and no test could run it here; for long sequences use parallel.tp with "
+                            "parallel.sequence_parallel=true"}
+
+
+def unknown_key(key: str) -> str:
+    """The line for a key no schema has: what is not built, or where every key is listed."""
+    if key in NOT_BUILT:
+        return f"unknown key {key!r}: {NOT_BUILT[key]}"
+    return f"unknown key {key!r} (effitrain train --cfg job lists every key)"
+
+
 def explain(e: Exception) -> str:
     """Hydra/OmegaConf errors span lines; keep what is wrong and add what would be right."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -107,7 +120,7 @@ def explain(e: Exception) -> str:
     cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
     key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
-        return f"unknown key {key!r} (effitrain train --cfg job lists every key)"
+        return unknown_key(key)
     if key:
         return f"{key}: {first_line(Exception(getattr(cause, 'msg', None) or cause))}"
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]

@@ -45,7 +45,7 @@ from effitrain.compression.method import Inputs, Step
 from effitrain.data import run_data_config
 from effitrain.errors import UsageError
 from effitrain.parallel import GROUP as PARALLEL
-from effitrain.parallel import offloads, parallel_degrees
+from effitrain.parallel import PIPELINE, offloads, parallel_degrees
 from effitrain.precision import spec as precision_spec
 
 GiB = 2**30
@@ -636,6 +636,8 @@ def fit_check(cfg) -> None:
     import os
 
     if _device(cfg) != "cuda" or os.environ.get(SKIP_FIT_CHECK_ENV) == "1":
+        return
+    if PARALLEL.provides(cfg.parallel, PIPELINE):  # the estimate does not model pipeline stages yet
         return
     import torch
 

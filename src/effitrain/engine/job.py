@@ -15,8 +15,8 @@ class Job:
 
     Args:
         world: rank, size and device.
-        degrees: the layout's data-parallel replicas x shards x tensor-parallel ranks (checked against the real
-            world size, which torchrun may set from outside).
+        degrees: the layout's pipeline ranks x data-parallel replicas x shards x tensor-parallel ranks (checked
+            against the real world size, which torchrun may set from outside).
         mesh: the layout's DeviceMesh (parallel.build.build_mesh), None where the default process group serves
             (single, ddp).
     """
@@ -28,10 +28,11 @@ class Job:
     @property
     def shard(self):
         """(rank, size) of this process among the data-parallel ranks; TP is the innermost mesh dimension, so the
-        ranks of one TP group (consecutive ranks) read the same batch."""
+        ranks of one TP group (consecutive ranks) read the same batch, and PP the outermost, so the stages of one
+        pipeline (ranks dp x tp apart) read the same batch too."""
         from effitrain.data.loader import Shard
 
-        return Shard(rank=self.world.rank // self.degrees.tp, world=self.degrees.dp)
+        return Shard(rank=(self.world.rank // self.degrees.tp) % self.degrees.dp, world=self.degrees.dp)
 
 
 def join(cfg) -> World:

@@ -208,8 +208,13 @@ def _clip_mixed(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor], *, precision, device: torch.device) -> tuple[float, float]:
-    """(validation loss, perplexity) over fixed batches; torchmetrics syncs the mean across ranks."""
+def evaluate(model: nn.Module, batches: list[torch.Tensor], *, precision, device: torch.device,
+             loss=lm_loss) -> tuple[float, float]:
+    """(validation loss, perplexity) over fixed batches; torchmetrics syncs the mean across ranks.
+
+    Args:
+        loss: (model, batch) -> the batch's mean loss (a pipeline's eval_loss runs its stages).
+    """
     from torchmetrics.aggregation import MeanMetric
 
     mean = MeanMetric().to(device)
@@ -218,9 +223,9 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], *, precision, device
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         with precision.autocast():
-            loss = lm_loss(model, batch)
+            value = loss(model, batch)
         # a fine-tuning batch weighs its trained labels: the mean over every held-out answer token
-        mean.update(loss.float(), weight=batch.shape[0] if isinstance(batch, torch.Tensor) else batch.trained_tokens())
+        mean.update(value.float(), weight=batch.shape[0] if isinstance(batch, torch.Tensor) else batch.trained_tokens())
     model.train(was_training)
     val_loss = float(mean.compute())
     return val_loss, math.exp(min(val_loss, 50.0))

@@ -35,6 +35,9 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     tokens_seen: int = 0  # training tokens consumed (all ranks)
     skipped_steps: int = 0  # optimizer steps skipped (fp16 overflow, non-finite gradients) as of the last flush
+    # optimizer state keyed per parameter name, param groups too (pipeline layouts: each rank's optimizer holds other
+    # parameters, and DCP keeps one rank's copy of a list of param groups saved under one key by every rank)
+    flatten_optimizer: bool = False
 
     def state_dict(self, *, model_only: bool = False) -> dict:
         """The full state (this rank's shards); `model_only`: the model and the counters."""
@@ -49,7 +52,7 @@ class TrainState:
         if self._zero1():  # its shards are per rank and positional: get_state_dict cannot name them
             model, local["optimizer"] = get_model_state_dict(self.model), self.optimizer.optim.state_dict()
             return {"model": model, "trainer": trainer, "local": local}
-        model, optimizer = get_state_dict(self.model, self.optimizer)
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=self._options())
         return {"model": model, "optimizer": optimizer, "trainer": trainer, "local": local}
 
     def load_state_dict(self, state: dict) -> None:
@@ -58,7 +61,7 @@ class TrainState:
 
         if "optimizer" in state:
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
+                           optim_state_dict=state["optimizer"], options=self._options())
         else:
             set_model_state_dict(self.model, state["model"])
         local = state.get("local", {})
@@ -94,6 +97,11 @@ class TrainState:
         if f"rank{rank}" in state:
             plain["local"] = _unblob(state[f"rank{rank}"])
         self.load_state_dict(plain)
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(flatten_optimizer_state_dict=self.flatten_optimizer)
 
     def rank_local_required(self) -> bool:
         """True when a rank's own part holds state that cannot be rebuilt (ZeRO-1's optimizer shard)."""

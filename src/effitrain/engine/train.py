@@ -40,7 +40,7 @@ from effitrain.data.loader import Prefetcher, TrainBatches
 from effitrain.data.mix import prepare_run_data
 from effitrain.engine import export
 from effitrain.engine.job import join, start_job
-from effitrain.engine.loop import evaluate, train_step
+from effitrain.engine.loop import StepResult, evaluate, lm_loss, train_step
 from effitrain.engine.profiling import StepProfiler
 from effitrain.engine.runtime import job_runtime
 from effitrain.engine.state import TrainState
@@ -54,8 +54,9 @@ from effitrain.model.build import build_model, count_params, init_weights
 from effitrain.model.load import build_pretrained
 from effitrain.optimizer.build import build_optimizer
 from effitrain.parallel import GROUP as PARALLEL
-from effitrain.parallel import SHARDS_PARAMS, TENSOR_PARALLEL, offloads
+from effitrain.parallel import PIPELINE, SHARDS_PARAMS, TENSOR_PARALLEL, offloads
 from effitrain.parallel.build import apply_parallel, gradient_sync_skipper
+from effitrain.parallel.pipeline import Pipeline, build_pipeline
 from effitrain.precision import spec as precision_spec
 from effitrain.precision.build import Precision, build_precision
 from effitrain.precision.emulation import warn_if_emulated
@@ -74,6 +75,19 @@ class Parts:
     no_sync: Callable | None  # skips gradient reduction on accumulation micro-steps (DDP, FSDP)
     num_params: int
     flops_per_token: float
+    pipeline: Pipeline | None = None  # pp, pp-fsdp: the schedule over this rank's stages, which steps and evaluates
+
+    @property
+    def train_step(self) -> Callable:
+        """engine.loop.train_step, or the pipeline's (its stages run the step's forward and backward)."""
+        if self.pipeline is None:
+            return train_step
+        return lambda *args, **kwargs: StepResult(*self.pipeline.train_step(*args, **kwargs))
+
+    @property
+    def loss(self) -> Callable:
+        """(model, batch) -> the batch's mean loss, for evaluation."""
+        return self.pipeline.eval_loss if self.pipeline else lm_loss
 
 
 def _model(cfg, *, vocab_size: int, converters) -> tuple[torch.nn.Module, Callable]:
@@ -112,6 +126,8 @@ def build_parts(cfg, *, job, vocab_size: int, tokenizer: Path | None = None) -> 
     num_params, flops = count_params(model), model_flops_per_token(model, seq_len=cfg.data.seq_len)
     model = apply_parallel(converters.convert(model), cfg=cfg.parallel, job=job, precision=precision, init=init)
     converters.comm_hook(model)
+    pipeline = build_pipeline(model, cfg=cfg.parallel, job=job, grad_accum_steps=cfg.grad_accum_steps) \
+        if PARALLEL.provides(cfg.parallel, PIPELINE) else None
     total, trainable = count_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     # offloaded FSDP steps the optimizer on the host copies of the shards
@@ -119,9 +135,9 @@ def build_parts(cfg, *, job, vocab_size: int, tokenizer: Path | None = None) -> 
                                 device=torch.device("cpu") if offloads(cfg.parallel) else world.device)
     scheduler = build_scheduler(optimizer, cfg=cfg.schedule, max_steps=cfg.max_steps)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
-                       converters=converters)
+                       converters=converters, flatten_optimizer=pipeline is not None)
     return Parts(state=state, precision=precision, no_sync=gradient_sync_skipper(model), num_params=num_params,
-                 flops_per_token=flops)
+                 flops_per_token=flops, pipeline=pipeline)
 
 
 class Trainer:
@@ -280,8 +296,8 @@ class Trainer:
         micro = [prefetch.next().to(world.device, non_blocking=True) for _ in range(cfg.grad_accum_steps)]
         data_time = time.perf_counter() - t1
         lr = float(state.scheduler.get_last_lr()[0])  # a host float (a CPU tensor under torchao optimizers)
-        result = train_step(state.model, state.optimizer, micro, precision=self.precision, grad_clip=cfg.grad_clip,
-                            no_sync=self.parts.no_sync, converters=state.converters)
+        result = self.parts.train_step(state.model, state.optimizer, micro, precision=self.precision,
+                                       grad_clip=cfg.grad_clip, no_sync=self.parts.no_sync, converters=state.converters)
         state.scheduler.step()
         state.step, state.tokens_seen = step, state.tokens_seen + self.tokens_per_step
         self.clock.stop()
@@ -291,7 +307,7 @@ class Trainer:
         extra = {}
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             extra |= self.data.evaluate(self.val_batches, loss_of=lambda batches: evaluate(
-                state.model, batches, precision=self.precision, device=world.device)[0])
+                state.model, batches, precision=self.precision, device=world.device, loss=self.parts.loss)[0])
             extra |= self.tasks.scores(state.model, max_len=cfg.data.seq_len, precision=self.precision,
                                        device=world.device)
         t4 = time.perf_counter()
@@ -304,6 +320,7 @@ class Trainer:
         self.buffer.add(PendingStep(step=step, loss=result.loss, grad_norm=result.grad_norm, loss_scale=scale,
                                     skipped=skipped, lr=lr, data_time_s=data_time, mem_active_gib=active,
                                     mem_reserved_gib=reserved, extra=extra | state.converters.metrics()
+                                    | (self.parts.pipeline.last_metrics if self.parts.pipeline else {})
                                     | (result.router.metrics() if result.router else {})))
         if step % cfg.logging.every == 0 or step == cfg.max_steps or extra:
             self._flush()

@@ -1,5 +1,6 @@
-"""The `parallel` group: single, ddp, fsdp (ZeRO-3 / ZeRO-2), hsdp, tp and fsdp-tp layouts, with activation
-checkpointing and regional compile; expert parallelism (`parallel.ep`) for mixture-of-experts models under ddp/fsdp.
+"""The `parallel` group: single, ddp, fsdp (ZeRO-3 / ZeRO-2), hsdp, tp, fsdp-tp, pp and pp-fsdp layouts, with
+activation checkpointing and regional compile; expert parallelism (`parallel.ep`) for mixture-of-experts models under
+ddp/fsdp.
 
 Schemas, parallel degrees and checks here (no torch); builders in `effitrain.parallel.build`.
 """
@@ -25,6 +26,7 @@ SHARDS_PARAMS = "shards_params"  # FSDP2 shards parameters, gradients and optimi
 FSDP_REDUCE = "fsdp_reduce"  # gradients reduce-scattered in precision.reduce_dtype (FSDP's MixedPrecisionPolicy)
 TENSOR_PARALLEL = "tensor_parallel"  # Megatron TP over parallel.tp ranks
 EXPERT_PARALLEL = "expert_parallel"  # parallel.ep > 1: each rank holds 1/ep of every MoE layer's experts (DTensors)
+PIPELINE = "pipeline"  # the model's layers split into stages over parallel.pp ranks (parallel/pipeline.py)
 
 
 
@@ -87,6 +89,55 @@ class FSDPTPParallel(ShardedBase):
     sequence_parallel: bool = False
 
 
+@dataclass
+class PipelineKeys:
+    """The keys of the pipeline layouts (parallel/pipeline.py builds them)."""
+
+    pp: int = -1  # pipeline stages' ranks; -1 = every rank (pp) or world size / dp_shard (pp-fsdp: set one of them)
+    schedule: str = "1f1b"  # one of SCHEDULES
+    microbatches: int = 4  # per micro-step: batch_size is split into this many pipeline microbatches
+    stages_per_rank: int = 1  # interleaved / V schedules: stages each rank holds (virtual stages)
+    split: str = "even"  # even: each stage gets the same number of blocks (the first stages one more)
+
+
+@GROUP.option("pp")
+@dataclass
+class PPParallel(PipelineKeys, ParallelBase):
+    strategy: str = "pp"
+
+
+@GROUP.option("pp-fsdp")
+@dataclass
+class PPFSDPParallel(PipelineKeys, ShardedBase):
+    strategy: str = "pp-fsdp"
+    pp: int = 2
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A torch.distributed.pipelining schedule as effitrain offers it.
+
+    Args:
+        cls: its class in torch.distributed.pipelining.schedules.
+        style: loop (stage s on rank s % pp) or v (rank r holds stages r and 2 pp - 1 - r).
+        per_rank: stages per rank it takes: "1", "2" or ">=2".
+    """
+
+    cls: str
+    style: str
+    per_rank: str
+
+
+# every torch.distributed.pipelining schedule of torch 2.13, each training equal to single on 2 gloo ranks
+# (tests/test_pipeline.py)
+SCHEDULES = {"gpipe": Schedule("ScheduleGPipe", "loop", "1"), "1f1b": Schedule("Schedule1F1B", "loop", "1"),
+             "interleaved-1f1b": Schedule("ScheduleInterleaved1F1B", "loop", ">=2"),
+             "zero-bubble": Schedule("ScheduleInterleavedZeroBubble", "loop", ">=2"),
+             "zbv": Schedule("ScheduleZBVZeroBubble", "v", "2"),
+             "looped-bfs": Schedule("ScheduleLoopedBFS", "loop", ">=2"),
+             "dualpipev": Schedule("ScheduleDualPipeV", "v", "2")}
+
+
 def _tp_plan(node, cfg) -> list[Need]:
     """A tensor-parallel degree above 1 needs the model family's plan."""
     from effitrain.launcher import world_size
@@ -116,6 +167,9 @@ GROUP.traits("fsdp", provides=_with_experts(SHARDS_PARAMS, FSDP_REDUCE, CONVERTE
 GROUP.traits("hsdp", provides=(SHARDS_PARAMS, FSDP_REDUCE))
 GROUP.traits("tp", provides=(TENSOR_PARALLEL,), needs=_tp_plan)
 GROUP.traits("fsdp-tp", provides=(SHARDS_PARAMS, FSDP_REDUCE, TENSOR_PARALLEL), needs=_tp_plan)
+# no CONVERTED_MODULES nor WHOLE_WEIGHTS: compression converters, muon and adafactor are refused by their own needs
+GROUP.traits("pp", provides=(PIPELINE,))
+GROUP.traits("pp-fsdp", provides=(PIPELINE, SHARDS_PARAMS))
 
 
 def _check_layout(cfg, run) -> None:
@@ -157,6 +211,58 @@ for _kind in GROUP.schemas:
     GROUP.check_of(_kind)(_check_layout)
 
 
+def _check_pipeline(cfg, run) -> None:
+    """A pipeline layout against the run: its schedule, microbatches, stages and the options it is tested with."""
+    from effitrain.launcher import world_size
+
+    _check_layout(cfg, run)
+    degrees = parallel_degrees(cfg, world_size=world_size(run.launcher))
+    _need(cfg.schedule in SCHEDULES, f"parallel.schedule={cfg.schedule!r} is not one of: {', '.join(SCHEDULES)}")
+    _need(cfg.split == "even", f"parallel.split={cfg.split!r} is not one of: even")
+    schedule, spr = SCHEDULES[cfg.schedule], cfg.stages_per_rank
+    _need(schedule.per_rank != "1" or spr == 1, f"parallel.schedule={cfg.schedule} runs one stage per rank, not "
+          f"parallel.stages_per_rank={spr}; use interleaved-1f1b, zero-bubble or zbv for more")
+    _need(schedule.per_rank != "2" or spr == 2, f"parallel.schedule={cfg.schedule} runs exactly 2 stages per rank "
+          f"(a V), not parallel.stages_per_rank={spr}")
+    _need(schedule.per_rank != ">=2" or spr >= 2, f"parallel.schedule={cfg.schedule} interleaves several stages per "
+          f"rank: set parallel.stages_per_rank >= 2 (not {spr}), or use gpipe or 1f1b")
+    stages, m = degrees.pp * spr, cfg.microbatches
+    _need(run.model.num_layers >= stages, f"model.num_layers={run.model.num_layers} cannot fill {stages} pipeline "
+          f"stages (parallel.pp={degrees.pp} x parallel.stages_per_rank={spr}); one block per stage at least")
+    _need(m >= 1 and run.batch_size % m == 0, f"parallel.microbatches={m} does not divide batch_size="
+          f"{run.batch_size} (sequences per data-parallel rank and micro-step); pick a divisor")
+    _need(cfg.schedule not in ("1f1b", "zbv", "dualpipev") or m >= stages, f"parallel.schedule={cfg.schedule} needs "
+          f"parallel.microbatches >= the {stages} stages, not {m}")
+    rounds = max(1, m // degrees.pp)  # torch's interleaved schedules run the microbatches in rounds of pp
+    _need(schedule.per_rank != ">=2" or m % rounds == 0, f"parallel.schedule={cfg.schedule} runs microbatches in "
+          f"rounds of parallel.pp={degrees.pp}: parallel.microbatches={m} must be a multiple of {rounds}")
+    _check_pipeline_options(cfg, run)
+
+
+def _check_pipeline_options(cfg, run) -> None:
+    """What a pipeline layout is not tested with yet: one line each."""
+    what = f"parallel={cfg.name}"
+    _need(run.precision.name == "fp32", f"{what} is tested in fp32 only (the schedule runs backward itself: no "
+          f"autocast or loss scaler around it yet), not precision={run.precision.name}")
+    _need(run.model.family == "llama" and not run.model.pretrained, f"{what} splits effitrain's own llama models only "
+          f"(not model={run.model.name}{' with model.pretrained' if run.model.pretrained else ''}) yet")
+    _need(not run.model.tie_embeddings, f"{what}: model.tie_embeddings=true shares the embedding (first stage) with "
+          "the head (last stage); set model.tie_embeddings=false")
+    _need(cfg.activation_checkpointing == "none" and not cfg.compile, f"{what}: activation checkpointing and compile "
+          "inside pipeline stages are not tested yet; set parallel.activation_checkpointing=none and "
+          "parallel.compile=false")
+    _need(not list(run.eval.tasks), f"{what}: eval.tasks score choices on whole models; the stages hold parts of it")
+    _need("source" not in run.data or run.data.source not in ("chat", "instruct", "chat-stdlib"),
+          f"{what} trains on token windows; fine-tuning data (data={run.data.name}) is not tested under it yet")
+    _need(not offloads(cfg), f"{what}: parallel.offload=cpu is not tested under a pipeline yet")
+    _need(cfg.strategy != "pp-fsdp" or cfg.stages_per_rank == 1, f"{what} is tested with one stage per rank "
+          f"(gpipe, 1f1b) only: FSDP on several stages of one rank is not, so not parallel.schedule={cfg.schedule}")
+
+
+for _kind in ("pp", "pp-fsdp"):
+    GROUP.check_of(_kind)(_check_pipeline)
+
+
 @GROUP.checks
 def check(cfg) -> None:
     if cfg.activation_checkpointing not in ("none", "full", "selective"):
@@ -181,13 +287,15 @@ def offloads(cfg) -> bool:
 
 @dataclass(frozen=True)
 class Degrees:
-    """How the world splits: data-parallel replicas x data-parallel shards x tensor-parallel ranks; expert-parallel
-    ranks are borrowed from the data-parallel ones (each holds 1/ep of the experts and reads its own batch)."""
+    """How the world splits: pipeline ranks x data-parallel replicas x data-parallel shards x tensor-parallel ranks;
+    expert-parallel ranks are borrowed from the data-parallel ones (each holds 1/ep of the experts and reads its own
+    batch)."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
     ep: int = 1
+    pp: int = 1  # pipeline ranks: each holds its stages' layers (pp is the outermost mesh dimension)
 
     @property
     def dp(self) -> int:
@@ -205,7 +313,7 @@ def parallel_degrees(cfg, *, world_size: int) -> Degrees:
     s = cfg.strategy
     _need(s != "single" or world_size == 1,
           f"parallel=single runs one process but the world size is {world_size}; "
-          "choose parallel=ddp, fsdp, fsdp-zero2, hsdp, tp or fsdp-tp, or launcher.nproc_per_node=1")
+          "choose parallel=ddp, fsdp, fsdp-zero2, hsdp, tp, fsdp-tp, pp or pp-fsdp, or launcher.nproc_per_node=1")
     tp = 1
     if "tp" in cfg:
         tp = world_size if cfg.tp == -1 else cfg.tp
@@ -215,15 +323,33 @@ def parallel_degrees(cfg, *, world_size: int) -> Degrees:
     _need(s != "tp" or tp == world_size,
           f"parallel=tp uses all {world_size} ranks for one tensor-parallel group but parallel.tp={tp}; "
           "use parallel=fsdp-tp for tensor x data parallel")
-    dp = world_size // tp
+    pp = _pp_degree(cfg, world_size=world_size)
+    dp = world_size // (tp * pp)
     replicate = {"ddp": dp, "hsdp": cfg.dp_replicate if s == "hsdp" else 1}.get(s, 1)
     _need(replicate >= 1 and dp % replicate == 0,
           f"parallel.dp_replicate={replicate} does not divide the {dp} data-parallel ranks")
-    shard = 1 if s in ("single", "ddp", "tp") else (dp // replicate if cfg.dp_shard == -1 else cfg.dp_shard)
+    shard = 1 if s in ("single", "ddp", "tp", "pp") else (dp // replicate if cfg.dp_shard == -1 else cfg.dp_shard)
     _need(replicate * shard == dp,
           f"parallel.dp_replicate={replicate} x parallel.dp_shard={shard} = {replicate * shard}, but the world "
-          f"size {world_size} / parallel.tp={tp} leaves {dp} data-parallel ranks; make the product {dp}")
+          f"size {world_size} / (parallel.tp={tp} x parallel.pp={pp}) leaves {dp} data-parallel ranks; make the "
+          f"product {dp}")
     ep = cfg.ep if "ep" in cfg else 1
     _need(ep >= 1 and dp % ep == 0, f"parallel.ep={ep} does not divide the {dp} data-parallel ranks "
                                     "(launcher.nproc_per_node x launcher.nnodes); pick a divisor")
-    return Degrees(dp_replicate=replicate, dp_shard=shard, tp=tp, ep=ep)
+    return Degrees(dp_replicate=replicate, dp_shard=shard, tp=tp, ep=ep, pp=pp)
+
+
+def _pp_degree(cfg, *, world_size: int) -> int:
+    """Pipeline ranks: parallel=pp takes every rank; pp-fsdp leaves world size / pp ranks to FSDP."""
+    if "pp" not in cfg:
+        return 1
+    if cfg.pp == -1:  # pp-fsdp: what dp_shard leaves (one of them must be set)
+        shard = cfg.dp_shard if "dp_shard" in cfg else 1
+        _need(shard != -1, "parallel.pp=-1 and parallel.dp_shard=-1: set one of them")
+        _need(world_size % shard == 0, f"parallel.dp_shard={shard} does not divide the world size {world_size}")
+        return world_size // shard
+    _need(cfg.pp >= 1 and world_size % cfg.pp == 0, f"parallel.pp={cfg.pp} does not divide the world size "
+          f"{world_size} (launcher.nproc_per_node x launcher.nnodes); pick a divisor")
+    _need(cfg.strategy != "pp" or cfg.pp == world_size, f"parallel=pp uses all {world_size} ranks as pipeline stages "
+          f"but parallel.pp={cfg.pp}; use parallel=pp-fsdp for pipeline x data parallel")
+    return cfg.pp

@@ -1,7 +1,10 @@
 """Builders of the `parallel` group: apply_parallel applies a layout to a model built on the meta device.
 
-Order, and why: TP or EP -> activation checkpointing -> compile -> FSDP/DDP.
-  1. TP first: it replaces each block's Linear weights with DTensors sharded over the TP mesh; everything
+Order, and why: PP split -> TP or EP -> activation checkpointing -> compile -> FSDP/DDP.
+  0. The pipeline split first (parallel/pipeline.py): each rank drops the blocks, embedding and head its stages do
+     not own, so everything after wraps only what this rank keeps. (pp-fsdp applies FSDP to that part; TP, AC and
+     compile are not combined with a pipeline yet: refused before launch.)
+  1. TP: it replaces each block's Linear weights with DTensors sharded over the TP mesh; everything
      after must see those final parameters. EP (parallel.ep, parallel/experts.py) likewise makes the experts DTensors
      sharded over the EP mesh, which FSDP and DDP then leave alone.
   2. Activation checkpointing wraps whole blocks, so recomputation in backward covers the TP collectives too.
@@ -26,7 +29,8 @@ from torch import nn
 
 from effitrain.errors import UsageError
 from effitrain.model.build import transformer_blocks
-from effitrain.parallel import DDP, GROUP, SHARDS_PARAMS, TENSOR_PARALLEL, Degrees
+from effitrain.parallel import DDP, GROUP, PIPELINE, SHARDS_PARAMS, TENSOR_PARALLEL, Degrees
+from effitrain.parallel.pipeline import PipelineCost, split_model
 
 
 class ParallelError(UsageError):
@@ -112,12 +116,32 @@ def fsdp_tp(model, *, cfg, world, mesh, precision, init):
     return _sharded(model, cfg=cfg, world=world, mesh=mesh["dp_shard"], precision=precision, init=init)
 
 
+@GROUP.builder("pp")
+def pp(model, *, cfg, world, mesh, precision, init):
+    """The pipeline split (parallel/pipeline.py), then AC and compile, which the checks keep off under a pipeline."""
+    split_model(model, cfg=cfg, mesh=mesh)
+    _blocks(model, cfg)
+    return _materialise(model, device=world.device, init=init)
+
+
+@GROUP.builder("pp-fsdp")
+def pp_fsdp(model, *, cfg, world, mesh, precision, init):
+    """The split, then FSDP2 inside each stage's data-parallel group (mesh["dp_shard"]): its blocks, then its root."""
+    split_model(model, cfg=cfg, mesh=mesh)
+    _blocks(model, cfg)
+    apply_fsdp(model, mesh=mesh["dp_shard"], reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
+               mp_policy=precision.fsdp_mixed_precision())
+    return _materialise(model, device=world.device, init=init)
+
+
 def build_mesh(cfg, d: Degrees, *, world):
     """The device mesh of the layout, from what it provides (None for single/ddp, which use the default process
-    group). Dimension order is (dp_replicate, dp_shard, tp): TP innermost, so a TP group is one node's fast link."""
+    group). Dimension order is (pp, dp_replicate, dp_shard, tp): TP innermost, so a TP group is one node's fast link;
+    PP outermost (torchtitan's order), as its point-to-point sends are the fewest bytes and can cross nodes."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    sizes = {"dp_replicate": d.dp_replicate if "dp_replicate" in cfg else None,
+    sizes = {"pp": d.pp if GROUP.provides(cfg, PIPELINE) else None,
+             "dp_replicate": d.dp_replicate if "dp_replicate" in cfg else None,
              "dp_shard": d.dp_shard if GROUP.provides(cfg, SHARDS_PARAMS) else None,
              "tp": d.tp if GROUP.provides(cfg, TENSOR_PARALLEL) else None}
     dims = tuple(name for name, size in sizes.items() if size is not None)
@@ -381,7 +405,8 @@ def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, 
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for block in transformer_blocks(model):
-        fully_shard(block, **kwargs)
+        if any(True for _ in block.parameters()):  # a pipeline stage's pass-through for another stage's block: none
+            fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
 
 
@@ -415,8 +440,10 @@ def _materialise(model: nn.Module, *, device: torch.device, init) -> nn.Module:
 
 
 def _tied(model: nn.Module) -> bool:
-    """True when the LM head shares the input embedding's weight (tie_embeddings)."""
-    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    """True when the LM head shares the input embedding's weight (tie_embeddings); a pipeline stage may hold
+    neither (None, or an Identity in the head's place)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return embedding is not None and getattr(head, "weight", None) is embedding.weight
 
 
 def gradient_sync_skipper(model: nn.Module):
@@ -515,6 +542,10 @@ def _is_expert(name: str) -> bool:
     return ".experts." in f".{name}"
 
 
-# every layout's memory follows from its traits: one cost model, registered for each
+# every layout's memory follows from its traits: one cost model, registered for each (the pipeline layouts' is theirs)
 for _strategy in GROUP.schemas:
-    GROUP.cost(_strategy)(Cost)
+    if PIPELINE not in GROUP.traits_of(_strategy).provides:
+        GROUP.cost(_strategy)(Cost)
+
+GROUP.cost("pp")(PipelineCost)
+GROUP.cost("pp-fsdp")(PipelineCost)
