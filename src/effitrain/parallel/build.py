@@ -544,8 +544,4 @@ def _is_expert(name: str) -> bool:
 
 # every layout's memory follows from its traits: one cost model, registered for each (the pipeline layouts' is theirs)
 for _strategy in GROUP.schemas:
-    if PIPELINE not in GROUP.traits_of(_strategy).provides:
-        GROUP.cost(_strategy)(Cost)
-
-GROUP.cost("pp")(PipelineCost)
-GROUP.cost("pp-fsdp")(PipelineCost)
+    GROUP.cost(_strategy)(PipelineCost if _strategy in ("pp", "pp-fsdp") else Cost)
