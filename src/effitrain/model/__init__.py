@@ -95,15 +95,21 @@ def tp_plan_gap_of(kind: str, config: dict) -> str | None:
     if any(config.get(key) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
         return (f"a {kind!r} model's experts are in no tensor-parallel plan (transformers' base_model_tp_plan covers "
                 "its attention only; shard its experts with parallel.ep=N instead)")
+    return _family_plan_gap(kind, "base_model_tp_plan", TP_STYLES)
+
+
+def _family_plan_gap(kind: str, plan_name: str, styles: tuple[str, ...]) -> str | None:
+    """Why transformers' per-family plan `plan_name` (base_model_tp_plan, base_model_ep_plan) of a `kind` model cannot
+    be applied, or None: it exists and uses only `styles`, on decoder layers."""
     from transformers import CONFIG_MAPPING
 
-    plan = getattr(CONFIG_MAPPING[kind], "base_model_tp_plan", None) if kind in CONFIG_MAPPING else None
+    plan = getattr(CONFIG_MAPPING[kind], plan_name, None) if kind in CONFIG_MAPPING else None
     if not plan:
-        return f"transformers has no base_model_tp_plan for a {kind!r} model"
-    odd = sorted({style for pattern, style in plan.items() if style not in TP_STYLES
+        return f"transformers has no {plan_name} for a {kind!r} model"
+    odd = sorted({style for pattern, style in plan.items() if style not in styles
                   or not pattern.startswith("layers.*.")})
     if odd:
-        return f"the base_model_tp_plan of a {kind!r} model uses styles effitrain does not map: {', '.join(odd)}"
+        return f"the {plan_name} of a {kind!r} model uses styles effitrain does not apply: {', '.join(odd)}"
     return None
 
 
@@ -128,15 +134,9 @@ def ep_plan_gap(cfg) -> str | None:
     kind = model_type(cfg)
     if not num_experts(cfg):
         return f"the model ({kind!r}) is dense: it has no experts to shard"
-    from transformers import CONFIG_MAPPING
-
-    plan = getattr(CONFIG_MAPPING[kind], "base_model_ep_plan", None) if kind in CONFIG_MAPPING else None
-    if not plan:
-        return f"transformers has no base_model_ep_plan for a {kind!r} model"
-    odd = sorted({style for pattern, style in plan.items() if style not in EP_STYLES
-                  or not pattern.startswith("layers.*.")})
-    if odd:
-        return f"the base_model_ep_plan of a {kind!r} model uses styles effitrain does not apply: {', '.join(odd)}"
+    gap = _family_plan_gap(kind, "base_model_ep_plan", EP_STYLES)
+    if gap:
+        return gap
     import importlib.util
 
     import transformers
