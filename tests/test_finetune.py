@@ -362,3 +362,76 @@ def test_a_fine_tuned_model_answers_in_the_template_and_stops_at_its_eos(model, 
         print(f"sample --chat after 60 steps: {answer!r}")
     tokens = Tokenizer.from_file(str(model / "tokenizer.json")).encode(answer, add_special_tokens=False).ids
     assert 0 < len(tokens) < limit // 2 and "<|" not in answer, answer  # stopped at <|eot|>, not at the limit
+
+
+def test_a_mix_of_conversations_and_text_trains_each_on_its_own_labels(model, files, corpus, cache_dir, tmp_path,
+                                                                       capsys, monkeypatch):
+    """data=mix with a chat source beside a text one: every batch is rows (the chat rows' labels only on the answers,
+    a text row's on every next token, positions 0..T-1), drawn by the weights; a run reports val_loss per source,
+    keeps the chat template it rendered with, and a mix whose chat sources disagree on the template is one line."""
+    from effitrain.data.sft import IGNORE
+
+    mix = [f"model.pretrained={model}", "data=mix", f"data.cache_dir={cache_dir}", "data.seq_len=64",
+           f"data.sources.chat={{option:chat,weight:1,paths:[{files['chat']}]}}",
+           f"data.sources.text={{option:text,weight:1,paths:[{corpus}]}}",
+           "batch_size=4", "max_steps=4", "eval_every=4", "eval_batches=1", "logging.progress=false"]
+    data = prepared(mix)
+    sampler = data.sampler(seq_len=64, seed=1)
+    batch = sampler.windows(0, 64)
+    assert batch.input_ids.shape == (64, 64)
+    drawn = sampler.counts(0, 64)
+    assert drawn["chat"] + drawn["text"] == 64 and min(drawn.values()) >= 24  # 1:1 within a block's rounding
+    text_rows = (batch.labels != IGNORE).all(dim=1) & (batch.position_ids == torch.arange(64)).all(dim=1)
+    assert int(text_rows.sum()) == drawn["text"]
+    assert torch.equal(batch.labels[text_rows][:, :-1], batch.input_ids[text_rows][:, 1:])  # the window's next tokens
+    chat = batch.labels[~text_rows]
+    assert ((chat != IGNORE).sum(1) < (batch.position_ids[~text_rows] >= 0).sum(1)).all()  # answers only
+    report = data.report()["sources"]
+    assert report["chat"]["format"] == "chat" and report["chat"]["train"]["trained_tokens"] > 0
+    monkeypatch.chdir(tmp_path)
+    code, err = cli_in_process(capsys, "train", *mix)
+    assert code == 0, err
+    run_dir = only_run_dir(tmp_path / "outputs")
+    last = read_metrics(run_dir)[-1]
+    assert {"val_loss/chat", "val_loss/text"} <= last.keys()
+    assert last["val_loss"] == pytest.approx((last["val_loss/chat"] + last["val_loss/text"]) / 2, rel=1e-6)
+    from effitrain.data import chat_template
+
+    assert (run_dir / "chat_template.jinja").read_text() == chat_template(model / "tokenizer.json", given=None)
+    code, err = cli_in_process(capsys, "train", *mix, "data.sources.other={option:chat-stdlib,weight:1,"
+                                                      "chat_template:'{{ messages }}'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "different chat templates" in err, err
+
+
+def test_chat_stdlib_from_an_effitrain_run_uses_its_tokenizer_and_effitrains_template(corpus, cache_dir, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """`effitrain train data=chat-stdlib checkpoint.resume_from=RUN` from a pretraining run of effitrain's own BPE:
+    the run's tokenizer renders the conversations with effitrain's template (its <|endoftext|> ends each answer),
+    the weights are the run's, and the export carries the template: AutoTokenizer and `sample --chat` read it."""
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_overrides
+    from effitrain.data import OWN_CHAT_TEMPLATE
+    from effitrain.engine.export import export_run, sample_text
+
+    monkeypatch.chdir(tmp_path)
+    pre = tiny_overrides(corpus, cache_dir, "max_steps=2", "eval_every=2")
+    code, err = cli_in_process(capsys, "train", *pre, "hydra.run.dir=pre")
+    assert code == 0, err
+    model = [o for o in pre if o.startswith("model.")]
+    tuned = [*model, "data=chat-stdlib", f"data.cache_dir={cache_dir}", "data.seq_len=128", "batch_size=4",
+             "max_steps=2", "eval_every=2", "eval_batches=1", "logging.progress=false", "hydra.run.dir=tuned"]
+    code, err = cli_in_process(capsys, "train", *tuned, f"checkpoint.resume_from={tmp_path / 'pre'}")
+    assert code == 0, err
+    run = tmp_path / "tuned"
+    assert (run / "tokenizer.json").read_bytes() == (tmp_path / "pre" / "tokenizer.json").read_bytes()
+    assert (run / "chat_template.jinja").read_text() == OWN_CHAT_TEMPLATE
+    assert "starting from the weights of" in (run / "train.log").read_text()
+    assert json.loads((run / "data_report.json").read_text())["train"]["trained_tokens"] > 0
+    exported = export_run(run, out=tmp_path / "export")
+    tok = AutoTokenizer.from_pretrained(exported)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True) == "<|user|>\nhi\n<|assistant|>\n"
+    assert isinstance(sample_text(exported, "def f(x): return x", chat=True, tokens=4), str)
+    code, err = cli_in_process(capsys, "train", *tuned, "data=chat-stdlib")  # no model, no run: one line
+    assert code == 2 and "checkpoint.resume_from=RUN" in err, err

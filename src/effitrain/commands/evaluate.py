@@ -67,19 +67,21 @@ def evaluate_model(cfg) -> dict:
                            shard=Shard())
     result = data.evaluate(sets, loss_of=lambda batches: evaluate(model, batches, precision=precision,
                                                                   device=device)[0])
-    if not isinstance(next(iter(sets.values()))[0], torch.Tensor):  # fine-tuning samples: the loss on the answers
-        result |= {"val_bpb": None, "val_tokens": sum(b.trained_tokens() for bs in sets.values() for b in bs)}
-        return result | _task_scores(cfg, model, tokenizer, precision, device)
+
+    def bits_of(loss: float, batches) -> float | None:  # fine-tuning samples: None (answers' bytes are not windows')
+        return bits_per_byte(loss, batches, tokenizer) if isinstance(batches[0], torch.Tensor) else None
+
     if data.mixed:  # per source; overall their weighted mean, as val_loss
-        per_source = {name: bits_per_byte(result[f"val_loss/{name}"], batches, tokenizer)
-                      for name, batches in sets.items()}
+        per_source = {name: bits_of(result[f"val_loss/{name}"], batches) for name, batches in sets.items()}
         result |= {f"val_bpb/{name}": bpb for name, bpb in per_source.items()}
         weighted = [(data.weights[name], bpb) for name, bpb in per_source.items() if data.weights[name] > 0]
         result["val_bpb"] = (None if any(bpb is None for _, bpb in weighted) else
                              sum(w * bpb for w, bpb in weighted) / sum(w for w, _ in weighted))
     else:
-        result["val_bpb"] = bits_per_byte(result["val_loss"], next(iter(sets.values())), tokenizer)
-    result["val_tokens"] = sum(b[:, 1:].numel() for batches in sets.values() for b in batches)
+        result["val_bpb"] = bits_of(result["val_loss"], next(iter(sets.values())))
+    # the tokens the loss is taken on: every target of a window, the answer tokens of fine-tuning samples
+    result["val_tokens"] = sum(b[:, 1:].numel() if isinstance(b, torch.Tensor) else b.trained_tokens()
+                               for batches in sets.values() for b in batches)
     return result | _task_scores(cfg, model, tokenizer, precision, device)
 
 

@@ -93,8 +93,9 @@ class JsonlData(DataBase):
 class MixData(DataBase):
     name: str = "mix"
     source: str = "mix"
-    # name -> {option: stdlib|text|jsonl, weight: >= 0, that option's own keys (paths, field)}; the other keys
-    # here (vocab_size, seq_len, val_fraction, clean, ...) hold for every source
+    # name -> {option: stdlib|text|jsonl|datasets|chat|instruct|chat-stdlib, weight: >= 0, that option's own keys
+    # (paths, field, train_on...)}; the other keys here (vocab_size, seq_len, val_fraction, clean, ...) hold for
+    # every source that has them
     sources: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -205,21 +206,48 @@ def check_sft(cfg) -> None:
     check_cache_dir(cfg.cache_dir)
 
 
+def sample_sources(node) -> dict:
+    """{name: config} of the fine-tuning sources of a `data` config: the option itself, or a mix's (none: text)."""
+    if node.source in SFT_SOURCES:
+        return {node.name: node}
+    if node.source == "mix":
+        return {name: sub for name, (_, sub) in source_configs(node).items() if sub.source in SFT_SOURCES}
+    return {}
+
+
+def run_chat_template(cfg) -> Optional[str]:
+    """The chat template a run's conversations render with (None: no chat source); a mix's chat sources share one."""
+    data = run_data_config(cfg)
+    chats = [s for s in sample_sources(cfg.data).values() if s.source != "instruct"]
+    if not chats or not data.tokenizer:
+        return None
+    path = Path(data.tokenizer).expanduser()
+    templates = {chat_template(path, given=s.chat_template) for s in chats}
+    if len(templates) > 1:
+        raise UsageError("the chat sources of data=mix render with different chat templates, and a model carries one: "
+                         "give them the same data.sources.<name>.chat_template")
+    return templates.pop()
+
+
 def check_sft_run(node, cfg) -> None:
-    """A fine-tuning option against the run: the model's tokenizer (and its chat template) exist, and the options
-    that read a batch as a plain token window are not chosen with it."""
+    """Fine-tuning data (an option, or a mix with such sources) against the run: the model's tokenizer (and its chat
+    template) exist, and the options that read a batch as a plain token window are not chosen with it."""
+    samples = sample_sources(node)
+    if not samples:
+        return
+    what = f"data={node.source}" if node.source != "mix" else \
+        f"data=mix with fine-tuning sources ({', '.join(samples)})"
     data = run_data_config(cfg)
     if not data.tokenizer:
-        raise UsageError(f"data={node.source} trains with the model's own tokenizer: give model.pretrained=DIR (with "
-                         "its tokenizer.json) or data.tokenizer=PATH")
+        raise UsageError(f"{what} trains with the model's own tokenizer: give model.pretrained=DIR (with its "
+                         "tokenizer.json), checkpoint.resume_from=RUN (an effitrain run's) or data.tokenizer=PATH")
     path = Path(data.tokenizer).expanduser()
     tokenizer_specials(path, what=f"data.tokenizer={data.tokenizer}")
-    if node.source != "instruct":
-        chat_template(path, given=node.chat_template)
+    run_chat_template(cfg)
     if "distill" in cfg.compression:
-        raise UsageError(f"compression=distill reads plain token windows; data={node.source} is not one yet")
+        raise UsageError(f"compression=distill reads plain token windows; {what} is not one yet")
     if cfg.parallel.strategy in ("tp", "fsdp-tp"):
-        raise UsageError(f"data={node.source} under parallel={cfg.parallel.strategy}: packed samples through "
+        raise UsageError(f"{what} under parallel={cfg.parallel.strategy}: packed samples through "
                          "tensor/sequence parallelism are not tested yet; use parallel=ddp or fsdp")
 
 
@@ -240,10 +268,28 @@ def chat_template(tokenizer: Path, *, given: Optional[str]) -> str:
     jinja = tokenizer.parent / "chat_template.jinja"
     if not own and jinja.is_file():
         own = jinja.read_text(encoding="utf-8")
+    if (not isinstance(own, str) or not own) and not config.is_file() and _is_own_bpe(tokenizer):
+        own = OWN_CHAT_TEMPLATE  # effitrain's BPE (a run directory's): effitrain's own template for its tokens
     if not isinstance(own, str) or not own:
         raise DataError(f"the tokenizer {tokenizer} has no chat template (no chat_template in {config.name}, no "
                         "chat_template.jinja); give one: data.chat_template='{% for m in messages %}...'")
     return own
+
+
+# the chat template of the BPE effitrain trains, which has none of its own: role headers in plain text, each answer
+# ended by the tokenizer's <|endoftext|> (its EOS: the model learns to stop, and generation stops there)
+OWN_CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+                     "{% if m['role'] == 'assistant' %}{{ '<|endoftext|>' }}{% else %}{{ '\\n' }}{% endif %}"
+                     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def _is_own_bpe(tokenizer: Path) -> bool:
+    """A tokenizer.json of the BPE effitrain trains: its <|endoftext|> is a special token (read only when a chat
+    template is missing; a damaged file says so where it is read for the data)."""
+    try:
+        return read_tokenizer(tokenizer).token_to_id(OWN_EOS) is not None
+    except DataError:
+        return False
 
 
 def check_cache_dir(cache_dir: str) -> None:
@@ -298,22 +344,36 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generati
 
 def run_data_config(cfg):
     """The run's `data` config: cfg.data, whose tokenizer is a model.pretrained checkpoint's own (its tokenizer.json,
-    read with the tokenizer_config.json beside it) unless data.tokenizer names another. Derived, not written into the
-    config: the saved config, its hash and a resumed run all read the same.
+    read with the tokenizer_config.json beside it) unless data.tokenizer names another; for fine-tuning data started
+    from an effitrain run (checkpoint.resume_from=RUN), that run's tokenizer. Derived, not written into the config:
+    the saved config, its hash and a resumed run all read the same.
 
     Args:
-        cfg: the whole config (the `model` group's pretrained and the `data` group).
+        cfg: the whole config (the `model` group's pretrained, checkpoint.resume_from and the `data` group).
     """
     import copy
 
-    if not cfg.model.pretrained or cfg.data.tokenizer:
+    if cfg.data.tokenizer:
         return cfg.data
-    own = Path(cfg.model.pretrained).expanduser() / "tokenizer.json"
+    if cfg.model.pretrained:
+        own = Path(cfg.model.pretrained).expanduser() / "tokenizer.json"
+    elif cfg.checkpoint.resume_from and sample_sources(cfg.data):
+        own = _run_tokenizer(Path(cfg.checkpoint.resume_from).expanduser())
+    else:
+        return cfg.data
     if not own.is_file():  # a checkpoint without one: a BPE is trained (and refused if the embeddings are fewer)
         return cfg.data
     data = copy.deepcopy(cfg.data)
     data.tokenizer = str(own)
     return data
+
+
+def _run_tokenizer(path: Path) -> Path:
+    """The tokenizer.json of the run a checkpoint.resume_from names: a run directory, its checkpoints/ or a step-N
+    inside it (a run directory carries the tokenizer it trained with)."""
+    run = path.parent if path.name == "checkpoints" else path.parent.parent if path.parent.name == "checkpoints" \
+        else path
+    return run / "tokenizer.json"
 
 
 def tokenizer_identity_files(tokenizer: Optional[str]) -> list[Path]:
@@ -391,7 +451,7 @@ def tokenizer_specials(path: Path, *, what: str | None = None, tok=None,
     return Specials(eos=tok.id_to_token(eos_id), eos_id=eos_id, bos_id=bos_id, source=source)
 
 
-for _kind in SFT_SOURCES:
+for _kind in (*SFT_SOURCES, "mix"):
     GROUP.check_of(_kind)(check_sft_run)
 
 
@@ -494,7 +554,7 @@ def source_configs(cfg) -> dict[str, tuple[float, object]]:
         if not OmegaConf.is_dict(entry):
             raise UsageError(f"{where}={entry!r} must be a mapping {{option: ..., weight: ..., ...}}")
         option = entry.get("option")
-        kinds = [kind for kind in GROUP.schemas if kind != "mix" and kind not in SFT_SOURCES]  # text sources only
+        kinds = [kind for kind in GROUP.schemas if kind != "mix"]
         if option not in kinds:
             raise UsageError(f"{where}.option={option!r} is not one of: {', '.join(kinds)}")
         weight = entry.get("weight")
@@ -503,15 +563,18 @@ def source_configs(cfg) -> dict[str, tuple[float, object]]:
             raise UsageError(f"{where}.weight={weight!r} must be a finite number >= 0 (its share of the training "
                              "windows is weight / the sum of the weights)")
         schema = GROUP.schemas[option]
-        own = [f.name for f in fields(schema) if f.name not in SHARED_KEYS and f.name not in ("name", "source")]
+        keys = [f.name for f in fields(schema)]
+        own = [k for k in keys if k not in SHARED_KEYS and k not in ("name", "source")]
         for key in entry:
             if key not in ("option", "weight", *own):
-                hint = f"; {key} is the whole mix's: set data.{key}" if key in SHARED_KEYS else ""
+                hint = f"; {key} is the whole mix's: set data.{key}" if key in SHARED_KEYS and key in keys else ""
                 raise UsageError(f"unknown key {f'{where}.{key}'!r}: a {option} source has option, weight"
                                  f"{''.join(', ' + k for k in own)}{hint}")
         try:
+            # a fine-tuning source takes the mix's keys it has (seq_len, tokenizer...; no BPE or cleaning keys)
             node = OmegaConf.merge(OmegaConf.structured(schema),
-                                   shared | {"name": name} | {key: entry[key] for key in own if key in entry})
+                                   {k: v for k, v in shared.items() if k in keys} | {"name": name} |
+                                   {key: entry[key] for key in own if key in entry})
         except OmegaConfBaseException as e:
             e.full_key = f"{where}.{e.full_key}" if e.full_key else where
             raise UsageError(explain(e)) from None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effitrain.data import SHARED_KEYS, DataError, source_configs
+from effitrain.data import SFT_SOURCES, SHARED_KEYS, DataError, source_configs
 
 BLOCK = 4096  # samples per block: the realised shares are the weights' within 1/BLOCK over whole blocks
 
@@ -42,15 +42,15 @@ class RunData:
     @property
     def tokenizer_dir(self) -> Path:
         """A directory holding the run's tokenizer.json (every source's cache holds the same one)."""
-        return next(iter(self.sources.values())).tokens.directory
+        return next(iter(self.sources.values())).tokenizer_dir
 
     @property
     def vocab_size(self) -> int:
-        return next(iter(self.sources.values())).tokens.vocab_size
+        return next(iter(self.sources.values())).vocab_size
 
     @property
     def train_tokens(self) -> int:
-        return sum(len(d.tokens.train) for d in self.sources.values())
+        return sum(d.train_tokens for d in self.sources.values())
 
     @property
     def fingerprint(self) -> str:
@@ -61,7 +61,8 @@ class RunData:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def sampler(self, *, seq_len: int, seed: int):
-        """The training sampler: the source's WindowSampler, or a MixSampler over the sources of weight > 0."""
+        """The training sampler: the source's WindowSampler, or a MixSampler over the sources of weight > 0 (a
+        fine-tuning source's: its RowSampler)."""
         from effitrain.data.loader import WindowSampler
 
         if not self.mixed:
@@ -70,17 +71,21 @@ class RunData:
         for name, d in self.sources.items():
             if self.weights[name] > 0:  # a source of weight 0 is evaluated only: it may hold no training window
                 with _named(name):
-                    samplers[name] = WindowSampler(d.tokens.train, seq_len=seq_len, seed=_source_seed(seed, name))
+                    samplers[name] = d.sampler(seq_len=seq_len, seed=_source_seed(seed, name)) \
+                        if _is_samples(d) else WindowSampler(d.tokens.train, seq_len=seq_len,
+                                                            seed=_source_seed(seed, name))
         return MixSampler(samplers, {name: self.weights[name] for name in samplers}, seed=seed)
 
     def validation(self, **kwargs) -> dict[str, list]:
-        """{name: its fixed validation batches} (loader.validation_batches' arguments)."""
+        """{name: its fixed validation batches} (loader.validation_batches' arguments; a fine-tuning source's rows
+        of held-out samples)."""
         from effitrain.data.loader import validation_batches
 
         out = {}
         for name, d in self.sources.items():
             with _named(name if self.mixed else None):
-                out[name] = validation_batches(d.tokens.val, **kwargs)
+                out[name] = d.validation(**kwargs)[d.cfg.name] if _is_samples(d) else \
+                    validation_batches(d.tokens.val, **kwargs)
         return out
 
     def evaluate(self, sets: dict[str, list], *, loss_of) -> dict:
@@ -98,8 +103,7 @@ class RunData:
 
     def report(self) -> dict:
         """data_report.json: the source's cleaning report, or {"sources": {name: report}} for a mix."""
-        reports = {name: json.loads((d.tokens.directory / "data_report.json").read_text())
-                   for name, d in self.sources.items()}
+        reports = {name: d.report() for name, d in self.sources.items()}
         return {"sources": reports} if self.mixed else next(iter(reports.values()))
 
     def env(self, sampler, *, samples: int, seq_len: int) -> dict:
@@ -109,7 +113,7 @@ class RunData:
         env = {"data_fingerprint": self.fingerprint,
                "data_documents": sum(d.num_documents for d in self.sources.values()),
                "train_tokens": self.train_tokens,
-               "val_tokens": sum(len(d.tokens.val) for d in self.sources.values()),
+               "val_tokens": sum(d.val_tokens for d in self.sources.values()),
                "vocab_size": self.vocab_size}
         if self.mixed:
             drawn = sampler.counts(0, samples)
@@ -119,7 +123,7 @@ class RunData:
                 "share": drawn.get(name, 0) / samples, "windows": drawn.get(name, 0),
                 "tokens": drawn.get(name, 0) * seq_len,
                 "epochs": drawn[name] / sampler.samplers[name].num_windows if name in drawn else 0.0,
-                "train_tokens": int(len(d.tokens.train)), "val_tokens": int(len(d.tokens.val)),
+                "train_tokens": int(d.train_tokens), "val_tokens": int(d.val_tokens),
                 "documents": d.num_documents, "fingerprint": d.fingerprint}
                 for name, d in self.sources.items()}}
         return env
@@ -131,7 +135,6 @@ def prepare_run_data(cfg) -> RunData:
     Args:
         cfg: the `data` config group.
     """
-    from effitrain.data import SFT_SOURCES
     from effitrain.data.prepare import prepare_data
 
     if cfg.source in SFT_SOURCES:  # fine-tuning samples, not a token stream (data/sft.py)
@@ -141,12 +144,18 @@ def prepare_run_data(cfg) -> RunData:
     if cfg.source != "mix":
         return RunData(sources={cfg.name: prepare_data(cfg)}, weights={cfg.name: 1.0}, mixed=False)
     sources = source_configs(cfg)
+    # fine-tuning sources render with the model's tokenizer (data.run_data_config; the checks require one)
     tokenizer = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else _shared_bpe(cfg, sources)
     prepared = {}
     for name, (_, sub) in sources.items():
         sub.tokenizer = str(tokenizer)
         with _named(name):
-            prepared[name] = prepare_data(sub)
+            if sub.source in SFT_SOURCES:
+                from effitrain.data.sft import prepare_sft
+
+                prepared[name] = prepare_sft(sub)
+            else:
+                prepared[name] = prepare_data(sub)
     return RunData(sources=prepared, weights={name: w for name, (w, _) in sources.items()}, mixed=True)
 
 
@@ -194,6 +203,11 @@ def _naming(name: str, corpus):
     return replace(corpus, read=read)
 
 
+def _is_samples(prepared) -> bool:
+    """A fine-tuning source's data (data/sft.py: SftData), not a token stream."""
+    return hasattr(prepared, "fitted")
+
+
 def _source_seed(seed: int, name: str) -> int:
     """Each source's own window order: sources of one size do not walk their windows in step."""
     return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:4], "big")
@@ -224,15 +238,22 @@ class MixSampler:
         self.samplers = samplers
         self.per_block = np.array([block_counts(weights)[name] for name in self.names])
         self.seed = seed
+        self.samples = any(hasattr(s, "fitted") for s in samplers.values())  # a fine-tuning source: rows
         self._block, self._labels, self._ranks = -1, None, None
 
     def windows(self, first: int, count: int):
-        """Samples first..first+count-1 of the run, as an int64 tensor [count, seq_len+1]."""
+        """Samples first..first+count-1 of the run, as an int64 tensor [count, seq_len+1]; with a fine-tuning
+        source among them, as rows (data/sft.py: SftBatch; a text window's every token trained)."""
         import torch
 
+        picks = [self.locate(g) for g in range(first, first + count)]
+        if self.samples:
+            from effitrain.data.sft import cat_rows, window_rows
+
+            rows = [self.samplers[self.names[source]].windows(k, 1) for source, k in picks]
+            return cat_rows([r if not isinstance(r, torch.Tensor) else window_rows(r) for r in rows])
         rows = []
-        for g in range(first, first + count):
-            source, k = self.locate(g)
+        for source, k in picks:
             sampler = self.samplers[self.names[source]]
             rows.append(sampler._window(sampler._index(k)))
         return torch.from_numpy(np.stack(rows).astype(np.int64))

@@ -25,6 +25,27 @@ class PreparedData:
     fingerprint: str  # sha256 over the documents' names and texts
     num_documents: int
 
+    # what a mix reads of each source, alike for a text source and fine-tuning samples (data/sft.py: SftData)
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.tokens.directory
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokens.vocab_size
+
+    @property
+    def train_tokens(self) -> int:
+        return len(self.tokens.train)
+
+    @property
+    def val_tokens(self) -> int:
+        return len(self.tokens.val)
+
+    def report(self) -> dict:
+        """data_report.json: the cleaning report of the cache's build."""
+        return json.loads((self.tokens.directory / "data_report.json").read_text())
+
 
 def prepare_data(cfg) -> PreparedData:
     """Open the corpus's token cache, building it first (streaming) when this listing has none.

@@ -336,6 +336,18 @@ def make_batch(fitted: Fitted, rows: list[list[int]], *, seq_len: int, pad_id: i
     return SftBatch(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(positions))
 
 
+def window_rows(windows: torch.Tensor) -> SftBatch:
+    """Text windows [B, seq_len+1] as rows beside fine-tuning samples (data=mix): every token trained, positions
+    0..seq_len-1 (one sequence per row, as the window trains alone)."""
+    inputs = windows[:, :-1]
+    positions = torch.arange(inputs.shape[1]).expand_as(inputs).contiguous()
+    return SftBatch(inputs.contiguous(), windows[:, 1:].contiguous(), positions)
+
+
+def cat_rows(batches: list[SftBatch]) -> SftBatch:
+    return SftBatch(*(torch.cat([getattr(b, k) for b in batches]) for k in ("input_ids", "labels", "position_ids")))
+
+
 class RowSampler(WindowSampler):
     """WindowSampler's epochs, shuffle and indexing over rows of samples instead of token windows."""
 
@@ -377,6 +389,14 @@ class SftData:
         return len(self.train.ids)
 
     @property
+    def val_tokens(self) -> int:
+        return len(self.val.ids)
+
+    @property
+    def num_documents(self) -> int:
+        return self.meta["samples"]
+
+    @property
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
 
@@ -415,5 +435,5 @@ class SftData:
                 "train": self.fitted("train", seq_len).counts, "val": self.fitted("val", seq_len).counts}
 
     def env(self, sampler, *, samples: int, seq_len: int) -> dict:
-        return {"data_fingerprint": self.fingerprint, "data_documents": self.meta["samples"],
-                "train_tokens": self.train_tokens, "val_tokens": len(self.val.ids), "vocab_size": self.vocab_size}
+        return {"data_fingerprint": self.fingerprint, "data_documents": self.num_documents,
+                "train_tokens": self.train_tokens, "val_tokens": self.val_tokens, "vocab_size": self.vocab_size}

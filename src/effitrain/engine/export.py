@@ -221,11 +221,13 @@ def _chat_ids(path: Path, tokenizer, message: str) -> list[int]:
     turn opened: the token ids."""
     from transformers import PreTrainedTokenizerFast
 
-    config = path / "tokenizer_config.json"
-    template = json.loads(config.read_bytes()).get("chat_template") if config.is_file() else None
+    config, jinja = path / "tokenizer_config.json", path / "chat_template.jinja"
+    # the template a chat fine-tuning rendered with (a run's, or its export's: transformers reads that file too)
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else \
+        json.loads(config.read_bytes()).get("chat_template") if config.is_file() else None
     if not template:
-        raise UsageError(f"--chat: the tokenizer of {path} has no chat_template (tokenizer_config.json); give a "
-                         "plain PROMPT instead")
+        raise UsageError(f"--chat: the tokenizer of {path} has no chat template (no chat_template.jinja, no "
+                         "chat_template in tokenizer_config.json); give a plain PROMPT instead")
     tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
     text = tok.apply_chat_template([{"role": "user", "content": message}], chat_template=template, tokenize=False,
                                    add_generation_prompt=True)
@@ -307,14 +309,17 @@ def _set_generation_config(hf, run_dir: Path, *, eos_id: int) -> None:
 def _save_tokenizer(run_dir: Path, out: Path, *, max_length: int, eos: str) -> None:
     """tokenizer.json + tokenizer_config.json (+ special tokens) as transformers' AutoTokenizer reads them: a given
     tokenizer's own files as they were (chat template, special tokens, BOS/EOS behaviour), byte for byte; for the BPE
-    effitrain trained, a config naming its <|endoftext|> as EOS, BOS, unk and pad."""
+    effitrain trained, a config naming its <|endoftext|> as EOS, BOS, unk and pad; and the chat template a chat
+    fine-tuning rendered with (chat_template.jinja)."""
     from transformers import PreTrainedTokenizerFast
 
     if (run_dir / "tokenizer_config.json").is_file():
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, out / name)
-        return
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), eos_token=eos, bos_token=eos,
-                                  unk_token=eos, pad_token=eos, model_max_length=max_length)
-    tok.save_pretrained(out)
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), eos_token=eos, bos_token=eos,
+                                      unk_token=eos, pad_token=eos, model_max_length=max_length)
+        tok.save_pretrained(out)
+    if (run_dir / "chat_template.jinja").is_file():  # what a chat fine-tuning rendered with; AutoTokenizer reads it
+        shutil.copyfile(run_dir / "chat_template.jinja", out / "chat_template.jinja")

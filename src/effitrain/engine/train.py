@@ -35,7 +35,7 @@ from effitrain.checkpoint import GROUP as CHECKPOINT
 from effitrain.checkpoint.layout import default_root, latest, resolve
 from effitrain.compose import GROUP_NAMES
 from effitrain.compression.build import Context, build_compression
-from effitrain.data import run_data_config, tokenizer_identity_files
+from effitrain.data import run_chat_template, run_data_config, tokenizer_identity_files
 from effitrain.data.loader import Prefetcher, TrainBatches
 from effitrain.data.mix import prepare_run_data
 from effitrain.engine import export
@@ -241,6 +241,9 @@ class Trainer:
             # and a given tokenizer's identity (tokenizer_config.json...), which its export carries
             for name in tokenizer_identity_files(self.data_cfg.tokenizer):
                 write_file(self.run_dir / name.name, name.read_bytes())
+            template = run_chat_template(cfg)  # the template conversations rendered with: the export carries it
+            if template is not None:
+                write_file(self.run_dir / "chat_template.jinja", template.encode())
             write_file(self.run_dir / "data_report.json", json.dumps(self.data.report(), indent=2))  # data.clean's
         self.recorder = Recorder(sinks)
         self.recorder.records = list(self.kept_records)  # a resumed run's summary spans all its steps

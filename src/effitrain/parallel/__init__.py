@@ -241,6 +241,8 @@ def _check_pipeline(cfg, run) -> None:
 
 def _check_pipeline_options(cfg, run) -> None:
     """What a pipeline layout is not tested with yet: one line each."""
+    from effitrain.data import sample_sources
+
     what = f"parallel={cfg.name}"
     _need(run.precision.name == "fp32", f"{what} is tested in fp32 only (the schedule runs backward itself: no "
           f"autocast or loss scaler around it yet), not precision={run.precision.name}")
@@ -252,7 +254,7 @@ def _check_pipeline_options(cfg, run) -> None:
           "inside pipeline stages are not tested yet; set parallel.activation_checkpointing=none and "
           "parallel.compile=false")
     _need(not list(run.eval.tasks), f"{what}: eval.tasks score choices on whole models; the stages hold parts of it")
-    _need("source" not in run.data or run.data.source not in ("chat", "instruct", "chat-stdlib"),
+    _need("source" not in run.data or not sample_sources(run.data),
           f"{what} trains on token windows; fine-tuning data (data={run.data.name}) is not tested under it yet")
     _need(not offloads(cfg), f"{what}: parallel.offload=cpu is not tested under a pipeline yet")
     _need(cfg.strategy != "pp-fsdp" or cfg.stages_per_rank == 1, f"{what} is tested with one stage per rank "
