@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -271,3 +272,41 @@ def test_a_claim_undoes_only_its_own_and_only_once(tmp_path):
     kept.checkpoints = None
     kept.undo()  # settled: the second undo (the CLI's own cleanup after the task's) changes nothing
     assert (kept.run_dir / "train.log").is_file()
+
+
+FAIL_RANK_1 = """# a bug that strikes rank 1 alone, at its 3rd optimizer step (tests/test_faults.py)
+import os
+
+import effitrain.engine.loop as loop
+
+_real, _calls = loop.train_step, [0]
+
+
+def train_step(*args, **kwargs):
+    _calls[0] += 1
+    if os.environ.get("RANK") == "1" and _calls[0] == 3:
+        raise RuntimeError("injected: rank 1 fails alone")
+    return _real(*args, **kwargs)
+
+
+loop.train_step = train_step
+"""
+
+
+def test_a_rank_failing_alone_stops_the_job_at_once_with_its_own_error(corpus, cache_dir, tmp_path):
+    """Rank 1 raises at its 3rd step while rank 0 waits for it in DDP's all-reduce: the failing rank aborts its
+    process group rather than wait in the end-of-run barrier (where the job hung until gloo's 30-minute timeout),
+    rank 0's collective fails on the closed connection, and the launcher names rank 1's error, not rank 0's lost
+    peer. The bug is put in the workers by a sitecustomize.py on PYTHONPATH (every interpreter imports it)."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAIL_RANK_1)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH")) if p)}
+    start = time.monotonic()
+    result = run_cli("train", *_overrides(corpus, cache_dir, "parallel=ddp", "launcher.nproc_per_node=2"),
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env, timeout=400)
+    assert result.returncode == 1, result.stderr[-3000:]
+    # "(pid N)" when the agent saw rank 1's exit itself, none when rank 0's lost peer led to rank 1's error file
+    assert re.search(r"worker rank 1 (\(pid \d+\) )?failed, job stopped: RuntimeError: injected: rank 1 fails alone",
+                     result.stderr), result.stderr[-3000:]
+    print(f"a rank failing alone: the job ended {time.monotonic() - start:.0f} s after the command")

@@ -70,13 +70,31 @@ def any_rank(flag: bool, world: World) -> bool:
     return bool(box.item())
 
 
-def close_world() -> None:
+def record_failure(error: BaseException) -> None:
+    """Write this rank's error where torchrun reads it (TORCHELASTIC_ERROR_FILE), now, from its except block: a rank
+    failing alone aborts its group next (close_world), its peers fail at once on the lost connections, and their
+    errors must not be all the launcher hears (launcher.launch._failure_message ranks a lost peer last)."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(error)
+
+
+def close_world(*, together: bool = True) -> None:
     """Leave the process group without the gloo teardown deadlock.
 
     gloo's worker threads free each finished collective's tensors, and freeing a tensor made in Python
     takes the GIL; destroying the group joins those threads while holding the GIL. So first drain them:
     a barrier queues behind the last collective, and a short sleep gives up the GIL while they finish.
+
+    together=False (this rank failed, perhaps alone): the other ranks may be waiting for it inside a collective
+    that will never complete, and would never reach the barrier, so the job would hang until the collective
+    timeout (gloo's default: 30 minutes). Abort the group instead: its pending work fails here at once, this rank
+    exits with its error, its peers' collectives fail on the closed connections, and torchrun stops the job.
     """
+    if dist.is_initialized() and not together and dist.get_world_size() > 1:
+        dist.distributed_c10d._abort_process_group()
+        return
     if dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()

@@ -29,7 +29,7 @@ import torch
 
 from effitrain import runs
 from effitrain.base.converters import ConverterChain
-from effitrain.base.distributed import any_rank, barrier, close_world, pick_device
+from effitrain.base.distributed import any_rank, barrier, close_world, pick_device, record_failure
 from effitrain.base.flops import model_flops_per_token, peak_flops
 from effitrain.checkpoint import GROUP as CHECKPOINT
 from effitrain.checkpoint.layout import default_root, latest, resolve
@@ -44,7 +44,7 @@ from effitrain.engine.loop import StepResult, evaluate, lm_loss, train_step
 from effitrain.engine.profiling import StepProfiler
 from effitrain.engine.runtime import job_runtime
 from effitrain.engine.state import TrainState
-from effitrain.errors import Diverged, Interrupted, Preempted, UsageError
+from effitrain.errors import Diverged, Interrupted, Preempted, RunStopped, UsageError
 from effitrain.eval.tasks import TaskSuite
 from effitrain.files import write_file
 from effitrain.logging import setup_logging
@@ -367,14 +367,15 @@ class Trainer:
             self.recorder.write(record)
         self.state.skipped_steps = self.buffer.skipped_steps
 
-    def close(self, extra: dict | None) -> None:
-        """Release sinks, checkpoint writer and the process group; write the summary only for a run that finished."""
+    def close(self, extra: dict | None, *, together: bool = True) -> None:
+        """Release sinks, checkpoint writer and the process group; write the summary only for a run that finished.
+        together=False: this rank may be failing alone (base.distributed.close_world)."""
         self.recorder.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
         if self.world.is_main and extra is not None:
             runs.write_summary(self.run_dir, self.recorder, warmup_steps=self.cfg.logging.warmup_steps, extra=extra)
-        close_world()
+        close_world(together=together)
 
 
 class StopSignals:
@@ -479,11 +480,18 @@ def train_here(cfg, run_dir: Path, *, resume: bool = False, on_eval=()) -> Train
                      keep_freed=cfg.cpu_keep_freed_memory):
         trainer = Trainer(cfg, run_dir, resume=resume or restarted)
         trainer.on_eval.extend(on_eval)
-        extra = None
+        extra, together = None, True
         try:
             extra = trainer.train()
+        except BaseException as e:
+            # every rank stops together after a signal (any_rank) or a divergence (a global grad norm); any other
+            # failure may be this rank's alone: its error is recorded for torchrun before the group is aborted
+            together = isinstance(e, (Preempted, Diverged))
+            if not together and not isinstance(e, (UsageError, RunStopped)):  # those are reported as stops
+                record_failure(e)
+            raise
         finally:  # a failed in-process run (sweep job, test, reproduce) must not leave a process group behind
-            trainer.close(extra)
+            trainer.close(extra, together=together)
     return trainer
 
 

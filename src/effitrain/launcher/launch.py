@@ -245,20 +245,52 @@ def _stopped_before_the_loop(signum, frame):
     raise KeyboardInterrupt
 
 
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Socket closed", "Broken pipe",
+             "remote process exited")
+
+
 def _failure_message(e) -> str:
     """The first failing rank's error (its exception and traceback, or the signal that killed it)."""
     # a rank killed by a signal (not the agent's own SIGTERM) is the cause; its peers then fail on a dead connection
     def cause_first(item):
         failure = item[1]
-        return (not (failure.exitcode < 0 and failure.signal_name() != "SIGTERM"), failure.timestamp)
+        return (not (failure.exitcode < 0 and failure.signal_name() != "SIGTERM"), _lost_peer(failure.message),
+                failure.timestamp)
 
     rank, failure = min(e.failures.items(), key=cause_first)
-    if isinstance(failure.message, dict):  # written by the worker's error handler: exception + traceback
-        text = failure.message.get("message", "")
-        trace = failure.message.get("extraInfo", {}).get("py_callstack", "")
-        detail = f"{text}\n{trace}".strip()
-    else:
-        detail = failure.message or f"exit code {failure.exitcode}"
+    message = failure.message
+    if _lost_peer(message) and (recorded := _recorded_cause(failure.error_file)) is not None:
+        return f"worker rank {recorded[0]} failed, job stopped: {_detail(recorded[1])}"
+    detail = _detail(message) or f"exit code {failure.exitcode}"
     if failure.exitcode < 0:
         detail = f"killed by {failure.signal_name()}; {detail}"
     return f"worker rank {rank} (pid {failure.pid}) failed, job stopped: {detail}"
+
+
+def _detail(message) -> str:
+    """A worker's error: exception + traceback when its error handler wrote them (a dict), else the text."""
+    if isinstance(message, dict):
+        return f"{message.get('message', '')}\n{message.get('extraInfo', {}).get('py_callstack', '')}".strip()
+    return message or ""
+
+
+def _lost_peer(message) -> bool:
+    """A failure that says only that a peer went away (gloo's and NCCL's words for it)."""
+    text = message.get("message", "") if isinstance(message, dict) else str(message or "")
+    return any(words in text for words in LOST_PEER)
+
+
+def _recorded_cause(error_file: str) -> tuple[int, dict] | None:
+    """The error a rank failing alone recorded before it aborted its group (base.distributed.record_failure), when
+    the failures the agent saw first are only its peers' lost connections: each local rank's error.json lies in
+    its own directory beside the others' (on this node)."""
+    import json
+
+    for path in sorted(Path(error_file).parent.parent.glob("*/error.json")):
+        try:
+            message = json.loads(path.read_text())["message"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(message, dict) and not _lost_peer(message) and path.parent.name.isdigit():
+            return int(path.parent.name), message
+    return None
