@@ -2,6 +2,8 @@
 effitrain offers, and pp(2) x fsdp(2), give single's per-step losses and validation losses within 1e-5 relative;
 a pp(2) run killed and resumed is bit-identical to an uninterrupted one, and its checkpoint resumes on one rank;
 its export is the model the checkpoint holds; what pipelines do not run yet is refused in one line, exit 2.
+transformers' own families as model.pretrained checkpoints (qwen3; llama and mistral in the extended set) split at
+their base_model_pp_plan's boundaries, each rank reading only its stage's tensors, and train as single does.
 
 A 4-block tiny llama (untied embeddings: the first and the last stage would share them) so that 2 ranks x 2
 stages per rank get one block each; 4 sequences per step, 4 microbatches (2 under pp-fsdp's 2 data-parallel ranks).
@@ -10,6 +12,8 @@ stages per rank get one block each; 4 sequences per step, 4 microbatches (2 unde
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,7 @@ from conftest import (
     tiny_overrides,
     train_ok,
 )
+from test_own_tokenizer import FAMILIES, own_checkpoint
 
 RTOL = 1e-5
 STEPS = 6
@@ -178,7 +183,14 @@ REFUSED = {
     "split": ([*PP, "parallel.split=cost"], "parallel.split='cost' is not one of: even"),
     "tied": ([*PP, "model.tie_embeddings=true"], "model.tie_embeddings=true shares the embedding"),
     "precision": ([*PP, "precision=bf16"], "tested in fp32 only"),
-    "gpt2": ([*PP, "model=gpt2-124m"], "splits effitrain's own llama models only"),
+    "gpt2": ([*PP, "model=gpt2-124m"], "transformers has no base_model_pp_plan for a 'gpt2' model"),
+    # <family> and <family-tied>: a tiny checkpoint of transformers' own family (the `checkpoint` fixture)
+    "pretrained-tied": ([*PP, "model.pretrained=<qwen3-tied>"], "model.pretrained's tie_word_embeddings=true shares"),
+    "pretrained-moe": ([*PP, "model.pretrained=<qwen3_moe>"], "a mixture-of-experts model ('qwen3_moe') is not split"),
+    "pretrained-family": ([*PP, "model.pretrained=<gemma3_text>"], "tested for llama, qwen3, mistral models only, "
+                                                                   "not 'gemma3_text'"),
+    "pretrained-layers": ([*PP, "parallel.schedule=zbv", "parallel.stages_per_rank=2", "model.pretrained=<qwen3>"],
+                          "model.pretrained's num_hidden_layers=2 cannot fill 4 pipeline stages"),
     "ac": ([*PP, "parallel.activation_checkpointing=full"], "activation checkpointing and compile"),
     "lora": ([*PP, "compression=lora"], "compression=lora"),
     "muon": ([*PP, "optimizer=muon"], "optimizer=muon"),
@@ -191,8 +203,9 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_what_pipelines_do_not_run_is_one_line_before_launch(case, base, capsys):
+def test_what_pipelines_do_not_run_is_one_line_before_launch(case, base, checkpoint, capsys):
     args, expected = REFUSED[case]
+    args = [re.sub(r"<(.+)>", lambda m: str(checkpoint(m[1])), a) for a in args]
     verb = "estimate" if case == "estimate" else "train"
     overrides = [o for o in base if not o.startswith("model.tie_embeddings")] if case == "tied" else base
     if verb == "estimate":
@@ -214,3 +227,138 @@ def test_stage_split_and_placement():
     plan = Plan.of(cfg, rank=0, pp=2, num_layers=4)
     assert plan.ids == [0, 3] and plan.first and plan.last and plan.layers(plan.ids) == {0, 3}
     assert [plan.owner(s) for s in range(4)] == [0, 1, 1, 0]
+
+
+# ---------------------------------------------------------------- transformers' own families, model.pretrained
+
+PRETRAINED_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(corpus, tmp_path_factory):
+    """checkpoint(family) -> a tiny random checkpoint of transformers' own family (2 blocks, untied, its own
+    tokenizer), made on first use; "<family>-tied" the same with tie_word_embeddings=true in its config.json."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            family, _, tied = name.partition("-")
+            made[name] = own_checkpoint(tmp_path_factory.mktemp(name), corpus, family=family)
+            if tied:
+                config = made[name] / "config.json"
+                config.write_text(json.dumps({**json.loads(config.read_text()), "tie_word_embeddings": True}))
+        return made[name]
+    return get
+
+
+def _pretrained_args(model: Path, corpus: Path, cache: Path) -> list[str]:
+    """A model.pretrained run: 4 sequences of 32 tokens per step, validation at steps 2 and 4."""
+    return [f"model.pretrained={model}", "data=text", f"data.paths=[{corpus}]", f"data.cache_dir={cache}",
+            "data.seq_len=32", "batch_size=4", f"max_steps={PRETRAINED_STEPS}", "eval_every=2", "eval_batches=1",
+            "logging.every=1", "logging.progress=false", "checkpoint=off"]
+
+
+def _pretrained_runs(tmp: Path, model: Path, corpus: Path, cache: Path, *layout: str) -> tuple[Path, Path]:
+    """(single's run, the layout's run) of the checkpoint `model`."""
+    for name, extra in (("single", ()), ("layout", layout)):
+        (tmp / name).mkdir()
+        train_ok(tmp / name, *_pretrained_args(model, corpus, cache), *extra)
+    return only_run_dir(tmp / "single" / "outputs"), only_run_dir(tmp / "layout" / "outputs")
+
+
+def _assert_trains_as_single(single: Path, run: Path, *, what: str) -> None:
+    assert_losses_close(losses(single), losses(run), steps=PRETRAINED_STEPS, rtol=RTOL, what=what)
+    val = [[r["val_loss"] for r in read_metrics(r) if "val_loss" in r] for r in (single, run)]
+    assert_losses_close(*val, steps=2, rtol=RTOL, what=f"{what} validation")
+
+
+def _stage_tensors(model: Path, *, stages: int) -> list[int]:
+    """The parameters of each pipeline stage of a 2-block checkpoint, counted from its safetensors header:
+    the embedding on the first stage, the final norm and the head on the last, each block on its stage."""
+    from safetensors import safe_open
+
+    from effitrain.parallel.pipeline import layer_ranges
+
+    counts = [0] * stages
+    with safe_open(model / "model.safetensors", framework="pt") as f:
+        for key in f.keys():
+            numel = math.prod(f.get_slice(key).get_shape())
+            if key.startswith("model.embed_tokens."):
+                counts[0] += numel
+            elif key.startswith("model.layers."):
+                block = int(key.split(".")[2])
+                counts[next(s for s, r in enumerate(layer_ranges(2, stages)) if block in r)] += numel
+            else:  # model.norm, lm_head
+                counts[-1] += numel
+    return counts
+
+
+def _held(run: Path, rank: int) -> int:
+    """The parameters rank `rank` held, from its log's "trainable parameters: N of M" line."""
+    log = (run / ("train.log" if rank == 0 else f"rank_{rank}.log")).read_text()
+    return int(re.search(rf"\[rank{rank}\] INFO effitrain: trainable parameters: [\d,]+ of ([\d,]+)", log)[1]
+               .replace(",", ""))
+
+
+@pytest.mark.slow
+def test_pretrained_qwen3_pp2_trains_as_single_and_each_rank_holds_its_stage(checkpoint, corpus, cache_dir,
+                                                                             tmp_path):
+    """A tiny random qwen3 checkpoint under pp(2) 1f1b with 2 microbatches: single's per-step and validation losses
+    within 1e-5; rank 0 held the embedding and block 0 only, rank 1 block 1, the norm and the head, each read from
+    the checkpoint's safetensors tensor by tensor."""
+    model = checkpoint("qwen3")
+    single, pp = _pretrained_runs(tmp_path, model, corpus, cache_dir, *PP, "parallel.microbatches=2")
+    _assert_trains_as_single(single, pp, what="qwen3 pp(2) vs single")
+    assert [_held(pp, rank) for rank in (0, 1)] == _stage_tensors(model, stages=2)
+    assert "each rank reads its own shards of 1 safetensors file(s)" in (pp / "rank_1.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_pretrained_family_pp2_trains_as_single(family, checkpoint, corpus, cache_dir, tmp_path):
+    model = checkpoint(family)
+    single, pp = _pretrained_runs(tmp_path, model, corpus, cache_dir, *PP, "parallel.microbatches=2")
+    _assert_trains_as_single(single, pp, what=f"{family} pp(2) vs single")
+    assert [_held(pp, rank) for rank in (0, 1)] == _stage_tensors(model, stages=2)
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_pretrained_qwen3_pp2_x_fsdp2_trains_as_single(checkpoint, corpus, cache_dir, tmp_path):
+    """4 ranks: 2 stages x 2 FSDP shards, 2 sequences per rank (the same global batch of 4)."""
+    single, run = _pretrained_runs(tmp_path, checkpoint("qwen3"), corpus, cache_dir, "parallel=pp-fsdp",
+                                   "parallel.pp=2", "launcher.nproc_per_node=4", "batch_size=2",
+                                   "parallel.microbatches=2")
+    _assert_trains_as_single(single, run, what="qwen3 pp(2) x fsdp(2) vs single")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "granite"])
+def test_stages_run_in_turn_are_the_whole_model(family):
+    """Each family effitrain splits (model.PP_FAMILIES) gives the whole model's logits when its 2 stages run one after
+    the other; granite, whose base model scales the embeddings inside its forward (so every stage would), does not:
+    why the families are a tested list, not whatever has a base_model_pp_plan."""
+    import copy
+
+    import torch
+    import transformers
+
+    from effitrain.model import PP_FAMILIES
+    from effitrain.parallel.pipeline import _as_stage, _keep, layer_ranges
+
+    name, extra = FAMILIES.get(family, ("GraniteConfig", {"embedding_multiplier": 3.0}))
+    config = getattr(transformers, name)(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                         use_cache=False, **extra)
+    torch.manual_seed(0)
+    whole = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 100, (2, 16))
+    h = ids
+    with torch.no_grad():
+        for s, blocks in enumerate(layer_ranges(3, 2)):
+            stage = copy.deepcopy(whole)
+            _keep(stage, layers=set(blocks), first=s == 0, last=s == 1)
+            _as_stage(stage)
+            h = stage(h)
+        same = torch.allclose(h, whole(input_ids=ids).logits, rtol=0, atol=1e-6)
+    assert same == (family in PP_FAMILIES), family

@@ -92,11 +92,12 @@ class Parts:
 
 def _model(cfg, *, vocab_size: int, converters) -> tuple[torch.nn.Module, Callable]:
     """The model on the meta device and the `init` that fills its parameters once sharded: the seeded init, or for
-    a model.pretrained run under a layout that shards, each rank's own slices of the checkpoint (model/load.py).
+    a model.pretrained run under a layout that shards or splits it (a pipeline's stages), each rank's own slices of
+    the checkpoint (model/load.py).
     single and ddp hold the whole model anyway: they load it once, before wrapping."""
     fresh = partial(init_weights, cfg=cfg.model, seed=cfg.seed)
-    if cfg.model.pretrained and (PARALLEL.provides(cfg.parallel, SHARDS_PARAMS)
-                                 or PARALLEL.provides(cfg.parallel, TENSOR_PARALLEL)):
+    if cfg.model.pretrained and any(PARALLEL.provides(cfg.parallel, t) for t in (SHARDS_PARAMS, TENSOR_PARALLEL,
+                                                                                  PIPELINE)):
         model, sliced = build_pretrained(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len,
                                          converters=converters)
         return model, sliced or fresh

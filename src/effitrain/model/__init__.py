@@ -146,6 +146,51 @@ def ep_plan_gap(cfg) -> str | None:
     return None
 
 
+# transformers families whose pipeline stages effitrain splits: each tested to compose back to the whole model's logits
+# (tests/test_pipeline.py). A base_model_pp_plan alone is not enough: a family may act on the embeddings inside its base
+# model's forward (granite's embedding multiplier), which every later stage would repeat.
+PP_FAMILIES = ("llama", "qwen3", "mistral")
+
+
+def pp_plan_gap(cfg) -> str | None:
+    """Why pipeline parallelism cannot split the model into stages, or None: a dense model of a PP_FAMILIES family
+    whose transformers base_model_pp_plan is an embedding, the blocks and a final norm (parallel/pipeline.py reads
+    the stage boundaries from it)."""
+    from transformers import CONFIG_MAPPING
+
+    kind = model_type(cfg)
+    if num_experts(cfg):
+        return f"a mixture-of-experts model ({kind!r}) is not split into pipeline stages yet"
+    plan = getattr(CONFIG_MAPPING[kind], "base_model_pp_plan", None) if kind in CONFIG_MAPPING else None
+    if not plan:
+        return f"transformers has no base_model_pp_plan for a {kind!r} model"
+    if kind not in PP_FAMILIES or len(plan) != 3:
+        return f"pipeline stages are built and tested for {', '.join(PP_FAMILIES)} models only, not {kind!r}"
+    return None
+
+
+def num_layers(cfg) -> tuple[str, int]:
+    """The model's decoder blocks, named as the user would see them: model.num_layers, or a model.pretrained
+    checkpoint's num_hidden_layers (0 where its config.json has none)."""
+    if not cfg.pretrained:
+        return "model.num_layers", cfg.num_layers
+    config = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    return "model.pretrained's num_hidden_layers", config.get("num_hidden_layers", 0)
+
+
+def tied_embeddings(cfg) -> tuple[str, bool]:
+    """Whether the LM head shares the input embedding's weight, named as the user would see it: model.tie_embeddings,
+    or a model.pretrained checkpoint's tie_word_embeddings (its family's default where config.json has none)."""
+    if not cfg.pretrained:
+        return "model.tie_embeddings", cfg.tie_embeddings
+    from transformers import CONFIG_MAPPING
+
+    config = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    kind = config["model_type"]
+    default = getattr(CONFIG_MAPPING[kind](), "tie_word_embeddings", True) if kind in CONFIG_MAPPING else True
+    return "model.pretrained's tie_word_embeddings", bool(config.get("tie_word_embeddings", default))
+
+
 def _provides(cfg, _run) -> list[str]:
     return [*([TP_PLAN] if tp_plan_gap(cfg) is None else []), *([PRETRAINED] if cfg.pretrained else [])]
 

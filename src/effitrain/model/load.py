@@ -1,7 +1,8 @@
 """Load a model.pretrained checkpoint shard by shard (issue 23, item 5).
 
-Under a layout that shards parameters (fsdp, hsdp, tp, fsdp-tp) the checkpoint's model is built on the meta device
-like a fresh one; after sharding, `SlicedLoad` fills each parameter -- this rank's DTensor shard, or a whole
+Under a layout that shards parameters (fsdp, hsdp, tp, fsdp-tp) or splits the model into pipeline stages (pp,
+pp-fsdp: a rank keeps its stages' parameters only) the checkpoint's model is built on the meta device like a fresh
+one; after sharding, `SlicedLoad` fills each parameter -- this rank's DTensor shard, or a whole
 replicated tensor -- with only its own slice of the safetensors files, cast to the parameter's dtype. No rank ever
 holds the whole model: its host memory while loading is its shards plus one tensor's slice in flight (each tensor is
 read through its own safetensors handle, closed at once, so the memory-mapped pages it touched are let go).

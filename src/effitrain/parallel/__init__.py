@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 from effitrain.errors import UsageError
-from effitrain.model import TP_PLAN, attention_heads, ep_plan_gap, num_experts, tp_plan_gap
+from effitrain.model import (
+    TP_PLAN,
+    attention_heads,
+    ep_plan_gap,
+    num_experts,
+    num_layers,
+    pp_plan_gap,
+    tied_embeddings,
+    tp_plan_gap,
+)
 from effitrain.registry import Group, Need
 
 GROUP = Group("parallel", key="strategy", builders="effitrain.parallel.build")
@@ -226,9 +235,12 @@ def _check_pipeline(cfg, run) -> None:
           f"(a V), not parallel.stages_per_rank={spr}")
     _need(schedule.per_rank != ">=2" or spr >= 2, f"parallel.schedule={cfg.schedule} interleaves several stages per "
           f"rank: set parallel.stages_per_rank >= 2 (not {spr}), or use gpipe or 1f1b")
+    gap = pp_plan_gap(run.model)  # before the blocks are counted: a checkpoint of another family may have none
+    _need(gap is None, f"parallel={cfg.name} cannot split this model: {gap}")
     stages, m = degrees.pp * spr, cfg.microbatches
-    _need(run.model.num_layers >= stages, f"model.num_layers={run.model.num_layers} cannot fill {stages} pipeline "
-          f"stages (parallel.pp={degrees.pp} x parallel.stages_per_rank={spr}); one block per stage at least")
+    key, layers = num_layers(run.model)
+    _need(layers >= stages, f"{key}={layers} cannot fill {stages} pipeline stages (parallel.pp={degrees.pp} x "
+          f"parallel.stages_per_rank={spr}); one block per stage at least")
     _need(m >= 1 and run.batch_size % m == 0, f"parallel.microbatches={m} does not divide batch_size="
           f"{run.batch_size} (sequences per data-parallel rank and micro-step); pick a divisor")
     _need(cfg.schedule not in ("1f1b", "zbv", "dualpipev") or m >= stages, f"parallel.schedule={cfg.schedule} needs "
@@ -246,10 +258,9 @@ def _check_pipeline_options(cfg, run) -> None:
     what = f"parallel={cfg.name}"
     _need(run.precision.name == "fp32", f"{what} is tested in fp32 only (the schedule runs backward itself: no "
           f"autocast or loss scaler around it yet), not precision={run.precision.name}")
-    _need(run.model.family == "llama" and not run.model.pretrained, f"{what} splits effitrain's own llama models only "
-          f"(not model={run.model.name}{' with model.pretrained' if run.model.pretrained else ''}) yet")
-    _need(not run.model.tie_embeddings, f"{what}: model.tie_embeddings=true shares the embedding (first stage) with "
-          "the head (last stage); set model.tie_embeddings=false")
+    key, tied = tied_embeddings(run.model)
+    fix = "use a checkpoint with untied embeddings" if run.model.pretrained else "set model.tie_embeddings=false"
+    _need(not tied, f"{what}: {key}=true shares the embedding (first stage) with the head (last stage); {fix}")
     _need(cfg.activation_checkpointing == "none" and not cfg.compile, f"{what}: activation checkpointing and compile "
           "inside pipeline stages are not tested yet; set parallel.activation_checkpointing=none and "
           "parallel.compile=false")

@@ -3,8 +3,13 @@ torch.distributed.pipelining schedule.
 
 Each rank builds the whole model on the meta device, then keeps only its own stages' parts (torchtitan's way):
 the blocks of other stages become parameterless pass-throughs, the embedding goes where stage 0 is not, the final
-norm and the head where the last stage is not. Parameter names stay those of the whole model, so a checkpoint (DCP)
-holds every rank's stages under the whole model's names and loads back at another layout (pp 2 -> single).
+norm and the head where the last stage is not. Which modules those are, the family's transformers config says: its
+base_model_pp_plan names the embedding, the blocks and the final norm in order (llama, qwen3, mistral: effitrain's
+own llama models and model.pretrained checkpoints alike). Only then are the kept parameters materialised: filled by
+the seeded init, or read from a model.pretrained checkpoint's safetensors tensor by tensor (model/load.py's
+SlicedLoad), so a rank never holds another stage's weights. Parameter names stay those of the whole model, so a
+checkpoint (DCP) holds every rank's stages under the whole model's names and loads back at another layout (pp 2 ->
+single).
 A stage's forward is the family's own transformers forward (masks, positions, rotary tables computed alike on every
 stage): stage 0 takes token ids, the others the hidden states the previous stage sent.
 
@@ -26,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effitrain.model.build import transformer_blocks
 from effitrain.parallel import SCHEDULES
 
 
@@ -44,6 +48,17 @@ def layer_ranges(num_layers: int, stages: int, *, split: str = "even") -> list[r
     sizes = [num_layers // stages + (1 if s < num_layers % stages else 0) for s in range(stages)]
     starts = [sum(sizes[:s]) for s in range(stages)]
     return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+
+
+def stage_parts(model: nn.Module) -> tuple[str, str, str]:
+    """The base model's embedding, blocks (a ModuleList) and final norm, by attribute name: the three entries, in
+    order, of the family's transformers base_model_pp_plan (model.pp_plan_gap refuses other shapes before launch)."""
+    embedding, blocks, norm = model.config.base_model_pp_plan
+    return embedding, blocks, norm
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    return getattr(model.base_model, stage_parts(model)[1])
 
 
 class _Skip(nn.Module):
@@ -72,14 +87,15 @@ def _as_stage(model: nn.Module) -> None:
 
 def _keep(model: nn.Module, *, layers: set[int], first: bool, last: bool) -> None:
     """Drop in place what the stages holding `layers` do not own (first: the embedding; last: norm and head)."""
-    inner, blocks = model.base_model, transformer_blocks(model)
+    inner, blocks = model.base_model, _blocks(model)
+    embedding, _, norm = stage_parts(model)
     for i in range(len(blocks)):
         if i not in layers:
             blocks[i] = _Skip()
     if not first:
-        inner.embed_tokens = None  # never called: the stage takes inputs_embeds
+        setattr(inner, embedding, None)  # never called: the stage takes inputs_embeds
     if not last:
-        inner.norm = nn.Identity()
+        setattr(inner, norm, nn.Identity())
         model.lm_head = None
 
 
@@ -88,7 +104,7 @@ def _view(model: nn.Module, *, layers: set[int], first: bool, last: bool) -> nn.
     blocks, embedding, norm and head (so the optimizer and the checkpoint see each parameter once)."""
     inner = copy.copy(model.base_model)
     object.__setattr__(inner, "_modules", dict(inner._modules))  # its own children, not the rank model's dict
-    inner.layers = nn.ModuleList(list(transformer_blocks(model)))
+    setattr(inner, stage_parts(model)[1], nn.ModuleList(list(_blocks(model))))
     view = copy.copy(model)
     object.__setattr__(view, "_modules", dict(view._modules))
     setattr(view, model.base_model_prefix, inner)
@@ -134,7 +150,7 @@ class Plan:
 
 def _plan(model: nn.Module, cfg, mesh) -> Plan:
     pp = mesh["pp"]
-    return Plan.of(cfg, rank=pp.get_local_rank(), pp=pp.size(), num_layers=len(transformer_blocks(model)))
+    return Plan.of(cfg, rank=pp.get_local_rank(), pp=pp.size(), num_layers=len(_blocks(model)))
 
 
 def split_model(model: nn.Module, *, cfg, mesh) -> nn.Module:
