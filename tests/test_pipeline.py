@@ -1,7 +1,8 @@
 """Pipeline parallel through the real `effitrain train` (gloo ranks on CPU, fp32): pp(2) under every schedule
-effitrain offers, and pp(2) x fsdp(2), give single's per-step losses and validation losses within 1e-5 relative;
-a pp(2) run killed and resumed is bit-identical to an uninterrupted one, and its checkpoint resumes on one rank;
-its export is the model the checkpoint holds; what pipelines do not run yet is refused in one line, exit 2.
+effitrain offers, pp(2) x fsdp(2), and pp(2) x fsdp(2) x tp(2) on 8 ranks give single's per-step losses and
+validation losses within 1e-5 relative; a pp(2) run and a pp(2) x fsdp(2) x tp(2) run stopped and resumed are
+bit-identical to uninterrupted ones, and a pp(2) checkpoint resumes on one rank; its export is the model the
+checkpoint holds; what pipelines do not run yet is refused in one line, exit 2.
 
 A 4-block tiny llama (untied embeddings: the first and the last stage would share them) so that 2 ranks x 2
 stages per rank get one block each; 4 sequences per step, 4 microbatches (2 under pp-fsdp's 2 data-parallel ranks).
@@ -139,6 +140,28 @@ def test_pp2_resumes_bit_identically_and_on_one_rank(pp_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
+def test_pp2_x_fsdp2_x_tp2_matches_single_and_resumes_bit_identically(runs, base, tmp_path):
+    """8 ranks on the 3-D mesh (pp, dp_shard, tp): 2 stages x 2 FSDP shards x 2 TP ranks, 2 sequences per
+    data-parallel rank (the same global batch of 4); then the run stopped after step 3 and resumed on 8 ranks."""
+    train_ok(tmp_path, *base, "parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.pp=2", "parallel.tp=2",
+             "batch_size=2", "parallel.microbatches=2")
+    run = only_run_dir(tmp_path / "outputs")
+    single = runs(("single", 1))
+    assert_losses_close(losses(single), losses(run), steps=STEPS, rtol=RTOL, what="pp(2) x fsdp(2) x tp(2)")
+    val = [[r["val_loss"] for r in read_metrics(r) if "val_loss" in r] for r in (single, run)]
+    assert_losses_close(*val, steps=2, rtol=RTOL, what="pp(2) x fsdp(2) x tp(2) validation")
+    log = (run / "train.log").read_text()
+    assert "global batch 4 sequences" in log and "(2 x 2 data-parallel ranks" in log
+    copy = tmp_path / "stopped"
+    _copy_run(run, copy, keep_step=3)
+    result = run_cli("resume", str(copy), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _compared(copy) == _compared(run)
+    assert json.loads((copy / "resumes.jsonl").read_text().splitlines()[0])["from_step"] == 3
+
+
+@pytest.mark.slow
 def test_export_of_a_pp_run_is_the_checkpoint_model(pp_run, runs, tmp_path):
     """The export loads in plain transformers with the checkpoint's logits, and is single's model to within what
     6 AdamW steps make of 1e-7 gradient differences."""
@@ -185,6 +208,18 @@ REFUSED = {
     "tp": ([*PP, "parallel.tp=2"], "unknown key 'parallel.tp'"),
     "pp-fsdp-interleaved": (["parallel=pp-fsdp", "launcher.nproc_per_node=4", "parallel.schedule=zbv",
                              "parallel.stages_per_rank=2", "batch_size=4"], "tested with one stage per rank"),
+    "3d-degrees": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=6"], "parallel.pp=2 x parallel.tp=2 = 4 does not "
+                   "divide the world size 6"),
+    "3d-dp-shard": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.dp_shard=4"],
+                    "leaves 2 data-parallel ranks"),
+    "3d-heads": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.tp=4", "batch_size=4"],
+                 "model.num_heads=2 is not divisible by the tensor-parallel degree 4"),
+    "3d-interleaved": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.schedule=zbv",
+                        "parallel.stages_per_rank=2"], "tested with one stage per rank"),
+    "3d-sp": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.sequence_parallel=true"],
+              "sequence_parallel=true is not built under a pipeline"),
+    "3d-ac": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.compile=true"],
+              "activation checkpointing and compile"),
     "cp": ([*PP, "parallel.cp=2"], "context parallelism is not built"),
     "estimate": (PP, "effitrain estimate does not cover parallel=pp"),
 }
