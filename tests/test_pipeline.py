@@ -1,8 +1,8 @@
 """Pipeline parallel through the real `effitrain train` (gloo ranks on CPU, fp32): pp(2) under every schedule
-effitrain offers, pp(2) x fsdp(2), and pp(2) x fsdp(2) x tp(2) on 8 ranks give single's per-step losses and
-validation losses within 1e-5 relative; a pp(2) run and a pp(2) x fsdp(2) x tp(2) run stopped and resumed are
-bit-identical to uninterrupted ones, and a pp(2) checkpoint resumes on one rank; its export is the model the
-checkpoint holds; what pipelines do not run yet is refused in one line, exit 2.
+effitrain offers, pp(2) x fsdp(2), pp(2) x fsdp(2) x tp(2) on 8 ranks and pp(2) x tp(2) with sequence parallel
+give single's per-step losses and validation losses within 1e-5 relative; a pp(2) run and a pp(2) x fsdp(2) x
+tp(2) run stopped and resumed are bit-identical to uninterrupted ones, and a pp(2) checkpoint resumes on one rank;
+its export is the model the checkpoint holds; what pipelines do not run yet is refused in one line, exit 2.
 
 A 4-block tiny llama (untied embeddings: the first and the last stage would share them) so that 2 ranks x 2
 stages per rank get one block each; 4 sequences per step, 4 microbatches (2 under pp-fsdp's 2 data-parallel ranks).
@@ -162,6 +162,17 @@ def test_pp2_x_fsdp2_x_tp2_matches_single_and_resumes_bit_identically(runs, base
 
 
 @pytest.mark.slow
+@pytest.mark.extended
+def test_pp2_x_tp2_with_sequence_parallel_matches_single(runs, base, tmp_path):
+    """4 ranks, pp(2) x tp(2) with Megatron SP: the stages exchange the whole sequence, each slices its shards."""
+    train_ok(tmp_path, *base, "parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.sequence_parallel=true")
+    run, single = only_run_dir(tmp_path / "outputs"), runs(("single", 1))
+    assert_losses_close(losses(single), losses(run), steps=STEPS, rtol=RTOL, what="pp(2) x tp(2) SP")
+    val = [[r["val_loss"] for r in read_metrics(r) if "val_loss" in r] for r in (single, run)]
+    assert_losses_close(*val, steps=2, rtol=RTOL, what="pp(2) x tp(2) SP validation")
+
+
+@pytest.mark.slow
 def test_export_of_a_pp_run_is_the_checkpoint_model(pp_run, runs, tmp_path):
     """The export loads in plain transformers with the checkpoint's logits, and is single's model to within what
     6 AdamW steps make of 1e-7 gradient differences."""
@@ -216,8 +227,8 @@ REFUSED = {
                  "model.num_heads=2 is not divisible by the tensor-parallel degree 4"),
     "3d-interleaved": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.schedule=zbv",
                         "parallel.stages_per_rank=2"], "tested with one stage per rank"),
-    "3d-sp": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.sequence_parallel=true"],
-              "sequence_parallel=true is not built under a pipeline"),
+    "3d-sp": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.sequence_parallel=true",
+               "data.seq_len=33"], "splits data.seq_len=33 over parallel.tp=2 ranks"),
     "3d-ac": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.compile=true"],
               "activation checkpointing and compile"),
     "cp": ([*PP, "parallel.cp=2"], "context parallelism is not built"),

@@ -265,9 +265,6 @@ def _check_pipeline_options(cfg, run) -> None:
     _need("source" not in run.data or run.data.source not in ("chat", "instruct", "chat-stdlib"),
           f"{what} trains on token windows; fine-tuning data (data={run.data.name}) is not tested under it yet")
     _need(not offloads(cfg), f"{what}: parallel.offload=cpu is not tested under a pipeline yet")
-    sp = "sequence_parallel" in cfg and cfg.sequence_parallel
-    _need(not sp, f"{what}: parallel.sequence_parallel=true is not built under a pipeline yet (a stage would send "
-                  "sequence shards); set parallel.sequence_parallel=false")
     _need(cfg.strategy == "pp" or cfg.stages_per_rank == 1, f"{what} is tested with one stage per rank "
           f"(gpipe, 1f1b) only: FSDP on several stages of one rank is not, so not parallel.schedule={cfg.schedule}")
 

@@ -138,7 +138,30 @@ def pp_fsdp_tp(model, *, cfg, world, mesh, precision, init):
     coordinate of the next stage, which reads the same batch."""
     split_model(model, cfg=cfg, mesh=mesh)
     apply_tp(model, mesh=mesh["tp"], sequence_parallel=cfg.sequence_parallel)
+    if cfg.sequence_parallel:
+        _whole_sequence_between_stages(model, mesh["tp"])  # before FSDP's hooks, which then see plain tensors
     return _stage_fsdp(model, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
+
+
+def _whole_sequence_between_stages(model: nn.Module, mesh) -> None:
+    """SP under a pipeline: stages exchange plain tensors of the whole sequence, as torch.distributed.pipelining
+    and Pipeline.eval_loss allocate them. A stage's hidden-states input becomes the sequence shards its first norm
+    takes (a local slice, no communication); its sequence-sharded output is all-gathered (the last stage's logits
+    are gathered already). Each boundary sends tp-fold more than the shards, for stages that need no shapes but
+    the whole model's."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def shard_input(_module, args):
+        (x,) = args
+        if not x.is_floating_point():  # token ids: stage 0's embedding shards its output itself
+            return None
+        return (DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]),)
+
+    def gather_output(_module, _args, output):
+        return output.redistribute(mesh, [Replicate()]).to_local() if isinstance(output, DTensor) else None
+
+    model.register_forward_pre_hook(shard_input)
+    model.register_forward_hook(gather_output)
 
 
 def _stage_fsdp(model, *, cfg, world, mesh, precision, init):
