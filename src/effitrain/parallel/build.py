@@ -126,16 +126,16 @@ def pp(model, *, cfg, world, mesh, precision, init):
 
 @GROUP.builder("pp-fsdp")
 def pp_fsdp(model, *, cfg, world, mesh, precision, init):
-    """The split, then FSDP2 inside each stage's data-parallel group."""
+    """The split, then FSDP2 inside each stage's data-parallel group (mesh["dp_shard"]): its blocks, then its root."""
     split_model(model, cfg=cfg, mesh=mesh)
     return _stage_fsdp(model, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
 
 
 @GROUP.builder("pp-fsdp-tp")
 def pp_fsdp_tp(model, *, cfg, world, mesh, precision, init):
-    """3-D: the split, TP over mesh["tp"] on what the stage keeps, then FSDP2 over mesh["dp_shard"] (the TP DTensors
-    become 2-D (dp_shard, tp) DTensors, as under fsdp-tp). A stage sends its hidden states to the same (dp_shard, tp)
-    coordinate of the next stage, which reads the same batch."""
+    """3-D, in the module docstring's order: the split, TP over mesh["tp"] on what the stage keeps, then FSDP2 over
+    mesh["dp_shard"] (the TP DTensors become 2-D (dp_shard, tp) DTensors, as under fsdp-tp). A stage sends its hidden
+    states to the same (dp_shard, tp) coordinate of the next stage, which reads the same batch."""
     split_model(model, cfg=cfg, mesh=mesh)
     apply_tp(model, mesh=mesh["tp"], sequence_parallel=cfg.sequence_parallel)
     if cfg.sequence_parallel:
