@@ -141,16 +141,23 @@ def test_pp2_resumes_bit_identically_and_on_one_rank(pp_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.extended
-def test_pp2_x_fsdp2_x_tp2_matches_single_and_resumes_bit_identically(runs, base, tmp_path):
+def test_pp2_x_fsdp2_x_tp2_matches_single_and_resumes_bit_identically(base, tmp_path):
     """8 ranks on the 3-D mesh (pp, dp_shard, tp): 2 stages x 2 FSDP shards x 2 TP ranks, 2 sequences per
-    data-parallel rank (the same global batch of 4); then the run stopped after step 3 and resumed on 8 ranks."""
-    train_ok(tmp_path, *base, "parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.pp=2", "parallel.tp=2",
+    data-parallel rank (the same global batch of 4), against single, both clipping every step (norms ~0.9 over
+    grad_clip=0.5; on single, clipping at 0.5 instead of 1.0 moves the step-6 grad norm by 5.8e-4 relative and the
+    second validation loss by 8.8e-5, so a clip wrong over the 3-D mesh fails); then the run stopped after step 3
+    and resumed on 8 ranks is the uninterrupted run bit for bit."""
+    clip = (*base, "grad_clip=0.5")
+    (tmp_path / "single").mkdir()
+    train_ok(tmp_path / "single", *clip)
+    train_ok(tmp_path, *clip, "parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.pp=2", "parallel.tp=2",
              "batch_size=2", "parallel.microbatches=2")
-    run = only_run_dir(tmp_path / "outputs")
-    single = runs(("single", 1))
-    assert_losses_close(losses(single), losses(run), steps=STEPS, rtol=RTOL, what="pp(2) x fsdp(2) x tp(2)")
-    val = [[r["val_loss"] for r in read_metrics(r) if "val_loss" in r] for r in (single, run)]
-    assert_losses_close(*val, steps=2, rtol=RTOL, what="pp(2) x fsdp(2) x tp(2) validation")
+    single, run = only_run_dir(tmp_path / "single" / "outputs"), only_run_dir(tmp_path / "outputs")
+    for key in ("loss", "grad_norm", "val_loss"):
+        values = [[r[key] for r in read_metrics(d) if key in r] for d in (single, run)]
+        assert_losses_close(*values, steps=2 if key == "val_loss" else STEPS, rtol=RTOL,
+                            what=f"pp(2) x fsdp(2) x tp(2) {key}")
+    assert all(r["grad_norm"] > 0.5 for r in read_metrics(single))  # clipped at every step
     log = (run / "train.log").read_text()
     assert "global batch 4 sequences" in log and "(2 x 2 data-parallel ranks" in log
     copy = tmp_path / "stopped"
