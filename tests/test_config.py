@@ -22,6 +22,7 @@ COMPANIONS = {
     # a pipeline stage per block at least (4 ranks x 1), and untied embeddings (first and last stage)
     ("parallel", "pp"): [*MULTI_RANK, "model.num_layers=4", "model.tie_embeddings=false"],
     ("parallel", "pp-fsdp"): [*MULTI_RANK, "model.tie_embeddings=false"],
+    ("parallel", "pp-fsdp-tp"): [*MULTI_RANK, "model.tie_embeddings=false"],  # pp 2 x dp_shard 1 x tp 2
     ("precision", "fp8"): ["device=cuda"],  # on the CPU fp8 is refused before start (tested in test_precision)
     ("launcher", "multinode"): ["launcher.rdzv_endpoint=head-node:29500", "parallel=fsdp"],
     ("compression", "grad-fp16"): ["parallel=ddp", *MULTI_RANK],

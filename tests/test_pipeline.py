@@ -1,6 +1,7 @@
 """Pipeline parallel through the real `effitrain train` (gloo ranks on CPU, fp32): pp(2) under every schedule
-effitrain offers, and pp(2) x fsdp(2), give single's per-step losses and validation losses within 1e-5 relative;
-a pp(2) run killed and resumed is bit-identical to an uninterrupted one, and its checkpoint resumes on one rank;
+effitrain offers, pp(2) x fsdp(2), pp(2) x fsdp(2) x tp(2) on 8 ranks and pp(2) x tp(2) with sequence parallel
+give single's per-step losses and validation losses within 1e-5 relative; a pp(2) run and a pp(2) x fsdp(2) x
+tp(2) run stopped and resumed are bit-identical to uninterrupted ones, and a pp(2) checkpoint resumes on one rank;
 its export is the model the checkpoint holds; what pipelines do not run yet is refused in one line, exit 2.
 transformers' own families as model.pretrained checkpoints split at their base_model_pp_plan's boundaries (each
 family's stages run in turn are the whole model: llama, qwen3, mistral), each rank reading only its stage's tensors,
@@ -145,6 +146,46 @@ def test_pp2_resumes_bit_identically_and_on_one_rank(pp_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
+def test_pp2_x_fsdp2_x_tp2_matches_single_and_resumes_bit_identically(base, tmp_path):
+    """8 ranks on the 3-D mesh (pp, dp_shard, tp): 2 stages x 2 FSDP shards x 2 TP ranks, 2 sequences per
+    data-parallel rank (the same global batch of 4), against single, both clipping every step (norms ~0.9 over
+    grad_clip=0.5; on single, clipping at 0.5 instead of 1.0 moves the step-6 grad norm by 5.8e-4 relative and the
+    second validation loss by 8.8e-5, so a clip wrong over the 3-D mesh fails); then the run stopped after step 3
+    and resumed on 8 ranks is the uninterrupted run bit for bit."""
+    clip = (*base, "grad_clip=0.5")
+    (tmp_path / "single").mkdir()
+    train_ok(tmp_path / "single", *clip)
+    train_ok(tmp_path, *clip, "parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.pp=2", "parallel.tp=2",
+             "batch_size=2", "parallel.microbatches=2")
+    single, run = only_run_dir(tmp_path / "single" / "outputs"), only_run_dir(tmp_path / "outputs")
+    for key in ("loss", "grad_norm", "val_loss"):
+        values = [[r[key] for r in read_metrics(d) if key in r] for d in (single, run)]
+        assert_losses_close(*values, steps=2 if key == "val_loss" else STEPS, rtol=RTOL,
+                            what=f"pp(2) x fsdp(2) x tp(2) {key}")
+    assert all(r["grad_norm"] > 0.5 for r in read_metrics(single))  # clipped at every step
+    log = (run / "train.log").read_text()
+    assert "global batch 4 sequences" in log and "(2 x 2 data-parallel ranks" in log
+    copy = tmp_path / "stopped"
+    _copy_run(run, copy, keep_step=3)
+    result = run_cli("resume", str(copy), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _compared(copy) == _compared(run)
+    assert json.loads((copy / "resumes.jsonl").read_text().splitlines()[0])["from_step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_pp2_x_tp2_with_sequence_parallel_matches_single(runs, base, tmp_path):
+    """4 ranks, pp(2) x tp(2) with Megatron SP: the stages exchange the whole sequence, each slices its shards."""
+    train_ok(tmp_path, *base, "parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.sequence_parallel=true")
+    run, single = only_run_dir(tmp_path / "outputs"), runs(("single", 1))
+    assert_losses_close(losses(single), losses(run), steps=STEPS, rtol=RTOL, what="pp(2) x tp(2) SP")
+    val = [[r["val_loss"] for r in read_metrics(r) if "val_loss" in r] for r in (single, run)]
+    assert_losses_close(*val, steps=2, rtol=RTOL, what="pp(2) x tp(2) SP validation")
+
+
+@pytest.mark.slow
 def test_export_of_a_pp_run_is_the_checkpoint_model(pp_run, runs, tmp_path):
     """The export loads in plain transformers with the checkpoint's logits, and is single's model to within what
     6 AdamW steps make of 1e-7 gradient differences."""
@@ -198,6 +239,18 @@ REFUSED = {
     "tp": ([*PP, "parallel.tp=2"], "unknown key 'parallel.tp'"),
     "pp-fsdp-interleaved": (["parallel=pp-fsdp", "launcher.nproc_per_node=4", "parallel.schedule=zbv",
                              "parallel.stages_per_rank=2", "batch_size=4"], "tested with one stage per rank"),
+    "3d-degrees": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=6"], "parallel.pp=2 x parallel.tp=2 = 4 does not "
+                   "divide the world size 6"),
+    "3d-dp-shard": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.dp_shard=4"],
+                    "leaves 2 data-parallel ranks"),
+    "3d-heads": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.tp=4", "batch_size=4"],
+                 "model.num_heads=2 is not divisible by the tensor-parallel degree 4"),
+    "3d-interleaved": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.schedule=zbv",
+                        "parallel.stages_per_rank=2"], "tested with one stage per rank"),
+    "3d-sp": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.sequence_parallel=true",
+               "data.seq_len=33"], "splits data.seq_len=33 over parallel.tp=2 ranks"),
+    "3d-ac": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.compile=true"],
+              "activation checkpointing and compile"),
     "cp": ([*PP, "parallel.cp=2"], "context parallelism is not built"),
     "estimate": (PP, "effitrain estimate does not cover parallel=pp"),
 }

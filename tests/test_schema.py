@@ -99,6 +99,7 @@ RUNS = [
     ["precision=bf16-pure", "optimizer=adamw-8bit"],
     ["parallel=pp", "model.tie_embeddings=false"],  # one process: one stage
     ["parallel=pp-fsdp", "parallel.pp=1", "model.tie_embeddings=false"],
+    ["parallel=pp-fsdp-tp", "parallel.pp=1", "parallel.tp=1", "model.tie_embeddings=false"],
     ["compression=[lora,grad-powersgd]", "model.pretrained={hf}", "parallel=ddp"],
     ["compression=[distill,qat-int4]", "compression.distill.teacher={hf}"],
     ["compression=[prune-magnitude,freeze]", "compression.prune_magnitude.end_step=2"],

@@ -1,6 +1,6 @@
-"""The `parallel` group: single, ddp, fsdp (ZeRO-3 / ZeRO-2), hsdp, tp, fsdp-tp, pp and pp-fsdp layouts, with
-activation checkpointing and regional compile; expert parallelism (`parallel.ep`) for mixture-of-experts models under
-ddp/fsdp.
+"""The `parallel` group: single, ddp, fsdp (ZeRO-3 / ZeRO-2), hsdp, tp, fsdp-tp, pp, pp-fsdp and pp-fsdp-tp
+layouts, with activation checkpointing and regional compile; expert parallelism (`parallel.ep`) for mixture-of-experts
+models under ddp/fsdp.
 
 Schemas, parallel degrees and checks here (no torch); builders in `effitrain.parallel.build`.
 """
@@ -122,6 +122,15 @@ class PPFSDPParallel(PipelineKeys, ShardedBase):
     pp: int = 2
 
 
+@GROUP.option("pp-fsdp-tp")
+@dataclass
+class PPFSDPTPParallel(PipelineKeys, ShardedBase):
+    strategy: str = "pp-fsdp-tp"
+    pp: int = 2
+    tp: int = 2
+    sequence_parallel: bool = False
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A torch.distributed.pipelining schedule as effitrain offers it.
@@ -179,6 +188,7 @@ GROUP.traits("fsdp-tp", provides=(SHARDS_PARAMS, FSDP_REDUCE, TENSOR_PARALLEL), 
 # no CONVERTED_MODULES nor WHOLE_WEIGHTS: compression converters, muon and adafactor are refused by their own needs
 GROUP.traits("pp", provides=(PIPELINE,))
 GROUP.traits("pp-fsdp", provides=(PIPELINE, SHARDS_PARAMS))
+GROUP.traits("pp-fsdp-tp", provides=(PIPELINE, SHARDS_PARAMS, TENSOR_PARALLEL), needs=_tp_plan)
 
 
 def _check_layout(cfg, run) -> None:
@@ -268,11 +278,11 @@ def _check_pipeline_options(cfg, run) -> None:
     _need("source" not in run.data or not sample_sources(run.data),
           f"{what} trains on token windows; fine-tuning data (data={run.data.name}) is not tested under it yet")
     _need(not offloads(cfg), f"{what}: parallel.offload=cpu is not tested under a pipeline yet")
-    _need(cfg.strategy != "pp-fsdp" or cfg.stages_per_rank == 1, f"{what} is tested with one stage per rank "
+    _need(cfg.strategy == "pp" or cfg.stages_per_rank == 1, f"{what} is tested with one stage per rank "
           f"(gpipe, 1f1b) only: FSDP on several stages of one rank is not, so not parallel.schedule={cfg.schedule}")
 
 
-for _kind in ("pp", "pp-fsdp"):
+for _kind in ("pp", "pp-fsdp", "pp-fsdp-tp"):
     GROUP.check_of(_kind)(_check_pipeline)
 
 
@@ -326,7 +336,8 @@ def parallel_degrees(cfg, *, world_size: int) -> Degrees:
     s = cfg.strategy
     _need(s != "single" or world_size == 1,
           f"parallel=single runs one process but the world size is {world_size}; "
-          "choose parallel=ddp, fsdp, fsdp-zero2, hsdp, tp, fsdp-tp, pp or pp-fsdp, or launcher.nproc_per_node=1")
+          "choose parallel=ddp, fsdp, fsdp-zero2, hsdp, tp, fsdp-tp, pp, pp-fsdp or pp-fsdp-tp, or "
+          "launcher.nproc_per_node=1")
     tp = 1
     if "tp" in cfg:
         tp = world_size if cfg.tp == -1 else cfg.tp
@@ -336,7 +347,9 @@ def parallel_degrees(cfg, *, world_size: int) -> Degrees:
     _need(s != "tp" or tp == world_size,
           f"parallel=tp uses all {world_size} ranks for one tensor-parallel group but parallel.tp={tp}; "
           "use parallel=fsdp-tp for tensor x data parallel")
-    pp = _pp_degree(cfg, world_size=world_size)
+    pp = _pp_degree(cfg, world_size=world_size, tp=tp)
+    _need(world_size % (tp * pp) == 0, f"parallel.pp={pp} x parallel.tp={tp} = {pp * tp} does not divide the world "
+          f"size {world_size} (launcher.nproc_per_node x launcher.nnodes); make pp x tp x dp_shard the world size")
     dp = world_size // (tp * pp)
     replicate = {"ddp": dp, "hsdp": cfg.dp_replicate if s == "hsdp" else 1}.get(s, 1)
     _need(replicate >= 1 and dp % replicate == 0,
@@ -352,15 +365,16 @@ def parallel_degrees(cfg, *, world_size: int) -> Degrees:
     return Degrees(dp_replicate=replicate, dp_shard=shard, tp=tp, ep=ep, pp=pp)
 
 
-def _pp_degree(cfg, *, world_size: int) -> int:
-    """Pipeline ranks: parallel=pp takes every rank; pp-fsdp leaves world size / pp ranks to FSDP."""
+def _pp_degree(cfg, *, world_size: int, tp: int) -> int:
+    """Pipeline ranks: parallel=pp takes every rank; pp-fsdp(-tp) leaves world size / (pp x tp) ranks to FSDP."""
     if "pp" not in cfg:
         return 1
-    if cfg.pp == -1:  # pp-fsdp: what dp_shard leaves (one of them must be set)
+    if cfg.pp == -1:  # pp-fsdp(-tp): what dp_shard and tp leave (pp or dp_shard must be set)
         shard = cfg.dp_shard if "dp_shard" in cfg else 1
         _need(shard != -1, "parallel.pp=-1 and parallel.dp_shard=-1: set one of them")
-        _need(world_size % shard == 0, f"parallel.dp_shard={shard} does not divide the world size {world_size}")
-        return world_size // shard
+        _need(world_size % (shard * tp) == 0, f"parallel.dp_shard={shard} x parallel.tp={tp} does not divide the "
+              f"world size {world_size}")
+        return world_size // (shard * tp)
     _need(cfg.pp >= 1 and world_size % cfg.pp == 0, f"parallel.pp={cfg.pp} does not divide the world size "
           f"{world_size} (launcher.nproc_per_node x launcher.nnodes); pick a divisor")
     _need(cfg.strategy != "pp" or cfg.pp == world_size, f"parallel=pp uses all {world_size} ranks as pipeline stages "

@@ -2,8 +2,8 @@
 
 Order, and why: PP split -> TP or EP -> activation checkpointing -> compile -> FSDP/DDP.
   0. The pipeline split first (parallel/pipeline.py): each rank drops the blocks, embedding and head its stages do
-     not own, so everything after wraps only what this rank keeps. (pp-fsdp applies FSDP to that part; TP, AC and
-     compile are not combined with a pipeline yet: refused before launch.)
+     not own, so everything after wraps only what this rank keeps (pp-fsdp: FSDP on that part; pp-fsdp-tp: TP,
+     then FSDP; AC and compile are not combined with a pipeline yet: refused before launch).
   1. TP: it replaces each block's Linear weights with DTensors sharded over the TP mesh; everything
      after must see those final parameters. EP (parallel.ep, parallel/experts.py) likewise makes the experts DTensors
      sharded over the EP mesh, which FSDP and DDP then leave alone.
@@ -128,6 +128,44 @@ def pp(model, *, cfg, world, mesh, precision, init):
 def pp_fsdp(model, *, cfg, world, mesh, precision, init):
     """The split, then FSDP2 inside each stage's data-parallel group (mesh["dp_shard"]): its blocks, then its root."""
     split_model(model, cfg=cfg, mesh=mesh)
+    return _stage_fsdp(model, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
+
+
+@GROUP.builder("pp-fsdp-tp")
+def pp_fsdp_tp(model, *, cfg, world, mesh, precision, init):
+    """3-D, in the module docstring's order: the split, TP over mesh["tp"] on what the stage keeps, then FSDP2 over
+    mesh["dp_shard"] (the TP DTensors become 2-D (dp_shard, tp) DTensors, as under fsdp-tp). A stage sends its hidden
+    states to the same (dp_shard, tp) coordinate of the next stage, which reads the same batch."""
+    split_model(model, cfg=cfg, mesh=mesh)
+    apply_tp(model, mesh=mesh["tp"], sequence_parallel=cfg.sequence_parallel)
+    if cfg.sequence_parallel:
+        _whole_sequence_between_stages(model, mesh["tp"])  # before FSDP's hooks, which then see plain tensors
+    return _stage_fsdp(model, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
+
+
+def _whole_sequence_between_stages(model: nn.Module, mesh) -> None:
+    """SP under a pipeline: stages exchange plain tensors of the whole sequence, as torch.distributed.pipelining
+    and Pipeline.eval_loss allocate them. A stage's hidden-states input becomes the sequence shards its first norm
+    takes (a local slice, no communication); its sequence-sharded output is all-gathered (the last stage's logits
+    are gathered already). Each boundary sends tp-fold more than the shards, for stages that need no shapes but
+    the whole model's."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def shard_input(_module, args):
+        (x,) = args
+        if not x.is_floating_point():  # token ids: stage 0's embedding shards its output itself
+            return None
+        return (DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]),)
+
+    def gather_output(_module, _args, output):
+        return output.redistribute(mesh, [Replicate()]).to_local() if isinstance(output, DTensor) else None
+
+    model.register_forward_pre_hook(shard_input)
+    model.register_forward_hook(gather_output)
+
+
+def _stage_fsdp(model, *, cfg, world, mesh, precision, init):
+    """FSDP2 over mesh["dp_shard"] on a pipeline rank's part: its blocks, then its root; then materialised."""
     _blocks(model, cfg)
     apply_fsdp(model, mesh=mesh["dp_shard"], reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
                mp_policy=precision.fsdp_mixed_precision())
@@ -183,6 +221,8 @@ def apply_tp(model: nn.Module, *, mesh, sequence_parallel: bool = False) -> None
         raise ParallelError(f"no tensor-parallel plan: {gap}; use parallel=fsdp or ddp")
     tied = _tied(model)
     for block in transformer_blocks(model):
+        if not any(True for _ in block.parameters()):  # a pipeline stage's pass-through for another stage's block
+            continue
         plan = _gpt2_block_plan(sequence_parallel) if gpt2 else _family_block_plan(model.config, block,
                                                                                    sequence_parallel)
         parallelize_module(block, mesh, plan)
@@ -224,7 +264,16 @@ def _root_plan(model: nn.Module, sp: bool) -> dict:
     plan = {f"{base}.{embed}": _vocab_embedding(sp), "lm_head": _lm_head(sp)}
     if sp:
         plan[f"{base}.{'ln_f' if embed == 'wte' else 'norm'}"] = SequenceParallel()
-    return plan
+    return {path: style for path, style in plan.items() if _has_params(model, path)}  # a pipeline stage holds some
+
+
+def _has_params(model: nn.Module, path: str) -> bool:
+    """False where a pipeline stage dropped the module (None) or left a parameterless stand-in (Identity)."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return False
+    return module is not None and any(True for _ in module.parameters())
 
 
 def _colwise(*, gather: bool):
@@ -544,4 +593,4 @@ def _is_expert(name: str) -> bool:
 
 # every layout's memory follows from its traits: one cost model, registered for each (the pipeline layouts' is theirs)
 for _strategy in GROUP.schemas:
-    GROUP.cost(_strategy)(PipelineCost if _strategy in ("pp", "pp-fsdp") else Cost)
+    GROUP.cost(_strategy)(PipelineCost if _strategy.startswith("pp") else Cost)
