@@ -1,6 +1,7 @@
 """Compression options side by side: the same small model, data and steps on CPU, each option against dense fp32.
 
     python scripts/bench_compression.py [--steps 150] [--seeds N] [--json bench_compression.json] [extra overrides ...]
+    python scripts/bench_compression.py --merge ONE_SEED.json ... [--json bench_compression_seeds.json]
 
 Per option: final validation loss of the trained model and of the exported one (adapters merged, fake-quantized
 layers converted, shared blocks unshared) and its gap to the dense run's, trainable parameters, optimizer state
@@ -104,7 +105,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1,
                         help="run the whole table with N seeds (the first: seed= among the overrides, else the "
                              "config's; then +1, +2...) and report each gap's mean and 95%% interval over them")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="run nothing: merge the JSON of one-seed runs of this script (e.g. run in parallel "
+                             "with seed=1234, seed=1235, ...) into the table over seeds, written to --json")
     args = parser.parse_args()
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        steps = {r["steps"] for r in runs}
+        if len(steps) != 1:
+            raise SystemExit(f"--merge: the runs trained different steps ({sorted(steps)})")
+        seeds = [compose([*MODEL, *r["overrides"]]).seed for r in runs]
+        write_seeds(args.json, [r["rows"] for r in runs], seeds=seeds, steps=steps.pop(),
+                    result={"machine": runs[0]["machine"], "overrides": [r["overrides"] for r in runs]})
+        return
     if args.seeds < 1:
         raise SystemExit("--seeds: give 1 or more")
     steps = args.steps
@@ -116,15 +129,21 @@ def main() -> None:
         suffix = "" if seed is None else f".seed{seed}"
         tables.append(one_seed(steps, overrides, Rows(Path(args.json + suffix))))
         print_table(tables[-1], steps=steps, overrides=overrides)
-    result = {"machine": machine(), "steps": steps, "overrides": args.overrides, "rows": tables[0]}
+    result = {"machine": machine(), "overrides": args.overrides}
     if len(tables) > 1:
-        from effitrain.stats import over_tables
+        write_seeds(args.json, tables, seeds=seeds, steps=steps, result=result)
+    else:
+        Path(args.json).write_text(json.dumps(result | {"steps": steps, "rows": tables[0]}, indent=1))
 
-        result |= {"seeds": seeds, "tables": tables,
-                   "over_seeds": over_tables(tables, name="option", keys=("val_loss", "val_loss_gap_pct",
-                                                                          "export_val_loss_gap_pct"))}
-        print_seeds_table(result["over_seeds"], seeds=seeds, steps=steps)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+
+def write_seeds(path: str, tables: list[list[dict]], *, seeds: list[int], steps: int, result: dict) -> None:
+    """The table over seeds (each gap to its own seed's dense run): printed, and written to `path` as JSON."""
+    from effitrain.stats import over_tables
+
+    merged = over_tables(tables, name="option", keys=("val_loss", "val_loss_gap_pct", "export_val_loss_gap_pct"))
+    print_seeds_table(merged, seeds=seeds, steps=steps)
+    Path(path).write_text(json.dumps(result | {"steps": steps, "rows": tables[0], "seeds": seeds, "tables": tables,
+                                               "over_seeds": merged}, indent=1))
 
 
 def seed_list(overrides: list[str], n: int) -> list[int | None]:
