@@ -30,7 +30,8 @@ from torch import nn
 from effitrain.errors import UsageError
 from effitrain.model.build import transformer_blocks
 from effitrain.parallel import DDP, GROUP, PIPELINE, SHARDS_PARAMS, TENSOR_PARALLEL, Degrees
-from effitrain.parallel.pipeline import PipelineCost, split_model
+from effitrain.parallel.pipeline import split_model
+from effitrain.parallel.pipeline_cost import PipelineCost
 
 
 class ParallelError(UsageError):
