@@ -208,15 +208,9 @@ PP_MODEL = ["model.hidden_size=64", "model.num_layers=4", "model.num_heads=2", "
 
 def _pipeline_ranks(*overrides: str) -> list[dict]:
     """Every pipeline rank's memory items and moments (the cost model the estimate reports the worst of)."""
-    from effitrain.estimate import model_shape
-    from effitrain.launcher import world_size
-    from effitrain.parallel import GROUP, parallel_degrees
+    from effitrain.estimate import pipeline_ranks
 
-    cfg = compose([*PP_MODEL, *overrides])
-    d = parallel_degrees(cfg.parallel, world_size=world_size(cfg.launcher))
-    shape = model_shape(cfg.model, vocab=2048, seq_len=cfg.data.seq_len)
-    layout = GROUP.cost_of(cfg.parallel.strategy)(cfg.parallel)
-    return layout.ranks(shape, cfg=cfg, d=d, cpu=True)
+    return pipeline_ranks(compose([*PP_MODEL, *overrides]))
 
 
 def test_pipeline_estimate_holds_each_stage_on_its_rank(capsys):

@@ -67,6 +67,11 @@ class Param:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def block(self) -> int | None:
+        """The repeated block it belongs to, None outside the blocks (embeddings, final norm, head)."""
+        return _block_of(self.name)
+
 
 @dataclass
 class Shape:
@@ -413,7 +418,7 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
 def _pipeline_estimate(cfg, s: Shape, *, d, ws: int, layout, mfu, gpu, timing) -> Estimate:
     """A pipeline layout's estimate: the memory of its worst rank (the one that runs out first) by the layout's own
     cost model (parallel/pipeline_cost.py), the rank named in a note."""
-    ranks = layout.ranks(s, cfg=cfg, d=d, cpu=(gpu or _device(cfg)) == "cpu")
+    ranks = pipeline_ranks(cfg, shape=s, gpu=gpu)
     peaks = [max(r["moments"].values()) for r in ranks]
     worst = max(range(len(ranks)), key=peaks.__getitem__)
     mem, moments = ranks[worst]["memory"], ranks[worst]["moments"]
@@ -429,6 +434,31 @@ def _pipeline_estimate(cfg, s: Shape, *, d, ws: int, layout, mfu, gpu, timing) -
     tokens = cfg.batch_size // cfg.parallel.microbatches * cfg.data.seq_len
     return _assemble(cfg, s, d=d, ws=ws, mem=mem, moments=moments, phase=phase, biggest=biggest,
                      per_layer_bytes=ranks[worst]["per_layer"] * tokens, notes=notes, mfu=mfu, gpu=gpu, timing=timing)
+
+
+def pipeline_ranks(cfg, *, shape: Shape | None = None, gpu: str | None = None) -> list[dict]:
+    """Every pipeline rank's memory items and moments (bytes) under a pipeline layout (parallel/pipeline_cost.py),
+    with what it needs from the other groups' cost models: the optimizer's state and temporaries, the family's saved
+    activations per block and token, and the head's; "per_layer" added to each rank."""
+    from effitrain.launcher import world_size
+    from effitrain.optimizer import GROUP as OPTIMIZER
+    from effitrain.optimizer.build import temporaries
+
+    d = parallel_degrees(cfg.parallel, world_size=world_size(cfg.launcher))
+    s = shape or model_shape(cfg.model, vocab=vocab_size(run_data_config(cfg)), seq_len=cfg.data.seq_len,
+                             compression=cfg.compression)
+    cpu = (gpu or _device(cfg)) == "cpu"
+
+    def optimizer(params: list[Param], numels: list[int]) -> tuple[int, int]:
+        state = OPTIMIZER.cost_of(cfg.optimizer.kind).state(cfg.optimizer, params, numels, state_bytes=4, dp=d.dp)
+        return state, temporaries(cfg.optimizer, sum(numels), cpu=cpu)
+
+    # pipelines run fp32 only and without TP (parallel._check_pipeline_options): 4-byte activations, nothing split
+    per_layer = activation_bytes_per_token(s, compute=4, residual=4, tp=1, sp=False, dropout=cfg.model.dropout > 0)
+    head = head_bytes_per_token(s, compute=4, residual=4, tp=1)["final_norm_head_input"]
+    layout = PARALLEL.cost_of(cfg.parallel.strategy)(cfg.parallel)
+    ranks = layout.ranks(s, cfg=cfg, d=d, per_layer=per_layer, head_input=head, optimizer=optimizer)
+    return [r | {"per_layer": per_layer} for r in ranks]
 
 
 def _assemble(cfg, s: Shape, *, d, ws: int, mem: dict, moments: dict, phase: str, biggest: str,

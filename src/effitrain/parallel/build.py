@@ -543,6 +543,11 @@ def _is_expert(name: str) -> bool:
     return ".experts." in f".{name}"
 
 
+def _pipeline_cost(node) -> PipelineCost:
+    """The pipeline layouts' cost model (parallel/pipeline_cost.py), sharding inside a stage as Cost does."""
+    return PipelineCost(node, inner=Cost(node))
+
+
 # every layout's memory follows from its traits: one cost model, registered for each (the pipeline layouts' is theirs)
 for _strategy in GROUP.schemas:
-    GROUP.cost(_strategy)(PipelineCost if _strategy in ("pp", "pp-fsdp") else Cost)
+    GROUP.cost(_strategy)(_pipeline_cost if _strategy in ("pp", "pp-fsdp") else Cost)

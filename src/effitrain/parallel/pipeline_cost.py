@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable
 
 from effitrain.errors import UsageError
 from effitrain.parallel import SCHEDULES, Degrees
@@ -56,9 +57,7 @@ def rank_stages(rank: int, *, pp: int, per_rank: int, schedule: str, num_layers:
 def holds(p, stages: list[Stage]) -> bool:
     """Whether a rank holding `stages` keeps parameter `p`: its blocks' parameters, the embedding with the first
     stage, the final norm and head with the last (pipeline._keep)."""
-    from effitrain.estimate import _block_of
-
-    block = _block_of(p.name)
+    block = p.block
     if block is not None:
         return any(block in st.layers for st in stages)
     if p.kind == "embedding":
@@ -144,17 +143,16 @@ def walk(actions: list[tuple], stages: dict[int, StageBytes], *, grads: dict[int
 
 class PipelineCost:
     """The pipeline layouts' memory on their worst rank (module docstring); pp-fsdp's sharding inside a stage is
-    FSDP's (Cost).
+    FSDP's.
 
     Args:
         node: the `parallel` node.
+        inner: the layout's cost model without the pipeline (build.Cost: how FSDP shards a parameter).
     """
 
-    def __init__(self, node):
-        from effitrain.parallel.build import Cost
-
+    def __init__(self, node, *, inner):
         self.node = node
-        self.inner = Cost(node)
+        self.inner = inner
 
     @property
     def shards(self) -> bool:
@@ -163,22 +161,24 @@ class PipelineCost:
     def local_numel(self, p, d: Degrees) -> int:
         return self.inner.local_numel(p, d)
 
-    def ranks(self, s, *, cfg, d: Degrees, cpu: bool) -> list[dict]:
+    def ranks(self, s, *, cfg, d: Degrees, per_layer: int, head_input: int,
+              optimizer: Callable[[list, list], tuple[int, int]]) -> list[dict]:
         """Every pipeline rank's memory items and moments (bytes), as estimate.py reports them.
 
         Args:
             s: the model's shape (estimate.Shape).
-            cfg: the composed config (batch, sequence, optimizer, model).
+            cfg: the composed config (batch, sequence, microbatches, schedule).
             d: the layout's degrees.
-            cpu: the run's device is the CPU (foreach optimizer temporaries).
+            per_layer: bytes one block saves per token (the family's cost model, fp32).
+            head_input: bytes the final norm and the head save per token.
+            optimizer: (trained parameters, their local numels) -> (optimizer state bytes, the update's temporaries).
         """
-        return [self.rank_memory(s, rank, cfg=cfg, d=d, cpu=cpu) for rank in range(d.pp)]
+        return [self.rank_memory(s, rank, cfg=cfg, d=d, per_layer=per_layer, head_input=head_input,
+                                 optimizer=optimizer) for rank in range(d.pp)]
 
-    def rank_memory(self, s, rank: int, *, cfg, d: Degrees, cpu: bool) -> dict:
-        """One pipeline rank: {"memory": items, "moments": moments, "per_layer": bytes per token and block}."""
-        from effitrain.optimizer import GROUP as OPTIMIZER
-        from effitrain.optimizer.build import temporaries
-
+    def rank_memory(self, s, rank: int, *, cfg, d: Degrees, per_layer: int, head_input: int,
+                    optimizer: Callable[[list, list], tuple[int, int]]) -> dict:
+        """One pipeline rank: {"memory": items, "moments": moments} (ranks' Args)."""
         if s.compression:
             raise UsageError(f"effitrain estimate models parallel={self.node.name} without compression methods")
         node, m = self.node, self.node.microbatches
@@ -188,12 +188,11 @@ class PipelineCost:
         local = [self.local_numel(p, d) for p in mine]
         trained = [(p, n) for p, n in zip(mine, local, strict=True) if p.trainable]
         n_trained = sum(n for _, n in trained)
-        mem = {"parameters": sum(local) * FP32, "gradients": n_trained * FP32,
-               "optimizer_state": OPTIMIZER.cost_of(cfg.optimizer.kind).state(
-                   cfg.optimizer, [p for p, _ in trained], [n for _, n in trained], state_bytes=FP32, dp=d.dp)}
-        mb_tokens = cfg.batch_size // m * cfg.data.seq_len
+        state, temporaries = optimizer([p for p, _ in trained], [n for _, n in trained])
+        mem = {"parameters": sum(local) * FP32, "gradients": n_trained * FP32, "optimizer_state": state}
         head_grad = sum(p.numel for p in mine if p.kind == "head" and p.trainable) * FP32
-        per_layer, per_stage = self._stage_bytes(s, stages, cfg=cfg, tokens=mb_tokens, head_grad=head_grad)
+        per_stage = _stage_bytes(s, stages, per_layer=per_layer, head_input=head_input,
+                                 tokens=cfg.batch_size // m * cfg.data.seq_len, head_grad=head_grad)
         # once a stage's backward ran: its fp32 gradients, whole; under pp-fsdp unsharded beside its gathered
         # parameters (the schedule turns gradient sync and resharding after backward off until its last action)
         whole = {st.index: sum(p.numel for p in mine if holds(p, [st]) and p.trainable) * FP32 for st in stages}
@@ -204,56 +203,48 @@ class PipelineCost:
         hidden = cfg.batch_size * cfg.data.seq_len * s.hidden * FP32
         mem["pipeline_buffers"] = sum((not st.first) + (not st.last) for st in stages) * hidden
         if self.shards:  # forward before any backward: FSDP gathers the root and two blocks at a time
-            mem["fsdp_gathered_params"] = self._forward_gather(s, mine)
+            mem["fsdp_gathered_params"] = _forward_gather(mine)
         peak, saved, logits, input_grads = walk(actions, per_stage, grads=grads,
                                                 before=mem.get("fsdp_gathered_params", 0))
         mem["activations"] = saved  # the most microbatches' saved tensors at once, by the schedule
         mem["stage_outputs"] = logits  # the last stage's logits, kept to the end of the step
         mem["input_grads"] = input_grads
-        mem["optimizer_temporaries"] = temporaries(cfg.optimizer, n_trained, cpu=cpu)
+        mem["optimizer_temporaries"] = temporaries
         static = mem["parameters"] + mem["optimizer_state"] + mem["pipeline_buffers"]
         moments = {"forward/backward": static + peak,
-                   "optimizer step": static + mem["gradients"] + mem["optimizer_temporaries"] + logits + input_grads}
+                   "optimizer step": static + mem["gradients"] + temporaries + logits + input_grads}
         if logits:  # after the last backward the schedule concatenates the kept logits (then drops the copy)
             moments["merging outputs"] = static + mem["gradients"] + 2 * logits + input_grads
-        return {"memory": mem, "moments": moments, "per_layer": per_layer}
+        return {"memory": mem, "moments": moments}
 
-    def _stage_bytes(self, s, stages: list[Stage], *, cfg, tokens: int, head_grad: int
-                     ) -> tuple[int, dict[int, StageBytes]]:
-        """(bytes one block saves per token, each stage's StageBytes for one microbatch of `tokens`); head_grad: the
-        head weight's gradient bytes (unsharded)."""
-        from effitrain.estimate import activation_bytes_per_token, head_bytes_per_token
 
-        per_layer = activation_bytes_per_token(s, compute=FP32, residual=FP32, tp=1, sp=False,
-                                               dropout=cfg.model.dropout > 0)
-        head = head_bytes_per_token(s, compute=FP32, residual=FP32, tp=1)
-        hidden, vocab = s.hidden * FP32, s.vocab * FP32
-        out = {}
-        for st in stages:
-            # a stage's first block saves its input: on every stage but the first that is the receive buffer
-            # (counted once, in pipeline_buffers); every stage but the last keeps its output for backward
-            saved = len(st.layers) * per_layer - (0 if st.first else hidden) + (0 if st.last else hidden)
-            if st.last:  # final norm and head inputs, and the log-softmax cross entropy saves
-                saved += head["final_norm_head_input"] + vocab
-            # the loss's backward: the log-softmax's gradient and the logits' gradient, beside what it saved
-            backward = 2 * vocab if st.last else 0
-            out[st.index] = StageBytes(saved=saved * tokens, backward=backward * tokens, tail=per_layer * tokens,
-                                       logits=vocab * tokens if st.last else 0,
-                                       hidden=0 if st.first else hidden * tokens,
-                                       first_grads=head_grad if st.last else 0)
-        return per_layer, out
+def _stage_bytes(s, stages: list[Stage], *, per_layer: int, head_input: int, tokens: int, head_grad: int
+                 ) -> dict[int, StageBytes]:
+    """Each stage's StageBytes for one microbatch of `tokens`; head_grad: the head weight's gradient bytes."""
+    hidden, vocab = s.hidden * FP32, s.vocab * FP32
+    out = {}
+    for st in stages:
+        # a stage's first block saves its input: on every stage but the first that is the receive buffer (counted
+        # once, in pipeline_buffers); every stage but the last keeps its output for backward
+        saved = len(st.layers) * per_layer - (0 if st.first else hidden) + (0 if st.last else hidden)
+        if st.last:  # final norm and head inputs, and the log-softmax cross entropy saves
+            saved += head_input + vocab
+        # the loss's backward: the log-softmax's gradient and the logits' gradient, beside what it saved
+        backward = 2 * vocab if st.last else 0
+        out[st.index] = StageBytes(saved=saved * tokens, backward=backward * tokens, tail=per_layer * tokens,
+                                   logits=vocab * tokens if st.last else 0, hidden=0 if st.first else hidden * tokens,
+                                   first_grads=head_grad if st.last else 0)
+    return out
 
-    def _forward_gather(self, s, mine) -> int:
-        """pp-fsdp's gathered parameters in a forward before any backward: the stage's root parameters and two
-        blocks (one computing, one prefetched)."""
-        from effitrain.estimate import _block_of
 
-        blocks: dict[int, int] = {}
-        root = 0
-        for p in mine:
-            b = _block_of(p.name)
-            if b is None:
-                root += p.numel
-            else:
-                blocks[b] = blocks.get(b, 0) + p.numel
-        return (root + sum(sorted(blocks.values())[-2:])) * FP32
+def _forward_gather(mine: list) -> int:
+    """pp-fsdp's gathered parameters in a forward before any backward: the stage's root parameters and two blocks
+    (one computing, one prefetched)."""
+    blocks: dict[int, int] = {}
+    root = 0
+    for p in mine:
+        if p.block is None:
+            root += p.numel
+        else:
+            blocks[p.block] = blocks.get(p.block, 0) + p.numel
+    return (root + sum(sorted(blocks.values())[-2:])) * FP32
