@@ -18,8 +18,9 @@ counted too:
 - the last stage keeps every microbatch's logits (`output_chunks`, cleared when the next step starts) and, with
   effitrain's return_outputs left at its default, concatenates them once after the last backward (a second copy);
 - under pp-fsdp every backward runs with gradient sync and resharding after backward off (the schedule reduces and
-  reshards once, at the end): from the stage's first backward its parameters stay gathered and its gradients
-  accumulate unsharded, both whole-stage and fp32.
+  reshards once, at the end): from the stage's first backward its gradients accumulate unsharded (whole-stage,
+  fp32), and its parameters stay gathered from a backward's end until the stage's next forward reshards them
+  (reshard_after_forward), so 1f1b's alternation holds them for less of the step than gpipe's run of backwards.
 """
 
 from __future__ import annotations
@@ -104,7 +105,18 @@ class StageBytes:
     first_grads: int = 0  # gradients a backward makes before any activation is freed (the head's weight)
 
 
-def walk(actions: list[tuple], stages: dict[int, StageBytes], *, grads: dict[int, int], before: int = 0
+@dataclass(frozen=True)
+class Gathers:
+    """pp-fsdp's gathered parameters per stage (bytes): what a forward gathers (the stage's root and two blocks), and
+    the whole stage, which stays gathered from a backward's end (the schedule turns resharding after backward off)
+    until a forward reshards it (reshard_after_forward). Empty under pp."""
+
+    forward: dict[int, int]
+    whole: dict[int, int]
+    reshard_after_forward: bool = True
+
+
+def walk(actions: list[tuple], stages: dict[int, StageBytes], *, grads: dict[int, int], gathers: Gathers | None = None
          ) -> tuple[int, int, int, int]:
     """Replay one rank's actions: (the largest bytes at any moment, beside model states and buffers; the largest
     saved activations; the logits kept at the end; the input gradients kept at the end).
@@ -114,29 +126,34 @@ def walk(actions: list[tuple], stages: dict[int, StageBytes], *, grads: dict[int
     only the head's weight gradient): a stage's gradients appear during its first backward while the microbatch's
     activations are freed, so its end holds them all beside the stage's first block's saved tensors, and the
     gradient of its input (the receive buffer's .grad, kept to the next step) on every stage but the first. An
-    input backward (I) frees nothing: torch keeps its graph for the weight backward (W). `before`: bytes held only
-    while no backward has run on the rank (pp-fsdp's forward gathers)."""
+    input backward (I) frees nothing: torch keeps its graph for the weight backward (W)."""
     in_flight = {s: 0 for s in stages}
     logits = input_grads = peak = most_saved = 0
     done: set[int] = set()  # stages whose gradients exist
+    held: set[int] = set()  # pp-fsdp: stages whose parameters stay gathered
+    g = gathers or Gathers({}, {})
 
     def now(extra: int = 0) -> int:
         saved = sum(in_flight[s] * stages[s].saved for s in stages)
-        return (saved + logits + input_grads + sum(grads[s] for s in done) + (0 if done else before) + extra)
+        return (saved + logits + input_grads + sum(grads[s] for s in done) + sum(g.whole[s] for s in held) + extra)
 
     for kind, s in actions:
         b = stages[s]
         if kind == "F":
             in_flight[s] += 1
             logits += b.logits
-            peak = max(peak, now())
+            peak = max(peak, now(0 if s in held else g.forward.get(s, 0)))
             most_saved = max(most_saved, sum(in_flight[t] * stages[t].saved for t in stages))
+            if g.reshard_after_forward:
+                held.discard(s)
         if kind in ("B", "I"):
             peak = max(peak, now(b.backward + (0 if s in done else b.first_grads)))
             input_grads += b.hidden
         if kind in ("B", "W"):
             in_flight[s] -= 1
             done.add(s)
+            if g.whole:
+                held.add(s)
             peak = max(peak, now(b.tail))
     return peak, most_saved, logits, input_grads
 
@@ -193,19 +210,21 @@ class PipelineCost:
         head_grad = sum(p.numel for p in mine if p.kind == "head" and p.trainable) * FP32
         per_stage = _stage_bytes(s, stages, per_layer=per_layer, head_input=head_input,
                                  tokens=cfg.batch_size // m * cfg.data.seq_len, head_grad=head_grad)
-        # once a stage's backward ran: its fp32 gradients, whole; under pp-fsdp unsharded beside its gathered
-        # parameters (the schedule turns gradient sync and resharding after backward off until its last action)
-        whole = {st.index: sum(p.numel for p in mine if holds(p, [st]) and p.trainable) * FP32 for st in stages}
-        grads = {i: (2 * n if self.shards else n) for i, n in whole.items()}
+        # once a stage's backward ran: its fp32 gradients, whole (under pp-fsdp unsharded: the schedule turns gradient
+        # sync off until its last action)
+        grads = {st.index: sum(p.numel for p in mine if holds(p, [st]) and p.trainable) * FP32 for st in stages}
         actions = schedule_actions(node.schedule, pp=d.pp, per_rank=node.stages_per_rank, microbatches=m)[rank]
         # receive buffers, one per microbatch: activations into each stage but the first, gradients into each but
         # the last
         hidden = cfg.batch_size * cfg.data.seq_len * s.hidden * FP32
         mem["pipeline_buffers"] = sum((not st.first) + (not st.last) for st in stages) * hidden
-        if self.shards:  # forward before any backward: FSDP gathers the root and two blocks at a time
-            mem["fsdp_gathered_params"] = _forward_gather(mine)
-        peak, saved, logits, input_grads = walk(actions, per_stage, grads=grads,
-                                                before=mem.get("fsdp_gathered_params", 0))
+        gathers = None
+        if self.shards:
+            gathers = Gathers(forward={st.index: _forward_gather([p for p in mine if holds(p, [st])]) for st in stages},
+                              whole={st.index: sum(p.numel for p in mine if holds(p, [st])) * FP32 for st in stages},
+                              reshard_after_forward=node.reshard_after_forward)
+            mem["fsdp_gathered_params"] = sum(gathers.whole.values())
+        peak, saved, logits, input_grads = walk(actions, per_stage, grads=grads, gathers=gathers)
         mem["activations"] = saved  # the most microbatches' saved tensors at once, by the schedule
         mem["stage_outputs"] = logits  # the last stage's logits, kept to the end of the step
         mem["input_grads"] = input_grads
