@@ -431,7 +431,7 @@ def _pipeline_estimate(cfg, s: Shape, *, d, ws: int, layout, mfu, gpu, timing) -
     notes = [f"pipeline rank {worst} of {d.pp} has the largest peak (per rank, MiB: "
              f"{', '.join(f'{p / 2**20:.1f}' for p in peaks)}); its microbatches in flight follow the "
              f"{cfg.parallel.schedule} schedule's action list"]
-    tokens = cfg.batch_size // cfg.parallel.microbatches * cfg.data.seq_len
+    tokens = -(-cfg.batch_size // cfg.parallel.microbatches) * cfg.data.seq_len  # one microbatch's
     return _assemble(cfg, s, d=d, ws=ws, mem=mem, moments=moments, phase=phase, biggest=biggest,
                      per_layer_bytes=ranks[worst]["per_layer"] * tokens, notes=notes, mfu=mfu, gpu=gpu, timing=timing)
 

@@ -208,8 +208,9 @@ class PipelineCost:
         state, temporaries = optimizer([p for p, _ in trained], [n for _, n in trained])
         mem = {"parameters": sum(local) * FP32, "gradients": n_trained * FP32, "optimizer_state": state}
         head_grad = sum(p.numel for p in mine if p.kind == "head" and p.trainable) * FP32
+        # a batch the microbatches do not divide is refused before launch; --max-batch tries any: round it up
         per_stage = _stage_bytes(s, stages, per_layer=per_layer, head_input=head_input,
-                                 tokens=cfg.batch_size // m * cfg.data.seq_len, head_grad=head_grad)
+                                 tokens=-(-cfg.batch_size // m) * cfg.data.seq_len, head_grad=head_grad)
         # once a stage's backward ran: its fp32 gradients, whole (under pp-fsdp unsharded: the schedule turns gradient
         # sync off until its last action)
         grads = {st.index: sum(p.numel for p in mine if holds(p, [st]) and p.trainable) * FP32 for st in stages}
