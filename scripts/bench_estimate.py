@@ -15,7 +15,8 @@ collectives, and without the flag the total never dropped by them. On CUDA: the 
 (default 1) and a row compares with the highest of its peaks, the lowest reported beside it: how repeatable the
 measure is.
 
-    python scripts/bench_estimate.py [--quick | --compression | --tp | --families] [--json bench_estimate.json]
+    python scripts/bench_estimate.py [--quick | --compression | --tp | --pp | --ep | --families]
+        [--json bench_estimate.json]
         [--md FILE]
         [--only KEY=VALUE,...] [--alone N] [--launches N]
 
@@ -23,8 +24,12 @@ Grid: 2 model sizes x batch x seq x AC none/full x single/ddp/fsdp(2) x fp32/bf1
 with sequence parallel off/on x batch x seq x AC x precision at d128-L4;
 --compression: the d128-L4 model under each compression method that changes memory -- freeze, share-layers,
 prune-magnitude, LoRA and distill from a model directory made here, PowerSGD under ddp(2) -- single and fsdp(2)
-where the method runs there; --families: a checkpoint of each transformers family of FAMILY_CONFIGS -- llama, qwen3,
-gemma3, phi3, olmo2, qwen3-moe, mixtral -- as model.pretrained, AC none/full). Prints a table (estimated, measured,
+where the method runs there; --pp: pipeline parallel, pp(2) under gpipe and 1f1b at 2 and 4 microbatches x (batch,
+seq), the multi-stage schedules (interleaved-1f1b, zero-bubble, zbv) and pp(2) x fsdp(2) on 4 ranks, the d128-L4
+model untied in fp32, each compared at its worst pipeline rank (the estimate's too); --ep: expert parallel,
+parallel.ep=2 under ddp(2) and fsdp(2) on the qwen3_moe checkpoint below; --families: a checkpoint of each
+transformers family of FAMILY_CONFIGS -- llama, qwen3, gemma3, phi3, olmo2, qwen3-moe, mixtral -- as
+model.pretrained, AC none/full). Prints a table (estimated, measured,
 error) and writes JSON and a markdown table.
 """
 
@@ -72,6 +77,38 @@ def tp_grid():
                      f"parallel.sequence_parallel={str(sp).lower()}", f"precision={precision}", "device=cpu"]
         yield {"model": "d128-L4", "batch": batch, "seq": seq, "ac": ac, "layout": layout, "precision": precision,
                "overrides": overrides}
+
+
+PIPELINES = [("pp", 2, "gpipe", 1), ("pp", 2, "1f1b", 1)]  # (layout, ranks, schedule, stages per rank)
+
+
+def pp_grid():
+    """Pipeline parallel: the d128-L4 model (untied: pipelines refuse tied embeddings) in fp32 (what they run),
+    pp(2) under gpipe and 1f1b at 2 and 4 microbatches x (batch, seq); the multi-stage schedules (2 stages per rank)
+    and pp(2) x fsdp(2) on 4 ranks at batch 4 x 64."""
+    points = [(layout, ranks, schedule, spr, m, batch, seq) for (layout, ranks, schedule, spr), m, (batch, seq)
+              in itertools.product(PIPELINES, (2, 4), SHAPES)]
+    points += [("pp", 2, schedule, 2, 4, *SHAPES[0]) for schedule in ("interleaved-1f1b", "zero-bubble", "zbv")]
+    points += [("pp-fsdp", 4, "1f1b", 1, 2, *SHAPES[0])]
+    for layout, ranks, schedule, spr, m, batch, seq in points:
+        overrides = [*MODELS["d128-L4"], "model.tie_embeddings=false", f"batch_size={batch}", f"data.seq_len={seq}",
+                     "data.vocab_size=2048", f"parallel={layout}", f"launcher.nproc_per_node={ranks}",
+                     f"parallel.schedule={schedule}", f"parallel.stages_per_rank={spr}", f"parallel.microbatches={m}",
+                     "precision=fp32", "device=cpu"]
+        yield {"model": "d128-L4", "batch": batch, "seq": seq, "ac": "none",
+               "layout": f"{layout}({ranks}) {schedule} m{m}", "precision": "fp32", "overrides": overrides}
+
+
+def ep_grid(tmp: Path):
+    """Expert parallel: the qwen3_moe checkpoint of FAMILY_CONFIGS (8 experts per layer) with parallel.ep=2 under
+    ddp and fsdp on 2 ranks (each holds 4 of the 8 experts), batch 4 x seq 128, fp32."""
+    path = family_dir(tmp / "qwen3_moe", "qwen3_moe", vocab=2048)
+    for layout in ("ddp", "fsdp"):
+        overrides = [f"model.pretrained={path}", f"data.tokenizer={path / 'tokenizer.json'}", "batch_size=4",
+                     "data.vocab_size=2048", "data.seq_len=128", *LAYOUTS[layout], "parallel.ep=2", "precision=fp32",
+                     "device=cpu"]
+        yield {"model": "qwen3_moe", "batch": 4, "seq": 128, "ac": "none", "layout": f"{layout}(2) ep2",
+               "precision": "fp32", "overrides": overrides}
 
 
 def compression_grid(tmp: Path):
@@ -162,6 +199,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a subset of the grid")
     parser.add_argument("--compression", action="store_true", help="the compression methods' grid instead")
     parser.add_argument("--tp", action="store_true", help="the tensor-parallel grid instead (2 ranks, SP off/on)")
+    parser.add_argument("--pp", action="store_true",
+                        help="the pipeline grid instead (pp(2) gpipe/1f1b/multi-stage schedules, pp-fsdp on 4 ranks)")
+    parser.add_argument("--ep", action="store_true", help="the expert-parallel grid instead (qwen3_moe, ep=2)")
     parser.add_argument("--families", action="store_true",
                         help="transformers families' checkpoints (model.pretrained) instead, single process")
     parser.add_argument("--json", default="bench_estimate.json")
@@ -178,6 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory()  # the compression grid's model directory, kept until the end
     points = list(compression_grid(Path(tmp.name)) if args.compression else tp_grid() if args.tp
+                  else pp_grid() if args.pp else ep_grid(Path(tmp.name)) if args.ep
                   else family_grid(Path(tmp.name)) if args.families else grid(args.quick))
     if args.only:
         wanted = [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in args.only]
@@ -194,7 +235,7 @@ def main() -> None:
                 for i, peak in zip(index, peaks, strict=True):
                     launches.setdefault(i, []).append(peak)
     rows = []
-    print(f"{'model':<8} {'b':>3} {'seq':>4} {'AC':<5} {'layout':<7} {'prec':<5} {'compression':<15} "
+    print(f"{'model':<8} {'b':>3} {'seq':>4} {'AC':<5} {'layout':<22} {'prec':<5} {'compression':<15} "
           f"{'estimated MiB':>13} {'measured MiB':>13} {'lowest':>7} {'error':>7}  peak moment")
     for i, point in enumerate(points):
         est, phase = estimated(point["overrides"])
@@ -204,7 +245,7 @@ def main() -> None:
             "launches_mib": [v / MiB for v in launches[i]], "peak_phase": phase,
             "overrides": " ".join(point["overrides"])}
         rows.append(row)
-        print(f"{row['model']:<8} {row['batch']:>3} {row['seq']:>4} {row['ac']:<5} {row['layout']:<7} "
+        print(f"{row['model']:<8} {row['batch']:>3} {row['seq']:>4} {row['ac']:<5} {row['layout']:<22} "
               f"{row['precision']:<5} {row.get('compression', 'none'):<15} {row['estimated_mib']:>13.2f} "
               f"{row['measured_mib']:>13.2f} {min(launches[i]) / MiB:>7.2f} "
               f"{row['error_pct']:>+6.1f}%  {phase}", flush=True)

@@ -200,3 +200,80 @@ def test_compression_changes_what_is_stored_and_trained(tmp_path):
     assert teacher.memory["teacher_parameters"] == 4 * n and teacher.peak_bytes > base.peak_bytes
     powersgd = _estimate(*SMALL, "compression=[grad-powersgd]", "parallel=ddp", "launcher.nproc_per_node=2")
     assert powersgd.memory["powersgd_error_feedback"] == 4 * n
+
+
+PP_MODEL = ["model.hidden_size=64", "model.num_layers=4", "model.num_heads=2", "model.intermediate_size=256",
+            "model.tie_embeddings=false", "data.vocab_size=2048", "device=cpu", "batch_size=4", "data.seq_len=64"]
+
+
+def _pipeline_ranks(*overrides: str) -> list[dict]:
+    """Every pipeline rank's memory items and moments (the cost model the estimate reports the worst of)."""
+    from effitrain.estimate import pipeline_ranks
+
+    return pipeline_ranks(compose([*PP_MODEL, *overrides]))
+
+
+def test_pipeline_estimate_holds_each_stage_on_its_rank(capsys):
+    """pp(2): rank 0 keeps the embedding and blocks 0-1, rank 1 blocks 2-3, the final norm and the head; together
+    every parameter once. The estimate reports the worst rank, `effitrain estimate` too (no refusal any more)."""
+    from effitrain.estimate import model_shape
+    from effitrain.parallel.pipeline_cost import holds, rank_stages
+
+    pp = ["parallel=pp", "launcher.nproc_per_node=2", "parallel.schedule=1f1b", "parallel.microbatches=2"]
+    shape = model_shape(compose(PP_MODEL).model, vocab=2048, seq_len=64)
+    first, last = (rank_stages(r, pp=2, per_rank=1, schedule="1f1b", num_layers=4) for r in (0, 1))
+    assert [st.layers for st in first + last] == [range(0, 2), range(2, 4)]
+    kinds = [{p.kind for p in shape.params if holds(p, stages) and "layers." not in p.name} for stages in (first, last)]
+    assert kinds == [{"embedding"}, {"norm", "head"}]
+    ranks = _pipeline_ranks(*pp)
+    assert sum(r["memory"]["parameters"] for r in ranks) == 4 * shape.num_params
+    assert ranks[0]["memory"]["stage_outputs"] == 0 < ranks[1]["memory"]["stage_outputs"] == 4 * 4 * 64 * 2048
+    est = _estimate(*PP_MODEL, *pp)
+    assert est.peak_bytes == max(max(r["moments"].values()) for r in ranks)
+    assert est.config["degrees"]["pp"] == 2 and "pipeline rank" in est.notes[0]
+    from effitrain.cli import main
+
+    capsys.readouterr()
+    assert main(["estimate", *PP_MODEL, *pp, "--json", "--mfu", "0.1", "--gpu", "h100"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_bytes"] == est.peak_bytes
+
+
+def test_microbatches_in_flight_follow_torchs_schedules():
+    """The schedule's own action list (torch builds it): gpipe keeps all m microbatches in flight on every rank,
+    1f1b at most p - rank; V-shaped zbv puts stages 0 and 3 on rank 0, which then holds embedding and head."""
+    from effitrain.parallel.pipeline_cost import rank_stages, schedule_actions
+
+    def most_in_flight(actions: list[tuple]) -> int:
+        now = peak = 0
+        for kind, _ in actions:
+            now += {"F": 1, "B": -1, "W": -1}.get(kind, 0)
+            peak = max(peak, now)
+        return peak
+
+    for p, m in ((2, 4), (4, 8)):
+        gpipe = schedule_actions("gpipe", pp=p, per_rank=1, microbatches=m)
+        one_f_one_b = schedule_actions("1f1b", pp=p, per_rank=1, microbatches=m)
+        assert [most_in_flight(gpipe[r]) for r in range(p)] == [m] * p
+        assert [most_in_flight(one_f_one_b[r]) for r in range(p)] == [p - r for r in range(p)]
+    gp, fb = (_pipeline_ranks("parallel=pp", "launcher.nproc_per_node=2", f"parallel.schedule={s}",
+                              "parallel.microbatches=4") for s in ("gpipe", "1f1b"))
+    assert gp[0]["memory"]["activations"] == 2 * fb[0]["memory"]["activations"]  # 4 microbatches in flight vs 2
+    assert all(g["moments"]["forward/backward"] > f["moments"]["forward/backward"] for g, f in zip(gp, fb, strict=True))
+    v = rank_stages(0, pp=2, per_rank=2, schedule="zbv", num_layers=4)
+    assert [(st.index, st.first, st.last) for st in v] == [(0, True, False), (3, False, True)]
+    zbv = _pipeline_ranks("parallel=pp", "launcher.nproc_per_node=2", "parallel.schedule=zbv",
+                          "parallel.stages_per_rank=2", "parallel.microbatches=4")
+    assert zbv[0]["memory"]["stage_outputs"] > 0 and zbv[1]["memory"]["stage_outputs"] == 0
+
+
+def test_pp_fsdp_shards_each_stage_over_its_data_parallel_ranks():
+    """pp(2) x fsdp(2) on 4 ranks: each rank stores half of its stage's parameters and optimizer state (dim 0,
+    padded), but the schedule keeps the whole stage gathered after a backward, its gradients unsharded."""
+    pp = _pipeline_ranks("parallel=pp", "launcher.nproc_per_node=2", "parallel.microbatches=2")
+    fsdp = _pipeline_ranks("parallel=pp-fsdp", "launcher.nproc_per_node=4", "parallel.microbatches=2")
+    for whole, half in zip(pp, fsdp, strict=True):
+        assert whole["memory"]["parameters"] / 2 <= half["memory"]["parameters"] < whole["memory"]["parameters"] / 1.9
+        assert half["memory"]["optimizer_state"] == 2 * half["memory"]["parameters"]
+        # the schedule keeps the stage gathered after a backward (resharding after backward off): whole, unpadded
+        assert half["memory"]["fsdp_gathered_params"] == whole["memory"]["parameters"]
+        assert half["memory"]["gradients"] == half["memory"]["parameters"]  # sharded by the step

@@ -252,7 +252,6 @@ REFUSED = {
     "3d-ac": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.compile=true"],
               "activation checkpointing and compile"),
     "cp": ([*PP, "parallel.cp=2"], "context parallelism is not built"),
-    "estimate": (PP, "effitrain estimate does not cover parallel=pp"),
 }
 
 
@@ -260,11 +259,8 @@ REFUSED = {
 def test_what_pipelines_do_not_run_is_one_line_before_launch(case, base, checkpoint, capsys):
     args, expected = REFUSED[case]
     args = [re.sub(r"<(.+)>", lambda m: str(checkpoint(m[1])), a) for a in args]
-    verb = "estimate" if case == "estimate" else "train"
     overrides = [o for o in base if not o.startswith("model.tie_embeddings")] if case == "tied" else base
-    if verb == "estimate":
-        overrides = [*overrides, "device=cpu"]
-    code, err = cli_in_process(capsys, verb, *overrides, *args)
+    code, err = cli_in_process(capsys, "train", *overrides, *args)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err

@@ -67,6 +67,11 @@ class Param:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def block(self) -> int | None:
+        """The repeated block it belongs to, None outside the blocks (embeddings, final norm, head)."""
+        return _block_of(self.name)
+
 
 @dataclass
 class Shape:
@@ -335,6 +340,8 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                              compression=cfg.compression)
     precision = precision_spec(cfg.precision)
     layout = PARALLEL.cost_of(cfg.parallel.strategy)(cfg.parallel)
+    if PARALLEL.provides(cfg.parallel, PIPELINE):
+        return _pipeline_estimate(cfg, s, d=d, ws=ws, layout=layout, mfu=mfu, gpu=gpu, timing=timing)
     fsdp = layout.shards
     p_bytes = precision.bytes("param")
     compute = precision.bytes("compute")
@@ -404,7 +411,60 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
     moments |= compression.moments(mem, Step(static=static, activations=mem["activations"], at_loss=at_loss))
     phase = max(moments, key=moments.get)
     biggest = _biggest(mem, phase=phase, compression=compression)
+    return _assemble(cfg, s, d=d, ws=ws, mem=mem, moments=moments, phase=phase, biggest=biggest,
+                     per_layer_bytes=per_layer * tokens, notes=notes, mfu=mfu, gpu=gpu, timing=timing)
 
+
+def _pipeline_estimate(cfg, s: Shape, *, d, ws: int, layout, mfu, gpu, timing) -> Estimate:
+    """A pipeline layout's estimate: the memory of its worst rank (the one that runs out first) by the layout's own
+    cost model (parallel/pipeline_cost.py), the rank named in a note."""
+    ranks = pipeline_ranks(cfg, shape=s, gpu=gpu)
+    peaks = [max(r["moments"].values()) for r in ranks]
+    worst = max(range(len(ranks)), key=peaks.__getitem__)
+    mem, moments = ranks[worst]["memory"], ranks[worst]["moments"]
+    phase = max(moments, key=moments.get)
+    live = {"optimizer step": ("parameters", "optimizer_state", "gradients", "optimizer_temporaries", "stage_outputs",
+                               "pipeline_buffers", "input_grads")}
+    candidates = live.get(phase, ("parameters", "optimizer_state", "activations", "stage_outputs", "pipeline_buffers",
+                                  "input_grads", "fsdp_gathered_params"))
+    biggest = max((k for k in candidates if k in mem), key=mem.get)
+    notes = [f"pipeline rank {worst} of {d.pp} has the largest peak (per rank, MiB: "
+             f"{', '.join(f'{p / 2**20:.1f}' for p in peaks)}); its microbatches in flight follow the "
+             f"{cfg.parallel.schedule} schedule's action list"]
+    tokens = -(-cfg.batch_size // cfg.parallel.microbatches) * cfg.data.seq_len  # one microbatch's
+    return _assemble(cfg, s, d=d, ws=ws, mem=mem, moments=moments, phase=phase, biggest=biggest,
+                     per_layer_bytes=ranks[worst]["per_layer"] * tokens, notes=notes, mfu=mfu, gpu=gpu, timing=timing)
+
+
+def pipeline_ranks(cfg, *, shape: Shape | None = None, gpu: str | None = None) -> list[dict]:
+    """Every pipeline rank's memory items and moments (bytes) under a pipeline layout (parallel/pipeline_cost.py),
+    with what it needs from the other groups' cost models: the optimizer's state and temporaries, the family's saved
+    activations per block and token, and the head's; "per_layer" added to each rank."""
+    from effitrain.launcher import world_size
+    from effitrain.optimizer import GROUP as OPTIMIZER
+    from effitrain.optimizer.build import temporaries
+
+    d = parallel_degrees(cfg.parallel, world_size=world_size(cfg.launcher))
+    s = shape or model_shape(cfg.model, vocab=vocab_size(run_data_config(cfg)), seq_len=cfg.data.seq_len,
+                             compression=cfg.compression)
+    cpu = (gpu or _device(cfg)) == "cpu"
+
+    def optimizer(params: list[Param], numels: list[int]) -> tuple[int, int]:
+        state = OPTIMIZER.cost_of(cfg.optimizer.kind).state(cfg.optimizer, params, numels, state_bytes=4, dp=d.dp)
+        return state, temporaries(cfg.optimizer, sum(numels), cpu=cpu)
+
+    # pipelines run fp32 only and without TP (parallel._check_pipeline_options): 4-byte activations, nothing split
+    per_layer = activation_bytes_per_token(s, compute=4, residual=4, tp=1, sp=False, dropout=cfg.model.dropout > 0)
+    head = head_bytes_per_token(s, compute=4, residual=4, tp=1)["final_norm_head_input"]
+    layout = PARALLEL.cost_of(cfg.parallel.strategy)(cfg.parallel)
+    ranks = layout.ranks(s, cfg=cfg, d=d, per_layer=per_layer, head_input=head, optimizer=optimizer)
+    return [r | {"per_layer": per_layer} for r in ranks]
+
+
+def _assemble(cfg, s: Shape, *, d, ws: int, mem: dict, moments: dict, phase: str, biggest: str,
+              per_layer_bytes: int, notes: list[str], mfu, gpu, timing) -> Estimate:
+    """The Estimate from the memory items and moments of the reported rank: FLOPs per step and predicted time."""
+    tokens = cfg.batch_size * cfg.data.seq_len
     tokens_step = tokens * d.dp * cfg.grad_accum_steps
     flops_step = s.flops_per_token * tokens * d.dp * cfg.grad_accum_steps
     if cfg.parallel.activation_checkpointing != "none":
@@ -417,7 +477,7 @@ def estimate(cfg, *, mfu: float | None = None, gpu: str | None = None, shape: Sh
                             "seq_len": cfg.data.seq_len, "grad_accum_steps": cfg.grad_accum_steps,
                             "activation_checkpointing": cfg.parallel.activation_checkpointing, "world_size": ws,
                             "degrees": asdict(d)},
-                    num_params=s.num_params, memory=mem, activations_per_layer=per_layer * tokens,
+                    num_params=s.num_params, memory=mem, activations_per_layer=per_layer_bytes,
                     peak_bytes=int(moments[phase]), peak_phase=phase, biggest=biggest,
                     moments={k: int(v) for k, v in moments.items()},
                     flops_per_token=s.flops_per_token, flops_per_step=flops_step,
@@ -621,7 +681,11 @@ def fit_verdict(est: Estimate, *, free_bytes: int) -> str | None:
              "ddp_buckets": "parallel=fsdp (no full gradient buckets)",
              "fsdp_gathered_params": "parallel.reshard_after_forward=true, or more FSDP ranks",
              "fsdp_unsharded_grads": "more FSDP ranks",
-             "fsdp_block_reduce": "more FSDP ranks"}
+             "fsdp_block_reduce": "more FSDP ranks",
+             "stage_outputs": "more parallel.microbatches or a smaller batch_size (the last stage keeps every "
+                              "microbatch's logits until the step ends)",
+             "pipeline_buffers": "a smaller batch_size (one receive buffer per microbatch)",
+             "input_grads": "a smaller batch_size"}
     return (f"the estimated peak {est.peak_bytes / GiB:.2f} GiB per rank exceeds the {free_bytes / GiB:.2f} GiB free "
             f"on the device; the biggest item is {est.biggest} ({est.memory[est.biggest] / GiB:.2f} GiB): "
             f"{fixes[est.biggest]} (effitrain estimate shows the breakdown)")
@@ -636,8 +700,6 @@ def fit_check(cfg) -> None:
     import os
 
     if _device(cfg) != "cuda" or os.environ.get(SKIP_FIT_CHECK_ENV) == "1":
-        return
-    if PARALLEL.provides(cfg.parallel, PIPELINE):  # the estimate does not model pipeline stages yet
         return
     import torch
 
@@ -675,10 +737,11 @@ def max_batch(cfg, *, free_bytes: int, shape: Shape, limit: int = 1 << 16) -> in
 
 def format_table(est: Estimate) -> str:
     c = est.config
+    pp = f", pp {c['degrees']['pp']}" if c["degrees"]["pp"] > 1 else ""
     lines = [f"estimate: model {c['model']} ({est.num_params / 1e6:.2f}M parameters) | precision {c['precision']} | "
              f"parallel {c['parallel']} x{est.world_size} (dp {c['degrees']['dp_replicate'] * c['degrees']['dp_shard']}"
-             f", tp {c['degrees']['tp']}) | optimizer {c['optimizer']} | batch {c['batch_size']} x seq {c['seq_len']}"
-             f" x accum {c['grad_accum_steps']} | AC {c['activation_checkpointing']}",
+             f", tp {c['degrees']['tp']}{pp}) | optimizer {c['optimizer']} | batch {c['batch_size']} x seq "
+             f"{c['seq_len']} x accum {c['grad_accum_steps']} | AC {c['activation_checkpointing']}",
              "", f"{'memory per rank':<28}{'MiB':>12}{'GiB':>10}"]
     for name, value in est.memory.items():
         lines.append(f"  {name:<26}{value / 2**20:>12.2f}{value / GiB:>10.3f}")

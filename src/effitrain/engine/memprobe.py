@@ -34,7 +34,6 @@ def worker(config_file: Path, out: Path) -> None:
     from effitrain.base.distributed import close_world
     from effitrain.compose import compose_one
     from effitrain.engine.job import start_job
-    from effitrain.engine.loop import train_step
     from effitrain.engine.runtime import seed_everything
     from effitrain.engine.train import build_parts
 
@@ -58,8 +57,10 @@ def worker(config_file: Path, out: Path) -> None:
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                     with record_function(f"bench_config_{k}_step_{i}"):
-                        train_step(state.model, state.optimizer, [batch.to(world.device)], precision=parts.precision,
-                                   grad_clip=cfg.grad_clip, no_sync=parts.no_sync, converters=state.converters)
+                        # the parts' own step: loop.train_step, or a pipeline's schedule (pp, pp-fsdp)
+                        parts.train_step(state.model, state.optimizer, [batch.to(world.device)],
+                                         precision=parts.precision, grad_clip=cfg.grad_clip, no_sync=parts.no_sync,
+                                         converters=state.converters)
                 if world.device.type == "cuda":
                     cuda_peaks.append(torch.cuda.max_memory_allocated())
                 mapped.append(_file_backed_tensor_bytes())  # after the steps: a teacher loads at the first one
@@ -165,6 +166,12 @@ def _profiled_peaks(prof, count: int) -> list[int]:
 
 def measure(configs: list[list[str]], *, nproc: int) -> list[int]:
     """Per config, the max over ranks of the measured peak; all configs in one launch of fresh processes."""
+    return [max(ranks) for ranks in measure_ranks(configs, nproc=nproc)]
+
+
+def measure_ranks(configs: list[list[str]], *, nproc: int) -> list[list[int]]:
+    """Per config, each rank's measured peak (by rank): a pipeline's stages differ, and the estimate names its worst
+    rank."""
     with tempfile.TemporaryDirectory() as tmp:
         out, listing = Path(tmp) / "peak.json", Path(tmp) / "configs.json"
         listing.write_text(json.dumps(configs))
@@ -178,8 +185,9 @@ def measure(configs: list[list[str]], *, nproc: int) -> list[int]:
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         if result.returncode != 0:
             raise RuntimeError(f"measuring {len(configs)} configs failed:\n{result.stderr[-3000:]}")
-        per_rank = [json.loads(p.read_text())["peak_bytes"] for p in Path(tmp).glob("peak.rank*.json")]
-        return [max(values) for values in zip(*per_rank, strict=True)]
+        files = sorted(Path(tmp).glob("peak.rank*.json"), key=lambda p: int(p.stem.removeprefix("peak.rank")))
+        per_rank = [json.loads(p.read_text())["peak_bytes"] for p in files]
+        return [list(values) for values in zip(*per_rank, strict=True)]
 
 
 def nproc_of(overrides: list[str]) -> int:

@@ -30,7 +30,8 @@ from torch import nn
 from effitrain.errors import UsageError
 from effitrain.model.build import transformer_blocks
 from effitrain.parallel import DDP, GROUP, PIPELINE, SHARDS_PARAMS, TENSOR_PARALLEL, Degrees
-from effitrain.parallel.pipeline import PipelineCost, split_model
+from effitrain.parallel.pipeline import split_model
+from effitrain.parallel.pipeline_cost import PipelineCost
 
 
 class ParallelError(UsageError):
@@ -591,6 +592,14 @@ def _is_expert(name: str) -> bool:
     return ".experts." in f".{name}"
 
 
+def _pipeline_cost(node) -> PipelineCost:
+    """The pipeline layouts' cost model (parallel/pipeline_cost.py), sharding inside a stage as Cost does."""
+    if GROUP.provides(node, TENSOR_PARALLEL):  # its activations are split over tp: not modelled, not measured
+        raise UsageError(f"effitrain estimate does not cover parallel={node.name} yet (tensor parallelism inside "
+                         "pipeline stages is not modelled); it covers pp and pp-fsdp")
+    return PipelineCost(node, inner=Cost(node))
+
+
 # every layout's memory follows from its traits: one cost model, registered for each (the pipeline layouts' is theirs)
 for _strategy in GROUP.schemas:
-    GROUP.cost(_strategy)(PipelineCost if _strategy.startswith("pp") else Cost)
+    GROUP.cost(_strategy)(_pipeline_cost if _strategy.startswith("pp") else Cost)

@@ -344,14 +344,3 @@ def bubble_theory_pct(schedule: str, *, pp: int, microbatches: int) -> float | N
         return None
     return 100.0 * (pp - 1) / (microbatches + pp - 1)
 
-
-
-
-class PipelineCost:
-    """effitrain estimate does not count pipeline layouts yet (per-stage parameters, in-flight microbatches)."""
-
-    def __init__(self, node):
-        from effitrain.errors import UsageError
-
-        raise UsageError(f"effitrain estimate does not cover parallel={node.name} yet (per-stage parameters and "
-                         "in-flight microbatch activations are not modelled)")
