@@ -25,7 +25,8 @@ with sequence parallel off/on x batch x seq x AC x precision at d128-L4;
 --compression: the d128-L4 model under each compression method that changes memory -- freeze, share-layers,
 prune-magnitude, LoRA and distill from a model directory made here, PowerSGD under ddp(2) -- single and fsdp(2)
 where the method runs there; --pp: pipeline parallel, pp(2) under gpipe and 1f1b at 2 and 4 microbatches x (batch,
-seq), the multi-stage schedules (interleaved-1f1b, zero-bubble, zbv) and pp(2) x fsdp(2) on 4 ranks, the d128-L4
+seq), the multi-stage schedules (interleaved-1f1b, zero-bubble, zbv), pp(2) x fsdp(2) on 4 ranks (one stage per rank;
+two under interleaved-1f1b and zbv) and pp(2) split by cost, the d128-L4
 model untied in fp32, each compared at its worst pipeline rank (the estimate's too); --ep: expert parallel,
 parallel.ep=2 under ddp(2) and fsdp(2) on the qwen3_moe checkpoint below; --families: a checkpoint of each
 transformers family of FAMILY_CONFIGS -- llama, qwen3, gemma3, phi3, olmo2, qwen3-moe, mixtral -- as
@@ -86,17 +87,22 @@ def pp_grid():
     """Pipeline parallel: the d128-L4 model (untied: pipelines refuse tied embeddings) in fp32 (what they run),
     pp(2) under gpipe and 1f1b at 2 and 4 microbatches x (batch, seq); the multi-stage schedules (2 stages per rank)
     and pp(2) x fsdp(2) on 4 ranks at batch 4 x 64."""
-    points = [(layout, ranks, schedule, spr, m, batch, seq) for (layout, ranks, schedule, spr), m, (batch, seq)
+    points = [(layout, ranks, schedule, spr, m, batch, seq, ()) for (layout, ranks, schedule, spr), m, (batch, seq)
               in itertools.product(PIPELINES, (2, 4), SHAPES)]
-    points += [("pp", 2, schedule, 2, 4, *SHAPES[0]) for schedule in ("interleaved-1f1b", "zero-bubble", "zbv")]
-    points += [("pp-fsdp", 4, "1f1b", 1, 2, *SHAPES[0])]
-    for layout, ranks, schedule, spr, m, batch, seq in points:
+    points += [("pp", 2, schedule, 2, 4, *SHAPES[0], ()) for schedule in ("interleaved-1f1b", "zero-bubble", "zbv")]
+    points += [("pp-fsdp", 4, "1f1b", 1, 2, *SHAPES[0], ())]
+    # several stages per rank under FSDP (each stage a root of its own), and the blocks split by cost
+    points += [("pp-fsdp", 4, "interleaved-1f1b", 2, 4, *SHAPES[0], ()),
+               ("pp-fsdp", 4, "zbv", 2, 4, *SHAPES[0], ("parallel.reshard_after_forward=false",)),
+               ("pp", 2, "1f1b", 1, 4, *SHAPES[0], ("parallel.split=cost",))]
+    for layout, ranks, schedule, spr, m, batch, seq, extra in points:
         overrides = [*MODELS["d128-L4"], "model.tie_embeddings=false", f"batch_size={batch}", f"data.seq_len={seq}",
                      "data.vocab_size=2048", f"parallel={layout}", f"launcher.nproc_per_node={ranks}",
                      f"parallel.schedule={schedule}", f"parallel.stages_per_rank={spr}", f"parallel.microbatches={m}",
-                     "precision=fp32", "device=cpu"]
-        yield {"model": "d128-L4", "batch": batch, "seq": seq, "ac": "none",
-               "layout": f"{layout}({ranks}) {schedule} m{m}", "precision": "fp32", "overrides": overrides}
+                     "precision=fp32", "device=cpu", *extra]
+        label = " ".join([f"{layout}({ranks}) {schedule} m{m}", *(e.removeprefix("parallel.") for e in extra)])
+        yield {"model": "d128-L4", "batch": batch, "seq": seq, "ac": "none", "layout": label, "precision": "fp32",
+               "overrides": overrides}
 
 
 def ep_grid(tmp: Path):

@@ -1,7 +1,9 @@
 """Pipeline parallel through the real `effitrain train` (gloo ranks on CPU, fp32): pp(2) under every schedule
-effitrain offers, pp(2) x fsdp(2), pp(2) x fsdp(2) x tp(2) on 8 ranks and pp(2) x tp(2) with sequence parallel
-give single's per-step losses and validation losses within 1e-5 relative; a pp(2) run and a pp(2) x fsdp(2) x
-tp(2) run stopped and resumed are bit-identical to uninterrupted ones, and a pp(2) checkpoint resumes on one rank;
+effitrain offers, pp(2) x fsdp(2) with one stage per rank and with two under every interleaved / V schedule,
+pp(2) x fsdp(2) x tp(2) on 8 ranks (interleaved-1f1b), pp(2) x tp(2) with sequence parallel and pp(2) split by cost
+give single's per-step losses and validation losses within 1e-5 relative; a pp(2) run, a pp(2) x fsdp(2) zbv run and
+a pp(2) x fsdp(2) x tp(2) run stopped and resumed are bit-identical to uninterrupted ones, a pp(2) checkpoint
+resumes on one rank;
 its export is the model the checkpoint holds; what pipelines do not run yet is refused in one line, exit 2.
 transformers' own families as model.pretrained checkpoints split at their base_model_pp_plan's boundaries (each
 family's stages run in turn are the whole model: llama, qwen3, mistral), each rank reading only its stage's tensors,
@@ -31,6 +33,7 @@ from conftest import (
     tiny_overrides,
     train_ok,
 )
+from effitrain.model import PP_FAMILIES
 from test_own_tokenizer import FAMILIES, own_checkpoint
 
 RTOL = 1e-5
@@ -106,6 +109,57 @@ def test_pp2_x_fsdp2_matches_single(runs, base, tmp_path):
     assert "global batch 4 sequences" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
+def test_pp2_split_by_cost_moves_a_block_off_the_heads_stage_and_matches_single(runs, base, tmp_path):
+    """split=cost on the tiny llama (its head weighs ~1.6 blocks): stage 0 takes blocks 0-2, the head's stage block
+    3; the losses are single's."""
+    train_ok(tmp_path, *base, *PP, "parallel.split=cost")
+    run = only_run_dir(tmp_path / "outputs")
+    assert "pipeline: 2 stages over 2 ranks, blocks per stage 0-2 | 3" in (run / "train.log").read_text()
+    assert_losses_close(losses(runs(("single", 1))), losses(run), steps=STEPS, rtol=RTOL, what="pp(2) split=cost")
+
+
+FSDP_TWO_STAGES = (*TWO_STAGES_PER_RANK, *EXTRA)  # every schedule with several stages per rank
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(base, tmp_path_factory) -> dict[str, Path]:
+    """schedule -> a pp(2) x fsdp(2) run with 2 stages per rank (4 sequences per data-parallel rank, 4 microbatches;
+    weights kept gathered from forward to backward, as the split-backward schedules need); "single" -> single at the
+    same global batch of 8."""
+    cwd = tmp_path_factory.mktemp("pp-fsdp-two-stages")
+    train_ok(cwd, "-m", *base, "parallel=pp-fsdp", "launcher.nproc_per_node=4", "batch_size=4",
+             f"parallel.schedule={','.join(FSDP_TWO_STAGES)}", "parallel.stages_per_rank=2",
+             "parallel.reshard_after_forward=false")
+    made = {schedule: run for (schedule, _), run in _jobs(cwd).items()}
+    (cwd / "single").mkdir()
+    train_ok(cwd / "single", *base, "batch_size=8")
+    return made | {"single": only_run_dir(cwd / "single" / "outputs")}
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.parametrize("schedule", FSDP_TWO_STAGES)
+def test_pp2_x_fsdp2_with_two_stages_per_rank_matches_single(fsdp_runs, schedule):
+    """Each stage of a rank is an FSDP root of its own (the schedule gathers and reduces it): losses, gradient norms
+    and validation equal single's."""
+    for key in ("loss", "grad_norm", "val_loss"):
+        values = [[r[key] for r in read_metrics(fsdp_runs[k]) if key in r] for k in ("single", schedule)]
+        assert_losses_close(*values, steps=2 if key == "val_loss" else STEPS, rtol=RTOL,
+                            what=f"pp(2) x fsdp(2) {schedule} {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_pp2_x_fsdp2_with_two_stages_per_rank_resumes_bit_identically(fsdp_runs, tmp_path):
+    """zbv (a V: rank 0 holds the first and the last stage) stopped after step 3 and resumed on its 4 ranks."""
+    copy = tmp_path / "stopped"
+    _copy_run(fsdp_runs["zbv"], copy, keep_step=3)
+    result = run_cli("resume", str(copy), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _compared(copy) == _compared(fsdp_runs["zbv"])
+
+
 @pytest.fixture(scope="module")
 def pp_run(base, tmp_path_factory) -> Path:
     """An uninterrupted pp(2) 1f1b run (checkpoints at steps 3 and 6)."""
@@ -148,7 +202,8 @@ def test_pp2_resumes_bit_identically_and_on_one_rank(pp_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.extended
 def test_pp2_x_fsdp2_x_tp2_matches_single_and_resumes_bit_identically(base, tmp_path):
-    """8 ranks on the 3-D mesh (pp, dp_shard, tp): 2 stages x 2 FSDP shards x 2 TP ranks, 2 sequences per
+    """8 ranks on the 3-D mesh (pp, dp_shard, tp): 2 pipeline ranks holding 2 stages each (interleaved-1f1b: each
+    stage an FSDP root of its own) x 2 FSDP shards x 2 TP ranks, 2 sequences per
     data-parallel rank (the same global batch of 4), against single, both clipping every step (norms ~0.9 over
     grad_clip=0.5; on single, clipping at 0.5 instead of 1.0 moves the step-6 grad norm by 5.8e-4 relative and the
     second validation loss by 8.8e-5, so a clip wrong over the 3-D mesh fails); then the run stopped after step 3
@@ -157,7 +212,8 @@ def test_pp2_x_fsdp2_x_tp2_matches_single_and_resumes_bit_identically(base, tmp_
     (tmp_path / "single").mkdir()
     train_ok(tmp_path / "single", *clip)
     train_ok(tmp_path, *clip, "parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.pp=2", "parallel.tp=2",
-             "batch_size=2", "parallel.microbatches=2")
+             "batch_size=2", "parallel.microbatches=2", "parallel.schedule=interleaved-1f1b",
+             "parallel.stages_per_rank=2")
     single, run = only_run_dir(tmp_path / "single" / "outputs"), only_run_dir(tmp_path / "outputs")
     for key in ("loss", "grad_norm", "val_loss"):
         values = [[r[key] for r in read_metrics(d) if key in r] for d in (single, run)]
@@ -222,31 +278,32 @@ REFUSED = {
     "zbv": ([*PP, "parallel.schedule=zbv", "parallel.stages_per_rank=3"], "exactly 2 stages per rank"),
     "interleaved": ([*PP, "parallel.schedule=interleaved-1f1b"], "stages_per_rank >= 2"),
     "schedule": ([*PP, "parallel.schedule=dualpipe"], "parallel.schedule='dualpipe' is not one of"),
-    "split": ([*PP, "parallel.split=cost"], "parallel.split='cost' is not one of: even"),
+    "split": ([*PP, "parallel.split=flops"], "parallel.split='flops' is not one of: even, cost"),
     "tied": ([*PP, "model.tie_embeddings=true"], "model.tie_embeddings=true shares the embedding"),
     "precision": ([*PP, "precision=bf16"], "tested in fp32 only"),
     "gpt2": ([*PP, "model=gpt2-124m"], "transformers has no base_model_pp_plan for a 'gpt2' model"),
     # <family> and <family-tied>: a tiny checkpoint of transformers' own family (the `checkpoint` fixture)
     "pretrained-tied": ([*PP, "model.pretrained=<qwen3-tied>"], "model.pretrained's tie_word_embeddings=true shares"),
     "pretrained-moe": ([*PP, "model.pretrained=<qwen3_moe>"], "a mixture-of-experts model ('qwen3_moe') is not split"),
-    "pretrained-family": ([*PP, "model.pretrained=<gemma3_text>"], "tested for llama, qwen3, mistral models only, "
-                                                                   "not 'gemma3_text'"),
+    "pretrained-family": ([*PP, "model.pretrained=<granite>"], "tested for llama, qwen3, mistral, qwen2, gemma, "
+                                                               "gemma3_text, phi3, olmo2 models only, not 'granite'"),
     "pretrained-layers": ([*PP, "parallel.schedule=zbv", "parallel.stages_per_rank=2", "model.pretrained=<qwen3>"],
                           "model.pretrained's num_hidden_layers=2 cannot fill 4 pipeline stages"),
     "ac": ([*PP, "parallel.activation_checkpointing=full"], "activation checkpointing and compile"),
     "lora": ([*PP, "compression=lora"], "compression=lora"),
     "muon": ([*PP, "optimizer=muon"], "optimizer=muon"),
     "tp": ([*PP, "parallel.tp=2"], "unknown key 'parallel.tp'"),
-    "pp-fsdp-interleaved": (["parallel=pp-fsdp", "launcher.nproc_per_node=4", "parallel.schedule=zbv",
-                             "parallel.stages_per_rank=2", "batch_size=4"], "tested with one stage per rank"),
+    "pp-fsdp-weights-apart": (["parallel=pp-fsdp", "launcher.nproc_per_node=4", "parallel.schedule=zbv",
+                               "parallel.stages_per_rank=2", "batch_size=4"],
+                              "set parallel.reshard_after_forward=false"),
     "3d-degrees": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=6"], "parallel.pp=2 x parallel.tp=2 = 4 does not "
                    "divide the world size 6"),
     "3d-dp-shard": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.dp_shard=4"],
                     "leaves 2 data-parallel ranks"),
     "3d-heads": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=8", "parallel.tp=4", "batch_size=4"],
                  "model.num_heads=2 is not divisible by the tensor-parallel degree 4"),
-    "3d-interleaved": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.schedule=zbv",
-                        "parallel.stages_per_rank=2"], "tested with one stage per rank"),
+    "3d-weights-apart": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.schedule=zero-bubble",
+                          "parallel.stages_per_rank=2"], "set parallel.reshard_after_forward=false"),
     "3d-sp": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.sequence_parallel=true",
                "data.seq_len=33"], "splits data.seq_len=33 over parallel.tp=2 ranks"),
     "3d-ac": (["parallel=pp-fsdp-tp", "launcher.nproc_per_node=4", "parallel.compile=true"],
@@ -274,9 +331,36 @@ def test_stage_split_and_placement():
     assert stage_ids(0, pp=2, per_rank=2, style="loop") == [0, 2]
     assert stage_ids(1, pp=2, per_rank=2, style="v") == [1, 2]
     cfg = OmegaConf.create({"stages_per_rank": 2, "schedule": "zbv", "split": "even"})
-    plan = Plan.of(cfg, rank=0, pp=2, num_layers=4)
+    plan = Plan.of(cfg, rank=0, pp=2, costs=[1] * 4)
     assert plan.ids == [0, 3] and plan.first and plan.last and plan.layers(plan.ids) == {0, 3}
     assert [plan.owner(s) for s in range(4)] == [0, 1, 1, 0]
+
+
+def test_split_by_cost_gives_the_least_largest_stage_then_the_most_even():
+    """split=cost: contiguous, non-empty stages whose largest cost is the least (checked against every split), the
+    head's cost on the last block; even costs split as split=even does, but the earlier stages lighter."""
+    import itertools
+    import random
+
+    from effitrain.parallel.pipeline import block_costs, layer_ranges
+
+    assert block_costs([10, 10, 10, 10], head_weights=16) == [60, 60, 60, 156]
+    # the tests' tiny llama (d=32, MLP 64, vocab 512): its head weighs ~1.6 blocks, so 3 blocks | 1 block and head
+    assert layer_ranges(4, 2, split="cost", costs=block_costs([10304] * 4, head_weights=16384)) == [
+        range(0, 3), range(3, 4)]
+    assert layer_ranges(7, 3, split="cost", costs=[1] * 7) == [range(0, 2), range(2, 4), range(4, 7)]
+    assert layer_ranges(6, 3, split="cost", costs=[5, 1, 1, 1, 1, 1]) == [range(0, 1), range(1, 3), range(3, 6)]
+    rng = random.Random(0)
+    for _ in range(200):
+        n, stages = rng.randint(1, 9), rng.randint(1, 4)
+        if stages > n:
+            continue
+        costs = [rng.randint(1, 20) for _ in range(n)]
+        ranges = layer_ranges(n, stages, split="cost", costs=costs)
+        assert [i for r in ranges for i in r] == list(range(n)) and all(len(r) for r in ranges)
+        least = min(max(sum(costs[a:b]) for a, b in itertools.pairwise((0, *cuts, n)))
+                    for cuts in itertools.combinations(range(1, n), stages - 1))
+        assert max(sum(costs[i] for i in r) for r in ranges) == least
 
 
 # ---------------------------------------------------------------- transformers' own families, model.pretrained
@@ -284,19 +368,25 @@ def test_stage_split_and_placement():
 PRETRAINED_STEPS = 4
 
 
+FAMILIES_AS = {"granite": "llama"}  # checkpoint("granite"): llama's, named granite in its config.json
+
+
 @pytest.fixture(scope="module")
 def checkpoint(corpus, tmp_path_factory):
     """checkpoint(family) -> a tiny random checkpoint of transformers' own family (2 blocks, untied, its own
-    tokenizer), made on first use; "<family>-tied" the same with tie_word_embeddings=true in its config.json."""
+    tokenizer), made on first use; "<family>-tied" the same with tie_word_embeddings=true in its config.json;
+    a family of FAMILIES_AS another's checkpoint under its name."""
     made: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in made:
             family, _, tied = name.partition("-")
-            made[name] = own_checkpoint(tmp_path_factory.mktemp(name), corpus, family=family)
-            if tied:
-                config = made[name] / "config.json"
-                config.write_text(json.dumps({**json.loads(config.read_text()), "tie_word_embeddings": True}))
+            made[name] = own_checkpoint(tmp_path_factory.mktemp(name), corpus, family=FAMILIES_AS.get(family, family))
+            config = made[name] / "config.json"
+            changes = {"tie_word_embeddings": True} if tied else {}
+            if family in FAMILIES_AS:  # a family only its config.json names: what is refused before launch reads that
+                changes |= {"model_type": family, "architectures": [f"{family.capitalize()}ForCausalLM"]}
+            config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
         return made[name]
     return get
 
@@ -373,7 +463,12 @@ def test_pretrained_qwen3_pp2_x_fsdp2_trains_as_single(checkpoint, corpus, cache
     _assert_trains_as_single(single, run, what="qwen3 pp(2) x fsdp(2) vs single")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "granite"])
+# the families under pp beside test_own_tokenizer's (gemma's own embedding module scales the embeddings: stage 0 only)
+STAGE_FAMILIES = {**FAMILIES, "qwen2": ("Qwen2Config", {}), "gemma": ("GemmaConfig", {"head_dim": 8}),
+                  "granite": ("GraniteConfig", {"embedding_multiplier": 3.0})}
+
+
+@pytest.mark.parametrize("family", [*PP_FAMILIES, "granite"])
 def test_stages_run_in_turn_are_the_whole_model(family):
     """Each family effitrain splits (model.PP_FAMILIES) gives the whole model's logits when its 2 stages run one after
     the other; granite, whose base model scales the embeddings inside its forward (so every stage would), does not:
@@ -383,13 +478,12 @@ def test_stages_run_in_turn_are_the_whole_model(family):
     import torch
     import transformers
 
-    from effitrain.model import PP_FAMILIES
     from effitrain.parallel.pipeline import _as_stage, _keep, layer_ranges
 
-    name, extra = FAMILIES.get(family, ("GraniteConfig", {"embedding_multiplier": 3.0}))
+    name, extra = STAGE_FAMILIES[family]
     config = getattr(transformers, name)(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                         use_cache=False, **extra)
+                                         use_cache=False, pad_token_id=None, **extra)
     torch.manual_seed(0)
     whole = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     ids = torch.randint(0, 100, (2, 16))

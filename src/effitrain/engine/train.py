@@ -129,6 +129,8 @@ def build_parts(cfg, *, job, vocab_size: int, tokenizer: Path | None = None) -> 
     converters.comm_hook(model)
     pipeline = build_pipeline(model, cfg=cfg.parallel, job=job, grad_accum_steps=cfg.grad_accum_steps) \
         if PARALLEL.provides(cfg.parallel, PIPELINE) else None
+    if pipeline is not None and world.is_main:
+        log.info(pipeline.plan.describe())
     total, trainable = count_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     # offloaded FSDP steps the optimizer on the host copies of the shards

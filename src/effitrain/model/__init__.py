@@ -149,7 +149,7 @@ def ep_plan_gap(cfg) -> str | None:
 # transformers families whose pipeline stages effitrain splits: each tested to compose back to the whole model's logits
 # (tests/test_pipeline.py). A base_model_pp_plan alone is not enough: a family may act on the embeddings inside its base
 # model's forward (granite's embedding multiplier), which every later stage would repeat.
-PP_FAMILIES = ("llama", "qwen3", "mistral")
+PP_FAMILIES = ("llama", "qwen3", "mistral", "qwen2", "gemma", "gemma3_text", "phi3", "olmo2")
 
 
 def pp_plan_gap(cfg) -> str | None:

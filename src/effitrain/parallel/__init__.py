@@ -106,7 +106,8 @@ class PipelineKeys:
     schedule: str = "1f1b"  # one of SCHEDULES
     microbatches: int = 4  # per micro-step: batch_size is split into this many pipeline microbatches
     stages_per_rank: int = 1  # interleaved / V schedules: stages each rank holds (virtual stages)
-    split: str = "even"  # even: each stage gets the same number of blocks (the first stages one more)
+    split: str = "even"  # even: the same number of blocks per stage (the first stages one more); cost: the same
+    # training FLOPs per stage as near as contiguous blocks allow (the head weighs in: pipeline.block_costs)
 
 
 @GROUP.option("pp")
@@ -139,21 +140,23 @@ class Schedule:
         cls: its class in torch.distributed.pipelining.schedules.
         style: loop (stage s on rank s % pp) or v (rank r holds stages r and 2 pp - 1 - r).
         per_rank: stages per rank it takes: "1", "2" or ">=2".
+        split_backward: its backward runs in two actions, input gradients (I) then weight gradients (W) later.
     """
 
     cls: str
     style: str
     per_rank: str
+    split_backward: bool = False
 
 
 # every torch.distributed.pipelining schedule of torch 2.13, each training equal to single on 2 gloo ranks
 # (tests/test_pipeline.py)
 SCHEDULES = {"gpipe": Schedule("ScheduleGPipe", "loop", "1"), "1f1b": Schedule("Schedule1F1B", "loop", "1"),
              "interleaved-1f1b": Schedule("ScheduleInterleaved1F1B", "loop", ">=2"),
-             "zero-bubble": Schedule("ScheduleInterleavedZeroBubble", "loop", ">=2"),
-             "zbv": Schedule("ScheduleZBVZeroBubble", "v", "2"),
+             "zero-bubble": Schedule("ScheduleInterleavedZeroBubble", "loop", ">=2", split_backward=True),
+             "zbv": Schedule("ScheduleZBVZeroBubble", "v", "2", split_backward=True),
              "looped-bfs": Schedule("ScheduleLoopedBFS", "loop", ">=2"),
-             "dualpipev": Schedule("ScheduleDualPipeV", "v", "2")}
+             "dualpipev": Schedule("ScheduleDualPipeV", "v", "2", split_backward=True)}
 
 
 def _tp_plan(node, cfg) -> list[Need]:
@@ -237,7 +240,7 @@ def _check_pipeline(cfg, run) -> None:
     _check_layout(cfg, run)
     degrees = parallel_degrees(cfg, world_size=world_size(run.launcher))
     _need(cfg.schedule in SCHEDULES, f"parallel.schedule={cfg.schedule!r} is not one of: {', '.join(SCHEDULES)}")
-    _need(cfg.split == "even", f"parallel.split={cfg.split!r} is not one of: even")
+    _need(cfg.split in ("even", "cost"), f"parallel.split={cfg.split!r} is not one of: even, cost")
     schedule, spr = SCHEDULES[cfg.schedule], cfg.stages_per_rank
     _need(schedule.per_rank != "1" or spr == 1, f"parallel.schedule={cfg.schedule} runs one stage per rank, not "
           f"parallel.stages_per_rank={spr}; use interleaved-1f1b, zero-bubble or zbv for more")
@@ -278,8 +281,11 @@ def _check_pipeline_options(cfg, run) -> None:
     _need("source" not in run.data or not sample_sources(run.data),
           f"{what} trains on token windows; fine-tuning data (data={run.data.name}) is not tested under it yet")
     _need(not offloads(cfg), f"{what}: parallel.offload=cpu is not tested under a pipeline yet")
-    _need(cfg.strategy == "pp" or cfg.stages_per_rank == 1, f"{what} is tested with one stage per rank "
-          f"(gpipe, 1f1b) only: FSDP on several stages of one rank is not, so not parallel.schedule={cfg.schedule}")
+    # the weight-gradient action differentiates the stage's registered parameters: resharded after forward, those are
+    # the shards, which the forward did not use, and the blocks' weight gradients would be lost
+    _need(not (SCHEDULES[cfg.schedule].split_backward and cfg.get("reshard_after_forward", False)),
+          f"{what}: parallel.schedule={cfg.schedule} computes weight gradients apart from the backward, which needs "
+          "each stage's parameters kept gathered from forward to backward: set parallel.reshard_after_forward=false")
 
 
 for _kind in ("pp", "pp-fsdp", "pp-fsdp-tp"):

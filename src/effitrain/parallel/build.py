@@ -127,9 +127,9 @@ def pp(model, *, cfg, world, mesh, precision, init):
 
 @GROUP.builder("pp-fsdp")
 def pp_fsdp(model, *, cfg, world, mesh, precision, init):
-    """The split, then FSDP2 inside each stage's data-parallel group (mesh["dp_shard"]): its blocks, then its root."""
-    split_model(model, cfg=cfg, mesh=mesh)
-    return _stage_fsdp(model, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
+    """The split, then FSDP2 inside each stage's data-parallel group (mesh["dp_shard"]): its blocks, then each stage."""
+    stages = split_model(model, cfg=cfg, mesh=mesh)
+    return _stage_fsdp(model, stages, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
 
 
 @GROUP.builder("pp-fsdp-tp")
@@ -137,11 +137,12 @@ def pp_fsdp_tp(model, *, cfg, world, mesh, precision, init):
     """3-D, in the module docstring's order: the split, TP over mesh["tp"] on what the stage keeps, then FSDP2 over
     mesh["dp_shard"] (the TP DTensors become 2-D (dp_shard, tp) DTensors, as under fsdp-tp). A stage sends its hidden
     states to the same (dp_shard, tp) coordinate of the next stage, which reads the same batch."""
-    split_model(model, cfg=cfg, mesh=mesh)
+    stages = split_model(model, cfg=cfg, mesh=mesh)
     apply_tp(model, mesh=mesh["tp"], sequence_parallel=cfg.sequence_parallel)
     if cfg.sequence_parallel:
-        _whole_sequence_between_stages(model, mesh["tp"])  # before FSDP's hooks, which then see plain tensors
-    return _stage_fsdp(model, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
+        for stage in stages:  # before FSDP's hooks, which then see plain tensors
+            _whole_sequence_between_stages(stage, mesh["tp"])
+    return _stage_fsdp(model, stages, cfg=cfg, world=world, mesh=mesh, precision=precision, init=init)
 
 
 def _whole_sequence_between_stages(model: nn.Module, mesh) -> None:
@@ -165,11 +166,12 @@ def _whole_sequence_between_stages(model: nn.Module, mesh) -> None:
     model.register_forward_hook(gather_output)
 
 
-def _stage_fsdp(model, *, cfg, world, mesh, precision, init):
-    """FSDP2 over mesh["dp_shard"] on a pipeline rank's part: its blocks, then its root; then materialised."""
+def _stage_fsdp(model, stages, *, cfg, world, mesh, precision, init):
+    """FSDP2 over mesh["dp_shard"] on a pipeline rank's part: its blocks, then each stage as a root of its own (the
+    schedule gathers, reshards and reduces a stage's FSDP modules as one); then materialised."""
     _blocks(model, cfg)
     apply_fsdp(model, mesh=mesh["dp_shard"], reshard_after_forward=cfg.reshard_after_forward, offload=cfg.offload,
-               mp_policy=precision.fsdp_mixed_precision())
+               mp_policy=precision.fsdp_mixed_precision(), roots=stages)
     return _materialise(model, device=world.device, init=init)
 
 
@@ -434,7 +436,7 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, mp_policy,
-               ignored: set | None = None) -> None:
+               ignored: set | None = None, roots: list[nn.Module] | None = None) -> None:
     """FSDP2 (`fully_shard`) on each transformer block, then on the root (embeddings, final norm, head).
 
     Args:
@@ -445,6 +447,7 @@ def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, 
         offload: "cpu" keeps sharded parameters, gradients and optimizer state in host memory.
         mp_policy: a MixedPrecisionPolicy (param / reduce dtypes), or None for full precision.
         ignored: parameters FSDP leaves as they are (expert-parallel experts: already sharded, reduced by EP).
+        roots: the modules wrapped after the blocks, each a root of its own (a pipeline rank's stages); [model].
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -457,7 +460,8 @@ def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, 
     for block in transformer_blocks(model):
         if any(True for _ in block.parameters()):  # a pipeline stage's pass-through for another stage's block: none
             fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    for root in roots or [model]:
+        fully_shard(root, **kwargs)
 
 
 def apply_ddp(model: nn.Module, *, world) -> nn.Module:

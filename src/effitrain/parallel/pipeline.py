@@ -21,6 +21,8 @@ of the pipeline; the gradient norm is the global one (squared norms summed over 
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import resource
 import sys
 import time
@@ -41,13 +43,49 @@ def stage_ids(rank: int, *, pp: int, per_rank: int, style: str) -> list[int]:
     return [rank + k * pp for k in range(per_rank)]
 
 
-def layer_ranges(num_layers: int, stages: int, *, split: str = "even") -> list[range]:
-    """split=even: contiguous blocks per stage, as equal as they divide (the first stages take one more)."""
-    if split != "even":  # checked before launch (parallel._check_pipeline)
-        raise ValueError(f"parallel.split={split!r} is not one of: even")
+def layer_ranges(num_layers: int, stages: int, *, split: str = "even", costs: list[int] | None = None
+                 ) -> list[range]:
+    """Contiguous blocks per stage. split=even: as equal in number as they divide (the first stages take one more);
+    split=cost: as equal in cost (`costs`, block_costs: the largest stage's the least it can be)."""
+    if split == "cost":
+        return _balanced_ranges(costs, stages)
     sizes = [num_layers // stages + (1 if s < num_layers % stages else 0) for s in range(stages)]
     starts = [sum(sizes[:s]) for s in range(stages)]
     return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+
+
+def block_costs(block_weights: list[int], *, head_weights: int) -> list[int]:
+    """split=cost's cost of each block: its training FLOPs per token from its weights (6 x weights, as base/flops.py
+    counts them; the attention scores' FLOPs, the same for every full-attention block, left out), the head's
+    (6 x vocab x hidden) added to the last block -- the stage holding it holds the head. The input embedding is a
+    lookup: no matmul FLOPs, it adds nothing."""
+    costs = [6 * n for n in block_weights]
+    costs[-1] += 6 * head_weights
+    return costs
+
+
+def _balanced_ranges(costs: list[int], stages: int) -> list[range]:
+    """The contiguous split of `costs` into `stages` non-empty ranges whose largest sum is the least; among those,
+    the most even (the least sum of squares)."""
+    prefix = list(itertools.accumulate(costs, initial=0))
+    bound, _ = _best_split(prefix, stages, lambda acc, r: max(acc, r))
+    return _best_split(prefix, stages, lambda acc, r: acc + r * r if r <= bound else math.inf)[1]
+
+
+def _best_split(prefix: list[int], stages: int, add) -> tuple[float, list[range]]:
+    """Dynamic programming over the prefix sums: the least score of a split into `stages` ranges, scored range by
+    range with add(score so far, the range's sum), and that split (on ties the earlier stages lighter)."""
+    n = len(prefix) - 1
+    best = {(0, 0): (0, 0)}  # (ranges, blocks covered) -> (score, where the last range starts)
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            best[k, i] = min((add(best[k - 1, j][0], prefix[i] - prefix[j]), j) for j in range(k - 1, i)
+                             if (k - 1, j) in best)
+    ends = [n]
+    for k in range(stages, 0, -1):
+        ends.append(best[k, ends[-1]][1])
+    ends.reverse()
+    return best[stages, n][0], [range(a, b) for a, b in itertools.pairwise(ends)]
 
 
 def stage_parts(model: nn.Module) -> tuple[str, str, str]:
@@ -99,14 +137,22 @@ def _keep(model: nn.Module, *, layers: set[int], first: bool, last: bool) -> Non
         model.lm_head = None
 
 
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy sharing the module's parameters, buffers and children, with a children dict and hook dicts of its own:
+    a child swapped or a hook registered on one copy (FSDP2's, when each stage is its own FSDP root) stays there."""
+    twin = copy.copy(module)
+    for key, value in vars(module).items():
+        if key == "_modules" or ("hooks" in key and isinstance(value, dict)):
+            object.__setattr__(twin, key, copy.copy(value))
+    return twin
+
+
 def _view(model: nn.Module, *, layers: set[int], first: bool, last: bool) -> nn.Module:
     """One stage of a rank that holds several (interleaved, V): a shallow copy of the rank's model sharing its
     blocks, embedding, norm and head (so the optimizer and the checkpoint see each parameter once)."""
-    inner = copy.copy(model.base_model)
-    object.__setattr__(inner, "_modules", dict(inner._modules))  # its own children, not the rank model's dict
+    inner = _shallow_copy(model.base_model)
     setattr(inner, stage_parts(model)[1], nn.ModuleList(list(_blocks(model))))
-    view = copy.copy(model)
-    object.__setattr__(view, "_modules", dict(view._modules))
+    view = _shallow_copy(model)
     setattr(view, model.base_model_prefix, inner)
     _keep(view, layers=layers, first=first, last=last)
     return view
@@ -124,17 +170,23 @@ class Plan:
     style: str  # loop or v (parallel.SCHEDULES)
 
     @classmethod
-    def of(cls, cfg, *, rank: int, pp: int, num_layers: int) -> Plan:
+    def of(cls, cfg, *, rank: int, pp: int, costs: list[int]) -> Plan:
+        """cfg: the `parallel` group; costs: block_costs of the model's blocks (split=cost weighs them)."""
         stages = pp * cfg.stages_per_rank
         style = SCHEDULES[cfg.schedule].style
         ids = stage_ids(rank, pp=pp, per_rank=cfg.stages_per_rank, style=style)
-        return cls(rank=rank, pp=pp, stages=stages, ids=ids, ranges=layer_ranges(num_layers, stages, split=cfg.split),
-                   style=style)
+        ranges = layer_ranges(len(costs), stages, split=cfg.split, costs=costs)
+        return cls(rank=rank, pp=pp, stages=stages, ids=ids, ranges=ranges, style=style)
 
     def owner(self, stage: int) -> int:
         """The pipeline rank holding `stage` (the inverse of stage_ids)."""
         return next(r for r in range(self.pp) if stage in stage_ids(r, pp=self.pp, per_rank=len(self.ids),
                                                                       style=self.style))
+
+    def describe(self) -> str:
+        """One line for the run's log: each stage's blocks, in stage order."""
+        blocks = " | ".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else f"{r.start}" for r in self.ranges)
+        return f"pipeline: {self.stages} stages over {self.pp} ranks, blocks per stage {blocks}"
 
     def layers(self, ids: list[int]) -> set[int]:
         return {i for s in ids for i in self.ranges[s]}
@@ -149,13 +201,17 @@ class Plan:
 
 
 def _plan(model: nn.Module, cfg, mesh) -> Plan:
-    pp = mesh["pp"]
-    return Plan.of(cfg, rank=pp.get_local_rank(), pp=pp.size(), num_layers=len(_blocks(model)))
+    """This rank's Plan for the whole model (before the split drops other stages' parts)."""
+    pp, head = mesh["pp"], model.get_output_embeddings()
+    costs = block_costs([sum(p.numel() for p in block.parameters()) for block in _blocks(model)],
+                        head_weights=head.weight.numel())
+    return Plan.of(cfg, rank=pp.get_local_rank(), pp=pp.size(), costs=costs)
 
 
-def split_model(model: nn.Module, *, cfg, mesh) -> nn.Module:
-    """This rank's part of the model (still on meta): its stages' blocks, embedding / norm / head where it holds the
-    first / last stage, with a stage's forward.
+def split_model(model: nn.Module, *, cfg, mesh) -> list[nn.Module]:
+    """Cut `model` (still on meta) to this rank's part -- its stages' blocks, embedding / norm / head where it holds
+    the first / last stage, with a stage's forward -- and return the module of each of its stages: the model itself
+    when it holds one, else a view per stage sharing the model's parts (what FSDP wraps and the schedule runs).
 
     Args:
         model: the causal LM, built on the meta device.
@@ -165,7 +221,10 @@ def split_model(model: nn.Module, *, cfg, mesh) -> nn.Module:
     plan = _plan(model, cfg, mesh)
     _keep(model, layers=plan.layers(plan.ids), first=plan.first, last=plan.last)
     _as_stage(model)
-    return model
+    stages = [model] if len(plan.ids) == 1 else [
+        _view(model, layers=plan.layers([s]), first=s == 0, last=s == plan.stages - 1) for s in plan.ids]
+    model.pipeline_plan, model.pipeline_stages = plan, stages  # for build_pipeline (stages: not submodules)
+    return stages
 
 
 def _timed_stage_class():
@@ -322,9 +381,7 @@ def build_pipeline(model: nn.Module, *, cfg, job, grad_accum_steps: int) -> Pipe
     """
     from torch.distributed.pipelining import schedules
 
-    plan = _plan(model, cfg, job.mesh)
-    modules = [model] if len(plan.ids) == 1 else [
-        _view(model, layers=plan.layers([s]), first=s == 0, last=s == plan.stages - 1) for s in plan.ids]
+    plan, modules = model.pipeline_plan, model.pipeline_stages
     group = job.mesh["pp"].get_group()
     stage_cls = _timed_stage_class()
     stages = [stage_cls(m, s, plan.stages, job.world.device, group=group) for m, s in zip(modules, plan.ids,

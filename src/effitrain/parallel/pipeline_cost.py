@@ -45,14 +45,27 @@ class Stage:
     last: bool
 
 
-def rank_stages(rank: int, *, pp: int, per_rank: int, schedule: str, num_layers: int) -> list[Stage]:
-    """The stages `rank` holds, with their blocks (pipeline.stage_ids and layer_ranges: the split the run makes)."""
+def rank_stages(rank: int, *, pp: int, per_rank: int, schedule: str, num_layers: int, split: str = "even",
+                costs: list[int] | None = None) -> list[Stage]:
+    """The stages `rank` holds, with their blocks (pipeline.stage_ids and layer_ranges: the split the run makes;
+    split=cost weighs the blocks by `costs`, shape_costs)."""
     from effitrain.parallel.pipeline import layer_ranges, stage_ids
 
     count = pp * per_rank
-    ranges = layer_ranges(num_layers, count)
+    ranges = layer_ranges(num_layers, count, split=split, costs=costs)
     return [Stage(i, ranges[i], first=i == 0, last=i == count - 1)
             for i in stage_ids(rank, pp=pp, per_rank=per_rank, style=SCHEDULES[schedule].style)]
+
+
+def shape_costs(s) -> list[int]:
+    """pipeline.block_costs of a model shape (estimate.Shape): its blocks' weights and its head's."""
+    from effitrain.parallel.pipeline import block_costs
+
+    weights = [0] * s.layers
+    for p in s.params:
+        if p.block is not None:
+            weights[p.block] += p.numel
+    return block_costs(weights, head_weights=sum(p.numel for p in s.params if p.kind == "head"))
 
 
 def holds(p, stages: list[Stage]) -> bool:
@@ -200,7 +213,7 @@ class PipelineCost:
             raise UsageError(f"effitrain estimate models parallel={self.node.name} without compression methods")
         node, m = self.node, self.node.microbatches
         stages = rank_stages(rank, pp=d.pp, per_rank=node.stages_per_rank, schedule=node.schedule,
-                             num_layers=s.layers)
+                             num_layers=s.layers, split=node.split, costs=shape_costs(s))
         mine = [p for p in s.params if holds(p, stages)]
         local = [self.local_numel(p, d) for p in mine]
         trained = [(p, n) for p, n in zip(mine, local, strict=True) if p.trainable]
