@@ -8,7 +8,8 @@ Each row is one `effitrain train parallel=pp` in a fresh process group (default:
 embeddings, 8 sequences x 128 tokens per step, no evaluation). From its metrics.jsonl, medians over the steps after
 the first two (warm-up): tokens/s, bubble_pct (1 - the stages' own compute time / the schedule step's wall time,
 over the pipeline's ranks: parallel/pipeline.py), and the theoretical bubble (p - 1) / (m + p - 1) for gpipe and
-1f1b; peak memory per stage is each pipeline rank's peak (CPU: the process's peak RSS, interpreter and torch
+1f1b; compute ms per rank is each pipeline rank's own forward/backward time in a step (stage_busy_ms: what a split
+balances); peak memory per stage is each pipeline rank's peak (CPU: the process's peak RSS, interpreter and torch
 included). Interleaved / V schedules run 2 stages per rank. A combination the run refuses (zbv with fewer
 microbatches than stages) is listed with the one line it gave. `--splits even cost` runs each row under both ways
 of cutting the blocks into stages (parallel.split). Prints a table and writes JSON.
@@ -51,6 +52,8 @@ def one(schedule: str, microbatches: int, *, split: str, nproc: int, steps: int,
     return row | {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
                   "bubble_pct": statistics.median(r["bubble_pct"] for r in records),
                   "bubble_theory_pct": records[-1].get("bubble_theory_pct"),
+                  "stage_busy_ms": [statistics.median(r["stage_busy_ms"][i] for r in records)
+                                    for i in range(len(records[-1]["stage_busy_ms"]))],
                   "stage_mem_peak_gib": records[-1]["stage_mem_peak_gib"]}
 
 
@@ -77,16 +80,17 @@ def main() -> None:
     print(f"\npipeline parallel on {machine()}: {' '.join(BASE + args.overrides)}, {args.nproc} ranks, "
           f"{args.steps} steps (medians of steps 3-{args.steps})\n")
     print("| schedule | microbatches | split | tokens/s | bubble % measured | bubble % theory "
-          "| peak memory per stage GiB |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | --- |")
+          "| compute ms per rank | peak memory per stage GiB |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         if "refused" in r:
-            print(f"| {r['schedule']} | {r['microbatches']} | {r['split']} | refused: {r['refused']} | | | |")
+            print(f"| {r['schedule']} | {r['microbatches']} | {r['split']} | refused: {r['refused']} | | | | |")
             continue
         theory = "-" if r["bubble_theory_pct"] is None else f"{r['bubble_theory_pct']:.1f}"
         memory = " / ".join(f"{m:.2f}" for m in r["stage_mem_peak_gib"])
+        busy = " / ".join(f"{b:.0f}" for b in r["stage_busy_ms"])
         print(f"| {r['schedule']} | {r['microbatches']} | {r['split']} | {r['tokens_per_s']:,.0f} | "
-              f"{r['bubble_pct']:.1f} | {theory} | {memory} |")
+              f"{r['bubble_pct']:.1f} | {theory} | {busy} | {memory} |")
     Path(args.json).write_text(json.dumps({"machine": machine(), "date": datetime.date.today().isoformat(),
                                            "argv": sys.argv, "rows": rows}, indent=2))
 

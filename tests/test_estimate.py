@@ -277,3 +277,18 @@ def test_pp_fsdp_shards_each_stage_over_its_data_parallel_ranks():
         # the schedule keeps the stage gathered after a backward (resharding after backward off): whole, unpadded
         assert half["memory"]["fsdp_gathered_params"] == whole["memory"]["parameters"]
         assert half["memory"]["gradients"] == half["memory"]["parameters"]  # sharded by the step
+
+
+def test_a_stage_reduces_its_gradients_while_the_ranks_other_stage_still_holds_its_own():
+    """pp-fsdp with two stages on a rank: stage 1's last backward reduce-scatters a flat copy of its unsharded
+    gradients while stage 0 still holds its activations; afterwards only stage 1's gradient shards remain."""
+    from effitrain.parallel.pipeline_cost import Gathers, StageBytes, walk
+
+    stages = {s: StageBytes(saved=100, backward=0, tail=0, logits=0, hidden=0) for s in (0, 1)}
+    grads, whole, shards = {0: 40, 1: 40}, {0: 40, 1: 40}, {0: 20, 1: 20}
+    actions = [("F", 0), ("F", 1), ("B", 1), ("B", 0)]
+    unsharded = walk(actions, stages, grads=grads, gathers=Gathers(forward={0: 0, 1: 0}, whole=whole))[0]
+    reduced = walk(actions, stages, grads=grads, gathers=Gathers(forward={0: 0, 1: 0}, whole=whole, reduced=shards))[0]
+    # without the term the peak is both stages' activations (200); at stage 1's reduce-scatter: stage 0's activations
+    # (100) + stage 1's gradients (40), its gathered parameters (40) and their flat copy (40)
+    assert unsharded == 200 and reduced == 220

@@ -92,6 +92,7 @@ def test_pp2_matches_single_under_every_schedule(runs, schedule):
     assert_losses_close(*val, steps=2, rtol=RTOL, what=f"pp(2) {schedule} validation vs single")
     for r in read_metrics(pp):
         assert 0 <= r["bubble_pct"] < 100 and len(r["stage_mem_peak_gib"]) == 2
+        assert len(r["stage_busy_ms"]) == 2 and all(b > 0 for b in r["stage_busy_ms"])
         # gpipe / 1f1b: (p - 1) / (m + p - 1) with p = 2 stages, m = 4 microbatches
         assert r.get("bubble_theory_pct") == (20.0 if schedule in ONE_STAGE_PER_RANK else None)
     env = json.loads((pp / "env.json").read_text())

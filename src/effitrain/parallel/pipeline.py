@@ -308,8 +308,8 @@ class Pipeline:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if hasattr(norm, "full_tensor"):  # pp-fsdp: a DTensor over the stage's shards
             norm = norm.full_tensor()
-        stats = self._sum([loss.double(), norm.double() ** 2, sum(s.busy_s for s in self.stages), wall],
-                          device=norm.device)
+        stats = self._sum([loss.double(), norm.double() ** 2, wall], device=norm.device,
+                          busy=sum(s.busy_s for s in self.stages))
         total = stats[1].sqrt().float()
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total, foreach=True)
@@ -317,7 +317,8 @@ class Pipeline:
         if finite:
             precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
-        self._record(busy=float(stats[2]), wall=float(stats[3]), mem=stats[4:])
+        pp = self.plan.pp
+        self._record(wall=float(stats[2]), mem=stats[3:3 + pp], busy=stats[3 + pp:])
         return stats[0].float(), total, finite
 
     @torch.no_grad()
@@ -342,22 +343,28 @@ class Pipeline:
         loss = F.cross_entropy(h.flatten(0, 1), batch[:, 1:].flatten()) if plan.last else torch.zeros(())
         return self._sum([loss.double()], device=batch.device)[0].float()
 
-    def _sum(self, values: list, *, device) -> torch.Tensor:
-        """values + this rank's peak memory in its slot of pp, summed over the pipeline's ranks (one all-reduce)."""
+    def _sum(self, values: list, *, device, busy: float = 0.0) -> torch.Tensor:
+        """values, then this rank's peak memory and `busy` (its stages' compute seconds) each in its slot of pp,
+        summed over the pipeline's ranks (one all-reduce)."""
         import torch.distributed as dist
 
-        mem = [0.0] * self.plan.pp
-        mem[self.plan.rank] = _peak_memory_gib(device)
-        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values + mem])
+        mem, computed = [0.0] * self.plan.pp, [0.0] * self.plan.pp
+        mem[self.plan.rank], computed[self.plan.rank] = _peak_memory_gib(device), busy
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                             for v in values + mem + computed])
         if self.plan.pp > 1:
             dist.all_reduce(stats, group=self.group)
         return stats
 
-    def _record(self, *, busy: float, wall: float, mem: torch.Tensor) -> None:
+    def _record(self, *, wall: float, mem: torch.Tensor, busy: torch.Tensor) -> None:
         """bubble_pct: the share of the step's time the pipeline's ranks waited (1 - computing / wall time, summed
-        over the ranks); bubble_theory_pct: the schedule's own; stage_mem_peak_gib: peak memory by pipeline rank."""
-        self.last_metrics = {"bubble_pct": round(100.0 * (1.0 - busy / wall), 3) if wall > 0 else None,
-                             "stage_mem_peak_gib": [round(float(m), 4) for m in mem]}
+        over the ranks; `wall` is the ranks' summed wall time); bubble_theory_pct: the schedule's own;
+        stage_mem_peak_gib: peak memory by pipeline rank; stage_busy_ms: each pipeline rank's compute time in the
+        step (its stages' forward and backward chunks: what a split balances)."""
+        total = float(busy.sum())
+        self.last_metrics = {"bubble_pct": round(100.0 * (1.0 - total / wall), 3) if wall > 0 else None,
+                             "stage_mem_peak_gib": [round(float(m), 4) for m in mem],
+                             "stage_busy_ms": [round(1000.0 * float(b), 3) for b in busy]}
         if self.theory_pct is not None:
             self.last_metrics["bubble_theory_pct"] = round(self.theory_pct, 3)
 

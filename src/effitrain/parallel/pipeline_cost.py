@@ -18,9 +18,12 @@ counted too:
 - the last stage keeps every microbatch's logits (`output_chunks`, cleared when the next step starts) and, with
   effitrain's return_outputs left at its default, concatenates them once after the last backward (a second copy);
 - under pp-fsdp every backward runs with gradient sync and resharding after backward off (the schedule reduces and
-  reshards once, at the end): from the stage's first backward its gradients accumulate unsharded (whole-stage,
-  fp32), and its parameters stay gathered from a backward's end until the stage's next forward reshards them
-  (reshard_after_forward), so 1f1b's alternation holds them for less of the step than gpipe's run of backwards.
+  reshards once, at the stage's last backward): from the stage's first backward its gradients accumulate unsharded
+  (whole-stage, fp32), and its parameters stay gathered from a backward's end until the stage's next forward
+  reshards them (reshard_after_forward), so 1f1b's alternation holds them for less of the step than gpipe's run of
+  backwards;
+  the stage's last backward reduce-scatters a flat copy of those gradients (with several stages per rank, while the
+  others still hold theirs), after which its gradient shards remain.
 """
 
 from __future__ import annotations
@@ -122,11 +125,13 @@ class StageBytes:
 class Gathers:
     """pp-fsdp's gathered parameters per stage (bytes): what a forward gathers (the stage's root and two blocks), and
     the whole stage, which stays gathered from a backward's end (the schedule turns resharding after backward off)
-    until a forward reshards it (reshard_after_forward). Empty under pp."""
+    until a forward reshards it (reshard_after_forward) or the stage's last backward reduces its gradients and
+    reshards it (then its gradient shards, `reduced`, remain). Empty under pp."""
 
     forward: dict[int, int]
     whole: dict[int, int]
     reshard_after_forward: bool = True
+    reduced: dict[int, int] | None = None  # each stage's gradients once reduce-scattered: its shards
 
 
 def walk(actions: list[tuple], stages: dict[int, StageBytes], *, grads: dict[int, int], gathers: Gathers | None = None
@@ -148,9 +153,12 @@ def walk(actions: list[tuple], stages: dict[int, StageBytes], *, grads: dict[int
 
     def now(extra: int = 0) -> int:
         saved = sum(in_flight[s] * stages[s].saved for s in stages)
-        return (saved + logits + input_grads + sum(grads[s] for s in done) + sum(g.whole[s] for s in held) + extra)
+        return (saved + logits + input_grads + sum(grads[s] for s in done) + sum(g.whole[s] for s in held)
+                + sum(g.reduced[s] for s in reduced) + extra)
 
-    for kind, s in actions:
+    last = {s: i for i, (kind, s) in enumerate(actions) if kind in ("B", "W")}
+    reduced: set[int] = set()  # pp-fsdp: stages whose last backward reduce-scattered their gradients
+    for i, (kind, s) in enumerate(actions):
         b = stages[s]
         if kind == "F":
             in_flight[s] += 1
@@ -168,6 +176,13 @@ def walk(actions: list[tuple], stages: dict[int, StageBytes], *, grads: dict[int
             if g.whole:
                 held.add(s)
             peak = max(peak, now(b.tail))
+            if g.reduced is not None and i == last[s]:
+                # the stage's last backward: FSDP reduce-scatters a flat copy of its unsharded gradients, then keeps
+                # the shards and reshards the parameters -- while this rank's other stages may still hold theirs
+                peak = max(peak, now(grads[s]))
+                done.discard(s)
+                held.discard(s)
+                reduced.add(s)
     return peak, most_saved, logits, input_grads
 
 
@@ -236,7 +251,9 @@ class PipelineCost:
         if self.shards:
             gathers = Gathers(forward={st.index: _forward_gather([p for p in mine if holds(p, [st])]) for st in stages},
                               whole={st.index: sum(p.numel for p in mine if holds(p, [st])) * FP32 for st in stages},
-                              reshard_after_forward=node.reshard_after_forward)
+                              reshard_after_forward=node.reshard_after_forward,
+                              reduced={st.index: sum(self.local_numel(p, d) for p in mine if holds(p, [st])
+                                                     and p.trainable) * FP32 for st in stages})
             mem["fsdp_gathered_params"] = sum(gathers.whole.values())
         peak, saved, logits, input_grads = walk(actions, per_stage, grads=grads, gathers=gathers)
         mem["activations"] = saved  # the most microbatches' saved tensors at once, by the schedule
