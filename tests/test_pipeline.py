@@ -102,11 +102,13 @@ def test_pp2_matches_single_under_every_schedule(runs, schedule):
 @pytest.mark.slow
 @pytest.mark.extended
 def test_pp2_x_fsdp2_matches_single(runs, base, tmp_path):
-    """4 ranks: 2 stages x 2 data-parallel FSDP shards, 2 sequences per rank (the same global batch of 4)."""
+    """4 ranks: 2 stages x 2 data-parallel FSDP shards, 2 sequences per rank (the same global batch of 4), under
+    gpipe (1f1b under pp-fsdp: the qwen3 checkpoint's test below)."""
     train_ok(tmp_path, *base, "parallel=pp-fsdp", "launcher.nproc_per_node=4", "parallel.pp=2", "batch_size=2",
-             "parallel.microbatches=2")
+             "parallel.microbatches=2", "parallel.schedule=gpipe")
     run = only_run_dir(tmp_path / "outputs")
-    assert_losses_close(losses(runs(("single", 1))), losses(run), steps=STEPS, rtol=RTOL, what="pp(2) x fsdp(2)")
+    assert_losses_close(losses(runs(("single", 1))), losses(run), steps=STEPS, rtol=RTOL,
+                        what="pp(2) x fsdp(2) gpipe")
     assert "global batch 4 sequences" in (run / "train.log").read_text()
 
 
