@@ -61,31 +61,24 @@ class RunData:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def sampler(self, *, seq_len: int, seed: int):
-        """The training sampler: the source's WindowSampler, or a MixSampler over the sources of weight > 0 (a
-        fine-tuning source's: its RowSampler)."""
-        from effitrain.data.loader import WindowSampler
-
+        """The training sampler: the source's own (a text source's WindowSampler, a fine-tuning source's
+        RowSampler), or a MixSampler over the sources of weight > 0."""
         if not self.mixed:
-            return WindowSampler(next(iter(self.sources.values())).tokens.train, seq_len=seq_len, seed=seed)
+            return next(iter(self.sources.values())).sampler(seq_len=seq_len, seed=seed)
         samplers = {}
         for name, d in self.sources.items():
             if self.weights[name] > 0:  # a source of weight 0 is evaluated only: it may hold no training window
                 with _named(name):
-                    samplers[name] = d.sampler(seq_len=seq_len, seed=_source_seed(seed, name)) \
-                        if _is_samples(d) else WindowSampler(d.tokens.train, seq_len=seq_len,
-                                                            seed=_source_seed(seed, name))
+                    samplers[name] = d.sampler(seq_len=seq_len, seed=_source_seed(seed, name))
         return MixSampler(samplers, {name: self.weights[name] for name in samplers}, seed=seed)
 
     def validation(self, **kwargs) -> dict[str, list]:
         """{name: its fixed validation batches} (loader.validation_batches' arguments; a fine-tuning source's rows
         of held-out samples)."""
-        from effitrain.data.loader import validation_batches
-
         out = {}
         for name, d in self.sources.items():
             with _named(name if self.mixed else None):
-                out[name] = d.validation(**kwargs)[d.cfg.name] if _is_samples(d) else \
-                    validation_batches(d.tokens.val, **kwargs)
+                out[name] = d.validation_set(**kwargs)
         return out
 
     def evaluate(self, sets: dict[str, list], *, loss_of) -> dict:
@@ -203,11 +196,6 @@ def _naming(name: str, corpus):
     return replace(corpus, read=read)
 
 
-def _is_samples(prepared) -> bool:
-    """A fine-tuning source's data (data/sft.py: SftData), not a token stream."""
-    return hasattr(prepared, "fitted")
-
-
 def _source_seed(seed: int, name: str) -> int:
     """Each source's own window order: sources of one size do not walk their windows in step."""
     return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:4], "big")
@@ -228,7 +216,8 @@ class MixSampler:
     TrainBatches, so (step, micro-step, rank) -> batch stays a pure function (module docstring).
 
     Args:
-        samplers: {name: that source's WindowSampler}, for the sources of weight > 0.
+        samplers: {name: that source's sampler (WindowSampler, or a fine-tuning source's RowSampler)}, for the sources
+            of weight > 0.
         weights: {name: weight > 0}.
         seed: the run's seed (the blocks' order).
     """
@@ -238,7 +227,9 @@ class MixSampler:
         self.samplers = samplers
         self.per_block = np.array([block_counts(weights)[name] for name in self.names])
         self.seed = seed
-        self.samples = any(hasattr(s, "fitted") for s in samplers.values())  # a fine-tuning source: rows
+        from effitrain.data.sft import RowSampler
+
+        self.samples = any(isinstance(s, RowSampler) for s in samplers.values())  # a fine-tuning source: rows
         self._block, self._labels, self._ranks = -1, None, None
 
     def windows(self, first: int, count: int):

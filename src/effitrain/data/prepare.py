@@ -42,6 +42,18 @@ class PreparedData:
     def val_tokens(self) -> int:
         return len(self.tokens.val)
 
+    def sampler(self, *, seq_len: int, seed: int):
+        """The training windows, shuffled per epoch (data/loader.py: WindowSampler)."""
+        from effitrain.data.loader import WindowSampler
+
+        return WindowSampler(self.tokens.train, seq_len=seq_len, seed=seed)
+
+    def validation_set(self, **kwargs) -> list:
+        """This rank's fixed validation batches (loader.validation_batches' arguments)."""
+        from effitrain.data.loader import validation_batches
+
+        return validation_batches(self.tokens.val, **kwargs)
+
     def report(self) -> dict:
         """data_report.json: the cleaning report of the cache's build."""
         return json.loads((self.tokens.directory / "data_report.json").read_text())

@@ -410,7 +410,11 @@ class SftData:
     def sampler(self, *, seq_len: int, seed: int) -> RowSampler:
         return RowSampler(self.fitted("train", seq_len), seq_len=seq_len, seed=seed, pad_id=self.meta["pad_id"])
 
-    def validation(self, *, seq_len: int, batch_size: int, num_batches: int, shard: Shard) -> dict[str, list]:
+    def validation(self, **kwargs) -> dict[str, list]:
+        """{the source's name: its validation batches} (the run's data, as RunData.validation)."""
+        return {self.cfg.name: self.validation_set(**kwargs)}
+
+    def validation_set(self, *, seq_len: int, batch_size: int, num_batches: int, shard: Shard) -> list[SftBatch]:
         """The first rows of the held-out samples, split evenly across ranks (as loader.validation_batches)."""
         fitted = self.fitted("val", seq_len)
         per_rank = min(num_batches * batch_size, len(fitted.rows) // shard.world)
@@ -418,8 +422,8 @@ class SftData:
             raise DataError(f"the validation split has {len(fitted.rows)} rows of data.seq_len={seq_len}: fewer "
                             f"than one per rank ({shard.world}); raise data.val_fraction")
         mine = [fitted.rows[i] for i in range(per_rank * shard.world) if i % shard.world == shard.rank]
-        return {self.cfg.name: [make_batch(fitted, mine[k:k + batch_size], seq_len=seq_len,
-                                           pad_id=self.meta["pad_id"]) for k in range(0, len(mine), batch_size)]}
+        return [make_batch(fitted, mine[k:k + batch_size], seq_len=seq_len, pad_id=self.meta["pad_id"])
+                for k in range(0, len(mine), batch_size)]
 
     def evaluate(self, sets: dict[str, list], *, loss_of) -> dict:
         import math
