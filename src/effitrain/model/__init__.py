@@ -62,7 +62,7 @@ def model_type(cfg) -> str:
     """What the model is: a model.pretrained checkpoint's config.json model_type, else the option's family."""
     if not cfg.pretrained:
         return cfg.family
-    return check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")["model_type"]
+    return pretrained_config(cfg)["model_type"]
 
 
 def model_identity(cfg) -> dict:
@@ -71,7 +71,7 @@ def model_identity(cfg) -> dict:
     if not cfg.pretrained:
         return {"name": cfg.name, "model_type": cfg.family, "architectures": None, "pretrained": None}
     path = Path(cfg.pretrained).expanduser()
-    config = check_hf_dir(path, what=f"model.pretrained={cfg.pretrained}")
+    config = pretrained_config(cfg)
     architectures = config.get("architectures") or None
     name = f"{config['model_type']} ({architectures[0]})" if architectures else config["model_type"]
     return {"name": f"{name} from {path}", "model_type": config["model_type"], "architectures": architectures,
@@ -80,8 +80,7 @@ def model_identity(cfg) -> dict:
 
 def tp_plan_gap(cfg) -> str | None:
     """Why tensor parallelism cannot split the model's blocks, or None when a plan does."""
-    config = {} if not cfg.pretrained else \
-        check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    config = pretrained_config(cfg) if cfg.pretrained else {}
     return tp_plan_gap_of(model_type(cfg), config)
 
 
@@ -123,7 +122,7 @@ def num_experts(cfg) -> int:
     config.json, effitrain's own families are dense."""
     if not cfg.pretrained:
         return 0
-    config = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    config = pretrained_config(cfg)
     return next((config[key] for key in ("num_experts", "num_local_experts", "n_routed_experts")
                  if isinstance(config.get(key), int) and config[key] > 0), 0)
 
@@ -174,7 +173,7 @@ def num_layers(cfg) -> tuple[str, int]:
     checkpoint's num_hidden_layers (0 where its config.json has none)."""
     if not cfg.pretrained:
         return "model.num_layers", cfg.num_layers
-    config = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    config = pretrained_config(cfg)
     return "model.pretrained's num_hidden_layers", config.get("num_hidden_layers", 0)
 
 
@@ -185,7 +184,7 @@ def tied_embeddings(cfg) -> tuple[str, bool]:
         return "model.tie_embeddings", cfg.tie_embeddings
     from transformers import CONFIG_MAPPING
 
-    config = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    config = pretrained_config(cfg)
     kind = config["model_type"]
     default = getattr(CONFIG_MAPPING[kind](), "tie_word_embeddings", True) if kind in CONFIG_MAPPING else True
     return "model.pretrained's tie_word_embeddings", bool(config.get("tie_word_embeddings", default))
@@ -219,7 +218,7 @@ def check(cfg) -> None:
     if cfg.family == "llama" and cfg.num_kv_heads and cfg.num_heads % cfg.num_kv_heads:
         raise UsageError(f"model.num_heads={cfg.num_heads} is not divisible by model.num_kv_heads={cfg.num_kv_heads}")
     if cfg.pretrained:
-        check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+        pretrained_config(cfg)
 
 
 @GROUP.check_of("llama")
@@ -235,13 +234,17 @@ def check_pretrained_vocab(cfg, run) -> None:
     what = f"data.tokenizer={tokenizer}" if run.data.tokenizer else f"the tokenizer of model.pretrained ({tokenizer})"
     tok = read_tokenizer(Path(tokenizer).expanduser(), what=what)
     tokenizer_specials(Path(tokenizer).expanduser(), what=what, tok=tok)  # its EOS: one line when it has none
-    embeddings = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}") \
-        .get("vocab_size")
+    embeddings = pretrained_config(cfg).get("vocab_size")
     if isinstance(embeddings, int) and tok.get_vocab_size() > embeddings:
         fix = "give the model's own tokenizer" if run.data.tokenizer else \
             "set data.tokenizer to the tokenizer the model was trained with"
         raise ModelError(f"model.pretrained={cfg.pretrained} has {embeddings} embeddings but {what} has "
                          f"{tok.get_vocab_size()} tokens: {fix} (effitrain adds no token to it)")
+
+
+def pretrained_config(cfg) -> dict:
+    """The config.json of the `model` group's model.pretrained directory, checked (check_hf_dir)."""
+    return check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
 
 
 def check_hf_dir(path: Path, *, what: str) -> dict:
@@ -268,7 +271,7 @@ def attention_heads(cfg) -> dict[str, int]:
     model.num_kv_heads), or a model.pretrained checkpoint's config.json keys."""
     if not cfg.pretrained:
         return {"model.num_heads": cfg.num_heads, "model.num_kv_heads": kv_heads(cfg)}
-    config = check_hf_dir(Path(cfg.pretrained).expanduser(), what=f"model.pretrained={cfg.pretrained}")
+    config = pretrained_config(cfg)
     heads = config.get("num_attention_heads") or config.get("n_head")
     out = {"model.pretrained's num_attention_heads": heads,
            "model.pretrained's num_key_value_heads": config.get("num_key_value_heads") or heads}

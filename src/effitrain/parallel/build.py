@@ -224,7 +224,7 @@ def apply_tp(model: nn.Module, *, mesh, sequence_parallel: bool = False) -> None
         raise ParallelError(f"no tensor-parallel plan: {gap}; use parallel=fsdp or ddp")
     tied = _tied(model)
     for block in transformer_blocks(model):
-        if not any(True for _ in block.parameters()):  # a pipeline stage's pass-through for another stage's block
+        if not _has_parameters(block):  # a pipeline stage's pass-through for another stage's block
             continue
         plan = _gpt2_block_plan(sequence_parallel) if gpt2 else _family_block_plan(model.config, block,
                                                                                    sequence_parallel)
@@ -276,7 +276,11 @@ def _has_params(model: nn.Module, path: str) -> bool:
         module = model.get_submodule(path)
     except AttributeError:
         return False
-    return module is not None and any(True for _ in module.parameters())
+    return module is not None and _has_parameters(module)
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
 
 
 def _colwise(*, gather: bool):
@@ -458,7 +462,7 @@ def apply_fsdp(model: nn.Module, *, mesh, reshard_after_forward: bool, offload, 
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for block in transformer_blocks(model):
-        if any(True for _ in block.parameters()):  # a pipeline stage's pass-through for another stage's block: none
+        if _has_parameters(block):  # a pipeline stage's pass-through for another stage's block has none
             fully_shard(block, **kwargs)
     for root in roots or [model]:
         fully_shard(root, **kwargs)

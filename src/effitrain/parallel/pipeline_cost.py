@@ -241,7 +241,8 @@ class PipelineCost:
                                  tokens=-(-cfg.batch_size // m) * cfg.data.seq_len, head_grad=head_grad)
         # once a stage's backward ran: its fp32 gradients, whole (under pp-fsdp unsharded: the schedule turns gradient
         # sync off until its last action)
-        grads = {st.index: sum(p.numel for p in mine if holds(p, [st]) and p.trainable) * FP32 for st in stages}
+        own = {st.index: [p for p in mine if holds(p, [st])] for st in stages}  # each stage's parameters
+        grads = {i: sum(p.numel for p in ps if p.trainable) * FP32 for i, ps in own.items()}
         actions = schedule_actions(node.schedule, pp=d.pp, per_rank=node.stages_per_rank, microbatches=m)[rank]
         # receive buffers, one per microbatch: activations into each stage but the first, gradients into each but
         # the last
@@ -249,11 +250,11 @@ class PipelineCost:
         mem["pipeline_buffers"] = sum((not st.first) + (not st.last) for st in stages) * hidden
         gathers = None
         if self.shards:
-            gathers = Gathers(forward={st.index: _forward_gather([p for p in mine if holds(p, [st])]) for st in stages},
-                              whole={st.index: sum(p.numel for p in mine if holds(p, [st])) * FP32 for st in stages},
+            gathers = Gathers(forward={i: _forward_gather(ps) for i, ps in own.items()},
+                              whole={i: sum(p.numel for p in ps) * FP32 for i, ps in own.items()},
                               reshard_after_forward=node.reshard_after_forward,
-                              reduced={st.index: sum(self.local_numel(p, d) for p in mine if holds(p, [st])
-                                                     and p.trainable) * FP32 for st in stages})
+                              reduced={i: sum(self.local_numel(p, d) for p in ps if p.trainable) * FP32
+                                       for i, ps in own.items()})
             mem["fsdp_gathered_params"] = sum(gathers.whole.values())
         peak, saved, logits, input_grads = walk(actions, per_stage, grads=grads, gathers=gathers)
         mem["activations"] = saved  # the most microbatches' saved tensors at once, by the schedule
